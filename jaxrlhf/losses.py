@@ -1,19 +1,20 @@
 """Every RLHF loss and estimator as a pure function: arrays in, `(loss, metrics)` out.
 
-Each function stands alone so it can be lifted into other code: no model or config objects, no hidden state,
-jittable and vmappable. Conventions:
+Each function stands alone so it can be lifted into other code: no model or config objects, no
+hidden state, jittable and vmappable. Conventions:
 
-- Per-token arrays are [B, R], aligned to response tokens, with one bool `response_mask` [B, R] (True = real).
-  Sequence-level arrays (scores, preference rewards, sequence logprobs) are [B]; groups of answers are [B, K].
-- A loss computes a per-token (or per-pair) array and reduces it once with `ops.masked_mean`, which divides
-  by max(count, 1): a fully masked row adds nothing and an empty batch gives a finite 0.
-- Padded entries are zeroed before any exp or square, so garbage in padding never reaches the loss or its
-  gradient.
+- Per-token arrays are [B, R], aligned to response tokens, with one bool `response_mask` [B, R]
+  (True = real). Sequence-level arrays (scores, rewards, sequence logprobs) are [B]; groups of
+  answers to one prompt are [B, K].
+- A loss computes a per-token (or per-pair) array and reduces it once with `ops.masked_mean`, which
+  divides by max(count, 1): a fully masked row adds nothing and an empty batch gives a finite 0.
+- Padded entries are zeroed before any exp or square, so garbage in padding never reaches the loss
+  or its gradient.
 - `metrics` is a flat dict of scalar arrays that always contains "loss".
-- Quantities the formula treats as constants (advantages, returns, old logprobs/values, reference logprobs,
-  reward targets) are wrapped in `jax.lax.stop_gradient`.
-- String and None options (`kind`, `loss_type`, `clip_eps_high`, `dual_clip`, `logits`) are static Python
-  values; an unknown option raises ValueError.
+- What the formula treats as constant (advantages, returns, old logprobs and values, reference
+  logprobs, reward targets) goes through `jax.lax.stop_gradient`.
+- String and None options (`kind`, `loss_type`, `clip_eps_high`, `dual_clip`, `logits`) are static
+  Python values; an unknown option raises ValueError.
 - Computation runs in at least float32 (bf16 inputs are promoted).
 """
 
@@ -34,7 +35,7 @@ def _float(x) -> jax.Array:
 
 
 def _zero_padding(mask: jax.Array | None, x: jax.Array) -> jax.Array:
-    """`x` with padded entries set to 0, so no exp/square of garbage ever runs (the 'double where')."""
+    """`x` with padded entries set to 0, so no exp or square of garbage ever runs."""
     return x if mask is None else jnp.where(mask, x, jnp.zeros_like(x))
 
 
@@ -49,7 +50,7 @@ def _preference_metrics(chosen: jax.Array, rejected: jax.Array, mask: jax.Array 
 
 
 def sequence_logprobs(token_logprobs: jax.Array, mask: jax.Array, average: bool = False) -> jax.Array:
-    """log pi(y) = sum_t m_t log pi(y_t | y_<t), or the per-token average when `average` (IPO, SimPO).
+    """log pi(y) = sum_t m_t log pi(y_t | y_<t), or the per-token mean when `average` (IPO).
 
     Args:
       token_logprobs: [B, R] per-token log-probabilities.
@@ -70,13 +71,14 @@ def sequence_logprobs(token_logprobs: jax.Array, mask: jax.Array, average: bool 
 def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
     """Next-token cross-entropy over the tokens where `loss_mask` is True (pretraining and SFT).
 
-    L = -sum_{b,t} m_bt log softmax(logits_bt)[x_bt] / max(sum_{b,t} m_bt, 1), in float32: one mean over
-    every real token of the batch. Language modelling as in Radford et al. 2018, "Improving Language
-    Understanding by Generative Pre-Training"; SFT with prompt tokens excluded as in Ouyang et al. 2022,
-    "Training language models to follow instructions with human feedback".
+    L = -sum_{b,t} m_bt log softmax(logits_bt)[x_bt] / max(sum_{b,t} m_bt, 1), in float32: one mean
+    over every real token of the batch. Language modelling as in Radford et al. 2018, "Improving
+    Language Understanding by Generative Pre-Training"; SFT with prompt tokens excluded as in Ouyang
+    et al. 2022, "Training language models to follow instructions with human feedback".
 
     Args:
-      logits: [B, T, V], already shifted so `logits[:, t]` predicts `targets[:, t]` (see `jaxrlhf.ops`).
+      logits: [B, T, V], already shifted so `logits[:, t]` predicts `targets[:, t]` (see
+        `jaxrlhf.ops`).
       targets: [B, T] int token ids; ids under a False mask are never read (-100 padding is fine).
       loss_mask: [B, T] bool, False on prompt and padding tokens.
 
@@ -105,9 +107,9 @@ def pairwise_rm_loss(
 ) -> tuple[jax.Array, dict]:
     """Bradley-Terry reward-model loss on preference pairs.
 
-    L = mean_b -log sigmoid(r_chosen_b - r_rejected_b - margin_b). Bradley & Terry 1952; Christiano et al.
-    2017; Stiennon et al. 2020, "Learning to summarize from human feedback". The margin (0 by default) is
-    Touvron et al. 2023, "Llama 2", eq. 2.
+    L = mean_b -log sigmoid(r_chosen_b - r_rejected_b - margin_b). Bradley & Terry 1952; Christiano
+    et al. 2017; Stiennon et al. 2020, "Learning to summarize from human feedback". The margin (0 by
+    default) is Touvron et al. 2023, "Llama 2", eq. 2.
 
     Args:
       chosen_rewards: [B] reward of the preferred answer.
@@ -116,8 +118,8 @@ def pairwise_rm_loss(
       mask: optional [B] bool, True = real pair.
 
     Returns:
-      (loss, metrics) with "loss", "accuracy" (r_chosen > r_rejected), "reward_margin", "chosen_reward",
-      "rejected_reward".
+      (loss, metrics) with "loss", "accuracy" (r_chosen > r_rejected), "reward_margin",
+      "chosen_reward", "rejected_reward".
     """
     chosen, rejected = _float(chosen_rewards), _float(rejected_rewards)
     diff = chosen - rejected  # [B]
@@ -130,18 +132,20 @@ def pairwise_rm_loss(
 def kway_rm_loss(rewards: jax.Array, rank_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """InstructGPT K-way ranking loss: every ranked pair of a prompt in one batch item.
 
-    L = mean_b [ 1/C(K_b, 2) sum_{i<j valid} -log sigmoid(r_bi - r_bj) ], answer i ranked above answer j when
-    i < j. Each prompt weighs the same whatever its number of answers, and its pairs are never split across
-    batch items (which overfits, per the paper). Ouyang et al. 2022, "Training language models to follow
-    instructions with human feedback", eq. 1. With K = 2 this is `pairwise_rm_loss`.
+    L = mean_b [ 1/C(K_b, 2) sum_{i<j valid} -log sigmoid(r_bi - r_bj) ], answer i ranked above
+    answer j when i < j. Each prompt weighs the same whatever its number of answers, and its pairs
+    are never split across batch items (which overfits, per the paper). Ouyang et al. 2022,
+    "Training language models to follow instructions with human feedback", eq. 1. With K = 2 this is
+    `pairwise_rm_loss`.
 
     Args:
       rewards: [B, K] rewards of the K answers of each prompt, ordered best first (index 0 = best).
-      rank_mask: optional [B, K] bool, True = a real answer (prompts with fewer than K answers). A prompt
-        with fewer than 2 real answers has no pairs and is left out of the mean.
+      rank_mask: optional [B, K] bool, True = a real answer (prompts with fewer than K answers). A
+        prompt with fewer than 2 real answers has no pairs and is left out of the mean.
 
     Returns:
-      (loss, metrics) with "loss", "accuracy" and "reward_margin" (means over all valid pairs), "npairs".
+      (loss, metrics) with "loss", "accuracy" and "reward_margin" (means over all valid pairs),
+      "npairs".
     """
     rewards = _float(rewards)
     k = rewards.shape[1]
@@ -171,8 +175,8 @@ def reward_gain_bias(
 
     gain = target_std / sqrt(var(r) + eps), bias = target_mean - gain * mean(r), with the population
     variance over the masked entries. Ziegler et al. 2019, "Fine-Tuning Language Models from Human
-    Preferences", normalise the reward model this way on samples of the initial policy (mean 0, std 1) so
-    the KL coefficient keeps one scale.
+    Preferences", normalise the reward model this way on samples of the initial policy (mean 0, std
+    1) so the KL coefficient keeps one scale.
 
     Args:
       rewards: reward-model outputs of any shape, e.g. [B] scores of policy samples.
@@ -195,9 +199,9 @@ def reward_centring_loss(
 ) -> tuple[jax.Array, dict]:
     """Auxiliary loss that centres a reward model's outputs on 0.
 
-    L = mean_b (r_chosen_b + r_rejected_b)^2; add `coef * L` (e.g. 0.01) to `pairwise_rm_loss`, which is
-    blind to a shared offset. Eisenstein et al. 2023, "Helping or Herding? Reward Model Ensembles Mitigate
-    but do not Eliminate Reward Hacking".
+    L = mean_b (r_chosen_b + r_rejected_b)^2; add `coef * L` (e.g. 0.01) to `pairwise_rm_loss`,
+    which is blind to a shared offset. Eisenstein et al. 2023, "Helping or Herding? Reward Model
+    Ensembles Mitigate but do not Eliminate Reward Hacking".
 
     Args:
       chosen_rewards, rejected_rewards: [B].
@@ -252,15 +256,16 @@ def shaped_rewards(
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token RLHF reward: a KL penalty on every response token plus the score on the last one.
 
-    R_t = -beta * KL_t + [t = last real token] * score, with KL_t = `kl_penalty(kind)`; 0 on padding.
-    Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", eq. 2; Stiennon et al. 2020;
-    Ouyang et al. 2022, eq. 2.
+    R_t = -beta * KL_t + [t = last real token] * score, with KL_t = `kl_penalty(kind)`; 0 on
+    padding. Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", eq. 2;
+    Stiennon et al. 2020; Ouyang et al. 2022, eq. 2.
 
     Args:
       scores: [B] sequence scores (reward model or reward function).
       logprobs: [B, R] policy log-probabilities of the response tokens.
       ref_logprobs: [B, R] reference-policy log-probabilities of the same tokens.
-      response_mask: [B, R] bool, True = real token. A fully masked row gets no score and no penalty.
+      response_mask: [B, R] bool, True = real token. A fully masked row gets no score and no
+        penalty.
       kl_coef: beta, a scalar (e.g. `KLControllerState.kl_coef`).
       kind: KL estimator, "k1", "k2" or "k3".
 
@@ -287,7 +292,7 @@ class KLControllerState(NamedTuple):
 def init_kl_controller(
     init_kl_coef: float, target: float | None = None, horizon: float = 10000
 ) -> KLControllerState:
-    """A KL controller starting at `init_kl_coef`; fixed when `target` is None, else adaptive (see update)."""
+    """A KL controller at `init_kl_coef`: fixed if `target` is None, else adaptive (see update)."""
     return KLControllerState(
         kl_coef=jnp.asarray(init_kl_coef, jnp.float32),
         target=None if target is None else jnp.asarray(target, jnp.float32),
@@ -330,11 +335,12 @@ def compute_gae(
 ) -> tuple[jax.Array, jax.Array]:
     """Generalised advantage estimation as a reverse `lax.scan` over response tokens.
 
-    delta_t = r_t + gamma * V_next - V_t,  A_t = delta_t + gamma * lam * A_next,  returns_t = A_t + V_t,
-    where "next" is the next *real* token: padding (anywhere in the row) is skipped by carrying V_next and
-    A_next across it, and the value after the last real token is 0 (or `last_value` for a truncated
-    response). Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
-    Estimation", eq. 16. With gamma = lam = 1, A_t = (sum of rewards from t) - V_t.
+    delta_t = r_t + gamma * V_next - V_t,   A_t = delta_t + gamma * lam * A_next,
+    returns_t = A_t + V_t,
+    where "next" is the next *real* token: padding (anywhere in the row) is skipped by carrying
+    V_next and A_next across it, and the value after the last real token is 0 (or `last_value` for
+    a truncated response). Schulman et al. 2016, "High-Dimensional Continuous Control Using
+    Generalized Advantage Estimation", eq. 16. With gamma = lam = 1, A_t = sum_{u>=t} r_u - V_t.
 
     Args:
       rewards: [B, R] per-token rewards (e.g. from `shaped_rewards`).
@@ -373,7 +379,7 @@ def compute_gae(
 def whiten_advantages(
     advantages: jax.Array, response_mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8
 ) -> jax.Array:
-    """(A - mean) / std over all real tokens of the batch; the mean is kept when `shift_mean` is False.
+    """(A - mean) / std over all real tokens of the batch; `shift_mean=False` adds the mean back.
 
     Whitening as in lm-human-preferences (Ziegler et al. 2019). [B, R] -> [B, R], 0 on padding.
     """
@@ -383,14 +389,14 @@ def whiten_advantages(
 def rloo_advantages(scores: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """REINFORCE leave-one-out advantages over the K answers of each prompt.
 
-    A_i = s_i - 1/(K-1) sum_{j != i} s_j. Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for
-    Free!"; Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from
-    Human Feedback in LLMs".
+    A_i = s_i - 1/(K-1) sum_{j != i} s_j. Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline
+    for Free!"; Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
+    Learning from Human Feedback in LLMs".
 
     Args:
       scores: [B, K] sequence scores, group = axis 1.
-      mask: optional [B, K] bool, True = real answer. A group with a single answer has no baseline and
-        gets advantage 0.
+      mask: optional [B, K] bool, True = real answer. A group with a single answer has no baseline
+        and gets advantage 0.
 
     Returns:
       [B, K] advantages, 0 on padding.
@@ -408,9 +414,9 @@ def grpo_advantages(
 ) -> jax.Array:
     """Group-relative advantages: each answer's score standardised within its prompt's group.
 
-    A_i = (s_i - mean(s)) / (std(s) + eps), std with Bessel's correction (as TRL and verl compute it).
-    Shao et al. 2024, "DeepSeekMath", section 4.1.2. `scale_by_std=False` keeps only the mean shift
-    (Liu et al. 2025, "Understanding R1-Zero-Like Training", Dr. GRPO).
+    A_i = (s_i - mean(s)) / (std(s) + eps), std with Bessel's correction (as TRL and verl compute
+    it). Shao et al. 2024, "DeepSeekMath", section 4.1.2. `scale_by_std=False` keeps only the mean
+    shift (Liu et al. 2025, "Understanding R1-Zero-Like Training", Dr. GRPO).
 
     Args:
       scores: [B, K] sequence scores, group = axis 1.
@@ -485,9 +491,9 @@ def ppo_policy_loss(
 
     rho = exp(log pi - log pi_old),  L_t = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)).
     Dual clip (A < 0 only): L_t = min(L_t, -c A), bounding the loss when rho >> 1.
-    Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7; asymmetric clip ("clip-higher")
-    Yu et al. 2025, "DAPO"; dual clip Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep
-    Reinforcement Learning". At rho = 1 the gradient equals `pg_loss`'s.
+    Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7; asymmetric clip
+    ("clip-higher") Yu et al. 2025, "DAPO"; dual clip Ye et al. 2020, "Mastering Complex Control in
+    MOBA Games with Deep Reinforcement Learning". At rho = 1 the gradient equals `pg_loss`'s.
 
     Args:
       logprobs: [B, R] log pi of the sampled tokens under the current policy (differentiated).
@@ -501,8 +507,8 @@ def ppo_policy_loss(
 
     Returns:
       (loss, metrics) with "loss", "clipfrac" (fraction of tokens whose gradient the clip removed),
-      "approx_kl" (k3 estimate of KL(pi_old || pi)), "ratio_mean", "ratio_max", plus "dual_clipfrac" with
-      `dual_clip` and "entropy" with `logits`.
+      "approx_kl" (k3 estimate of KL(pi_old || pi)), "ratio_mean", "ratio_max", plus "dual_clipfrac"
+      with `dual_clip` and "entropy" with `logits`.
     """
     if dual_clip is not None and isinstance(dual_clip, int | float) and dual_clip <= 1.0:
         raise ValueError(f"dual_clip={dual_clip}; it must be > 1 (or None).")
@@ -540,8 +546,8 @@ def value_loss(
     """Clipped value loss: the larger of the plain and the clipped squared error.
 
     V_clip = V_old + clip(V - V_old, -eps, eps),  L = 0.5 * mean_t max((V - G)^2, (V_clip - G)^2).
-    Schulman et al. 2017 (openai/baselines ppo2); Andrychowicz et al. 2021, "What Matters in On-Policy
-    Reinforcement Learning?". `clip_eps=None` gives the plain 0.5 * mean (V - G)^2.
+    Schulman et al. 2017 (openai/baselines ppo2); Andrychowicz et al. 2021, "What Matters in
+    On-Policy Reinforcement Learning?". `clip_eps=None` gives the plain 0.5 * mean (V - G)^2.
 
     Args:
       values: [B, R] value predictions (differentiated).
@@ -551,8 +557,8 @@ def value_loss(
       clip_eps: clip range around `old_values`, or None.
 
     Returns:
-      (loss, metrics) with "loss", "clipfrac" (fraction of tokens where the clipped error is used) and
-      "value_mean".
+      (loss, metrics) with "loss", "clipfrac" (fraction of tokens where the clipped error is used)
+      and "value_mean".
     """
     values = _zero_padding(response_mask, _float(values))
     old_values = _zero_padding(response_mask, jax.lax.stop_gradient(_float(old_values)))
@@ -560,7 +566,9 @@ def value_loss(
     per_token = jnp.square(values - returns)  # [B, R]
     clipfrac = jnp.zeros((), values.dtype)
     if clip_eps is not None:
-        clipped_values = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+        # clip(V, V_old - eps, V_old + eps) is V bit for bit inside the range, so no rounding shows
+        # up as a spurious clip.
+        clipped_values = jnp.clip(values, old_values - clip_eps, old_values + clip_eps)
         clipped = jnp.square(clipped_values - returns)
         clipfrac = ops.masked_mean((clipped > per_token).astype(values.dtype), response_mask)
         per_token = jnp.maximum(per_token, clipped)
@@ -573,7 +581,7 @@ def value_loss(
 
 
 def entropy_bonus(logits: jax.Array, response_mask: jax.Array) -> tuple[jax.Array, dict]:
-    """Negative mean entropy of the policy over real response tokens; add `coef * loss` to maximise it.
+    """Minus the mean policy entropy over real response tokens; add `coef * loss` to maximise it.
 
     L = -mean_t H(pi(. | y_<t)), H = -sum_v p_v log p_v in float32. Williams & Peng 1991, "Function
     optimization using connectionist reinforcement learning algorithms"; Mnih et al. 2016 (A3C).
@@ -592,10 +600,8 @@ def entropy_bonus(logits: jax.Array, response_mask: jax.Array) -> tuple[jax.Arra
 # ------------------------------------------------------------------------- direct preference
 
 
-def _sequence_log_ratio(
-    logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array | None
-) -> jax.Array:
-    """log pi(y) - log pi_ref(y) from per-token [B, R] (summed under mask) or per-sequence [B] logprobs."""
+def _sequence_log_ratio(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """log pi(y) - log pi_ref(y) from token [B, R] (summed under mask) or sequence [B] logprobs."""
     log_ratio = _float(logprobs) - jax.lax.stop_gradient(_float(ref_logprobs))
     if log_ratio.ndim == 2:
         return ops.masked_sum(log_ratio, mask, axis=-1)
@@ -614,20 +620,22 @@ def rebel_loss(
     eta: float,
     mask_chosen: jax.Array | None = None,
     mask_rejected: jax.Array | None = None,
+    pair_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """REBEL: regress the scaled difference of policy log-ratios onto the difference of rewards.
 
-    L = mean_b ( (1/eta) [log pi/pi_0 (y_b) - log pi/pi_0 (y'_b)] - (r(y_b) - r(y'_b)) )^2, where pi_0
-    ("ref") is the policy that sampled the pair (REBEL's pi_t) and y, y' are two answers to one prompt.
-    Gao et al. 2024, "REBEL: Reinforcement Learning via Regressing Relative Rewards", eq. 1.
+    L = mean_b ( (1/eta) [log pi/pi_0 (y_b) - log pi/pi_0 (y'_b)] - (r(y_b) - r(y'_b)) )^2, where
+    pi_0 ("ref") is the policy that sampled the pair (REBEL's pi_t) and y, y' are two answers to one
+    prompt. Gao et al. 2024, "REBEL: Reinforcement Learning via Regressing Relative Rewards", eq. 1.
 
     Args:
-      logprobs_chosen, ref_logprobs_chosen: [B, R] token logprobs (summed under `mask_chosen`) or [B]
-        sequence logprobs of y under pi and pi_0.
+      logprobs_chosen, ref_logprobs_chosen: [B, R] token logprobs (summed under `mask_chosen`) or
+        [B] sequence logprobs of y under pi and pi_0.
       logprobs_rejected, ref_logprobs_rejected: the same for y'.
       rewards_chosen, rewards_rejected: [B] rewards r(y), r(y') (constant).
       eta: the regression scale (1/eta multiplies the log-ratio difference).
       mask_chosen, mask_rejected: [B, R] bool, True = real token; only with token logprobs.
+      pair_mask: optional [B] bool, True = a real pair (False for batch padding).
 
     Returns:
       (loss, metrics) with "loss", "predicted_diff" (mean of the scaled log-ratio difference) and
@@ -635,13 +643,14 @@ def rebel_loss(
     """
     log_ratio_chosen = _sequence_log_ratio(logprobs_chosen, ref_logprobs_chosen, mask_chosen)
     log_ratio_rejected = _sequence_log_ratio(logprobs_rejected, ref_logprobs_rejected, mask_rejected)
-    predicted = (log_ratio_chosen - log_ratio_rejected) / eta  # [B]
-    target = jax.lax.stop_gradient(_float(rewards_chosen) - _float(rewards_rejected))  # [B]
-    loss = ops.masked_mean(jnp.square(predicted - target))
+    predicted = _zero_padding(pair_mask, (log_ratio_chosen - log_ratio_rejected) / eta)  # [B]
+    target = _float(rewards_chosen) - _float(rewards_rejected)
+    target = _zero_padding(pair_mask, jax.lax.stop_gradient(target))  # [B]
+    loss = ops.masked_mean(jnp.square(predicted - target), pair_mask)
     return loss, {
         "loss": loss,
-        "predicted_diff": ops.masked_mean(predicted),
-        "reward_diff": ops.masked_mean(target),
+        "predicted_diff": ops.masked_mean(predicted, pair_mask),
+        "reward_diff": ops.masked_mean(target, pair_mask),
     }
 
 
@@ -653,31 +662,36 @@ def dpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """Direct preference optimisation on sequence logprobs.
 
     h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)].
-      sigmoid: L = -(1 - s) log sigmoid(beta h) - s log sigmoid(-beta h). Rafailov et al. 2023, "Direct
-        Preference Optimization"; label smoothing s (conservative DPO), Mitchell 2023, "A note on DPO with
-        noisy preferences".
-      ipo: L = (h - 1 / (2 beta))^2, beta playing tau. Azar et al. 2023, "A General Theoretical Paradigm to
-        Understand Learning from Human Preferences", eq. 17 (pair it with `sequence_logprobs(average=True)`
-        for the length-normalised variant).
+      sigmoid: L = -(1 - s) log sigmoid(beta h) - s log sigmoid(-beta h). Rafailov et al. 2023,
+        "Direct Preference Optimization"; label smoothing s (conservative DPO), Mitchell 2023, "A
+        note on DPO with noisy preferences".
+      ipo: L = (h - 1 / (2 beta))^2, beta playing tau. Azar et al. 2023, "A General Theoretical
+        Paradigm to Understand Learning from Human Preferences", eq. 17 (pair it with
+        `sequence_logprobs(average=True)` for the length-normalised variant).
     Implicit rewards are beta * (log pi - log pi_ref).
 
     Args:
-      policy_chosen_logps, policy_rejected_logps: [B] sequence logprobs under the policy (differentiated).
+      policy_chosen_logps, policy_rejected_logps: [B] sequence logprobs under the policy
+        (differentiated).
       ref_chosen_logps, ref_rejected_logps: [B] sequence logprobs under the reference (constant).
       beta: KL strength (DPO's beta, IPO's tau).
       loss_type: "sigmoid" or "ipo".
       label_smoothing: s in [0, 0.5), assumed probability that a label is flipped; sigmoid only.
+      mask: optional [B] bool, True = a real pair (False for batch padding).
 
     Returns:
-      (loss, metrics) with "loss", "accuracy", "reward_margin", "chosen_reward", "rejected_reward" (all of
-      the implicit rewards).
+      (loss, metrics) with "loss", "accuracy", "reward_margin", "chosen_reward", "rejected_reward"
+      (all of the implicit rewards).
     """
     chosen_log_ratio = _sequence_log_ratio(policy_chosen_logps, ref_chosen_logps, None)  # [B]
     rejected_log_ratio = _sequence_log_ratio(policy_rejected_logps, ref_rejected_logps, None)  # [B]
+    chosen_log_ratio = _zero_padding(mask, chosen_log_ratio)
+    rejected_log_ratio = _zero_padding(mask, rejected_log_ratio)
     h = chosen_log_ratio - rejected_log_ratio
     if loss_type == "sigmoid":
         per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
@@ -688,7 +702,7 @@ def dpo_loss(
         per_pair = jnp.square(h - 1.0 / (2.0 * beta))
     else:
         raise ValueError(f"loss_type={loss_type!r}; use 'sigmoid' or 'ipo'.")
-    loss = ops.masked_mean(per_pair)
+    loss = ops.masked_mean(per_pair, mask)
     chosen_rewards = jax.lax.stop_gradient(beta * chosen_log_ratio)
     rejected_rewards = jax.lax.stop_gradient(beta * rejected_log_ratio)
-    return loss, {"loss": loss, **_preference_metrics(chosen_rewards, rejected_rewards, None)}
+    return loss, {"loss": loss, **_preference_metrics(chosen_rewards, rejected_rewards, mask)}

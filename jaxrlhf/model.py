@@ -77,7 +77,10 @@ def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
         "wpe": normal(k_wpe, (cfg.block_size, D), std),
         "blocks": {
             "ln_1": ln(L),
-            "attn": {"c_attn": dense(k_attn, D, 3 * D, std), "c_proj": dense(k_aproj, D, D, proj_std)},
+            "attn": {
+                "c_attn": dense(k_attn, D, 3 * D, std),
+                "c_proj": dense(k_aproj, D, D, proj_std),
+            },
             "ln_2": ln(L),
             "mlp": {"c_fc": dense(k_fc, D, F, std), "c_proj": dense(k_mproj, F, D, proj_std)},
         },
@@ -214,7 +217,12 @@ def _check_length(T: int, cfg: ModelConfig):
 
 
 def forward(
-    params: Params, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig, *, key: jax.Array | None = None
+    params: Params,
+    tokens: jax.Array,
+    mask: jax.Array,
+    cfg: ModelConfig,
+    *,
+    key: jax.Array | None = None,
 ) -> jax.Array:
     """The transformer trunk.
 
@@ -242,9 +250,7 @@ def lm_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Tied LM head: hidden [..., D] -> logits [..., V] float32 (next-token logits, see ops)."""
     wte = params["wte"].astype(cfg.dtype)
     flat = hidden.reshape(-1, hidden.shape[-1]).astype(cfg.dtype)
-    logits = jax.lax.dot_general(
-        flat, wte, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
+    logits = jax.lax.dot_general(flat, wte, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return logits.reshape(*hidden.shape[:-1], wte.shape[0])
 
 

@@ -7,11 +7,11 @@ Both share one API:
   decode_batch(ids, mask=None) -> list[str]
   eos_id, vocab_size, save(path)       load_tokenizer(path) loads either kind back
 
-Padding: prompts are left-padded, so every row's next token is generated in the same column; training
-sequences are usually right-padded. The model derives positions from the mask, so the side does not change
-the logits of real tokens. Pad slots hold `eos_id` and are False in the mask.
+Padding: prompts are left-padded, so every row's next token is generated in the same column;
+training sequences are usually right-padded. The model derives positions from the mask, so the side
+does not change the logits of real tokens. Pad slots hold `eos_id` and are False in the mask.
 
-This module reads and writes tokenizer files (and builds the BPE with Hugging Face `tokenizers`); it never
+This module reads and writes tokenizer files (the BPE runs in Hugging Face `tokenizers`); it never
 touches the network.
 """
 
@@ -83,7 +83,7 @@ def pad_batch(
 
 
 class Tokenizer(abc.ABC):
-    """What every tokenizer provides; subclasses implement encode, _decode_ids, save and the properties."""
+    """The shared API; subclasses implement encode, _decode_ids, save, eos_id and vocab_size."""
 
     @property
     @abc.abstractmethod
@@ -111,8 +111,11 @@ class Tokenizer(abc.ABC):
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int], stop_at_eos: bool = False) -> str:
-        """Text of `ids` (a list or a 1-D array); with `stop_at_eos`, only the ids before the first EOS."""
+        """Text of `ids` (list or 1-D array); `stop_at_eos` keeps only the ids before any EOS."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:  # the BPE would silently drop them
+            raise ValueError(f"ids {bad[:10]} are outside [0, {self.vocab_size}).")
         if stop_at_eos and self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return self._decode_ids(ids)
@@ -125,9 +128,7 @@ class Tokenizer(abc.ABC):
         truncate: Literal["left", "right"] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Encode and pad B texts to [B, T] (see `pad_batch`). Returns (ids int32, mask bool)."""
-        return pad_batch(
-            self.encode_many(texts), length, pad_id=self.eos_id, pad=pad, truncate=truncate
-        )
+        return pad_batch(self.encode_many(texts), length, pad_id=self.eos_id, pad=pad, truncate=truncate)
 
     def decode_batch(
         self, ids: np.ndarray, mask: np.ndarray | None = None, stop_at_eos: bool = False
@@ -157,6 +158,10 @@ class CharTokenizer(Tokenizer):
     _ids: dict[str, int] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        for name in ("eos", "unk"):
+            c = getattr(self, name)
+            if c is not None and (not isinstance(c, str) or len(c) != 1):
+                raise ValueError(f"{name}={c!r}; a CharTokenizer needs a single character.")
         chars = tuple(self.chars)
         if any(len(c) != 1 for c in chars) or list(chars) != sorted(set(chars)):
             raise ValueError("chars must be sorted, unique single characters; use from_corpus.")
@@ -168,9 +173,7 @@ class CharTokenizer(Tokenizer):
         object.__setattr__(self, "_ids", {c: i for i, c in enumerate(chars)})
 
     @classmethod
-    def from_corpus(
-        cls, texts: Iterable[str], eos: str = "⏎", unk: str | None = None
-    ) -> CharTokenizer:
+    def from_corpus(cls, texts: Iterable[str], eos: str = "⏎", unk: str | None = None) -> CharTokenizer:
         """The sorted set of characters in `texts`, plus `eos` (and `unk` if given)."""
         chars = set().union(*(set(t) for t in texts), {eos}, {unk} - {None})
         return cls(tuple(sorted(chars)), eos=eos, unk=unk)
@@ -197,14 +200,11 @@ class CharTokenizer(Tokenizer):
             shown = "".join(missing[:20]) + ("..." if len(missing) > 20 else "")
             raise ValueError(
                 f"{len(missing)} character(s) not in the {self.vocab_size}-character vocabulary: "
-                f"{shown!r}; rebuild it with CharTokenizer.from_corpus over text that contains them, "
-                "or declare unk='?' to map unknown characters to one id."
+                f"{shown!r}; rebuild it with CharTokenizer.from_corpus over text that contains "
+                "them, or declare unk='?' to map unknown characters to one id."
             ) from None
 
     def _decode_ids(self, ids: list[int]) -> str:
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"ids {bad[:10]} are outside [0, {self.vocab_size}).")
         return "".join(self.chars[i] for i in ids)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -321,7 +321,7 @@ def _read_bpe(vocab_path, merges_path) -> tuple[dict[str, int], list[tuple[str, 
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load what a tokenizer's `save` wrote: a CharTokenizer .json file or directory, or a GPT-2 directory."""
+    """Load what `save` wrote: a CharTokenizer .json file or directory, or a GPT-2 directory."""
     if os.path.isfile(path) or os.path.isfile(os.path.join(path, CHAR_TOKENIZER_FILE)):
         return CharTokenizer.load(path)
     if os.path.isdir(path):

@@ -37,8 +37,14 @@ def _teacher_forced(params, r):
 
 def test_greedy_equals_teacher_forced_argmax(params):
     prompt, mask = _prompt()
-    r = sampling.sample(params, prompt, mask, CFG, SampleConfig(max_new_tokens=9, temperature=0.0),
-                        key=jax.random.key(0))
+    r = sampling.sample(
+        params,
+        prompt,
+        mask,
+        CFG,
+        SampleConfig(max_new_tokens=9, temperature=0.0),
+        key=jax.random.key(0),
+    )
     logits = _teacher_forced(params, r)
     np.testing.assert_array_equal(r.response, jnp.argmax(logits, -1))
     assert bool(r.response_mask.all())
@@ -56,8 +62,14 @@ def test_logprobs_match_teacher_forced_forward(params):
 def test_top_k_never_leaves_top_k(params):
     prompt, mask = _prompt(batch=16)
     for k in (1, 3):
-        r = sampling.sample(params, prompt, mask, CFG, SampleConfig(max_new_tokens=8, top_k=k),
-                            key=jax.random.key(k))
+        r = sampling.sample(
+            params,
+            prompt,
+            mask,
+            CFG,
+            SampleConfig(max_new_tokens=8, top_k=k),
+            key=jax.random.key(k),
+        )
         logits = _teacher_forced(params, r)
         rank = jnp.sum(logits > jnp.take_along_axis(logits, r.response[..., None], -1), -1)
         assert int(rank.max()) < k
@@ -66,8 +78,14 @@ def test_top_k_never_leaves_top_k(params):
 def test_top_p_stays_in_nucleus(params):
     prompt, mask = _prompt(batch=16)
     top_p = 0.6
-    r = sampling.sample(params, prompt, mask, CFG, SampleConfig(max_new_tokens=8, top_p=top_p),
-                        key=jax.random.key(2))
+    r = sampling.sample(
+        params,
+        prompt,
+        mask,
+        CFG,
+        SampleConfig(max_new_tokens=8, top_p=top_p),
+        key=jax.random.key(2),
+    )
     probs = jax.nn.softmax(_teacher_forced(params, r), -1)
     chosen = jnp.take_along_axis(probs, r.response[..., None], -1)[..., 0]
     mass_above = jnp.sum(jnp.where(probs > chosen[..., None], probs, 0.0), -1)
@@ -138,11 +156,18 @@ def test_early_exit_when_all_rows_finish(params):
     # Every row's first token as EOS -> finishing after one step must be correct for all rows whose
     # first token is that id; rows with another first token keep going.
     eos = int(free.response[0, 0])
-    r = sampling.sample(params, prompt, mask, CFG, dataclasses.replace(greedy, eos_id=eos),
-                        key=jax.random.key(0))
+    r = sampling.sample(
+        params, prompt, mask, CFG, dataclasses.replace(greedy, eos_id=eos), key=jax.random.key(0)
+    )
     assert int(r.response_length[0]) == 1
-    single = sampling.sample(params, prompt[:1], mask[:1], CFG,
-                             dataclasses.replace(greedy, eos_id=eos), key=jax.random.key(0))
+    single = sampling.sample(
+        params,
+        prompt[:1],
+        mask[:1],
+        CFG,
+        dataclasses.replace(greedy, eos_id=eos),
+        key=jax.random.key(0),
+    )
     assert int(single.response_length[0]) == 1 and bool(single.finished[0])
 
 
@@ -167,10 +192,17 @@ def test_bad_prompts_are_clear_errors(params):
     prompt, _ = _prompt()
     right_padded = jnp.ones(prompt.shape, bool).at[0, -2:].set(False)
     with pytest.raises(ValueError, match="left-padded"):
-        sampling.sample(params, prompt, right_padded, CFG, SampleConfig(max_new_tokens=4),
-                        key=jax.random.key(0))
+        sampling.sample(
+            params, prompt, right_padded, CFG, SampleConfig(max_new_tokens=4), key=jax.random.key(0)
+        )
     with pytest.raises(ValueError, match="exceeds block_size"):
-        sampling.sample(params, prompt, jnp.ones(prompt.shape, bool), CFG,
-                        SampleConfig(max_new_tokens=40), key=jax.random.key(0))
+        sampling.sample(
+            params,
+            prompt,
+            jnp.ones(prompt.shape, bool),
+            CFG,
+            SampleConfig(max_new_tokens=40),
+            key=jax.random.key(0),
+        )
     with pytest.raises(ValueError, match="top_p"):
         SampleConfig(max_new_tokens=4, top_p=0.0)

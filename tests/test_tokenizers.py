@@ -1,4 +1,4 @@
-"""Tokenizers: CharTokenizer behaviour, and GPT-2 BPE parity with tiktoken (an independent implementation)."""
+"""Tokenizers: CharTokenizer behaviour; GPT-2 BPE parity with tiktoken (independent reference)."""
 
 import itertools
 import os
@@ -162,6 +162,8 @@ def test_gpt2_batch_and_stop_at_eos(gpt2):
     assert gpt2.decode_batch(ids, mask) == texts
     assert gpt2.decode(np.array([15496, 50256, 995]), stop_at_eos=True) == "Hello"
     assert gpt2.decode([15496, 50256, 995]) == f"Hello{GPT2_EOS} world"
+    with pytest.raises(ValueError, match="outside"):
+        gpt2.decode([15496, 50257])
 
 
 # -------------------------------------------------------------------------------------- characters
@@ -193,6 +195,8 @@ def test_char_unknown_characters_raise_one_line_error():
         tok.decode([4])
     with pytest.raises(ValueError, match="outside"):
         tok.decode([-1])
+    with pytest.raises(ValueError, match="single character"):
+        CharTokenizer.from_corpus(["abc"], eos="<eos>")
 
 
 def test_char_unknown_characters_map_to_unk():

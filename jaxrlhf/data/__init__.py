@@ -1,0 +1,39 @@
+"""Data sets as TFDS builders (array_record, read without TensorFlow) and batching helpers.
+
+    load_tweets(split, data_dir=None, *, cache_dir=None)        tweets: text, sentiment
+    load_tldr(split, data_dir=None, *, cache_dir=None)          TL;DR post/summary pairs
+    load_comparisons(split, data_dir=None, *, cache_dir=None)   TL;DR chosen/rejected pairs
+    load_sst2(split, data_dir=None, *, cache_dir=None)          GLUE SST-2: sentence, label
+    format_tldr_prompt(...)                                     TL;DR prompt in a token budget
+    pad_batch, iterate_batches, train_val_split                 host-side batching
+
+Where the files come from (data_dir > $JAXRLHF_DATA_DIR > cache > checked download): `common`.
+"""
+
+from jaxrlhf.data.batching import (
+    epoch_permutation,
+    iterate_batches,
+    num_batches,
+    pad_batch,
+    train_val_split,
+)
+from jaxrlhf.data.common import ChecksumError, DataNotFoundError
+from jaxrlhf.data.sst2 import load_sst2
+from jaxrlhf.data.tldr import load_comparisons, load_tldr
+from jaxrlhf.data.tldr_prompt import format_tldr_prompt
+from jaxrlhf.data.tweets import load_tweets
+
+__all__ = [
+    "ChecksumError",
+    "DataNotFoundError",
+    "epoch_permutation",
+    "format_tldr_prompt",
+    "iterate_batches",
+    "load_comparisons",
+    "load_sst2",
+    "load_tldr",
+    "load_tweets",
+    "num_batches",
+    "pad_batch",
+    "train_val_split",
+]

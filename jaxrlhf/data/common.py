@@ -1,0 +1,250 @@
+"""Where data comes from, how downloads are checked, and how a TFDS builder is prepared and read.
+
+A data set's source folder (the raw csv/tsv/jsonl files) is found in this order:
+
+1. an explicit `data_dir` argument (the folder holding the files, or a parent with a `<name>/`
+   subfolder); if it does not hold the files, that is an error (no silent fallback to a download);
+2. the environment variable `JAXRLHF_DATA_DIR` (subfolders `tweets/`, `tldr/`, `sst2/`; the folder
+   itself is also accepted); a folder without the files falls through to 3, since it may cover
+   other data sets only;
+3. an earlier download in `<cache>/downloads/<name>/`;
+4. a download of the pinned URLs into that folder, each file checked against its sha256 where one
+   is pinned.
+
+`<cache>` is the `cache_dir` argument, else `JAXRLHF_CACHE_DIR`, else `~/.cache/jaxrlhf`. Offline
+with no data, the loaders raise `DataNotFoundError` with one line that says what to do.
+
+A `tfds.core.GeneratorBasedBuilder` turns the source files into array_record files under
+`<cache>/tfds/<name>-<fingerprint>/`; the fingerprint covers the source files' names, sizes and
+mtimes, so a second call reuses the prepared data and a changed source is prepared afresh. Reading
+goes through `builder.as_data_source(split)`, which needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+ENV_DATA_DIR = "JAXRLHF_DATA_DIR"
+ENV_CACHE_DIR = "JAXRLHF_CACHE_DIR"
+DEFAULT_CACHE_DIR = "~/.cache/jaxrlhf"
+
+# Names users reach for, mapped onto the split names the builders write.
+SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No local copy of a data set was found and it could not be downloaded."""
+
+
+class ChecksumError(ValueError):
+    """A downloaded file's sha256 differs from the pinned one."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """How to find, download and describe one data set's source files.
+
+    Attributes:
+      name: the data set's name in messages, e.g. "tweets".
+      subdir: its folder under `JAXRLHF_DATA_DIR` and under `<cache>/downloads/`.
+      expects: the files a source folder must hold, in words, for error messages.
+      find_files: folder -> the source files in it that the builder reads; empty when the folder
+        has no data.
+      downloads: relative path -> (url, sha256 or None) of the files to download when there is no
+        local copy.
+    """
+
+    name: str
+    subdir: str
+    expects: str
+    find_files: Callable[[pathlib.Path], list[pathlib.Path]]
+    downloads: Mapping[str, tuple[str, str | None]]
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """The cache folder: `cache_dir`, else `$JAXRLHF_CACHE_DIR`, else `~/.cache/jaxrlhf`."""
+    root = cache_dir or os.environ.get(ENV_CACHE_DIR) or DEFAULT_CACHE_DIR
+    return pathlib.Path(root).expanduser()
+
+
+def canonical_split(split: str, aliases: Mapping[str, str] = SPLIT_ALIASES) -> str:
+    """Maps a user's split name ("valid", "dev", ...) onto the builders' names."""
+    split = str(split)
+    return aliases.get(split.lower(), split)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _holding_folder(spec: DataSpec, folder: pathlib.Path) -> pathlib.Path | None:
+    """`folder` or `folder/<subdir>`, whichever holds the data set's files; None if neither does."""
+    for candidate in (folder, folder / spec.subdir):
+        if candidate.is_dir() and spec.find_files(candidate):
+            return candidate
+    return None
+
+
+def _not_found_message(spec: DataSpec, reason: str = "") -> str:
+    reason = f" ({reason})" if reason else ""
+    return (
+        f"{spec.name} data not found{reason}: pass --data-dir DIR or set {ENV_DATA_DIR} "
+        f"to a folder with {spec.expects} (or with a {spec.subdir}/ subfolder holding them), "
+        "or connect to the network to download it"
+    )
+
+
+def download_files(spec: DataSpec, dest: pathlib.Path) -> pathlib.Path:
+    """Downloads `spec.downloads` into `dest` (skipping files already there), checking sha256.
+
+    Each file is written to `<file>.part` and renamed only after its hash matched, so a file in
+    `dest` is always complete and verified.
+
+    Raises:
+      DataNotFoundError: the network (or the URL) could not be reached; one line saying what to do.
+      ChecksumError: a file's sha256 differs from the pinned value.
+    """
+    if not spec.downloads:
+        raise DataNotFoundError(_not_found_message(spec, "no download URL is known"))
+    for rel_path, (url, expected_sha256) in spec.downloads.items():
+        target = dest / rel_path
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + ".part")
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    digest.update(chunk)
+                    f.write(chunk)
+        except urllib.error.HTTPError as e:
+            part.unlink(missing_ok=True)
+            raise DataNotFoundError(_not_found_message(spec, f"HTTP {e.code} for {url}")) from e
+        except (urllib.error.URLError, OSError) as e:
+            part.unlink(missing_ok=True)
+            raise DataNotFoundError(_not_found_message(spec, f"could not download {url}")) from e
+        actual = digest.hexdigest()
+        if expected_sha256 is not None and actual != expected_sha256:
+            part.unlink(missing_ok=True)
+            raise ChecksumError(
+                f"sha256 mismatch for {url}: expected {expected_sha256}, got {actual}; the "
+                "download is corrupt or the upstream file changed, so it was not used"
+            )
+        part.replace(target)
+    return dest
+
+
+def resolve_source_dir(
+    spec: DataSpec,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+) -> pathlib.Path:
+    """Source folder of `spec`: `data_dir` > `$JAXRLHF_DATA_DIR` > cache > download."""
+    if data_dir is not None:
+        folder = pathlib.Path(data_dir).expanduser()
+        found = _holding_folder(spec, folder)
+        if found is None:
+            raise DataNotFoundError(
+                f"{spec.name} data not found in {folder} (nor {folder / spec.subdir}): "
+                f"expected {spec.expects}"
+            )
+        return found
+    if env_dir := os.environ.get(ENV_DATA_DIR):
+        found = _holding_folder(spec, pathlib.Path(env_dir).expanduser())
+        if found is not None:
+            return found
+    downloaded = cache_root(cache_dir) / "downloads" / spec.subdir
+    if all((downloaded / rel_path).exists() for rel_path in spec.downloads) and spec.downloads:
+        return downloaded
+    return download_files(spec, downloaded)
+
+
+def builder_source_dir(dl_manager: Any, spec: DataSpec) -> pathlib.Path:
+    """For `_split_generators`: the manual dir if one was given, else a checked download."""
+    try:
+        manual_dir = pathlib.Path(dl_manager.manual_dir)
+    except AssertionError:  # TFDS raises this when no manual dir was given (or it is empty)
+        return download_files(spec, pathlib.Path(dl_manager.download_dir) / spec.subdir)
+    found = _holding_folder(spec, manual_dir)
+    if found is None:
+        raise DataNotFoundError(
+            f"{spec.name} data not found in manual dir {manual_dir}: expected {spec.expects}"
+        )
+    return found
+
+
+def source_fingerprint(files: list[pathlib.Path], root: pathlib.Path) -> str:
+    """A short hash of the source files' relative names, sizes and mtimes."""
+    stats = [
+        (str(path.relative_to(root)), path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(files)
+    ]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def prepare_builder(
+    builder_cls: type[tfds.core.GeneratorBasedBuilder],
+    spec: DataSpec,
+    source_dir: pathlib.Path,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+) -> tfds.core.GeneratorBasedBuilder:
+    """Prepares `builder_cls` from `source_dir` as array_record under `<cache>/tfds/`, once."""
+    fingerprint = source_fingerprint(spec.find_files(source_dir), source_dir)
+    tfds_dir = cache_root(cache_dir) / "tfds" / f"{spec.subdir}-{fingerprint}"
+    builder = builder_cls(data_dir=os.fspath(tfds_dir), file_format="array_record")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(source_dir), try_download_gcs=False)
+    )
+    return builder
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_split(builder: tfds.core.GeneratorBasedBuilder, split: str) -> list[dict[str, Any]]:
+    """Every row of a prepared split as a dict of Python values (Text -> str, ClassLabel -> int)."""
+    if split not in builder.info.splits:
+        available = ", ".join(sorted(builder.info.splits)) or "none"
+        raise ValueError(f"{builder.name} has no split {split!r}; available: {available}")
+    source = builder.as_data_source(split=split)
+    rows = source.__getitems__(list(range(len(source))))  # one batched read: much faster than a loop
+    return [{key: _to_python(value) for key, value in row.items()} for row in rows]
+
+
+def load_rows(
+    builder_cls: type[tfds.core.GeneratorBasedBuilder],
+    spec: DataSpec,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """Finds (or downloads) the source, prepares the builder once, and reads one split."""
+    source_dir = resolve_source_dir(spec, data_dir, cache_dir=cache_dir)
+    builder = prepare_builder(builder_cls, spec, source_dir, cache_dir=cache_dir)
+    return read_split(builder, split)

@@ -1,0 +1,340 @@
+"""Reddit TL;DR ("Learning to summarize from human feedback") as two TFDS builders, and its prompt.
+
+`TldrBuilder`: post -> reference summary pairs; features id, subreddit, title, post, summary.
+`ComparisonsBuilder`: human preferences between two summaries of a post; features id, subreddit,
+title, post, chosen, rejected.
+
+Each file's format is detected from the keys of its first row:
+
+    pairs        OpenAI tldr_3_filtered  {id, subreddit, title, post, summary}
+                 CarperAI                {prompt, label}, prompt = "SUBREDDIT: r/..\nTITLE: ..
+                                         \nPOST: ..\nTL;DR:"
+                 dove                    {instruction_id, subreddit, title, instruction,
+                                         gold_response}
+    comparisons  OpenAI comparisons      {info: {id, subreddit, title, post},
+                                         summaries: [{text}, {text}], choice}
+                 CarperAI                {prompt, chosen, rejected}
+                 vertex                  {input_text, candidate_0, candidate_1, choice}
+                                         (the post only: no subreddit or title)
+
+Fields a format lacks are empty strings. Posts, titles and summaries are stripped of surrounding
+whitespace; a CarperAI summary's leading "TL;DR:" and the vertex post's trailing " [summary]: " are
+removed, so a training target is `prompt + " " + summary`. OpenAI comparison rows without a Reddit
+post (the CNN/DM batches) are skipped.
+
+Files in the tldr folder (`$JAXRLHF_DATA_DIR/tldr/` or the `data_dir` argument), and their split:
+
+    pairs        tldr*.jsonl, tldr_3_filtered/*.jsonl   split from the file name, else train
+    comparisons  comparisons*.jsonl, comparisons/*.json[l], batch*.json
+                                                        OpenAI rows: their `split` field (train,
+                                                        valid1 -> validation, valid2 -> test);
+                                                        other files: from the name, else train
+
+A file name's split is its first token that reads train, valid/validation/val/dev/valid1
+(-> validation) or test/valid2 (-> test): "tldr_test500_dove.jsonl" is test,
+"comparisons929_vertex_small.jsonl" is train.
+
+Downloads (online only) are OpenAI's public blobs: tldr_3_filtered/{train,valid,test}.jsonl and
+comparisons/batch{3..22}.json (the Reddit batches; there is no batch21). Those blobs are not
+content-addressed and no trusted sha256 was available to pin, so they are not hash-checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+
+import tensorflow_datasets as tfds
+
+from jaxrlhf.data import common
+from jaxrlhf.data.tldr_prompt import clean_post, format_tldr_prompt  # noqa: F401 (re-exported)
+
+_BLOB = "https://openaipublic.blob.core.windows.net/summarize-from-feedback"
+TLDR_DOWNLOADS = {
+    f"tldr_3_filtered/{name}.jsonl": (f"{_BLOB}/datasets/tldr_3_filtered/{name}.jsonl", None)
+    for name in ("train", "valid", "test")
+}
+COMPARISON_BATCHES = (*range(3, 21), 22)
+COMPARISONS_DOWNLOADS = {
+    f"comparisons/batch{i}.json": (f"{_BLOB}/dataset/comparisons/batch{i}.json", None)
+    for i in COMPARISON_BATCHES
+}
+COMPARISON_SPLIT_ALIASES = {**common.SPLIT_ALIASES, "valid1": "validation", "valid2": "test"}
+_OPENAI_COMPARISON_SPLITS = {"train": "train", "valid1": "validation", "valid2": "test"}
+_PROMPT_RE = re.compile(
+    r"^SUBREDDIT: r/(?P<subreddit>[^\n]*)\nTITLE: (?P<title>[^\n]*)\n"
+    r"POST: (?P<post>.*?)\s*(?:TL;DR:\s*)?$",
+    re.DOTALL,
+)
+
+
+# -------------------------------------------------------------------------------- formats and files
+
+
+def split_from_name(path: pathlib.Path) -> str | None:
+    """The split a file name names ("tldr_test500_dove" -> "test"), or None."""
+    for token in re.findall(r"[a-z]+\d*", path.stem.lower()):
+        if token == "valid2" or token.startswith("test"):
+            return "test"
+        if token.startswith("train"):
+            return "train"
+        if token.startswith("valid") or token in ("val", "dev"):
+            return "validation"
+    return None
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def detect_format(row: dict) -> str:
+    """A row's format from its keys: openai_tldr, carper_tldr, dove, openai_comparisons, ..."""
+    keys = set(row)
+    for name, required in (
+        ("openai_tldr", {"post", "summary"}),
+        ("dove", {"instruction", "gold_response"}),
+        ("carper_tldr", {"prompt", "label"}),
+        ("openai_comparisons", {"info", "summaries", "choice"}),
+        ("vertex_comparisons", {"input_text", "candidate_0", "candidate_1", "choice"}),
+        ("carper_comparisons", {"prompt", "chosen", "rejected"}),
+    ):
+        if required <= keys:
+            return name
+    raise ValueError(f"unknown TL;DR row format with keys {sorted(keys)}")
+
+
+def _clean_summary(text: str) -> str:
+    text = text.strip()
+    if text.startswith("TL;DR:"):
+        text = text[len("TL;DR:") :].strip()
+    return text
+
+
+def _parse_prompt(prompt: str) -> dict[str, str]:
+    match = _PROMPT_RE.match(prompt.strip())
+    if match is None:  # not the SUBREDDIT/TITLE/POST layout: keep the whole prompt as the post
+        return {"subreddit": "", "title": "", "post": clean_post(prompt)}
+    return {
+        "subreddit": match["subreddit"].strip(),
+        "title": match["title"].strip(),
+        "post": clean_post(match["post"]),
+    }
+
+
+def _post_fields(id_: str, subreddit: str, title: str, post: str) -> dict[str, str]:
+    return {
+        "id": id_,
+        "subreddit": subreddit.strip(),
+        "title": title.strip(),
+        "post": clean_post(post),
+    }
+
+
+def normalize_pair(row: dict, fmt: str) -> dict[str, str]:
+    """One post/summary row of format `fmt` -> {id, subreddit, title, post, summary}."""
+    if fmt == "openai_tldr":
+        fields = _post_fields(row.get("id", ""), row["subreddit"], row["title"], row["post"])
+        return {**fields, "summary": _clean_summary(row["summary"])}
+    if fmt == "dove":
+        fields = _post_fields(row["instruction_id"], row["subreddit"], row["title"], row["instruction"])
+        return {**fields, "summary": _clean_summary(row["gold_response"])}
+    if fmt == "carper_tldr":
+        return {"id": "", **_parse_prompt(row["prompt"]), "summary": _clean_summary(row["label"])}
+    raise ValueError(f"{fmt} rows are comparisons, not post/summary pairs")
+
+
+def normalize_comparison(row: dict, fmt: str) -> dict[str, str] | None:
+    """A comparison row -> {id, subreddit, title, post, chosen, rejected}; None without a post."""
+    if fmt == "openai_comparisons":
+        info = row["info"]
+        if not info.get("post"):  # CNN/DM article batches
+            return None
+        texts = [summary["text"] for summary in row["summaries"]]
+        choice = int(row["choice"])
+        fields = _post_fields(info.get("id", ""), info["subreddit"], info["title"], info["post"])
+        chosen, rejected = texts[choice], texts[1 - choice]
+    elif fmt == "vertex_comparisons":
+        choice = int(row["choice"])
+        fields = _post_fields("", "", "", row["input_text"])
+        chosen, rejected = row[f"candidate_{choice}"], row[f"candidate_{1 - choice}"]
+    elif fmt == "carper_comparisons":
+        fields = {"id": "", **_parse_prompt(row["prompt"])}
+        chosen, rejected = row["chosen"], row["rejected"]
+    else:
+        raise ValueError(f"{fmt} rows are post/summary pairs, not comparisons")
+    return {**fields, "chosen": _clean_summary(chosen), "rejected": _clean_summary(rejected)}
+
+
+def find_tldr_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Post/summary files in `folder`: tldr*.jsonl and tldr_3_filtered/*.jsonl."""
+    return sorted(folder.glob("tldr*.jsonl")) + sorted(folder.glob("tldr_3_filtered/*.jsonl"))
+
+
+def find_comparison_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Comparison files in `folder`: comparisons*.jsonl, comparisons/*.json[l] and batch*.json."""
+    return (
+        sorted(folder.glob("comparisons*.jsonl"))
+        + sorted(folder.glob("comparisons/*.json"))
+        + sorted(folder.glob("comparisons/*.jsonl"))
+        + sorted(folder.glob("batch*.json"))
+    )
+
+
+def read_pairs(files: list[pathlib.Path]) -> dict[str, list[dict[str, str]]]:
+    """Normalised post/summary rows from `files`, grouped by split (empty splits left out)."""
+    by_split: dict[str, list[dict[str, str]]] = {}
+    for path in files:
+        rows = _read_jsonl(path)
+        if not rows:
+            continue
+        fmt = detect_format(rows[0])
+        split = split_from_name(path) or "train"
+        by_split.setdefault(split, []).extend(normalize_pair(row, fmt) for row in rows)
+    return by_split
+
+
+def read_comparisons(files: list[pathlib.Path]) -> dict[str, list[dict[str, str]]]:
+    """Normalised comparison rows from `files`, grouped by split (empty splits left out)."""
+    by_split: dict[str, list[dict[str, str]]] = {}
+    for path in files:
+        rows = _read_jsonl(path)
+        if not rows:
+            continue
+        fmt = detect_format(rows[0])
+        for row in rows:
+            if fmt == "openai_comparisons":
+                split = _OPENAI_COMPARISON_SPLITS.get(row.get("split", ""))
+                if split is None:
+                    raise ValueError(f"{path}: unknown comparison split {row.get('split')!r}")
+            else:
+                split = split_from_name(path) or "train"
+            normalized = normalize_comparison(row, fmt)
+            if normalized is not None:
+                by_split.setdefault(split, []).append(normalized)
+    return by_split
+
+
+TLDR_SPEC = common.DataSpec(
+    name="tldr",
+    subdir="tldr",
+    expects="TL;DR post/summary files (tldr*.jsonl or tldr_3_filtered/{train,valid,test}.jsonl)",
+    find_files=find_tldr_files,
+    downloads=TLDR_DOWNLOADS,
+)
+COMPARISONS_SPEC = common.DataSpec(
+    name="tldr comparisons",
+    subdir="tldr",
+    expects="TL;DR comparison files (comparisons*.jsonl or comparisons/batch*.json)",
+    find_files=find_comparison_files,
+    downloads=COMPARISONS_DOWNLOADS,
+)
+
+_POST_FEATURES = ("id", "subreddit", "title", "post")
+
+
+def _generate(rows: list[dict[str, str]]):
+    yield from enumerate(rows)
+
+
+class TldrBuilder(tfds.core.GeneratorBasedBuilder):
+    """TL;DR post -> reference summary pairs; splits train / validation / test where files exist."""
+
+    name = "jaxrlhf_tldr"
+    code_path = pathlib.Path(__file__)  # TFDS can't locate code in the `jaxrlhf` namespace package
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "OpenAI / CarperAI / dove formats normalised."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {TLDR_SPEC.expects} in the manual dir."
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        names = (*_POST_FEATURES, "summary")
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in names}),
+            homepage="https://github.com/openai/summarize-from-feedback",
+            disable_shuffling=True,  # keep the file order
+        )
+
+    def _split_generators(self, dl_manager):
+        source_dir = common.builder_source_dir(dl_manager, TLDR_SPEC)
+        by_split = read_pairs(find_tldr_files(source_dir))
+        return {split: self._generate_examples(rows) for split, rows in by_split.items()}
+
+    def _generate_examples(self, rows):
+        return _generate(rows)
+
+
+class ComparisonsBuilder(tfds.core.GeneratorBasedBuilder):
+    """TL;DR human comparisons (chosen vs rejected); splits train / validation / test if present."""
+
+    name = "jaxrlhf_tldr_comparisons"
+    code_path = pathlib.Path(__file__)
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "OpenAI / CarperAI / vertex formats normalised."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {COMPARISONS_SPEC.expects} in the manual dir."
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        names = (*_POST_FEATURES, "chosen", "rejected")
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in names}),
+            homepage="https://github.com/openai/summarize-from-feedback",
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        source_dir = common.builder_source_dir(dl_manager, COMPARISONS_SPEC)
+        by_split = read_comparisons(find_comparison_files(source_dir))
+        return {split: self._generate_examples(rows) for split, rows in by_split.items()}
+
+    def _generate_examples(self, rows):
+        return _generate(rows)
+
+
+def load_tldr(
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[dict[str, str]]:
+    """Loads TL;DR post/summary pairs through `TldrBuilder`.
+
+    Args:
+      split: "train", "validation" (or "valid") or "test"; only splits with files exist.
+      data_dir: the tldr folder (or a parent with a tldr/ subfolder); see `common` for the
+        fallbacks.
+      cache_dir: where downloads and prepared TFDS data live.
+
+    Returns:
+      Rows in file order, each {"id", "subreddit", "title", "post", "summary"} (str; "" where
+      unknown).
+    """
+    split = common.canonical_split(split)
+    return common.load_rows(TldrBuilder, TLDR_SPEC, split, data_dir, cache_dir=cache_dir)
+
+
+def load_comparisons(
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[dict[str, str]]:
+    """Loads TL;DR human comparisons through `ComparisonsBuilder`.
+
+    Args:
+      split: "train", "validation" (OpenAI valid1; "valid1" works too) or "test" (OpenAI valid2;
+        "valid2" works too).
+      data_dir: the tldr folder (or a parent with a tldr/ subfolder); see `common` for the
+        fallbacks.
+      cache_dir: where downloads and prepared TFDS data live.
+
+    Returns:
+      Rows in file order, each {"id", "subreddit", "title", "post", "chosen", "rejected"} (str;
+      "" where the format lacks a field).
+    """
+    split = common.canonical_split(split, COMPARISON_SPLIT_ALIASES)
+    return common.load_rows(ComparisonsBuilder, COMPARISONS_SPEC, split, data_dir, cache_dir=cache_dir)

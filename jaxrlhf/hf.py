@@ -1,0 +1,295 @@
+"""GPT-2 weights <-> Hugging Face `transformers` checkpoints (config.json + safetensors).
+
+Hugging Face's GPT-2 stores each block under `h.{i}.` and its dense layers as `Conv1D`, whose weight
+is already [D_in, D_out] (y = x @ W + b): they map onto our stacked [L, D_in, D_out] kernels with no
+transpose, and the fused c_attn output splits into q, k, v in the same order as ours. LayerNorm
+`weight` is our `scale`. The LM head is tied to `wte` on both sides. The `attn.bias` and
+`attn.masked_bias` buffers (a causal mask and a constant that older versions saved) are skipped.
+
+The pure functions `params_from_hf` / `hf_from_params` do the mapping; `load_gpt2` / `save_gpt2` are
+the thin file (and hub) layer around them. `transformers` itself is never imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from jaxrlhf.config import ModelConfig
+from jaxrlhf.model import Params, init_params
+
+# Activations that are GPT-2's tanh-approximate GELU (jax.nn.gelu(approximate=True)).
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+# Our param path -> Hugging Face name; block entries are under h.{i}. and stacked on [L].
+_TOP = {
+    ("wte",): "wte.weight",
+    ("wpe",): "wpe.weight",
+    ("ln_f", "scale"): "ln_f.weight",
+    ("ln_f", "bias"): "ln_f.bias",
+}
+_BLOCK = {
+    ("ln_1", "scale"): "ln_1.weight",
+    ("ln_1", "bias"): "ln_1.bias",
+    ("attn", "c_attn", "kernel"): "attn.c_attn.weight",
+    ("attn", "c_attn", "bias"): "attn.c_attn.bias",
+    ("attn", "c_proj", "kernel"): "attn.c_proj.weight",
+    ("attn", "c_proj", "bias"): "attn.c_proj.bias",
+    ("ln_2", "scale"): "ln_2.weight",
+    ("ln_2", "bias"): "ln_2.bias",
+    ("mlp", "c_fc", "kernel"): "mlp.c_fc.weight",
+    ("mlp", "c_fc", "bias"): "mlp.c_fc.bias",
+    ("mlp", "c_proj", "kernel"): "mlp.c_proj.weight",
+    ("mlp", "c_proj", "bias"): "mlp.c_proj.bias",
+}
+_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+# GPT2LMHeadModel names start with it; bare GPT2Model checkpoints (the hub's "gpt2") have none.
+_PREFIX = "transformer."
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+def config_from_hf(hf_config: Mapping) -> ModelConfig:
+    """A ModelConfig from a GPT-2 config.json dict; raises if the architecture is not ours."""
+    get = hf_config.get
+    d = get("n_embd", 768)
+    checks = [
+        (get("model_type", "gpt2") == "gpt2", f"model_type={get('model_type')!r} (need 'gpt2')"),
+        (
+            get("activation_function", "gelu_new") in _TANH_GELUS,
+            f"activation_function={get('activation_function')!r} (need one of {_TANH_GELUS})",
+        ),
+        (
+            get("n_inner") is None or get("n_inner") % d == 0,
+            f"n_inner={get('n_inner')} (need None or a multiple of n_embd={d})",
+        ),
+        (get("scale_attn_weights", True), "scale_attn_weights=False"),
+        (not get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=True"),
+        (not get("add_cross_attention", False), "add_cross_attention=True"),
+        (get("tie_word_embeddings", True), "tie_word_embeddings=False"),
+    ]
+    bad = [why for ok, why in checks if not ok]
+    if bad:
+        raise ValueError(f"unsupported GPT-2 config: {'; '.join(bad)}.")
+    return ModelConfig(
+        vocab_size=get("vocab_size", 50257),
+        block_size=get("n_positions", 1024),
+        n_layer=get("n_layer", 12),
+        n_head=get("n_head", 12),
+        n_embd=d,
+        mlp_ratio=4 if get("n_inner") is None else get("n_inner") // d,
+        embd_pdrop=get("embd_pdrop", 0.1),
+        resid_pdrop=get("resid_pdrop", 0.1),
+        attn_pdrop=get("attn_pdrop", 0.1),
+        ln_eps=get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def config_to_hf(cfg: ModelConfig, eos_id: int | None = None) -> dict:
+    """The config.json dict that `transformers.GPT2LMHeadModel` reads for `cfg`.
+
+    `eos_id` becomes bos/eos_token_id (GPT-2 uses one id for both); None means 50256 for the
+    50257-token GPT-2 vocabulary and null otherwise (transformers' default 50256 would not exist).
+    """
+    if eos_id is None and cfg.vocab_size == 50257:
+        eos_id = 50256
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_embd": cfg.n_embd,
+        "n_inner": None if cfg.mlp_ratio == 4 else cfg.mlp_dim,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.ln_eps,
+        "embd_pdrop": cfg.embd_pdrop,
+        "resid_pdrop": cfg.resid_pdrop,
+        "attn_pdrop": cfg.attn_pdrop,
+        "tie_word_embeddings": True,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "dtype": cfg.param_dtype,
+    }
+
+
+def _check_compatible(cfg: ModelConfig, file_cfg: ModelConfig):
+    names = ("vocab_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "ln_eps")
+    bad = [
+        f"{n}={getattr(cfg, n)} vs {getattr(file_cfg, n)}"
+        for n in names
+        if getattr(cfg, n) != getattr(file_cfg, n)
+    ]
+    if cfg.block_size > file_cfg.block_size:
+        bad.append(f"block_size={cfg.block_size} > n_positions={file_cfg.block_size}")
+    if bad:
+        raise ValueError(f"cfg does not match the checkpoint ({'; '.join(bad)}); pass cfg=None.")
+
+
+# ------------------------------------------------------------------------------ the name mapping
+
+
+def params_from_hf(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> Params:
+    """Our stacked params from a Hugging Face GPT-2 state dict, cast to cfg.param_dtype.
+
+    Args:
+      state: HF names -> arrays, with or without the "transformer." prefix; attention-mask buffers
+        and an `lm_head.weight` equal to `wte` are allowed and skipped.
+      cfg: the target config; `wpe` is cut to its first `cfg.block_size` rows.
+
+    Returns:
+      params in the layout of `jaxrlhf.model` (see its docstring).
+    """
+    state = {k.removeprefix(_PREFIX): v for k, v in state.items()}
+    lm_head = state.pop("lm_head.weight", None)
+    if lm_head is not None and not np.array_equal(lm_head, state.get("wte.weight")):
+        raise ValueError("lm_head.weight differs from wte.weight; only tied LM heads are supported.")
+    wanted = set(_TOP.values()) | {f"h.{i}.{n}" for i in range(cfg.n_layer) for n in _BLOCK.values()}
+    unknown = sorted(k for k in state if k not in wanted and not _BUFFERS.fullmatch(k))
+    missing = sorted(k for k in wanted if k not in state)
+    if unknown or missing:
+        raise ValueError(
+            f"not a GPT-2 state dict for n_layer={cfg.n_layer}: missing {missing[:5]}, "
+            f"unexpected {unknown[:5]}."
+        )
+
+    params: Params = {}
+    for path, name in _TOP.items():
+        array = state[name][: cfg.block_size] if path == ("wpe",) else state[name]
+        _set(params, path, array)
+    for path, name in _BLOCK.items():
+        stacked = np.stack([state[f"h.{i}.{name}"] for i in range(cfg.n_layer)])  # [L, ...]
+        _set(params, ("blocks", *path), stacked)
+
+    got = _flatten(params)
+    expected = _flatten(jax.eval_shape(functools.partial(init_params, cfg=cfg), jax.random.key(0)))
+    wrong = {k: (got[k].shape, e.shape) for k, e in expected.items() if got[k].shape != e.shape}
+    if wrong:
+        raise ValueError(f"checkpoint shapes do not match cfg (got, want): {wrong}.")
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype=cfg.pdtype), params)
+
+
+def hf_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """A GPT2LMHeadModel state dict ("transformer.*" names; no lm_head, it is tied) of params."""
+    host = jax.tree.map(np.asarray, params)
+    state = {_PREFIX + name: _get(host, path) for path, name in _TOP.items()}
+    for path, name in _BLOCK.items():
+        stacked = _get(host, ("blocks", *path))  # [L, ...]
+        for i in range(cfg.n_layer):
+            state[f"{_PREFIX}h.{i}.{name}"] = np.ascontiguousarray(stacked[i])
+    return state
+
+
+def _set(tree: dict, path: tuple[str, ...], value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _flatten(tree) -> dict[str, object]:
+    """{"blocks/attn/c_attn/kernel": leaf, ...}"""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(k.key) for k in path): leaf for path, leaf in leaves}
+
+
+# ------------------------------------------------------------------------------------- files, hub
+
+
+def load_gpt2(path_or_name: str | os.PathLike, cfg: ModelConfig | None = None) -> tuple[Params, ModelConfig]:
+    """Load a Hugging Face GPT-2 checkpoint.
+
+    Args:
+      path_or_name: a local directory with config.json and model.safetensors (or sharded
+        safetensors, or pytorch_model.bin), or a hub name such as "gpt2" (downloaded: online only).
+      cfg: None builds the config from config.json. Otherwise its architecture must match the
+        checkpoint; dtypes, dropouts and remat are taken from it, and a smaller block_size keeps the
+        first block_size position embeddings.
+
+    Returns:
+      (params in cfg.param_dtype, cfg).
+    """
+    directory = os.fspath(path_or_name)
+    if not os.path.isdir(directory):
+        directory = _download(directory)
+    with open(os.path.join(directory, "config.json")) as f:
+        file_cfg = config_from_hf(json.load(f))
+    if cfg is None:
+        cfg = file_cfg
+    else:
+        _check_compatible(cfg, file_cfg)
+    return params_from_hf(_read_weights(directory), cfg), cfg
+
+
+def save_gpt2(
+    params: Params, cfg: ModelConfig, out_dir: str | os.PathLike, *, eos_id: int | None = None
+) -> None:
+    """Write config.json + model.safetensors for `transformers.GPT2LMHeadModel.from_pretrained`.
+
+    Weights keep the params' dtype; the tied LM head is left out, as `save_pretrained` does.
+    `eos_id` is the tokenizer's end-of-text id (see `config_to_hf` for the default).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config_to_hf(cfg, eos_id), f, indent=2)
+    safetensors.numpy.save_file(
+        hf_from_params(params, cfg),
+        os.path.join(out_dir, "model.safetensors"),
+        metadata={"format": "pt"},  # what save_pretrained writes; transformers 4.x checks it
+    )
+
+
+def _read_weights(directory: str) -> dict[str, np.ndarray]:
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    torch_bin = os.path.join(directory, "pytorch_model.bin")
+    if os.path.isfile(single):
+        return safetensors.numpy.load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(safetensors.numpy.load_file(os.path.join(directory, shard)))
+        return state
+    if os.path.isfile(torch_bin):
+        import torch  # only for legacy checkpoints; not a dependency otherwise
+
+        state = torch.load(torch_bin, map_location="cpu", weights_only=True)
+        return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
+    raise FileNotFoundError(
+        f"no weights in {directory}: expected model.safetensors, model.safetensors.index.json "
+        "or pytorch_model.bin."
+    )
+
+
+def _download(name: str) -> str:
+    """Snapshot a hub repo's config and safetensors weights; a one-line error when that fails."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            name, allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json"]
+        )
+    except Exception as err:
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise OSError(
+            f"{name!r} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}: {cause[:200]}); pass a directory with config.json and "
+            "model.safetensors, or run once online to fill the hub cache."
+        ) from err
