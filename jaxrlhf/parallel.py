@@ -1,0 +1,184 @@
+"""Device meshes, shardings and the one `jit` per entry point.
+
+A mesh has two axes: 'data' (batch rows) and 'fsdp' (batch rows too, and the largest dimension of each
+param / optimizer leaf). The batch is split over both axes; with fsdp = 1 params are replicated (plain data
+parallelism). The same step function runs on 1 CPU, 8 fake CPU devices, a GPU or a multi-host TPU slice.
+
+Why `jit` with shardings rather than `shard_map` + `pmean` for the train steps: every loss reduces with a
+masked mean over the real tokens of the *global* batch. Under shard_map each device would see a different
+number of real tokens, and `pmean` of per-device means is not the global mean (it weighs a shard of short
+responses like a shard of long ones). Writing the step on the global batch and letting XLA partition it
+(GSPMD) gives the single-device result exactly (up to reduction order), for data and FSDP sharding alike,
+with no collective written by hand. `shard_map` is used where the work really is per device and needs no
+global reduction: `per_device` below (e.g. host-side scoring of each device's rows).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_count: int | None = None,
+) -> None:
+    """Start multi-host JAX (no-op for a single process).
+
+    On TPU VMs and SLURM/GPU clusters the arguments are found automatically; on CPU (tests, a cluster of
+    CPU hosts) pass them and gloo collectives are used. Must run before any JAX computation.
+    """
+    if coordinator_address is None and num_processes is None and "JAX_COORDINATOR_ADDRESS" not in os.environ:
+        if jax.default_backend() != "tpu":
+            return
+    if local_device_count is not None or (coordinator_address or "").startswith("127.0.0.1"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if local_device_count is not None:
+        jax.config.update("jax_num_cpu_devices", local_device_count)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+
+
+def make_mesh(data: int | None = None, fsdp: int = 1, *, devices=None) -> Mesh:
+    """A ('data', 'fsdp') mesh over all devices (every process's, in multi-host runs).
+
+    Args:
+      data: size of the 'data' axis; None = number of devices / fsdp.
+      fsdp: size of the 'fsdp' axis.
+      devices: optional explicit device list (default `jax.devices()`).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if data is None:
+        if n % fsdp:
+            raise ValueError(f"fsdp={fsdp} does not divide the {n} devices; pick a divisor of {n}.")
+        data = n // fsdp
+    if data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices but {n} are present.")
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    if devices == list(jax.devices()):
+        return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES, axis_types=auto)
+
+
+def single_device_mesh() -> Mesh:
+    return make_mesh(1, 1, devices=jax.devices()[:1])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over every mesh axis, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def leaf_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2**12) -> NamedSharding:
+    """FSDP rule: split the largest dimension divisible by the 'fsdp' size; small leaves replicated."""
+    n = mesh.shape["fsdp"]
+    if n == 1 or math.prod(shape) < min_size:
+        return replicated(mesh)
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % n == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """Shardings for params, optimizer state or a whole TrainState (Adam moments follow their params,
+    since the rule depends only on the shape)."""
+    return jax.tree.map(lambda x: leaf_sharding(np.shape(x), mesh), tree)
+
+
+def put(tree: Any, mesh: Mesh) -> Any:
+    """Place a (host or device) pytree on the mesh with `tree_shardings`, as a copy: the result may be
+    donated to a step without deleting the arrays it came from."""
+    return jax.device_put(tree, tree_shardings(tree, mesh), may_alias=False)
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Place a batch (pytree of [B, ...] arrays) split over the mesh.
+
+    In a multi-process run each process passes its own rows (B / process_count of them).
+    """
+    n = batch_size_multiple(mesh)
+    sharding = batch_sharding(mesh)
+    leaves = jax.tree.leaves(batch)
+    local = leaves[0].shape[0] if leaves else 0
+    total = local * jax.process_count()
+    if total % n:
+        raise ValueError(
+            f"batch size {total} is not divisible by the {n} devices of the mesh; "
+            f"use a batch size that is a multiple of {n}."
+        )
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def jit_step(step: Callable, mesh: Mesh, state: Any, *, donate: bool = True) -> Callable:
+    """Compile `step(state, batch, *, key) -> (state, metrics)` once for `mesh`.
+
+    Returns `f(state, batch, key) -> (state, metrics)` with the state sharded by `tree_shardings`, the
+    batch split over the mesh, the key and metrics replicated, and the input state donated.
+    """
+    state_sh = tree_shardings(state, mesh)
+
+    def fn(state, batch, key):
+        return step(state, batch, key=key)
+
+    return jax.jit(
+        fn,
+        in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh)),
+        out_shardings=(state_sh, replicated(mesh)),
+        donate_argnums=(0,) if donate else (),
+    )
+
+
+def compile_timed(jitted: Callable, *args) -> tuple[Callable, float]:
+    """Ahead-of-time compile `jitted` for `args`; returns (compiled, seconds). The compiled function
+    refuses other shapes instead of silently recompiling."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def to_host(tree: Any) -> Any:
+    """Fetch a (possibly sharded, multi-process) pytree to host numpy arrays on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    """Metrics dict of scalar arrays -> plain floats (one transfer)."""
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def per_device(fn: Callable, mesh: Mesh) -> Callable:
+    """Run `fn` on each device's rows of batch-sharded inputs (shard_map, no collectives); outputs are
+    batch-sharded too. For row-independent work such as sampling or scoring."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=P(BATCH_AXES), out_specs=P(BATCH_AXES), check_vma=False)

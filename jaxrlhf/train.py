@@ -1,0 +1,356 @@
+"""Train state, optimizer and the supervised / preference train steps.
+
+Every factory returns an *un-jitted* `step(state, batch, *, key) -> (state, metrics)` written for the
+whole (global) batch; `parallel.jit_step` compiles it once for a mesh. Because the step sees the global
+batch, masked means are over every real token of the batch whatever the device count, and the same
+function runs on 1 CPU, 8 fake CPU devices or a TPU pod (see parallel.py for why this is jit with
+shardings rather than shard_map + pmean).
+
+A step never trains on a non-finite loss or gradient: the update is skipped (params and optimizer state
+unchanged) and `metrics["finite"]` is 0, which the driver turns into a one-line error.
+
+The RL steps (policy gradient, PPO) and the rollout live in rl.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrlhf import losses, model, ops
+from jaxrlhf.config import ModelConfig
+
+Params = Any
+StepFn = Callable[..., tuple[Any, dict]]
+
+
+# ------------------------------------------------------------------------------------------ state
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What a stage trains and checkpoints.
+
+    Attributes:
+      step: [] int32 number of updates applied.
+      params: the trained params: GPT params, a scalar model {"gpt", "head"}, or for PPO
+        {"policy": GPT params, "value": scalar model}.
+      opt_state: the optax state of `params`.
+      kl: KL-controller state (RL stages), else None.
+    """
+
+    step: jax.Array
+    params: Params
+    opt_state: Any
+    kl: losses.KLControllerState | None = None
+
+
+def init_train_state(params: Params, tx: optax.GradientTransformation, kl=None) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), kl=kl)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with warmup and decay (minGPT / GPT-2 settings by default).
+
+    Attributes:
+      lr: peak learning rate.
+      warmup_steps: linear warmup from 0 to `lr`.
+      total_steps: length of the schedule (warmup included); None = constant after warmup.
+      schedule: "cosine", "linear" or "constant" decay after warmup.
+      min_lr_ratio: final learning rate as a fraction of `lr`.
+      b1, b2, eps: Adam moments (betas 0.9 / 0.95 as in GPT-3 and minGPT).
+      weight_decay: decoupled weight decay, applied to matrices ("kernel" leaves) only: not to biases,
+        layer norms or embeddings.
+      grad_clip: global-norm clipping threshold; 0 disables it.
+    """
+
+    lr: float = 3e-4
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule={self.schedule!r}; use 'cosine', 'linear' or 'constant'.")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be positive.")
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warmup to cfg.lr, then cosine / linear decay to cfg.lr * min_lr_ratio at total_steps."""
+    end = cfg.lr * cfg.min_lr_ratio
+    warm = max(cfg.warmup_steps, 0)
+    if cfg.total_steps is None or cfg.schedule == "constant":
+        decay = optax.constant_schedule(cfg.lr)
+    else:
+        n = max(cfg.total_steps - warm, 1)
+        if cfg.schedule == "cosine":
+            decay = optax.cosine_decay_schedule(cfg.lr, n, alpha=cfg.min_lr_ratio)
+        else:
+            decay = optax.linear_schedule(cfg.lr, end, n)
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), decay], [warm])
+
+
+def decay_mask(params: Params) -> Params:
+    """True on matrices (leaves named "kernel"), False on biases, layer norms and embeddings."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+    )
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with decay on matrices only, on the warmup/decay schedule."""
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(
+        optax.adamw(
+            learning_rate_schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts)
+
+
+def apply_gradients(
+    state: TrainState, grads: Params, loss: jax.Array, tx: optax.GradientTransformation
+) -> tuple[TrainState, dict]:
+    """One optimizer update, skipped (state unchanged except nothing) when loss or grads are not finite."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + finite.astype(jnp.int32),
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+    )
+    return new_state, {"grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+
+
+def _step_key(key: jax.Array | None, n: int = 1):
+    if key is None:
+        return (None,) * n if n > 1 else None
+    return tuple(jax.random.split(key, n)) if n > 1 else key
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+class LMBatch(NamedTuple):
+    """Language-modelling batch (pretraining, SFT).
+
+    Attributes:
+      tokens: [B, T] int32 ids.
+      mask: [B, T] bool, True = real token.
+      loss_mask: [B, T] bool, True where token t is a target (predicted from tokens < t); for SFT the
+        response tokens only, for pretraining `mask`. Position 0 is never a target.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    loss_mask: jax.Array
+
+
+class RankBatch(NamedTuple):
+    """K ranked answers per prompt for a reward model (K = 2: chosen, rejected).
+
+    Attributes:
+      tokens: [B, K, T] prompt + answer ids, answers ordered best first.
+      mask: [B, K, T] bool.
+      rank_mask: [B, K] bool, True = a real answer.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    rank_mask: jax.Array
+
+
+class PrefBatch(NamedTuple):
+    """Preference pairs for DPO and REBEL; index 0 of axis 1 is the chosen (better) answer.
+
+    Attributes:
+      tokens: [B, 2, T] prompt + answer ids.
+      mask: [B, 2, T] bool, True = real token.
+      loss_mask: [B, 2, T] bool, True on answer tokens (the tokens whose logprobs count).
+      ref_logprobs: [B, 2] sequence logprobs of the answers under the reference policy (DPO) or the
+        policy that generated them (REBEL's pi_t).
+      rewards: [B, 2] rewards of the answers (REBEL; ignored by DPO).
+      pair_mask: [B] bool, True = a real pair.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    loss_mask: jax.Array
+    ref_logprobs: jax.Array
+    rewards: jax.Array
+    pair_mask: jax.Array
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def sequence_scores(scalar_params: Params, tokens, mask, cfg: ModelConfig, *, key=None) -> jax.Array:
+    """Scalar model read at the last real token: [B, T] -> [B] float32 (reward model score)."""
+    return ops.gather_last(model.scalar_fn(scalar_params, tokens, mask, cfg, key=key), mask)
+
+
+def answer_logprobs(params: Params, tokens, mask, loss_mask, cfg: ModelConfig, *, key=None) -> jax.Array:
+    """Sum of log pi(token_t | tokens_<t) over the tokens where loss_mask: [B, T] -> [B] float32."""
+    logits = model.logits_fn(params, tokens, mask, cfg, key=key)  # [B, T, V]
+    token_lp = ops.token_logprobs(logits[:, :-1], tokens[:, 1:])  # [B, T-1]
+    return ops.masked_sum(token_lp, loss_mask[:, 1:] & mask[:, 1:], axis=-1)
+
+
+def _flat2(x):
+    """[B, K, ...] -> [B*K, ...]."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _with_prefix(metrics: dict, prefix: str) -> dict:
+    return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+
+def _update(state, tx, loss_fn, batch, key):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    state, opt_metrics = apply_gradients(state, grads, loss, tx)
+    return state, {**metrics, **opt_metrics}
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+
+def make_lm_step(cfg: ModelConfig, tx: optax.GradientTransformation) -> StepFn:
+    """Pretraining / SFT: next-token cross-entropy on `loss_mask` tokens (losses.sft_loss)."""
+
+    def loss_fn(params, batch: LMBatch, key):
+        logits = model.logits_fn(params, batch.tokens, batch.mask, cfg, key=key)  # [B, T, V]
+        targets_mask = batch.loss_mask[:, 1:] & batch.mask[:, 1:]
+        return losses.sft_loss(logits[:, :-1], batch.tokens[:, 1:], targets_mask)
+
+    def step(state: TrainState, batch: LMBatch, *, key=None):
+        return _update(state, tx, loss_fn, batch, key)
+
+    return step
+
+
+def make_lm_eval(cfg: ModelConfig) -> Callable:
+    """(params, LMBatch) -> (sum of token NLL, number of target tokens), for exact validation means."""
+
+    def evaluate(params, batch: LMBatch):
+        logits = model.logits_fn(params, batch.tokens, batch.mask, cfg)
+        lp = ops.token_logprobs(logits[:, :-1], batch.tokens[:, 1:])
+        m = batch.loss_mask[:, 1:] & batch.mask[:, 1:]
+        return -ops.masked_sum(lp, m), jnp.sum(m, dtype=jnp.float32)
+
+    return evaluate
+
+
+def make_rm_step(cfg: ModelConfig, tx: optax.GradientTransformation) -> StepFn:
+    """Reward model on a scalar model {"gpt", "head"}: pairwise Bradley-Terry for K = 2, else the
+    InstructGPT K-way loss over all pairs of a prompt (losses.pairwise_rm_loss / kway_rm_loss)."""
+
+    def loss_fn(params, batch: RankBatch, key):
+        b, k, _ = batch.tokens.shape
+        scores = sequence_scores(params, _flat2(batch.tokens), _flat2(batch.mask), cfg, key=key)
+        scores = scores.reshape(b, k)  # [B, K]
+        if k == 2:
+            pair_mask = batch.rank_mask[:, 0] & batch.rank_mask[:, 1]
+            return losses.pairwise_rm_loss(scores[:, 0], scores[:, 1], mask=pair_mask)
+        return losses.kway_rm_loss(scores, batch.rank_mask)
+
+    def step(state: TrainState, batch: RankBatch, *, key=None):
+        return _update(state, tx, loss_fn, batch, key)
+
+    return step
+
+
+def make_rm_eval(cfg: ModelConfig) -> Callable:
+    """(params, RankBatch) -> (number of correctly ordered pairs, number of pairs) for K = 2."""
+
+    def evaluate(params, batch: RankBatch):
+        b, k, _ = batch.tokens.shape
+        scores = sequence_scores(params, _flat2(batch.tokens), _flat2(batch.mask), cfg).reshape(b, k)
+        valid = batch.rank_mask[:, 0] & batch.rank_mask[:, 1]
+        correct = (scores[:, 0] > scores[:, 1]) & valid
+        return jnp.sum(correct, dtype=jnp.float32), jnp.sum(valid, dtype=jnp.float32)
+
+    return evaluate
+
+
+def pair_logprobs(params, batch: PrefBatch, cfg: ModelConfig, *, key=None) -> jax.Array:
+    """Policy sequence logprobs of both answers of every pair: [B, 2]."""
+    b = batch.tokens.shape[0]
+    lp = answer_logprobs(
+        params, _flat2(batch.tokens), _flat2(batch.mask), _flat2(batch.loss_mask), cfg, key=key
+    )
+    return lp.reshape(b, 2)
+
+
+def make_dpo_step(
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> StepFn:
+    """DPO (loss_type "sigmoid") or IPO ("ipo") against the reference logprobs in the batch."""
+
+    def loss_fn(params, batch: PrefBatch, key):
+        lp = pair_logprobs(params, batch, cfg, key=key)
+        return losses.dpo_loss(
+            lp[:, 0],
+            lp[:, 1],
+            batch.ref_logprobs[:, 0],
+            batch.ref_logprobs[:, 1],
+            beta=beta,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+            mask=batch.pair_mask,
+        )
+
+    def step(state: TrainState, batch: PrefBatch, *, key=None):
+        return _update(state, tx, loss_fn, batch, key)
+
+    return step
+
+
+def make_rebel_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, eta: float = 1.0) -> StepFn:
+    """REBEL: regress (1/eta)[log pi/pi_t (y) - log pi/pi_t (y')] onto r(y) - r(y') (Gao et al. 2024)."""
+
+    def loss_fn(params, batch: PrefBatch, key):
+        lp = pair_logprobs(params, batch, cfg, key=key)
+        return losses.rebel_loss(
+            lp[:, 0],
+            batch.ref_logprobs[:, 0],
+            lp[:, 1],
+            batch.ref_logprobs[:, 1],
+            batch.rewards[:, 0],
+            batch.rewards[:, 1],
+            eta=eta,
+            pair_mask=batch.pair_mask,
+        )
+
+    def step(state: TrainState, batch: PrefBatch, *, key=None):
+        return _update(state, tx, loss_fn, batch, key)
+
+    return step
