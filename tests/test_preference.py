@@ -1,0 +1,350 @@
+"""jaxrlhf.preference: n answers per prompt -> pairs -> PrefBatch -> DPO / REBEL steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxrlhf import model, preference, sampling, train
+from jaxrlhf.config import SampleConfig
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+N_ANSWERS = 4
+SAMPLE_CFG = SampleConfig(max_new_tokens=10, temperature=1.0, eos_id=3, pad_id=0)
+
+
+def random_params(cfg, seed, std=0.2):
+    """GPT params drawn with NumPy in the shapes of model.init_params (no PRNG compile: fast tests)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda key: model.init_params(key, cfg), jax.random.key(0))
+
+    def draw(path, leaf):
+        base = 1.0 if path[-1].key == "scale" else 0.0
+        return jnp.asarray(base + std * rng.standard_normal(leaf.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def left_padded_prompts(cfg, batch, length=6, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, length + 1, batch)
+    mask = np.arange(length) >= (length - lengths)[:, None]  # [B, P] left-padded
+    prompt = np.where(mask, rng.integers(4, cfg.vocab_size, (batch, length)), 0).astype(np.int32)
+    return prompt, mask
+
+
+def content_rewards(rollout, vocab_size):
+    """A fixed score per token summed over the answer: identical answers get identical rewards."""
+    weights = np.random.default_rng(123).standard_normal(vocab_size).astype(np.float32)
+    response, mask = np.asarray(rollout.response), np.asarray(rollout.response_mask)
+    return np.where(mask, weights[response], 0.0).sum(-1).astype(np.float32)
+
+
+def loop_answer_logprobs(params, tokens, mask, loss_mask, cfg):
+    """NumPy reference of sum_t log pi(token_t | tokens_<t) over loss_mask, one row at a time.
+
+    Each row's real tokens are moved to the front of an all-real row (no padding masks at all; causal
+    attention makes whatever follows them irrelevant), then log-softmax and the sum run in float64 loops.
+    """
+    tokens, mask, loss_mask = (np.asarray(x) for x in (tokens, mask, loss_mask))
+    packed = np.zeros_like(tokens)
+    for row in range(len(tokens)):
+        packed[row, : mask[row].sum()] = tokens[row][mask[row]]
+    logits_fn = jax.jit(model.logits_fn, static_argnums=3)
+    logits = np.asarray(logits_fn(params, packed, np.ones(packed.shape, bool), cfg), np.float64)
+    out = np.zeros(len(tokens))
+    for row in range(len(tokens)):
+        real, scored = tokens[row][mask[row]], loss_mask[row][mask[row]]
+        for t in range(1, len(real)):
+            if scored[t]:
+                z = logits[row, t - 1]
+                out[row] += z[real[t]] - (z.max() + np.log(np.sum(np.exp(z - z.max()))))
+    return out
+
+
+def pair_loop_logprobs(params, batch, cfg):
+    """[K, 2] loop-reference logprobs of the K real pairs of a PrefBatch."""
+    real = np.asarray(batch.pair_mask)
+    flat = [np.asarray(x)[real].reshape(-1, x.shape[-1]) for x in (batch.tokens, batch.mask, batch.loss_mask)]
+    return loop_answer_logprobs(params, *flat, cfg).reshape(-1, 2)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_cfg):
+    params = random_params(tiny_cfg, 1)
+    prompt, prompt_mask = left_padded_prompts(tiny_cfg, 4)
+    rollout = preference.generate_answers(
+        params, prompt, prompt_mask, tiny_cfg, SAMPLE_CFG, N_ANSWERS, key=jax.random.key(0)
+    )
+    rewards = content_rewards(rollout, tiny_cfg.vocab_size)
+    selection = preference.select_pairs(rollout.response, rollout.response_mask, rewards, N_ANSWERS)
+    ref_logprobs = preference.rollout_logprobs(params, rollout, tiny_cfg)
+    return dict(
+        params=params,
+        prompt=prompt,
+        prompt_mask=prompt_mask,
+        rollout=rollout,
+        rewards=rewards,
+        selection=selection,
+        ref_logprobs=ref_logprobs,
+    )
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def test_generate_answers_repeats_each_prompt_n_times(pipeline, tiny_cfg):
+    rollout, prompt, prompt_mask = pipeline["rollout"], pipeline["prompt"], pipeline["prompt_mask"]
+    assert rollout.response.shape == (4 * N_ANSWERS, SAMPLE_CFG.max_new_tokens)
+    for i in range(4):
+        for j in range(N_ANSWERS):
+            np.testing.assert_array_equal(rollout.prompt[i * N_ANSWERS + j], prompt[i])
+            np.testing.assert_array_equal(rollout.prompt_mask[i * N_ANSWERS + j], prompt_mask[i])
+        block = {tuple(np.asarray(rollout.response[i * N_ANSWERS + j])) for j in range(N_ANSWERS)}
+        assert len(block) > 1  # rows draw independent noise from the one key
+    direct = sampling.sample(
+        pipeline["params"],
+        np.repeat(prompt, N_ANSWERS, axis=0),
+        np.repeat(prompt_mask, N_ANSWERS, axis=0),
+        tiny_cfg,
+        SAMPLE_CFG,
+        key=jax.random.key(0),
+    )
+    np.testing.assert_array_equal(rollout.response, direct.response)
+    with pytest.raises(ValueError, match="at least one answer"):
+        preference.generate_answers(
+            pipeline["params"], prompt, prompt_mask, tiny_cfg, SAMPLE_CFG, 0, key=jax.random.key(0)
+        )
+
+
+# ------------------------------------------------------------------------------------------ pairing
+
+
+def _answers(rows, length=4):
+    """Right-padded [N, length] ids and mask from token lists; padding slots hold 9 (never real)."""
+    ids = np.full((len(rows), length), 9, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = row
+        mask[r, : len(row)] = True
+    return ids, mask
+
+
+def test_select_pairs_hand_made():
+    rows = [
+        # prompt 0: row 2 repeats row 0 (dropped although its reward is higher); row 3 is too long
+        [1, 2], [3], [1, 2], [4, 5, 6, 7],
+        # prompt 1: tied best (rows 5, 6) and tied worst (rows 4, 7): the lowest row wins each
+        [1], [2], [3], [4],
+        # prompt 2: four copies of one answer
+        [5, 5], [5, 5], [5, 5], [5, 5],
+        # prompt 3: one too long, three empty (too short)
+        [1, 1, 1, 1], [], [], [],
+        # prompt 4: distinct answers, all rewards equal
+        [1], [2], [3], [1, 2],
+        # prompt 5: rows 20 and 21 differ only in a masked-out slot: duplicates
+        [1, 2], [1, 2], [2, 1], [1, 2, 3],
+    ]  # fmt: skip
+    ids, mask = _answers(rows)
+    ids[21, 3] = 7  # padding content must not matter
+    rewards = np.asarray(
+        [0.5, -1.0, 0.9, 2.0]
+        + [0.3, 0.7, 0.7, 0.3]
+        + [1.0, 2.0, 3.0, 4.0]
+        + [1.0, 2.0, 3.0, 4.0]
+        + [0.1, 0.1, 0.1, 0.1]
+        + [0.0, 5.0, 1.0, -2.0],
+        np.float32,
+    )
+    sel = preference.select_pairs(ids, mask, rewards, 4, max_answer_tokens=3)
+    np.testing.assert_array_equal(sel.prompt_index, [0, 1, 5])
+    np.testing.assert_array_equal(sel.chosen_index, [0, 5, 22])
+    np.testing.assert_array_equal(sel.rejected_index, [1, 4, 23])
+    np.testing.assert_array_equal(sel.chosen_reward, np.float32([0.5, 0.7, 1.0]))
+    np.testing.assert_array_equal(sel.rejected_reward, np.float32([-1.0, 0.3, -2.0]))
+    assert sel.num_pairs == 3 and sel.num_prompts == 6
+    assert (sel.num_too_long, sel.num_too_short, sel.num_duplicate) == (2, 3, 5)
+    assert (sel.num_too_few, sel.num_tied) == (2, 1)
+    metrics = sel.metrics()
+    assert metrics["pairs"] == 3.0 and metrics["pair_fraction"] == 0.5
+    assert metrics["dropped_duplicate"] == 5.0 and metrics["skipped_tied"] == 1.0
+    np.testing.assert_allclose(metrics["reward_margin"], np.mean([1.5, 0.4, 3.0]), **TOL)
+
+    # No budget, a minimum of 2 tokens: row 3 of prompt 0 now counts, single tokens do not.
+    sel = preference.select_pairs(ids, mask, rewards, 4, min_answer_tokens=2)
+    np.testing.assert_array_equal(sel.prompt_index, [0, 5])
+    np.testing.assert_array_equal(sel.chosen_index, [3, 22])
+    np.testing.assert_array_equal(sel.rejected_index, [0, 23])
+    assert (sel.num_too_long, sel.num_too_short, sel.num_duplicate) == (0, 11, 5)
+    assert (sel.num_too_few, sel.num_tied) == (4, 0)
+
+
+def test_select_pairs_with_no_pairs_gives_empty_arrays():
+    ids, mask = _answers([[1], [1], [2], [2]])
+    sel = preference.select_pairs(ids, mask, np.zeros(4, np.float32), 2)
+    assert sel.num_pairs == 0 and sel.num_too_few == 2 and sel.num_duplicate == 2
+    assert sel.chosen_index.shape == (0,) and sel.chosen_reward.dtype == np.float32
+    assert sel.metrics()["reward_margin"] == 0.0
+
+
+def test_select_pairs_rejects_bad_input():
+    ids, mask = _answers([[1], [2], [3], [4]])
+    rewards = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="at least 2 answers"):
+        preference.select_pairs(ids, mask, rewards, 1)
+    with pytest.raises(ValueError, match="not a multiple of n=3"):
+        preference.select_pairs(ids, mask, rewards, 3)
+    with pytest.raises(ValueError, match="one per answer"):
+        preference.select_pairs(ids, mask, rewards[:3], 2)
+    with pytest.raises(ValueError, match=r"not finite at rows \[2\]"):
+        preference.select_pairs(ids, mask, np.float32([0, 1, np.nan, 2]), 2)
+    with pytest.raises(ValueError, match="same"):
+        preference.select_pairs(ids, mask[:, :2], rewards, 2)
+    with pytest.raises(ValueError, match="max_answer_tokens=1 < min_answer_tokens=2"):
+        preference.select_pairs(ids, mask, rewards, 2, max_answer_tokens=1, min_answer_tokens=2)
+
+
+# ------------------------------------------------------------------------------------------ logprobs
+
+
+def test_rollout_logprobs_match_loop_reference(pipeline, tiny_cfg):
+    rollout = pipeline["rollout"]
+    loss_mask = preference.answer_loss_mask(rollout)
+    np.testing.assert_array_equal(loss_mask[:, : rollout.prompt.shape[1]], False)
+    np.testing.assert_array_equal(loss_mask[:, rollout.prompt.shape[1] :], rollout.response_mask)
+    expected = loop_answer_logprobs(pipeline["params"], rollout.tokens, rollout.mask, loss_mask, tiny_cfg)
+    np.testing.assert_allclose(pipeline["ref_logprobs"], expected, **TOL)
+    np.testing.assert_allclose(preference.sampler_logprobs(rollout), expected, **TOL)
+    lengths = np.asarray(rollout.response_length)
+    assert lengths.min() < lengths.max()  # some rows stopped at EOS, so the masks have real holes
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def test_build_pref_batch_shapes_masks_and_padding(pipeline):
+    rollout, sel, ref = pipeline["rollout"], pipeline["selection"], pipeline["ref_logprobs"]
+    m = sel.num_pairs
+    assert 2 <= m <= 4
+    batch = preference.build_pref_batch(rollout, sel, ref, num_pairs=6)
+    T = rollout.tokens.shape[1]
+    assert batch.tokens.shape == batch.mask.shape == batch.loss_mask.shape == (6, 2, T)
+    assert batch.ref_logprobs.shape == batch.rewards.shape == (6, 2)
+    assert batch.tokens.dtype == np.int32 and batch.mask.dtype == bool and batch.loss_mask.dtype == bool
+    np.testing.assert_array_equal(batch.pair_mask, [True] * m + [False] * (6 - m))
+    loss_mask = np.asarray(preference.answer_loss_mask(rollout))
+    for k in range(m):
+        for side, row in enumerate((sel.chosen_index[k], sel.rejected_index[k])):
+            assert row // N_ANSWERS == sel.prompt_index[k]
+            np.testing.assert_array_equal(batch.tokens[k, side], rollout.tokens[row])
+            np.testing.assert_array_equal(batch.mask[k, side], rollout.mask[row])
+            np.testing.assert_array_equal(batch.loss_mask[k, side], loss_mask[row])
+            assert batch.ref_logprobs[k, side] == np.float32(ref[row])
+            assert batch.rewards[k, side] == pipeline["rewards"][row]
+        assert batch.rewards[k, 0] > batch.rewards[k, 1]
+    assert not np.any(batch.loss_mask & ~batch.mask)
+    for x in batch[:5]:
+        assert not np.any(x[m:])  # padding pairs are all zero / False
+    default = preference.build_pref_batch(rollout, sel, ref)
+    assert default.tokens.shape[0] == 4  # one slot per prompt
+
+
+def test_build_pref_batch_rejects_bad_input(pipeline):
+    rollout, sel, ref = pipeline["rollout"], pipeline["selection"], pipeline["ref_logprobs"]
+    with pytest.raises(ValueError, match="raise num_pairs"):
+        preference.build_pref_batch(rollout, sel, ref, num_pairs=sel.num_pairs - 1)
+    with pytest.raises(ValueError, match="one per answer"):
+        preference.build_pref_batch(rollout, sel, ref[:-1])
+    bad = np.asarray(ref).copy()
+    bad[sel.chosen_index[0]] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        preference.build_pref_batch(rollout, sel, bad)
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+
+def test_dpo_step_on_pipeline_batch_matches_numpy(pipeline, tiny_cfg):
+    beta = 0.5
+    ref_params = random_params(tiny_cfg, 2)
+    ref = preference.rollout_logprobs(ref_params, pipeline["rollout"], tiny_cfg)
+    batch = preference.build_pref_batch(pipeline["rollout"], pipeline["selection"], ref, num_pairs=6)
+    policy = pair_loop_logprobs(pipeline["params"], batch, tiny_cfg)  # [K, 2]
+    reference = pair_loop_logprobs(ref_params, batch, tiny_cfg)
+    np.testing.assert_allclose(batch.ref_logprobs[batch.pair_mask], reference, **TOL)
+    h = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
+    expected = np.mean(np.logaddexp(0.0, -beta * h))  # -log sigmoid(beta h)
+
+    tx = optax.sgd(0.1)
+    state = train.init_train_state(pipeline["params"], tx)
+    new_state, metrics = jax.jit(train.make_dpo_step(tiny_cfg, tx, beta=beta))(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), expected, **TOL)
+    assert float(metrics["finite"]) == 1.0 and int(new_state.step) == 1
+    assert not np.allclose(new_state.params["wte"], state.params["wte"])
+
+
+def test_rebel_step_on_pipeline_batch_matches_numpy(pipeline, tiny_cfg):
+    eta = 0.5
+    # REBEL's pi_t is the policy that sampled the answers: ref logprobs are the policy's own.
+    batch = preference.build_pref_batch(
+        pipeline["rollout"], pipeline["selection"], pipeline["ref_logprobs"], num_pairs=6
+    )
+    real = batch.pair_mask
+    pi_t = pair_loop_logprobs(pipeline["params"], batch, tiny_cfg)
+    np.testing.assert_allclose(batch.ref_logprobs[real], pi_t, **TOL)
+    reward_diff = batch.rewards[real, 0] - batch.rewards[real, 1]
+
+    tx = optax.sgd(0.1)
+    step = jax.jit(train.make_rebel_step(tiny_cfg, tx, eta=eta))
+    state = train.init_train_state(pipeline["params"], tx)
+    state, metrics = step(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(reward_diff**2), **TOL)
+    # A second step on the same batch: now pi != pi_t and the log-ratios enter the loss.
+    pi = pair_loop_logprobs(state.params, batch, tiny_cfg)
+    predicted = ((pi[:, 0] - pi_t[:, 0]) - (pi[:, 1] - pi_t[:, 1])) / eta
+    assert np.abs(predicted).max() > 1e-3
+    state, metrics = step(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean((predicted - reward_diff) ** 2), **TOL)
+    assert float(metrics["finite"]) == 1.0 and int(state.step) == 2
+
+
+# ------------------------------------------------------------------------------------------ sharding
+
+
+def test_pipeline_on_a_sharded_batch_matches_unsharded(pipeline, tiny_cfg):
+    assert len(jax.devices()) == 8
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = NamedSharding(mesh, P("data"))
+    params = pipeline["params"]
+    prompt, prompt_mask = left_padded_prompts(tiny_cfg, 8, seed=1)
+    n = 2
+
+    def run(params, prompt, prompt_mask):
+        rollout = preference.generate_answers(
+            params, prompt, prompt_mask, tiny_cfg, SAMPLE_CFG, n, key=jax.random.key(3)
+        )
+        return rollout, preference.rollout_logprobs(params, rollout, tiny_cfg)
+
+    rollout, ref = run(params, jnp.asarray(prompt), jnp.asarray(prompt_mask))
+    sharded_params = jax.device_put(params, NamedSharding(mesh, P()))
+    s_rollout, s_ref = run(sharded_params, jax.device_put(prompt, rows), jax.device_put(prompt_mask, rows))
+    assert len(s_rollout.response.sharding.device_set) == 8
+    assert len(s_ref.sharding.device_set) == 8
+    np.testing.assert_array_equal(s_rollout.response, rollout.response)
+    np.testing.assert_array_equal(s_rollout.response_mask, rollout.response_mask)
+    np.testing.assert_array_equal(s_rollout.prompt, rollout.prompt)
+    np.testing.assert_allclose(s_rollout.logprobs, rollout.logprobs, **TOL)
+    np.testing.assert_allclose(s_ref, ref, **TOL)
+
+    rewards = content_rewards(rollout, tiny_cfg.vocab_size)
+    sel = preference.select_pairs(rollout.response, rollout.response_mask, rewards, n)
+    s_sel = preference.select_pairs(s_rollout.response, s_rollout.response_mask, rewards, n)
+    np.testing.assert_array_equal(s_sel.chosen_index, sel.chosen_index)
+    batch = preference.build_pref_batch(rollout, sel, ref)
+    s_batch = preference.build_pref_batch(s_rollout, s_sel, s_ref)
+    for name in ("tokens", "mask", "loss_mask", "rewards", "pair_mask"):
+        np.testing.assert_array_equal(getattr(s_batch, name), getattr(batch, name), err_msg=name)
+    np.testing.assert_allclose(s_batch.ref_logprobs, batch.ref_logprobs, **TOL)

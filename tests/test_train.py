@@ -1,0 +1,250 @@
+"""Train steps: optimizer, every step factory on 1 device vs 8-device meshes, NaN handling, bad input."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxrlhf import losses, model, parallel, rl, runner, sampling, train
+from jaxrlhf.config import SampleConfig
+
+B, T = 8, 12
+
+
+def _tokens(key, shape, vocab):
+    return jax.random.randint(key, shape, 1, vocab)
+
+
+def _lengths_mask(lengths, t):
+    return np.arange(t)[None, :] < np.asarray(lengths)[:, None]
+
+
+def lm_case(cfg, tx):
+    tokens = _tokens(jax.random.key(1), (B, T), cfg.vocab_size)
+    mask = _lengths_mask([12, 11, 9, 12, 5, 12, 7, 3], T)
+    loss_mask = mask & (np.arange(T)[None] >= 2)  # SFT-like: first tokens are a prompt
+    state = train.init_train_state(model.init_params(jax.random.key(0), cfg), tx)
+    return (
+        train.make_lm_step(cfg, tx),
+        state,
+        train.LMBatch(tokens, jnp.asarray(mask), jnp.asarray(loss_mask)),
+    )
+
+
+def _rank_batch(cfg, k):
+    tokens = _tokens(jax.random.key(2), (B, k, T), cfg.vocab_size)
+    lengths = np.random.default_rng(0).integers(3, T + 1, size=(B, k))
+    mask = np.arange(T)[None, None] < lengths[..., None]
+    rank_mask = np.ones((B, k), bool)
+    rank_mask[1, -1] = False
+    return train.RankBatch(tokens, jnp.asarray(mask), jnp.asarray(rank_mask))
+
+
+def _scalar_model(key, cfg):
+    """A scalar model with a random (not zero-initialised) head, so every leaf gets a real gradient."""
+    params = model.init_scalar_model(key, cfg)
+    kernel = 0.1 * jax.random.normal(jax.random.fold_in(key, 1), params["head"]["kernel"].shape)
+    return {**params, "head": {**params["head"], "kernel": kernel}}
+
+
+def rm_case(cfg, tx, k=2):
+    state = train.init_train_state(_scalar_model(jax.random.key(0), cfg), tx)
+    return train.make_rm_step(cfg, tx), state, _rank_batch(cfg, k)
+
+
+def _pref_batch(cfg):
+    tokens = _tokens(jax.random.key(3), (B, 2, T), cfg.vocab_size)
+    lengths = np.random.default_rng(1).integers(5, T + 1, size=(B, 2))
+    mask = np.arange(T)[None, None] < lengths[..., None]
+    loss_mask = mask & (np.arange(T) >= 3)
+    ref = -np.random.default_rng(2).uniform(5, 20, size=(B, 2)).astype(np.float32)
+    rewards = np.random.default_rng(3).normal(size=(B, 2)).astype(np.float32)
+    pair_mask = np.ones(B, bool)
+    pair_mask[-1] = False
+    return train.PrefBatch(tokens, jnp.asarray(mask), jnp.asarray(loss_mask), ref, rewards, pair_mask)
+
+
+def dpo_case(cfg, tx):
+    state = train.init_train_state(model.init_params(jax.random.key(0), cfg), tx)
+    return train.make_dpo_step(cfg, tx, beta=0.1), state, _pref_batch(cfg)
+
+
+def rebel_case(cfg, tx):
+    state = train.init_train_state(model.init_params(jax.random.key(0), cfg), tx)
+    return train.make_rebel_step(cfg, tx, eta=2.0), state, _pref_batch(cfg)
+
+
+def _rl_case(cfg, tx, algo):
+    rlc = rl.RLConfig(algo=algo, minibatches=2, epochs=2, kl_coef=0.05, kl_target=1.0)
+    policy = model.init_params(jax.random.key(0), cfg)
+    value = _scalar_model(jax.random.key(1), cfg)
+    state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), tx, rlc)
+    prompt = _tokens(jax.random.key(4), (B, 3), cfg.vocab_size)
+    prompt_mask = jnp.asarray(_lengths_mask([3, 2, 1, 3, 3, 2, 1, 3], 3)[:, ::-1])
+    scfg = SampleConfig(max_new_tokens=6, eos_id=0, top_k=8)
+    rollout = sampling.sample(policy, prompt, prompt_mask, cfg, scfg, key=jax.random.key(5))
+    scores = jnp.linspace(-1.0, 1.0, B)
+    ref = model.init_params(jax.random.key(9), cfg)
+    learn = rl.make_learn(cfg, tx, rlc)
+
+    def step(state, batch, *, key):
+        return learn(state, ref, batch[0], batch[1], key=key)
+
+    return step, state, (rollout, scores)
+
+
+CASES = {
+    "lm": lm_case,
+    "rm_pairwise": rm_case,
+    "rm_kway": lambda cfg, tx: rm_case(cfg, tx, k=4),
+    "dpo": dpo_case,
+    "rebel": rebel_case,
+    "pg": lambda cfg, tx: _rl_case(cfg, tx, "pg"),
+    "ppo": lambda cfg, tx: _rl_case(cfg, tx, "ppo"),
+}
+
+
+def _run_on(mesh, step, state, batch, n=2):
+    f = parallel.jit_step(step, mesh, state)
+    state = parallel.put(state, mesh)
+    batch = parallel.shard_batch(batch, mesh)
+    losses_ = []
+    for i in range(n):
+        state, metrics = f(state, batch, jax.random.key(10 + i))
+        losses_.append(float(metrics["loss"]))
+        assert float(metrics["finite"]) == 1.0
+    return jax.device_get(state), losses_
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("shape", [(8, 1), (2, 4)], ids=["data8", "data2xfsdp4"])
+def test_step_same_on_one_and_eight_devices(name, shape, tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, embd_pdrop=0.1, resid_pdrop=0.1)  # dropout keys too
+    # Adam's eps is raised from 1e-8: with it, a gradient that is 0 in exact arithmetic (e.g. a key bias)
+    # but 1e-10 of reduction-order noise would be scaled up to a full-lr step on one mesh and not the other.
+    opt = train.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=4, weight_decay=0.1, eps=1e-4)
+    tx = train.make_optimizer(opt)
+    step, state, batch = CASES[name](cfg, tx)
+    one, losses1 = _run_on(parallel.single_device_mesh(), step, state, batch)
+    many, losses8 = _run_on(parallel.make_mesh(*shape), step, state, batch)
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-5)
+    assert losses1[0] != losses1[1]  # the params moved
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(many.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    assert int(one.step) == int(many.step) >= 2
+
+
+def test_fsdp_shards_params():
+    mesh = parallel.make_mesh(2, 4)
+    sh = parallel.leaf_sharding((128, 512), mesh)
+    assert sh.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert parallel.leaf_sharding((3,), mesh).spec == jax.sharding.PartitionSpec()
+
+
+def test_weight_decay_only_on_matrices(tiny_cfg):
+    params = model.init_params(jax.random.key(0), tiny_cfg)
+    mask = train.decay_mask(params)
+    assert mask["blocks"]["attn"]["c_attn"]["kernel"] is True
+    assert mask["blocks"]["attn"]["c_attn"]["bias"] is False
+    assert mask["blocks"]["ln_1"]["scale"] is False and mask["wte"] is False and mask["wpe"] is False
+    # With zero gradients only decayed leaves move.
+    tx = train.make_optimizer(train.OptimConfig(lr=0.1, weight_decay=0.5, grad_clip=0.0))
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["wte"], params["wte"])
+    k = params["blocks"]["mlp"]["c_fc"]["kernel"]
+    np.testing.assert_allclose(new["blocks"]["mlp"]["c_fc"]["kernel"], k * (1 - 0.1 * 0.5), rtol=1e-6)
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = train.OptimConfig(lr=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    sched = train.learning_rate_schedule(cfg)
+    assert float(sched(0)) == 0.0
+    assert float(sched(5)) == pytest.approx(0.5)
+    assert float(sched(10)) == pytest.approx(1.0)
+    assert float(sched(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
+    assert float(sched(110)) == pytest.approx(0.1, rel=1e-5)
+    lin = train.learning_rate_schedule(dataclasses.replace(cfg, schedule="linear"))
+    assert float(lin(60)) == pytest.approx(0.55, rel=1e-5)
+
+
+def test_lm_step_matches_reference_loss(tiny_cfg):
+    tx = optax.sgd(0.0)
+    step, state, batch = lm_case(tiny_cfg, tx)
+    _, metrics = jax.jit(step)(state, batch)
+    logits = np.asarray(model.logits_fn(state.params, batch.tokens, batch.mask, tiny_cfg), np.float64)
+    tokens, m = np.asarray(batch.tokens), np.asarray(batch.loss_mask)
+    total, count = 0.0, 0
+    for b in range(B):
+        for t in range(1, T):
+            if m[b, t]:
+                row = logits[b, t - 1]
+                total += -(row[tokens[b, t]] - np.log(np.sum(np.exp(row - row.max()))) - row.max())
+                count += 1
+    assert float(metrics["loss"]) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_nan_loss_is_not_trained_on(tiny_cfg):
+    tx = train.make_optimizer(train.OptimConfig(lr=1e-2))
+    step, state, batch = rebel_case(tiny_cfg, tx)
+    bad = batch._replace(rewards=jnp.asarray(batch.rewards).at[0, 0].set(np.nan))
+    new, metrics = jax.jit(step)(state, bad)
+    assert float(metrics["finite"]) == 0.0 and int(new.step) == 0
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(runner.NonFiniteError, match="non-finite"):
+        runner.check_finite(parallel.scalars(metrics), "rebel", 0)
+
+
+def test_nan_reward_is_not_trained_on(tiny_cfg):
+    tx = train.make_optimizer(train.OptimConfig(lr=1e-2))
+    step, state, (rollout, scores) = _rl_case(tiny_cfg, tx, "ppo")
+    new, metrics = jax.jit(step)(state, (rollout, scores.at[3].set(jnp.inf)), key=jax.random.key(0))
+    assert float(metrics["finite"]) == 0.0
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_batch_not_dividing_mesh_is_a_clear_error(tiny_cfg):
+    mesh = parallel.make_mesh(8, 1)
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        parallel.shard_batch(train.LMBatch(*(np.zeros((6, 4), np.int32),) * 3), mesh)
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        parallel.make_mesh(3, 2)
+
+
+def test_ppo_minibatches_must_divide_batch(tiny_cfg):
+    tx = optax.sgd(1e-3)
+    rlc = rl.RLConfig(minibatches=3)
+    with pytest.raises(ValueError, match="not divisible by minibatches=3"):
+        _, state, (rollout, scores) = _rl_case(tiny_cfg, tx, "ppo")
+        rl.make_learn(tiny_cfg, tx, rlc)(
+            state, state.params["policy"], rollout, scores, key=jax.random.key(0)
+        )
+
+
+def test_rl_experience_matches_losses(tiny_cfg):
+    """Experience = shaped rewards + GAE + whitening computed from the teacher-forced forward."""
+    tx = optax.sgd(0.0)
+    step, state, (rollout, scores) = _rl_case(tiny_cfg, tx, "ppo")
+    rlc = rl.RLConfig(kl_coef=0.05)
+    ref = model.init_params(jax.random.key(9), tiny_cfg)
+    exp, metrics = rl.make_experience(state, ref, rollout, scores, tiny_cfg, rlc)
+    r = rollout.response.shape[1]
+    lp = model.logits_fn(state.params["policy"], rollout.tokens, rollout.mask, tiny_cfg)
+    lp = jax.nn.log_softmax(lp[:, -r - 1 : -1], -1)
+    old = jnp.take_along_axis(lp, rollout.response[..., None], -1)[..., 0]
+    m = rollout.response_mask
+    np.testing.assert_allclose(np.where(m, exp.old_logprobs, 0), np.where(m, old, 0), atol=1e-5)
+    # The sampler's own logprobs (KV-cache path) agree with the training forward.
+    np.testing.assert_allclose(np.where(m, rollout.logprobs, 0), np.where(m, old, 0), atol=1e-4)
+    rewards, kl = losses.shaped_rewards(scores, exp.old_logprobs, exp.ref_logprobs, m, 0.05)
+    adv, ret = losses.compute_gae(rewards, exp.old_values, m, 1.0, 0.95)
+    np.testing.assert_allclose(exp.returns, ret, atol=1e-5)
+    from jaxrlhf import ops
+
+    np.testing.assert_allclose(exp.advantages, jnp.where(m, ops.masked_whiten(adv, m), 0), atol=1e-5)
+    assert float(metrics["reward"]) == pytest.approx(float(jnp.mean(scores)))
