@@ -47,7 +47,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     _run("resume", str(tmp_path / "b"), str(tmp_path / "b.npz"), "--resume")
     a, b = _leaves(tmp_path / "a.npz"), _leaves(tmp_path / "b.npz")
     assert len(a) == len(b) > 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     lines = (tmp_path / "b" / "pretrain.jsonl").read_text().splitlines()
     assert len(lines) == 12  # the metrics file reads like an uninterrupted run
@@ -102,7 +102,7 @@ def test_two_processes_equal_one(tmp_path):
         state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(7), i))
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(got[0], losses, rtol=1e-5)
-    for x, y in zip(got[1:], jax.tree.leaves(jax.device_get(state.params))):
+    for x, y in zip(got[1:], jax.tree.leaves(jax.device_get(state.params)), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 

@@ -132,7 +132,7 @@ def test_step_same_on_one_and_eight_devices(name, shape, tiny_cfg):
     many, losses8 = _run_on(parallel.make_mesh(*shape), step, state, batch)
     np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-5)
     assert losses1[0] != losses1[1]  # the params moved
-    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(many.params)):
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(many.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     assert int(one.step) == int(many.step) >= 2
 
@@ -193,7 +193,7 @@ def test_nan_loss_is_not_trained_on(tiny_cfg):
     bad = batch._replace(rewards=jnp.asarray(batch.rewards).at[0, 0].set(np.nan))
     new, metrics = jax.jit(step)(state, bad)
     assert float(metrics["finite"]) == 0.0 and int(new.step) == 0
-    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(runner.NonFiniteError, match="non-finite"):
         runner.check_finite(parallel.scalars(metrics), "rebel", 0)
@@ -204,7 +204,7 @@ def test_nan_reward_is_not_trained_on(tiny_cfg):
     step, state, (rollout, scores) = _rl_case(tiny_cfg, tx, "ppo")
     new, metrics = jax.jit(step)(state, (rollout, scores.at[3].set(jnp.inf)), key=jax.random.key(0))
     assert float(metrics["finite"]) == 0.0
-    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
