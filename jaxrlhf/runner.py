@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from jaxrlhf import checkpoint
@@ -140,8 +139,9 @@ def run_stage(
     writer = MetricsWriter(pathlib.Path(run_dir) / f"{stage}.jsonl", start if resume else None)
     history: list[dict] = []
     t_stage = time.perf_counter()
-    step_times: list[float] = []
     first_step_s = None
+    t_after_first = None
+    eval_s = 0.0
     bar = tqdm(
         total=n_steps,
         initial=start,
@@ -169,14 +169,15 @@ def run_stage(
                 check_finite(values, stage, step)
             else:
                 values = None
-            dt = time.perf_counter() - t0
             if first_step_s is None:
-                first_step_s = dt
-            else:
-                step_times.append(dt)
+                jax.block_until_ready(state)
+                t_after_first = time.perf_counter()
+                first_step_s = t_after_first - t0
             if eval_fn is not None and ((eval_every and (step + 1) % eval_every == 0) or last):
                 values = values or {k: float(v) for k, v in jax.device_get(metrics).items()}
+                t_eval = time.perf_counter()
                 values.update({f"eval/{k}": float(v) for k, v in eval_fn(state).items()})
+                eval_s += time.perf_counter() - t_eval
             if values is not None:
                 record = {"step": step + 1, **values, "time_s": round(time.perf_counter() - t_stage, 4)}
                 writer.write(record)
@@ -190,13 +191,18 @@ def run_stage(
     finally:
         bar.close()
         writer.close()
-    wall = time.perf_counter() - t_stage
-    typical = float(np.median(step_times)) if step_times else 0.0
+    jax.block_until_ready(state)
+    t_end = time.perf_counter()
+    wall = t_end - t_stage
     steps_run = end - start
+    # Steady-state time per step: everything after the first (compiling) step, synchronised at the end.
+    typical = (t_end - t_after_first - eval_s) / (steps_run - 1) if steps_run > 1 and t_after_first else 0.0
     summary = {
         "stage": stage,
         "steps": steps_run,
+        "eval_s": round(eval_s, 3),
         "wall_s": round(wall, 3),
+        # The first step's time beyond a steady step: compilation (and first-call setup).
         "compile_s": round(max((first_step_s or 0.0) - typical, 0.0), 3),
         "step_s": round(typical, 6),
         "steps_per_s": round(1.0 / typical, 2) if typical else None,

@@ -159,7 +159,7 @@ class LMBatch(NamedTuple):
     """Language-modelling batch (pretraining, SFT).
 
     Attributes:
-      tokens: [B, T] int32 ids.
+      tokens: [B, T] int32 ids (T <= block_size + 1: the model reads the first T - 1).
       mask: [B, T] bool, True = real token.
       loss_mask: [B, T] bool, True where token t is a target (predicted from tokens < t); for SFT the
         response tokens only, for pretraining `mask`. Position 0 is never a target.
@@ -242,9 +242,10 @@ def make_lm_step(cfg: ModelConfig, tx: optax.GradientTransformation) -> StepFn:
     """Pretraining / SFT: next-token cross-entropy on `loss_mask` tokens (losses.sft_loss)."""
 
     def loss_fn(params, batch: LMBatch, key):
-        logits = model.logits_fn(params, batch.tokens, batch.mask, cfg, key=key)  # [B, T, V]
-        targets_mask = batch.loss_mask[:, 1:] & batch.mask[:, 1:]
-        return losses.sft_loss(logits[:, :-1], batch.tokens[:, 1:], targets_mask)
+        # The last position predicts nothing: run the model on T - 1 tokens (T may be block_size + 1).
+        logits = model.logits_fn(params, batch.tokens[:, :-1], batch.mask[:, :-1], cfg, key=key)
+        targets_mask = batch.loss_mask[:, 1:] & batch.mask[:, 1:]  # [B, T-1]
+        return losses.sft_loss(logits, batch.tokens[:, 1:], targets_mask)
 
     def step(state: TrainState, batch: LMBatch, *, key=None):
         return _update(state, tx, loss_fn, batch, key)
@@ -256,8 +257,8 @@ def make_lm_eval(cfg: ModelConfig) -> Callable:
     """(params, LMBatch) -> (sum of token NLL, number of target tokens), for exact validation means."""
 
     def evaluate(params, batch: LMBatch):
-        logits = model.logits_fn(params, batch.tokens, batch.mask, cfg)
-        lp = ops.token_logprobs(logits[:, :-1], batch.tokens[:, 1:])
+        logits = model.logits_fn(params, batch.tokens[:, :-1], batch.mask[:, :-1], cfg)
+        lp = ops.token_logprobs(logits, batch.tokens[:, 1:])
         m = batch.loss_mask[:, 1:] & batch.mask[:, 1:]
         return -ops.masked_sum(lp, m), jnp.sum(m, dtype=jnp.float32)
 

@@ -1,0 +1,612 @@
+"""HappyGPT: `python -m jaxrlhf.happy` pretrains a char-level GPT on tweets, SFTs it on the positive ones,
+then optimises it against VADER sentiment (PPO, PG, REBEL or DPO) with a KL penalty to the SFT model.
+
+The minRLHF recipe (ttumiel/minRLHF, projects/happy_gpt) re-created on jaxrlhf: every tweet is a row
+"⏎" + text + "⏎" cut to block_size + 1 characters; gpt-micro, block 32; RL samples 32 tweets per iteration
+from the "⏎" prompt. Defaults are tuned for time-to-quality on a laptop CPU (see README); every one is a
+flag (`--help`).
+
+Outputs under --out: <stage>/ orbax checkpoints, <stage>.jsonl metrics, <stage>.png plots, samples.txt,
+summary.json. `--resume` continues a killed run from the last checkpoint of the stage it was in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf import model, parallel, preference, rewards, rl, runner, sampling, train
+from jaxrlhf.config import ModelConfig, SampleConfig
+from jaxrlhf.data import DataNotFoundError, load_tweets
+from jaxrlhf.tokenizers import CharTokenizer
+
+EOS = "⏎"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMStageConfig:
+    """A language-modelling stage (pretraining or SFT).
+
+    Attributes:
+      steps: optimizer steps.
+      batch_size: rows (tweets) per step.
+      lr: peak learning rate.
+      warmup_steps: linear warmup.
+      min_lr_ratio: final lr / peak lr (cosine decay).
+      weight_decay: AdamW decay on matrices.
+      eval_every: validation every this many steps (0: only at the end).
+      eval_rows: validation rows used (0: the whole test split).
+    """
+
+    steps: int
+    batch_size: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    eval_every: int = 0
+    eval_rows: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLStageConfig:
+    """The RL stage.
+
+    Attributes:
+      iters: RL iterations (rollout + update).
+      batch_size: tweets sampled per iteration.
+      lr: Adam learning rate (constant).
+      kl_coef: beta of the per-token KL penalty to the SFT model.
+      kl_target: adaptive-controller KL target per sequence (None: fixed beta).
+      epochs: PPO passes per rollout.
+      minibatches: PPO minibatches per pass.
+      clip_eps: PPO ratio clip.
+      vf_coef: value-loss weight.
+      lam: GAE lambda.
+      top_k: sampling top-k.
+      temperature: sampling temperature.
+      pairs_n: REBEL / DPO answers per prompt.
+      eta: REBEL's eta.
+      dpo_beta: DPO's beta.
+    """
+
+    iters: int = 100
+    batch_size: int = 32
+    lr: float = 3e-4
+    kl_coef: float = 0.1
+    kl_target: float | None = None
+    epochs: int = 4
+    minibatches: int = 2
+    clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    lam: float = 0.95
+    top_k: int = 30
+    temperature: float = 1.0
+    pairs_n: int = 4
+    eta: float = 1.0
+    dpo_beta: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HappyConfig:
+    """The whole pipeline.
+
+    Attributes:
+      model: minGPT preset name.
+      block_size: context length (tweets are cut to this many characters + 1).
+      dropout: dropout on embeddings, residuals and attention during pretraining / SFT.
+      algo: RL algorithm: "ppo", "pg", "rebel" or "dpo".
+      reward: "vader" (VADER compound score of the decoded tweet) or "learned" (a sentiment reward
+        model trained on the tweets' labels; see train_reward_model).
+      seed: root seed.
+      fsdp: size of the mesh's 'fsdp' axis (the rest of the devices go to 'data').
+    """
+
+    model: str = "gpt-micro"
+    block_size: int = 32
+    dropout: float = 0.0
+    algo: str = "ppo"
+    reward: str = "vader"
+    seed: int = 0
+    fsdp: int = 1
+    pretrain: LMStageConfig = LMStageConfig(steps=600, lr=3e-3, warmup_steps=30)
+    sft: LMStageConfig = LMStageConfig(steps=120, lr=1e-3, warmup_steps=10, batch_size=128)
+    rl: RLStageConfig = RLStageConfig()
+
+
+QUICK = dict(
+    pretrain=LMStageConfig(steps=40, batch_size=64, lr=3e-3, warmup_steps=5, eval_rows=512),
+    sft=LMStageConfig(steps=10, batch_size=64, lr=1e-3, warmup_steps=2, eval_rows=256),
+    rl=RLStageConfig(iters=16, batch_size=32, lr=3e-3, kl_coef=0.02),
+)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def encode_rows(tokenizer: CharTokenizer, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each text as "⏎" + text + "⏎", cut to `length` ids and right-padded: ([N, length], [N, length])."""
+    ids = np.full((len(texts), length), tokenizer.eos_id, np.int32)
+    mask = np.zeros((len(texts), length), bool)
+    for i, text in enumerate(texts):
+        row = tokenizer.encode(EOS + text + EOS)[:length]
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = True
+    return ids, mask
+
+
+def load_data(data_dir):
+    try:
+        train_rows = [r for r in load_tweets("train", data_dir) if r["text"].strip()]
+        test_rows = [r for r in load_tweets("test", data_dir) if r["text"].strip()]
+    except DataNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    return train_rows, test_rows
+
+
+# ----------------------------------------------------------------------------------------- stages
+
+
+def _lm_stage(name, cfg: HappyConfig, stage: LMStageConfig, mcfg, params, data, val, mesh, args, tok_path):
+    tx = train.make_optimizer(
+        train.OptimConfig(
+            lr=stage.lr,
+            warmup_steps=stage.warmup_steps,
+            total_steps=stage.steps,
+            min_lr_ratio=stage.min_lr_ratio,
+            weight_decay=stage.weight_decay,
+        )
+    )
+    state = parallel.put(train.init_train_state(params, tx), mesh)
+    step = parallel.jit_step(train.make_lm_step(mcfg, tx), mesh, state)
+    ids, mask = data
+    n, bs = ids.shape[0], stage.batch_size
+    per_epoch = n // bs
+    seed = cfg.seed
+
+    def batch_at(i):
+        epoch, b = divmod(i, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        rows = order[b * bs : (b + 1) * bs]
+        return train.LMBatch(ids[rows], mask[rows], mask[rows])
+
+    def step_fn(state, i, key):
+        return step(state, parallel.shard_batch(batch_at(i), mesh), key)
+
+    evaluate = make_evaluator(mcfg, val, mesh, stage.eval_rows)
+    meta = {"config": _jsonable(cfg), "stage": name}
+    result = runner.run_stage(
+        run_dir=args.out,
+        stage=name,
+        state=state,
+        step_fn=step_fn,
+        n_steps=stage.steps,
+        root_key=jax.random.fold_in(jax.random.key(cfg.seed), {"pretrain": 1, "sft": 2}[name]),
+        resume=args.resume,
+        meta=meta,
+        ckpt_every=max(stage.steps // 4, 1),
+        tokenizer=tok_path,
+        eval_fn=lambda s: {"loss": evaluate(s.params)},
+        eval_every=stage.eval_every,
+        log_every=10,
+        tokens_per_step=int(bs * (ids.shape[1] - 1)),
+        progress=not args.quiet,
+    )
+    result.summary["val_loss"] = evaluate(result.state.params)
+    result.summary["flops_per_step"] = 3 * mcfg.flops_per_token(ids.shape[1] - 1) * bs * (ids.shape[1] - 1)
+    return result
+
+
+def make_evaluator(mcfg, val, mesh, max_rows=0, batch_size=256):
+    """Exact token-mean validation NLL over the (first `max_rows`) validation rows."""
+    ids, mask = val
+    if max_rows:
+        ids, mask = ids[:max_rows], mask[:max_rows]
+    n_dev = parallel.batch_size_multiple(mesh)
+    batch_size = max(batch_size // n_dev, 1) * n_dev
+    pad = (-ids.shape[0]) % batch_size
+    ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
+    mask = np.concatenate([mask, np.zeros((pad, ids.shape[1]), bool)])
+    ev = _lm_eval_jit(mcfg)
+
+    def evaluate(params):
+        total = count = 0.0
+        for s in range(0, ids.shape[0], batch_size):
+            b = train.LMBatch(ids[s : s + batch_size], mask[s : s + batch_size], mask[s : s + batch_size])
+            nll, n = ev(params, parallel.shard_batch(b, mesh))
+            total += float(nll)
+            count += float(n)
+        return total / max(count, 1.0)
+
+    return evaluate
+
+
+@functools.cache
+def _lm_eval_jit(mcfg: ModelConfig):
+    """One jitted evaluator per model config, shared by the stages (compiled once)."""
+    return jax.jit(train.make_lm_eval(mcfg))
+
+
+def _jsonable(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def sample_tweets(params, mcfg, tokenizer, n, *, key, top_k=30, temperature=1.0):
+    prompt = jnp.full((n, 1), tokenizer.eos_id, jnp.int32)
+    scfg = SampleConfig(
+        max_new_tokens=mcfg.block_size - 1, temperature=temperature, top_k=top_k, eos_id=tokenizer.eos_id
+    )
+    ro = sampling.sample(params, prompt, jnp.ones((n, 1), bool), mcfg, scfg, key=key)
+    return tokenizer.decode_batch(np.asarray(ro.response), np.asarray(ro.response_mask), stop_at_eos=True)
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct-n over words: unique n-grams / all n-grams across the texts."""
+    grams = [tuple(w[i : i + n]) for t in texts for w in [t.split()] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def _rl_stage(cfg: HappyConfig, mcfg, sft_params, tokenizer, mesh, args, tok_path, reward_host, reward_jax):
+    rc = cfg.rl
+    tx = train.make_optimizer(train.OptimConfig(lr=rc.lr, weight_decay=0.0, grad_clip=1.0))
+    scfg = SampleConfig(
+        max_new_tokens=mcfg.block_size - 1,
+        temperature=rc.temperature,
+        top_k=rc.top_k,
+        eos_id=tokenizer.eos_id,
+    )
+    ref = parallel.put(sft_params, mesh)
+    b = rc.batch_size
+    prompt = jnp.full((b, 1), tokenizer.eos_id, jnp.int32)
+    prompt_mask = jnp.ones((b, 1), bool)
+    prompt, prompt_mask = parallel.shard_batch((prompt, prompt_mask), mesh)
+    meta = {"config": _jsonable(cfg), "stage": "rl"}
+
+    if cfg.algo in ("ppo", "pg"):
+        rlc = rl.RLConfig(
+            algo=cfg.algo,
+            kl_coef=rc.kl_coef,
+            kl_target=rc.kl_target,
+            lam=rc.lam,
+            clip_eps=rc.clip_eps,
+            vf_coef=rc.vf_coef,
+            epochs=rc.epochs,
+            minibatches=rc.minibatches,
+            whiten_advantages=True,
+        )
+        value = {"gpt": sft_params, "head": model.init_scalar_head(jax.random.key(1), mcfg)}
+        state = rl.init_rl_state(rl.init_rl_params(sft_params, value, rlc), tx, rlc)
+        state = parallel.put(state, mesh)
+        sample = jax.jit(lambda p, k: sampling.sample_fn(p, prompt, prompt_mask, mcfg, scfg, k))
+        if reward_jax is not None:
+            fused = rl.make_fused_iteration(mcfg, scfg, tx, rlc, reward_jax)
+            iteration = jax.jit(lambda s, k: fused(s, ref, prompt, prompt_mask, key=k), donate_argnums=0)
+
+            def step_fn(state, i, key):
+                state, metrics, _ = iteration(state, key)
+                return state, metrics
+        else:
+            learn = jax.jit(rl.make_learn(mcfg, tx, rlc), donate_argnums=0)
+
+            def step_fn(state, i, key):
+                k_sample, k_learn = jax.random.split(key)
+                rollout = sample(state.params["policy"], k_sample)
+                t0 = time.perf_counter()
+                scores = reward_host(rollout)
+                metrics_host = {"reward_host_s": time.perf_counter() - t0}
+                state, metrics = learn(state, ref, rollout, jnp.asarray(scores), key=k_learn)
+                return state, {**metrics, **metrics_host}
+
+        policy_of = lambda s: s.params["policy"]  # noqa: E731
+    else:  # REBEL / DPO on best/worst pairs of n answers per prompt, regenerated every iteration
+        n = rc.pairs_n
+        n_prompts = max(b // n, 1)
+        pprompt = jnp.full((n_prompts, 1), tokenizer.eos_id, jnp.int32)
+        pmask = jnp.ones((n_prompts, 1), bool)
+        if cfg.algo == "rebel":
+            step = train.make_rebel_step(mcfg, tx, eta=rc.eta)
+        else:
+            step = train.make_dpo_step(mcfg, tx, beta=rc.dpo_beta)
+        state = parallel.put(train.init_train_state(sft_params, tx), mesh)
+        jstep = jax.jit(lambda s, batch, k: step(s, batch, key=k), donate_argnums=0)
+        gen = jax.jit(lambda p, k: preference.generate_answers(p, pprompt, pmask, mcfg, scfg, n, key=k))
+        logp = jax.jit(lambda p, ro: preference.rollout_logprobs_fn(p, ro, mcfg))
+
+        def step_fn(state, i, key):
+            k_gen, k_step = jax.random.split(key)
+            rollout = gen(state.params, k_gen)
+            scores = reward_host(rollout) if reward_jax is None else np.asarray(reward_jax(rollout))
+            # REBEL regresses against pi_t (the policy that sampled); DPO against the frozen SFT model.
+            base = logp(state.params if cfg.algo == "rebel" else ref, rollout)
+            pol = logp(state.params, rollout)
+            ref_lp = logp(ref, rollout)
+            sel = preference.select_pairs(
+                np.asarray(rollout.response), np.asarray(rollout.response_mask), np.asarray(scores), n
+            )
+            batch = preference.build_pref_batch(rollout, sel, np.asarray(base), num_pairs=n_prompts)
+            state, metrics = jstep(state, batch, k_step)
+            rmask = rollout.response_mask
+            kl_tok = float(jnp.sum(pol - ref_lp) / jnp.maximum(jnp.sum(rmask), 1))
+            return state, {
+                **metrics,
+                "reward": float(np.mean(scores)),
+                "kl_per_token": kl_tok,
+                "pairs": float(sel.num_pairs),
+                "response_length": float(jnp.mean(jnp.sum(rmask, -1))),
+            }
+
+        policy_of = lambda s: s.params  # noqa: E731
+
+    result = runner.run_stage(
+        run_dir=args.out,
+        stage="rl",
+        state=state,
+        step_fn=step_fn,
+        n_steps=rc.iters,
+        root_key=jax.random.fold_in(jax.random.key(cfg.seed), 3),
+        resume=args.resume,
+        meta=meta,
+        ckpt_every=max(rc.iters // 4, 1),
+        tokenizer=tok_path,
+        log_every=1,
+        progress=not args.quiet,
+    )
+    return result, policy_of(result.state)
+
+
+# --------------------------------------------------------------------------------------- learned RM
+
+
+def train_reward_model(cfg, mcfg, init_params, tokenizer, train_rows, test_rows, mesh, args, tok_path):
+    """A sentiment reward model: the pretrained GPT + a scalar head trained with the pairwise loss on
+    (positive, negative) tweet pairs; its score is the reward. Returns (params, held-out accuracy)."""
+    pos = [r["text"] for r in train_rows if r["sentiment"] == "positive"]
+    neg = [r["text"] for r in train_rows if r["sentiment"] == "negative"]
+    L = mcfg.block_size
+    pi, pm = encode_rows(tokenizer, pos, L)
+    ni, nm = encode_rows(tokenizer, neg, L)
+    tx = train.make_optimizer(train.OptimConfig(lr=1e-3, warmup_steps=10, total_steps=200))
+    params = {"gpt": init_params, "head": model.init_scalar_head(jax.random.key(2), mcfg)}
+    state = parallel.put(train.init_train_state(params, tx), mesh)
+    step = parallel.jit_step(train.make_rm_step(mcfg, tx), mesh, state)
+    bs = 64
+
+    def step_fn(state, i, key):
+        rng = np.random.default_rng([cfg.seed, i])
+        a, c = rng.integers(0, len(pos), bs), rng.integers(0, len(neg), bs)
+        batch = train.RankBatch(
+            np.stack([pi[a], ni[c]], 1), np.stack([pm[a], nm[c]], 1), np.ones((bs, 2), bool)
+        )
+        return step(state, parallel.shard_batch(batch, mesh), key)
+
+    result = runner.run_stage(
+        run_dir=args.out,
+        stage="reward_model",
+        state=state,
+        step_fn=step_fn,
+        n_steps=200,
+        root_key=jax.random.key(cfg.seed + 11),
+        resume=args.resume,
+        meta={"config": _jsonable(cfg)},
+        tokenizer=tok_path,
+        log_every=20,
+        progress=not args.quiet,
+    )
+    tp = [r["text"] for r in test_rows if r["sentiment"] == "positive"]
+    tn = [r["text"] for r in test_rows if r["sentiment"] == "negative"]
+    m = min(len(tp), len(tn))
+    a_i, a_m = encode_rows(tokenizer, tp[:m], L)
+    b_i, b_m = encode_rows(tokenizer, tn[:m], L)
+    ev = jax.jit(train.make_rm_eval(mcfg))
+    correct, total = ev(
+        result.state.params,
+        train.RankBatch(np.stack([a_i, b_i], 1), np.stack([a_m, b_m], 1), np.ones((m, 2), bool)),
+    )
+    return result.state.params, float(correct) / float(total)
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+def plot(out: pathlib.Path, name: str, series: dict[str, list[tuple[float, float]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, v in series.items() if v]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys, strict=True):
+        xs, ys = zip(*series[k], strict=True)
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=80)
+    plt.close(fig)
+
+
+def _series(history, *keys):
+    return {k: [(r["step"], r[k]) for r in history if k in r] for k in keys}
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def run(cfg: HappyConfig, args) -> dict:
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    if getattr(args, "compile_cache", None):
+        # Compiled programs persist across runs: a second run (or a --resume) skips most compilation.
+        jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(args.compile_cache).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    mesh = parallel.make_mesh(fsdp=cfg.fsdp)
+    train_rows, test_rows = load_data(args.data_dir)
+    tokenizer = CharTokenizer.from_corpus([r["text"] for r in train_rows], eos=EOS, unk="?")
+    tok_path = out / "tokenizer.json"
+    tokenizer.save(tok_path)
+    L = cfg.block_size + 1
+    all_train = encode_rows(tokenizer, [r["text"] for r in train_rows], L)
+    all_test = encode_rows(tokenizer, [r["text"] for r in test_rows], L)
+    is_pos = lambda rows: np.array([r["sentiment"] == "positive" for r in rows])  # noqa: E731
+    pos_train = tuple(x[is_pos(train_rows)] for x in all_train)
+    pos_test = tuple(x[is_pos(test_rows)] for x in all_test)
+    mcfg = ModelConfig.preset(
+        cfg.model,
+        vocab_size=tokenizer.vocab_size,
+        block_size=cfg.block_size,
+        embd_pdrop=cfg.dropout,
+        resid_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+    )
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    say(
+        f"HappyGPT: {mcfg.num_params / 1e6:.2f}M params, vocab {tokenizer.vocab_size}, "
+        f"{len(jax.devices())} device(s)"
+    )
+    summary: dict[str, Any] = {"config": _jsonable(cfg), "devices": len(jax.devices())}
+    samples_file = open(out / "samples.txt", "w")
+
+    def show(title, params, key, n=8):
+        texts = sample_tweets(params, mcfg, tokenizer, 32, key=key, top_k=cfg.rl.top_k)
+        scores = rewards.vader_scores(texts)
+        say(f"\n--- {title}: mean VADER {scores.mean():.3f}, distinct-2 {distinct_n(texts):.3f}")
+        for t in texts[:n]:
+            say(f"  {t}")
+        samples_file.write(f"# {title}\n" + "".join(f"{t}\n" for t in texts) + "\n")
+        samples_file.flush()
+        return texts, scores
+
+    # Pretrain -> SFT -> RL; each stage starts from the last one's final checkpoint.
+    init = model.init_params(jax.random.key(cfg.seed), mcfg)
+    pre = _lm_stage("pretrain", cfg, cfg.pretrain, mcfg, init, all_train, all_test, mesh, args, tok_path)
+    say(f"pretrain: val loss {pre.summary['val_loss']:.4f} ({pre.summary['wall_s']:.1f} s)")
+    show("after pretraining", pre.state.params, jax.random.key(100))
+    plot(out, "pretrain", _series(pre.history, "loss", "eval/loss"))
+
+    sft_cfg = dataclasses.replace(mcfg)
+    sft = _lm_stage("sft", cfg, cfg.sft, sft_cfg, pre.state.params, pos_train, pos_test, mesh, args, tok_path)
+    say(f"sft: val loss {sft.summary['val_loss']:.4f} ({sft.summary['wall_s']:.1f} s)")
+    before, before_scores = show("after SFT (before RL)", sft.state.params, jax.random.key(101))
+    plot(out, "sft", _series(sft.history, "loss", "eval/loss"))
+
+    rl_mcfg = dataclasses.replace(mcfg, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+    reward_host = rewards.make_text_reward(tokenizer, rewards.vader_scores)
+    reward_jax = None
+    if cfg.reward == "learned":
+        rm_params, acc = train_reward_model(
+            cfg, rl_mcfg, pre.state.params, tokenizer, train_rows, test_rows, mesh, args, tok_path
+        )
+        summary["reward_model_accuracy"] = acc
+        say(f"reward model: held-out accuracy {acc:.3f} (positive vs negative test tweets)")
+        reward_jax = rewards.make_learned_reward(rm_params, rl_mcfg)
+    res, policy = _rl_stage(
+        cfg, rl_mcfg, sft.state.params, tokenizer, mesh, args, tok_path, reward_host, reward_jax
+    )
+    after, after_scores = show("after RL", policy, jax.random.key(102))
+    plot(out, "rl", _series(res.history, "reward", "kl_per_token", "clipfrac", "value_loss", "loss"))
+    last = res.history[-min(10, len(res.history)) :]
+    summary["stages"] = {"pretrain": pre.summary, "sft": sft.summary, "rl": res.summary}
+    summary["rl"] = {
+        "reward_first": res.history[0]["reward"] if res.history else None,
+        "reward_last10": float(np.mean([r["reward"] for r in last])) if last else None,
+        "kl_per_token_last10": float(np.mean([r["kl_per_token"] for r in last])) if last else None,
+        "vader_before": float(before_scores.mean()),
+        "vader_after": float(after_scores.mean()),
+        "distinct2_before": distinct_n(before),
+        "distinct2_after": distinct_n(after),
+    }
+    summary["wall_s"] = round(time.perf_counter() - t_start, 2)
+    samples_file.close()
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    say(
+        f"\nHappyGPT done in {summary['wall_s']:.0f} s: pretrain val {pre.summary['val_loss']:.3f}, "
+        f"SFT val {sft.summary['val_loss']:.3f}, RL reward {summary['rl']['reward_last10']:.3f} "
+        f"(KL/token {summary['rl']['kl_per_token_last10']:.3f}), outputs in {out}"
+    )
+    return summary
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _add_fields(parser, cls, prefix, defaults):
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            _add_fields(parser, type(value), f"{prefix}{f.name}.", value)
+            continue
+        kind = type(value) if value is not None else float
+        if kind is bool:
+            kind = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
+        parser.add_argument(f"--{prefix}{f.name}", type=kind, default=None, help=f"(default: {value})")
+
+
+def _apply(cfg, overrides: dict, prefix=""):
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = _apply(value, overrides, f"{prefix}{f.name}.")
+        elif overrides.get(prefix + f.name) is not None:
+            changes[f.name] = overrides[prefix + f.name]
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_args(argv=None) -> tuple[HappyConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxrlhf.happy",
+        description="HappyGPT: pretrain -> SFT -> RL against VADER sentiment, on a laptop CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the tweets' train.csv/test.csv "
+        "(default: $JAXRLHF_DATA_DIR, else a checked download)",
+    )
+    p.add_argument("--out", default="runs/happy", help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoints")
+    p.add_argument("--quick", action="store_true", help="a tiny run (< 1 minute) for tests and smoke checks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or samples on stdout")
+    p.add_argument(
+        "--compile-cache",
+        default="~/.cache/jaxrlhf/xla",
+        help="persistent XLA compilation cache directory ('' disables it)",
+    )
+    _add_fields(p, HappyConfig, "", HappyConfig())
+    args = p.parse_args(argv)
+    cfg = HappyConfig(**QUICK) if args.quick else HappyConfig()
+    cfg = _apply(cfg, vars(args))
+    if cfg.algo not in ("ppo", "pg", "rebel", "dpo"):
+        p.error(f"--algo {cfg.algo!r}: choose ppo, pg, rebel or dpo")
+    if cfg.reward not in ("vader", "learned"):
+        p.error(f"--reward {cfg.reward!r}: choose vader or learned")
+    return cfg, args
+
+
+def main(argv=None) -> int:
+    cfg, args = parse_args(argv)
+    try:
+        run(cfg, args)
+    except (FileExistsError, runner.NonFiniteError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`python -m jaxrlhf.happy --quick` end to end in a subprocess: killed mid-run, resumed, finished."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cmd(out, data_dir, *extra):
+    return [sys.executable, "-m", "jaxrlhf.happy", "--quick", "--quiet", "--data-dir", str(data_dir),
+            "--out", str(out), *extra]  # fmt: skip
+
+
+def _env(tmp_path):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAXRLHF_CACHE_DIR"] = str(tmp_path / "cache")
+    env["HOME"] = str(tmp_path)  # the persistent XLA cache goes under the test's own home
+    return env
+
+
+def test_happy_quick_kill_resume(tmp_path, shared_data):
+    out = tmp_path / "run"
+    env = _env(tmp_path)
+    # Kill the first run with SIGKILL once the SFT stage has its first checkpoint.
+    proc = subprocess.Popen(_cmd(out, shared_data / "tweets"), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "sft").is_dir() and any(p.name.isdigit() for p in (out / "sft").iterdir()):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stderr.read()[-3000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    pretrain_metrics = (out / "pretrain.jsonl").read_text()
+
+    # Without --resume the existing stage is refused with a one-line error.
+    again = subprocess.run(
+        _cmd(out, shared_data / "tweets"), cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 1 and "--resume" in again.stderr.strip().splitlines()[-1]
+
+    done = subprocess.run(_cmd(out, shared_data / "tweets", "--resume"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"]["pretrain"]["steps"] == 0  # pretraining was not redone
+    assert 0 < summary["stages"]["sft"]["steps"] < 10  # SFT continued from its checkpoint
+    assert (out / "pretrain.jsonl").read_text() == pretrain_metrics
+    for name in ("pretrain", "sft", "rl"):
+        assert any(p.name.isdigit() for p in (out / name).iterdir()), name
+        assert (out / f"{name}.jsonl").stat().st_size > 0
+        assert (out / f"{name}.png").stat().st_size > 1000
+    lines = (out / "samples.txt").read_text().splitlines()
+    assert len([x for x in lines if x and not x.startswith("#")]) > 64
+    rl_rows = [json.loads(x) for x in (out / "rl.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rl_rows] == list(range(1, len(rl_rows) + 1))
+    rewards = [r["reward"] for r in rl_rows]
+    assert all(abs(r) <= 1 for r in rewards)
+    # RL raises the VADER reward above where the SFT model started.
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:3]) / 3, rewards
+    assert summary["stages"]["sft"]["val_loss"] < 4.0
+
+
+def test_happy_help_and_missing_data(tmp_path):
+    cmd = [sys.executable, "-m", "jaxrlhf.happy", "--help"]
+    h = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert h.returncode == 0 and "--rl.kl_coef" in h.stdout and "--pretrain.lr" in h.stdout
+    env = _env(tmp_path)
+    env.pop("JAXRLHF_DATA_DIR", None)
+    bad = subprocess.run(_cmd(tmp_path / "o", tmp_path / "nowhere"), cwd=REPO, env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    assert bad.returncode != 0
+    last = bad.stderr.strip().splitlines()[-1]
+    assert "error:" in last and "nowhere" in last
+
+
+@pytest.mark.parametrize("flag", ["--algo=sgd", "--reward=magic"])
+def test_happy_rejects_unknown_choices(flag, tmp_path):
+    r = subprocess.run(_cmd(tmp_path / "o", tmp_path, flag), cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "choose" in r.stderr
