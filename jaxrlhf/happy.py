@@ -184,7 +184,8 @@ def _lm_stage(name, cfg: HappyConfig, stage: LMStageConfig, mcfg, params, data, 
         return step(state, parallel.shard_batch(batch_at(i), mesh), key)
 
     evaluate = make_evaluator(mcfg, val, mesh, stage.eval_rows)
-    meta = {"config": _jsonable(cfg), "stage": name}
+    # Only what shapes this stage goes in its meta: a later stage's flags may change on --resume.
+    meta = {"config": _stage_meta(cfg, mcfg, stage), "stage": name}
     result = runner.run_stage(
         run_dir=args.out,
         stage=name,
@@ -237,6 +238,15 @@ def _lm_eval_jit(mcfg: ModelConfig):
     return jax.jit(train.make_lm_eval(mcfg))
 
 
+def _stage_meta(cfg: HappyConfig, mcfg: ModelConfig, stage, **extra) -> dict:
+    parts = {
+        "model": dataclasses.asdict(mcfg),
+        "seed": cfg.seed,
+        "stage": stage and dataclasses.asdict(stage),
+    }
+    return json.loads(json.dumps({**parts, **extra}))
+
+
 def _jsonable(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
@@ -270,7 +280,7 @@ def _rl_stage(cfg: HappyConfig, mcfg, sft_params, tokenizer, mesh, args, tok_pat
     prompt = jnp.full((b, 1), tokenizer.eos_id, jnp.int32)
     prompt_mask = jnp.ones((b, 1), bool)
     prompt, prompt_mask = parallel.shard_batch((prompt, prompt_mask), mesh)
-    meta = {"config": _jsonable(cfg), "stage": "rl"}
+    meta = {"config": _stage_meta(cfg, mcfg, cfg.rl, algo=cfg.algo, reward=cfg.reward), "stage": "rl"}
 
     if cfg.algo in ("ppo", "pg"):
         rlc = rl.RLConfig(
@@ -397,7 +407,7 @@ def train_reward_model(cfg, mcfg, init_params, tokenizer, train_rows, test_rows,
         n_steps=200,
         root_key=jax.random.key(cfg.seed + 11),
         resume=args.resume,
-        meta={"config": _jsonable(cfg)},
+        meta={"config": _stage_meta(cfg, mcfg, None)},
         tokenizer=tok_path,
         log_every=20,
         progress=not args.quiet,
