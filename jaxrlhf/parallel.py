@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -41,9 +42,16 @@ def initialize_distributed(
     On TPU VMs and SLURM/GPU clusters the arguments are found automatically; on CPU (tests, a cluster of
     CPU hosts) pass them and gloo collectives are used. Must run before any JAX computation.
     """
-    if coordinator_address is None and num_processes is None and "JAX_COORDINATOR_ADDRESS" not in os.environ:
-        if jax.default_backend() != "tpu":
-            return
+    if coordinator_address is None and num_processes is None:
+        # Auto-detection (TPU VMs, SLURM, ...). Must not touch the backend first: initialize() refuses
+        # to run once a backend has started. A single process with nothing to detect stays as it is.
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:
+            if "JAX_COORDINATOR_ADDRESS" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
+                raise
+            del e
+        return
     if local_device_count is not None or (coordinator_address or "").startswith("127.0.0.1"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if local_device_count is not None:
@@ -110,7 +118,10 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 def put(tree: Any, mesh: Mesh) -> Any:
     """Place a (host or device) pytree on the mesh with `tree_shardings`, as a copy: the result may be
     donated to a step without deleting the arrays it came from."""
-    return jax.device_put(tree, tree_shardings(tree, mesh), may_alias=False)
+    # An explicit copy first: device_put(may_alias=False) may still hand device 0 the source buffer, and a
+    # donated state sharing it with e.g. a frozen reference would free the reference's memory.
+    tree = jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+    return jax.device_put(tree, tree_shardings(tree, mesh))
 
 
 def batch_size_multiple(mesh: Mesh) -> int:

@@ -1,0 +1,1 @@
+"""Experiments built on jaxrlhf: one package per experiment, each a set of runnable stage scripts."""

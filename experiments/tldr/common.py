@@ -1,0 +1,621 @@
+"""What the three TL;DR stages share: the config, the setup (mesh, tokenizer, model), the data as
+fixed-shape token arrays, batch selection and the checkpoint handoff between stages.
+
+Data layout (every stage): a prompt is left-padded to P = `max_prompt_tokens` and an answer is
+right-padded to S = `max_summary_tokens`, so a training row is [prompt | answer] of T = P + S tokens,
+exactly the layout of a PPO rollout. The prompt is InstructGPT's
+
+    SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:
+
+with the post cut at a paragraph / sentence / word boundary to fit P (rows whose header alone does not
+fit are dropped), and an answer is " " + summary + <|endoftext|>, cut to S tokens with the end-of-text
+kept, so the SFT model learns to stop and the reward model reads its score at that token.
+
+Stage handoff (checkpoints under --out, local or gs://):
+    sft: from the HF GPT-2 weights (--init-from) or a random init (--model tiny)
+    rm:  trunk from sft, zero-init scalar head; saves the reward normalisation in its meta
+    ppo: policy and frozen reference from sft, value model from rm (normalisation folded in)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from experiments.tldr import flags
+from jaxrlhf import checkpoint, data, hf, model, parallel, train
+from jaxrlhf.config import MODEL_PRESETS, ModelConfig
+from jaxrlhf.rl import RLConfig
+from jaxrlhf.tokenizers import GPT2Tokenizer
+
+STAGES = ("sft", "rm", "ppo")
+TINY = (2, 2, 32)  # n_layer, n_head, n_embd of --model tiny
+# Fields that only change logging / checkpoint cadence: left out of the resume check.
+_CADENCE_FIELDS = ("eval_every", "ckpt_every", "log_every", "sample_every", "samples_logged")
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the TL;DR data is and how it becomes token arrays.
+
+    Attributes:
+      data_dir: folder with the TL;DR files (None: $JAXRLHF_DATA_DIR, else OpenAI's blobs, online).
+      cache_dir: where TFDS prepares them (None: $JAXRLHF_CACHE_DIR or ~/.cache/jaxrlhf).
+      tokenizer_dir: GPT-2 BPE files (vocab.json + merges.txt or encoder.json + vocab.bpe); None: the
+        --init-from directory, else $JAXRLHF_DATA_DIR/gpt2_tokenizer, else the hub's "gpt2" (online).
+      summary_split: post/summary split for SFT, the reward normalisation and the PPO prompts.
+      summary_val_split: held-out post/summary split; "" carves `val_size` rows out of summary_split.
+      comparison_split: human comparisons for the reward model.
+      comparison_val_split: held-out comparisons; "" carves `val_size` rows out of comparison_split.
+      val_size: rows carved out for a "" val split: a count (>= 1) or a fraction (< 1).
+      max_rows: use at most this many rows of each training split (0: all).
+      max_val_rows: use at most this many held-out rows for evaluation (0: all).
+      max_prompt_tokens: P, the prompt budget.
+      max_summary_tokens: S, the answer budget (end-of-text included) and the PPO response length R.
+      seed: fixes the carved splits and the batch order.
+    """
+
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    tokenizer_dir: str | None = None
+    summary_split: str = "train"
+    summary_val_split: str = "validation"
+    comparison_split: str = "train"
+    comparison_val_split: str = "validation"
+    val_size: float = 256.0
+    max_rows: int = 0
+    max_val_rows: int = 2048
+    max_prompt_tokens: int = 512
+    max_summary_tokens: int = 53
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTConfig:
+    """Supervised fine-tuning on post -> reference summary (loss on summary tokens only).
+
+    Attributes:
+      steps: optimizer steps (1800 = one epoch of the 116k OpenAI training posts at batch 64).
+      batch_size: global batch (a multiple of the device count).
+      eval_batch_size: global batch of the held-out loss.
+      eval_every: held-out loss every this many steps (and at the end).
+      ckpt_every: checkpoint every this many steps (and at the end).
+      log_every: write metrics every this many steps.
+      optim: AdamW settings; total_steps None means `steps`.
+    """
+
+    steps: int = 1800
+    batch_size: int = 64
+    eval_batch_size: int = 64
+    eval_every: int = 200
+    ckpt_every: int = 500
+    log_every: int = 10
+    optim: train.OptimConfig = dataclasses.field(
+        default_factory=lambda: train.OptimConfig(lr=5e-5, warmup_steps=100, weight_decay=0.0)
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RMConfig:
+    """Pairwise (Bradley-Terry) reward model on human comparisons, read at the last real token.
+
+    Attributes:
+      steps: optimizer steps (1450 = one epoch of the 92.9k OpenAI training comparisons at batch 64).
+      batch_size: global number of comparisons per step.
+      eval_batch_size: global comparisons per held-out accuracy batch.
+      eval_every: held-out accuracy every this many steps (and at the end).
+      ckpt_every: checkpoint every this many steps (and at the end).
+      log_every: write metrics every this many steps.
+      norm_rows: reference summaries scored for the reward normalisation (mean / std).
+      optim: AdamW settings; total_steps None means `steps`.
+    """
+
+    steps: int = 1450
+    batch_size: int = 64
+    eval_batch_size: int = 64
+    eval_every: int = 200
+    ckpt_every: int = 500
+    log_every: int = 10
+    norm_rows: int = 1024
+    optim: train.OptimConfig = dataclasses.field(
+        default_factory=lambda: train.OptimConfig(lr=3e-5, warmup_steps=50, weight_decay=0.0)
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    """PPO against the normalised reward model with a per-token KL penalty to the SFT model.
+
+    Attributes:
+      iterations: rollout + update rounds.
+      batch_size: global rollouts per iteration (PPO splits it into rl.minibatches).
+      temperature: sampling temperature of the rollouts (the losses use temperature-1 logprobs).
+      top_k: top-k filter of the rollouts (0 = off).
+      top_p: nucleus filter of the rollouts (1.0 = off).
+      eval_every: reward / KL on held-out and on training prompts every this many iterations (and
+        before the first, at the end).
+      eval_batches: batches (of batch_size prompts) per evaluation, of each prompt set.
+      sample_every: write training samples every this many iterations.
+      samples_logged: samples written per evaluation / sample step.
+      ckpt_every: checkpoint every this many iterations (and at the end).
+      log_every: write metrics every this many iterations.
+      optim: AdamW settings of the policy (and of the value model, but for its lr); each model has its
+        own optimizer and gradient clipping; total_steps None means iterations x epochs x minibatches.
+      value_lr: peak learning rate of the value model (None: optim.lr).
+      rl: the PPO / KL settings (jaxrlhf.rl.RLConfig); rl.kl_target set = adaptive KL.
+    """
+
+    iterations: int = 1000
+    batch_size: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 2
+    sample_every: int = 10
+    samples_logged: int = 4
+    ckpt_every: int = 100
+    log_every: int = 1
+    optim: train.OptimConfig = dataclasses.field(
+        default_factory=lambda: train.OptimConfig(
+            lr=1e-5, schedule="linear", min_lr_ratio=0.0, weight_decay=0.0
+        )
+    )
+    value_lr: float | None = None
+    rl: RLConfig = dataclasses.field(
+        default_factory=lambda: RLConfig(kl_coef=0.05, epochs=4, minibatches=4, no_eos_penalty=-1.0)
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TldrConfig:
+    """The whole TL;DR run: model, output, mesh, data and the three stages.
+
+    Attributes:
+      model: "tiny" (random 2-layer width-32 GPT over the 50257 BPE ids) or a GPT-2 size: gpt2,
+        gpt2-medium, gpt2-large, gpt2-xl.
+      init_from: SFT's starting weights: a local Hugging Face GPT-2 directory or a hub name; "random"
+        for a random init. None: the hub weights named by --model (random for tiny).
+      n_layer: override the preset's depth (random init only).
+      n_head: override the preset's head count (random init only).
+      n_embd: override the preset's width (random init only).
+      dropout: embedding / residual / attention dropout of SFT and RM (PPO always runs without).
+      bf16: bfloat16 matmuls (float32 params, optimizer, logprobs and heads); frozen models in bf16.
+      remat: rematerialise each block in the backward pass (less memory, more compute).
+      out: run directory, local or gs://; every stage checkpoints under it.
+      resume: continue each stage from its latest checkpoint; finished stages are skipped.
+      mesh_fsdp: size of the mesh's fsdp axis (params and optimizer state split over it); the data
+        axis takes the remaining devices.
+      seed: root of every PRNG key (init, dropout, sampling).
+      multihost: call jax.distributed.initialize() first (multi-host TPU slices, SLURM / GPU clusters,
+        where it finds the other processes itself); every process then runs the same command.
+      stages: comma-separated stages to run (run.py).
+      stop_after: "STAGE:N" stops that stage after N steps of this invocation without its final
+        checkpoint (a preemption drill); continue with --resume.
+      progress: show tqdm progress bars.
+      data: the data settings.
+      sft: the SFT stage.
+      rm: the reward-model stage.
+      ppo: the PPO stage.
+    """
+
+    model: str = "gpt2"
+    init_from: str | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    dropout: float = 0.0
+    bf16: bool = False
+    remat: bool = False
+    out: str = "runs/tldr"
+    resume: bool = False
+    mesh_fsdp: int = 1
+    seed: int = 0
+    multihost: bool = False
+    stages: str = ",".join(STAGES)
+    stop_after: str = ""
+    progress: bool = True
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    rm: RMConfig = dataclasses.field(default_factory=RMConfig)
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+
+    def __post_init__(self):
+        if self.model != "tiny" and self.model not in MODEL_PRESETS:
+            raise ValueError(f"--model {self.model!r}; use tiny or one of {sorted(MODEL_PRESETS)}")
+        unknown = set(self.stage_list) - set(STAGES)
+        if unknown:
+            raise ValueError(f"--stages has unknown {sorted(unknown)}; use a subset of {','.join(STAGES)}")
+
+    @property
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
+
+    def stop_after_for(self, stage: str) -> int | None:
+        """Steps this invocation may run of `stage` (None: to the end)."""
+        if not self.stop_after:
+            return None
+        name, _, n = self.stop_after.partition(":")
+        if name not in STAGES or not n.isdigit():
+            raise ValueError(f"--stop-after {self.stop_after!r}; use STAGE:N, e.g. ppo:3")
+        return int(n) if name == stage else None
+
+
+def parse_args(argv=None, *, description: str = "", prog: str | None = None) -> TldrConfig:
+    return flags.parse_config(TldrConfig(), argv, description=description, prog=prog)
+
+
+def stage_meta(cfg: TldrConfig, stage: str) -> dict:
+    """The checkpoint meta of `stage`: everything that must match to resume it (not locations,
+    mesh, or logging cadence)."""
+    stage_cfg = dataclasses.asdict(getattr(cfg, stage))
+    for name in _CADENCE_FIELDS:
+        stage_cfg.pop(name, None)
+    model_keys = ("model", "init_from", "n_layer", "n_head", "n_embd", "dropout", "bf16", "remat", "seed")
+    data_cfg = dataclasses.asdict(cfg.data)
+    for name in ("data_dir", "cache_dir", "tokenizer_dir"):
+        data_cfg.pop(name)
+    config = {"model": {k: getattr(cfg, k) for k in model_keys}, "data": data_cfg, stage: stage_cfg}
+    return {"config": config}
+
+
+# -------------------------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every stage needs: the config, the model config, the tokenizer (and a local copy of its
+    files to save with each checkpoint) and the device mesh."""
+
+    cfg: TldrConfig
+    model_cfg: ModelConfig
+    tokenizer: GPT2Tokenizer
+    tokenizer_path: str
+    mesh: jax.sharding.Mesh
+
+
+def model_config(cfg: TldrConfig) -> ModelConfig:
+    """The GPT of --model with block_size P + S, the dropout and dtype flags applied."""
+    length = cfg.data.max_prompt_tokens + cfg.data.max_summary_tokens
+    n_layer, n_head, n_embd = TINY if cfg.model == "tiny" else MODEL_PRESETS[cfg.model]
+    return ModelConfig(
+        vocab_size=50257,
+        block_size=length,
+        n_layer=cfg.n_layer or n_layer,
+        n_head=cfg.n_head or n_head,
+        n_embd=cfg.n_embd or n_embd,
+        embd_pdrop=cfg.dropout,
+        resid_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        compute_dtype="bfloat16" if cfg.bf16 else "float32",
+        remat=cfg.remat,
+    )
+
+
+def init_source(cfg: TldrConfig) -> str | None:
+    """Where SFT's weights come from: a directory or hub name, or None for a random init."""
+    if cfg.init_from is None:
+        return None if cfg.model == "tiny" else cfg.model
+    return None if cfg.init_from == "random" else cfg.init_from
+
+
+def load_tokenizer(cfg: TldrConfig) -> GPT2Tokenizer:
+    """GPT-2's BPE from --data.tokenizer_dir, the --init-from directory, the data dir or the hub."""
+    candidates = [cfg.data.tokenizer_dir, init_source(cfg)]
+    if os.environ.get(data.common.ENV_DATA_DIR):
+        candidates.append(os.path.join(os.environ[data.common.ENV_DATA_DIR], "gpt2_tokenizer"))
+    for path in candidates:
+        if path and os.path.isdir(path):
+            try:
+                return GPT2Tokenizer.from_dir(path)
+            except FileNotFoundError:
+                if path == cfg.data.tokenizer_dir:
+                    raise
+    try:
+        from huggingface_hub import snapshot_download
+
+        return GPT2Tokenizer.from_dir(snapshot_download("gpt2", allow_patterns=["vocab.json", "merges.txt"]))
+    except Exception as err:
+        raise OSError(
+            f"no GPT-2 tokenizer found and the hub's 'gpt2' could not be fetched ({type(err).__name__}); "
+            "pass --data.tokenizer_dir DIR with vocab.json + merges.txt"
+        ) from err
+
+
+def make_setup(cfg: TldrConfig) -> Setup:
+    if cfg.multihost:
+        # Not parallel.initialize_distributed(): it asks jax.default_backend() first, which starts the
+        # backend, after which jax.distributed.initialize() refuses to run (so it fails on TPU VMs).
+        jax.distributed.initialize()
+    mesh = parallel.make_mesh(fsdp=cfg.mesh_fsdp)
+    n = parallel.batch_size_multiple(mesh)
+    sizes = {
+        "--sft.batch_size": cfg.sft.batch_size,
+        "--sft.eval_batch_size": cfg.sft.eval_batch_size,
+        "--rm.batch_size": cfg.rm.batch_size,
+        "--rm.eval_batch_size": cfg.rm.eval_batch_size,
+        "--ppo.batch_size": cfg.ppo.batch_size,
+    }
+    bad = [f"{k}={v}" for k, v in sizes.items() if v % n]
+    if bad:
+        raise ValueError(
+            f"{', '.join(bad)} not divisible by the {n} devices of the mesh; use multiples of {n}"
+        )
+    tokenizer = load_tokenizer(cfg)
+    tokenizer_path = tempfile.mkdtemp(prefix="tldr_tokenizer_")
+    tokenizer.save(tokenizer_path)
+    return Setup(cfg, model_config(cfg), tokenizer, tokenizer_path, mesh)
+
+
+def initial_params(setup: Setup, key: jax.Array) -> model.Params:
+    """SFT's starting GPT params: Hugging Face weights (--init-from) or a random init."""
+    source = init_source(setup.cfg)
+    if source is None:
+        return model.init_params(key, setup.model_cfg)
+    params, _ = hf.load_gpt2(source, setup.model_cfg)
+    return params
+
+
+def main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def write_json(path: epath.Path, record: dict) -> None:
+    if main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class Summaries(NamedTuple):
+    """Posts with reference summaries, as token arrays (the SFT data and the PPO prompts).
+
+    Attributes:
+      prompt: [N, P] int32, left-padded.   prompt_mask: [N, P] bool.
+      summary: [N, S] int32, " " + summary + <|endoftext|>, right-padded.   summary_mask: [N, S] bool.
+    """
+
+    prompt: np.ndarray
+    prompt_mask: np.ndarray
+    summary: np.ndarray
+    summary_mask: np.ndarray
+
+
+class Comparisons(NamedTuple):
+    """Posts with a human-preferred and a rejected summary.
+
+    Attributes:
+      prompt: [N, P] int32, left-padded.   prompt_mask: [N, P] bool.
+      answers: [N, 2, S] int32, chosen first.   answers_mask: [N, 2, S] bool.
+    """
+
+    prompt: np.ndarray
+    prompt_mask: np.ndarray
+    answers: np.ndarray
+    answers_mask: np.ndarray
+
+
+def encode_prompts(tokenizer, rows: list[dict], max_tokens: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Prompts of `rows` in the TL;DR format, left-padded: (ids [N, P], mask [N, P], kept row indices).
+    Rows whose prompt cannot fit even with the post cut to one word are dropped."""
+    texts, kept = [], []
+    for i, row in enumerate(rows):
+        try:
+            text = data.format_tldr_prompt(
+                row["subreddit"], row["title"], row["post"], max_tokens, lambda s: len(tokenizer.encode(s))
+            )
+        except ValueError:
+            continue
+        texts.append(text)
+        kept.append(i)
+    ids, mask = tokenizer.encode_batch(texts, max_tokens, pad="left")
+    return ids, mask, kept
+
+
+def encode_answers(tokenizer, texts: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """ " " + text + <|endoftext|>, cut to `max_tokens` keeping the end-of-text, right-padded. [N, S]."""
+    seqs = [
+        ids[: max_tokens - 1] + [tokenizer.eos_id] for ids in tokenizer.encode_many(" " + t for t in texts)
+    ]
+    return data.pad_batch(seqs, max_tokens, pad_id=tokenizer.eos_id, side="right")
+
+
+def _split_rows(load, split: str, val_split: str, cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows): two splits, or held-out rows carved out of one split."""
+    rows = load(split, cfg.data_dir, cache_dir=cfg.cache_dir)
+    if val_split:
+        val_rows = load(val_split, cfg.data_dir, cache_dir=cfg.cache_dir)
+    else:
+        val_size = int(cfg.val_size) if cfg.val_size >= 1 else float(cfg.val_size)
+        train_idx, val_idx = data.train_val_split(len(rows), val_size, seed=cfg.seed)
+        rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
+    if cfg.max_rows:
+        rows = rows[: cfg.max_rows]
+    if cfg.max_val_rows:
+        val_rows = val_rows[: cfg.max_val_rows]
+    return rows, val_rows
+
+
+def _encode_summaries(tokenizer, rows: list[dict], cfg: DataConfig) -> Summaries:
+    prompt, prompt_mask, kept = encode_prompts(tokenizer, rows, cfg.max_prompt_tokens)
+    summary, summary_mask = encode_answers(
+        tokenizer, [rows[i]["summary"] for i in kept], cfg.max_summary_tokens
+    )
+    return Summaries(prompt, prompt_mask, summary, summary_mask)
+
+
+def _encode_comparisons(tokenizer, rows: list[dict], cfg: DataConfig) -> Comparisons:
+    prompt, prompt_mask, kept = encode_prompts(tokenizer, rows, cfg.max_prompt_tokens)
+    texts = [t for i in kept for t in (rows[i]["chosen"], rows[i]["rejected"])]
+    answers, answers_mask = encode_answers(tokenizer, texts, cfg.max_summary_tokens)
+    s = cfg.max_summary_tokens
+    return Comparisons(prompt, prompt_mask, answers.reshape(-1, 2, s), answers_mask.reshape(-1, 2, s))
+
+
+def load_summaries(setup: Setup) -> tuple[Summaries, Summaries]:
+    """(train, held-out) post/summary arrays."""
+    cfg = setup.cfg.data
+    rows, val_rows = _split_rows(data.load_tldr, cfg.summary_split, cfg.summary_val_split, cfg)
+    return _encode_summaries(setup.tokenizer, rows, cfg), _encode_summaries(setup.tokenizer, val_rows, cfg)
+
+
+def load_comparisons(setup: Setup) -> tuple[Comparisons, Comparisons]:
+    """(train, held-out) comparison arrays."""
+    cfg = setup.cfg.data
+    rows, val_rows = _split_rows(data.load_comparisons, cfg.comparison_split, cfg.comparison_val_split, cfg)
+    return _encode_comparisons(setup.tokenizer, rows, cfg), _encode_comparisons(
+        setup.tokenizer, val_rows, cfg
+    )
+
+
+def lm_batch(d: Summaries, idx: np.ndarray, valid: np.ndarray | None = None) -> train.LMBatch:
+    """[prompt | summary] rows `idx` with the loss on summary tokens (and only on `valid` rows)."""
+    loss_mask = np.concatenate([np.zeros_like(d.prompt_mask[idx]), d.summary_mask[idx]], axis=1)
+    if valid is not None:
+        loss_mask &= valid[:, None]
+    return train.LMBatch(
+        tokens=np.concatenate([d.prompt[idx], d.summary[idx]], axis=1),
+        mask=np.concatenate([d.prompt_mask[idx], d.summary_mask[idx]], axis=1),
+        loss_mask=loss_mask,
+    )
+
+
+def rank_batch(d: Comparisons, idx: np.ndarray, valid: np.ndarray | None = None) -> train.RankBatch:
+    """[prompt | answer] for the chosen and rejected answer of rows `idx`: tokens [B, 2, P + S]."""
+    prompt = np.repeat(d.prompt[idx][:, None], 2, axis=1)  # [B, 2, P]
+    prompt_mask = np.repeat(d.prompt_mask[idx][:, None], 2, axis=1)
+    rank_mask = np.ones((len(idx), 2), bool) if valid is None else np.repeat(valid[:, None], 2, axis=1)
+    return train.RankBatch(
+        tokens=np.concatenate([prompt, d.answers[idx]], axis=2),
+        mask=np.concatenate([prompt_mask, d.answers_mask[idx]], axis=2),
+        rank_mask=rank_mask,
+    )
+
+
+# ----------------------------------------------------------------------------------------- batching
+
+
+def train_rows(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Global row indices of `step`'s batch: epochs of (seed, epoch)-fixed permutations, so the data
+    position is the step number and a resumed run reads the same batches."""
+    per_epoch = n_rows // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{n_rows} rows are fewer than one batch of {batch_size}; lower the batch size")
+    epoch, b = divmod(step, per_epoch)
+    return data.epoch_permutation(n_rows, seed=seed, epoch=epoch)[b * batch_size : (b + 1) * batch_size]
+
+
+def eval_rows(n_rows: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every row once in fixed-size batches: (indices [B], valid [B]); the last batch is padded with
+    row 0 marked invalid, so one compiled program evaluates the whole set."""
+    batches = []
+    for start in range(0, n_rows, batch_size):
+        idx = np.arange(start, start + batch_size)
+        valid = idx < n_rows
+        batches.append((np.where(valid, idx, 0), valid))
+    return batches
+
+
+def local(batch: Any) -> Any:
+    """This process's contiguous share of a global host batch (every process holds all the data)."""
+    n, i = jax.process_count(), jax.process_index()
+    return jax.tree.map(lambda x: x[i * (len(x) // n) : (i + 1) * (len(x) // n)], batch)
+
+
+def put_batch(batch: Any, mesh) -> Any:
+    return parallel.shard_batch(local(batch), mesh)
+
+
+def put_owned(tree: Any, mesh) -> Any:
+    """`parallel.put` of a copy of `tree`, for a state that a step will donate.
+
+    On a multi-device mesh, device_put to a replicated sharding reuses the source buffer as the
+    device-0 shard even with may_alias=False (jax 0.10), so two puts of one tree (PPO's policy and
+    frozen reference, the value model and the reward model) share memory, and donating one frees the
+    other's: a segfault on CPU, silent corruption elsewhere. The copy gives the state its own buffers.
+    """
+    return parallel.put(jax.tree.map(jnp.copy, tree), mesh)
+
+
+def jit_eval(fn, mesh, params) -> Any:
+    """jax.jit of `fn(params, batch) -> outputs` with params sharded like a train state and the
+    batch split over the mesh; outputs replicated."""
+    return jax.jit(
+        fn,
+        in_shardings=(parallel.tree_shardings(params, mesh), parallel.batch_sharding(mesh)),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+
+
+def state_target(setup: Setup, init_fn) -> Any:
+    """Abstract sharded target of the state `init_fn(key)` builds, to restore a checkpoint into."""
+    shapes = jax.eval_shape(init_fn, jax.random.key(0))
+    return checkpoint.abstract_like(shapes, parallel.tree_shardings(shapes, setup.mesh))
+
+
+def stage_steps(cfg: TldrConfig, stage: str) -> int:
+    return {"sft": cfg.sft.steps, "rm": cfg.rm.steps, "ppo": cfg.ppo.iterations}[stage]
+
+
+def stage_finished(setup: Setup, stage: str) -> bool:
+    """Whether `stage` has a checkpoint at its last step under --out."""
+    step = checkpoint.latest_step(setup.cfg.out, stage)
+    return step is not None and step >= stage_steps(setup.cfg, stage)
+
+
+def restore_finished(setup: Setup, stage: str, target: Any) -> tuple[Any, dict]:
+    """The final state + meta of an earlier stage; a one-line error if it is missing or unfinished."""
+    out = setup.cfg.out
+    if not checkpoint.has_stage(out, stage):
+        raise FileNotFoundError(f"no {stage} checkpoint under {out}: run the {stage} stage first")
+    meta = checkpoint.restore_meta(out, stage)
+    total = stage_steps(setup.cfg, stage)
+    if meta["step"] < total:
+        raise RuntimeError(
+            f"the {stage} stage under {out} stopped at step {meta['step']} of {total}: "
+            f"finish it with --stages {stage} --resume"
+        )
+    return checkpoint.restore(out, stage, target)
+
+
+def sft_state_init(setup: Setup):
+    """key -> SFT TrainState (the structure SFT checkpoints hold)."""
+    tx = train.make_optimizer(sft_optim(setup.cfg))
+    return lambda key: train.init_train_state(model.init_params(key, setup.model_cfg), tx)
+
+
+def sft_optim(cfg: TldrConfig) -> train.OptimConfig:
+    return dataclasses.replace(cfg.sft.optim, total_steps=cfg.sft.optim.total_steps or cfg.sft.steps)
+
+
+def rm_optim(cfg: TldrConfig) -> train.OptimConfig:
+    return dataclasses.replace(cfg.rm.optim, total_steps=cfg.rm.optim.total_steps or cfg.rm.steps)
+
+
+def rm_state_init(setup: Setup):
+    """key -> reward-model TrainState over a scalar model {"gpt", "head"}."""
+    tx = train.make_optimizer(rm_optim(setup.cfg))
+    return lambda key: train.init_train_state(model.init_scalar_model(key, setup.model_cfg), tx)
+
+
+def to_bf16(params: Any) -> Any:
+    """Float leaves cast to bfloat16 (frozen models under --bf16: half the memory)."""
+    return jax.tree.map(
+        lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )

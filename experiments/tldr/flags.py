@@ -1,0 +1,147 @@
+"""Frozen config dataclasses <-> command-line flags, one flag per leaf field.
+
+A nested dataclass field becomes a dotted prefix: `TldrConfig.ppo.rl.kl_coef` is `--ppo.rl.kl_coef`.
+Top-level fields use dashes (`mesh_fsdp` is `--mesh-fsdp`; `--mesh_fsdp` works too). The help text of a
+flag is the field's line in its class's `Attributes:` docstring, followed by its default, so `--help`
+lists every field. Values parse by the field's annotation: int, float, str, bool (`--resume` alone means
+true) and `X | None` ("none" means None).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+_ATTRIBUTE_LINE = re.compile(r"^  (\w+(?:, \w+)*):\s?(.*)$")  # "  name: text" or "  a, b: text"
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """Field name -> its description in the class docstring's `Attributes:` section."""
+    doc = inspect.getdoc(cls) or ""
+    if "Attributes:" not in doc:
+        return {}
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    for line in doc.split("Attributes:", 1)[1].splitlines():
+        match = _ATTRIBUTE_LINE.match(line)
+        if match:
+            names = [n.strip() for n in match[1].split(",")]
+            for name in names:
+                docs[name] = match[2].strip()
+        elif line.startswith("    ") and names:  # a continuation line
+            for name in names:
+                docs[name] += " " + line.strip()
+        elif line.strip():
+            names = []
+    return docs
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _value_parser(annotation: Any) -> tuple[Callable[[str], Any], bool]:
+    """(parse function, is_bool) for a field annotation."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        parse, _ = _value_parser(inner)
+        return (lambda text: None if text.strip().lower() in ("none", "null") else parse(text)), False
+    if annotation is bool:
+        return _parse_bool, True
+    if annotation in (int, float, str):
+        return annotation, False
+    raise TypeError(f"no flag parser for annotation {annotation!r}")
+
+
+def _leaf_fields(cls: type, prefix: tuple[str, ...] = ()):
+    """(path, field, annotation, owner class) for every non-dataclass field, depth first."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        annotation = hints[field.name]
+        path = (*prefix, field.name)
+        if dataclasses.is_dataclass(annotation):
+            yield from _leaf_fields(annotation, path)
+        else:
+            yield path, field, annotation, cls
+
+
+def _get(config: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        config = getattr(config, name)
+    return config
+
+
+def flag_names(path: tuple[str, ...]) -> list[str]:
+    """The flag spellings of a field path: `--mesh-fsdp` + `--mesh_fsdp`, or `--ppo.rl.kl_coef`."""
+    if len(path) == 1:
+        dashed = "--" + path[0].replace("_", "-")
+        return [dashed] if "_" not in path[0] else [dashed, "--" + path[0]]
+    return ["--" + ".".join(path)]
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: Any) -> None:
+    """One flag per leaf field of the dataclass instance `defaults`, showing its default."""
+    docs_by_class: dict[type, dict[str, str]] = {}
+    for path, field, annotation, owner in _leaf_fields(type(defaults)):
+        docs = docs_by_class.setdefault(owner, attribute_docs(owner))
+        parse, is_bool = _value_parser(annotation)
+        default = _get(defaults, path)
+        help_text = f"{docs.get(field.name, '')} (default: {default!r})".strip()
+        parser.add_argument(
+            *flag_names(path),
+            dest=".".join(path),
+            type=parse,
+            default=argparse.SUPPRESS,  # only flags given on the command line override the defaults
+            nargs="?" if is_bool else None,
+            const=True if is_bool else None,
+            metavar="BOOL" if is_bool else field.name.upper(),
+            help=help_text.replace("%", "%%"),
+        )
+
+
+def replace_path(config: Any, path: Sequence[str], value: Any) -> Any:
+    """`config` with the field at `path` (e.g. ("ppo", "rl", "kl_coef")) set to `value`."""
+    head, *rest = path
+    if rest:
+        value = replace_path(getattr(config, head), rest, value)
+    return dataclasses.replace(config, **{head: value})
+
+
+def parse_config(
+    defaults: Any, argv: Sequence[str] | None = None, *, description: str = "", prog: str | None = None
+) -> Any:
+    """Parse flags into a copy of the dataclass `defaults`; a bad value exits with a one-line error."""
+    parser = make_parser(defaults, description=description, prog=prog)
+    namespace = parser.parse_args(argv)
+    config = defaults
+    try:
+        for dest, value in sorted(vars(namespace).items()):
+            config = replace_path(config, dest.split("."), value)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    return config
+
+
+def make_parser(defaults: Any, *, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_flags(parser, defaults)
+    return parser
+
+
+def leaf_paths(config_cls: type) -> list[tuple[str, ...]]:
+    """Every leaf field path of a config class (what `--help` must list)."""
+    return [path for path, *_ in _leaf_fields(config_cls)]

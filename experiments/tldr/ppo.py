@@ -1,0 +1,311 @@
+"""Stage 3: PPO of the SFT policy against the reward model, with a per-token KL penalty to SFT.
+
+    python -m experiments.tldr.ppo --model gpt2 --out runs/tldr [--resume] [--bf16] [--mesh-fsdp N]
+
+One iteration is one jitted program over every device (`make_iteration`): sample summaries of a batch
+of training prompts, score [prompt | summary] with the reward model at its last real token (the
+end-of-text), normalised with the RM stage's (mean, std), replace the score of a summary without
+end-of-text by --ppo.rl.no_eos_penalty, then jaxrlhf.rl's learn: per-token KL to the frozen SFT model
+in the reward (fixed beta, or adaptive with --ppo.rl.kl_target), GAE, whitened advantages and
+--ppo.rl.epochs x --ppo.rl.minibatches clipped PPO updates of policy and value. The value model starts
+as the reward model with the normalisation folded into its head, so its first values are on the scale
+of the rewards. Held-out reward and KL every --ppo.eval_every iterations, with sample summaries in
+<out>/ppo_samples.jsonl; metrics in <out>/ppo.jsonl; <out>/ppo_summary.json at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+
+from experiments.tldr import common
+from jaxrlhf import checkpoint, losses, ops, parallel, rl, runner, sampling, train
+from jaxrlhf.config import ModelConfig, SampleConfig
+
+
+def normalised_scores(rm_params, rollout: sampling.Rollout, cfg: ModelConfig, norm: dict) -> jax.Array:
+    """(RM score of prompt + response at its last real token - mean) / std: [B] float32."""
+    scores = train.sequence_scores(rm_params, rollout.tokens, rollout.mask, cfg)
+    return (scores - norm["mean"]) / norm["std"]
+
+
+def with_no_eos_penalty(scores: jax.Array, finished: jax.Array, rl_cfg: rl.RLConfig) -> jax.Array:
+    """Scores with an unfinished summary's replaced by the penalty, as rl.make_experience does. [B]"""
+    if rl_cfg.no_eos_penalty is None:
+        return scores
+    return jnp.where(finished, scores, rl_cfg.no_eos_penalty)
+
+
+def value_from_reward_model(rm_params, norm: dict):
+    """The reward model with (score - mean) / std folded into its linear head."""
+    head = rm_params["head"]
+    kernel = head["kernel"] / norm["std"]
+    bias = (head["bias"] - norm["mean"]) / norm["std"]
+    return {"gpt": rm_params["gpt"], "head": {"kernel": kernel, "bias": bias}}
+
+
+def make_iteration(cfg: ModelConfig, sample_cfg: SampleConfig, tx, rl_cfg: rl.RLConfig, norm, frozen_cfg):
+    """iteration(state, ref_params, rm_params, prompt, prompt_mask, *, key) -> (state, metrics,
+    (rollout, scores)): sample, score, learn in one program.
+
+    This is `rl.make_fused_iteration` with the reward model's params as an argument: its `reward_fn`
+    closure would bake the RM weights into the compiled program as constants (unshardable, slow to
+    compile at GPT-2 sizes).
+    """
+    learn = rl.make_learn(cfg, tx, rl_cfg, frozen_cfg)
+
+    def iteration(state, ref_params, rm_params, prompt, prompt_mask, key):
+        k_sample, k_learn = jax.random.split(key)
+        rollout = sampling.sample_fn(state.params["policy"], prompt, prompt_mask, cfg, sample_cfg, k_sample)
+        scores = normalised_scores(rm_params, rollout, frozen_cfg, norm)  # [B]
+        state, metrics = learn(state, ref_params, rollout, scores, key=k_learn)
+        # The sequence reward PPO maximises: "reward" (from rl) is the RM score alone.
+        metrics["score"] = jnp.mean(with_no_eos_penalty(scores, rollout.finished, rl_cfg))
+        return state, metrics, (rollout, scores)
+
+    return iteration
+
+
+def make_evaluate(cfg: ModelConfig, sample_cfg: SampleConfig, rl_cfg: rl.RLConfig, norm, frozen_cfg):
+    """evaluate(policy, ref_params, rm_params, prompt, prompt_mask, key) -> (per-row metrics, rollout).
+
+    Per row: the score PPO maximises (normalised RM score, or the no-EOS penalty for a summary that
+    did not end), the normalised RM score alone, the sequence KL
+    sum_t log pi(y_t) - log pi_ref(y_t) (k1) of the sampled summary, whether it ended, its length.
+    """
+
+    def evaluate(policy, ref_params, rm_params, prompt, prompt_mask, key):
+        rollout = sampling.sample_fn(policy, prompt, prompt_mask, cfg, sample_cfg, key)
+        scores = normalised_scores(rm_params, rollout, frozen_cfg, norm)
+        r = rollout.response.shape[1]
+        ref_logprobs, _ = rl.response_logprobs(ref_params, rollout.tokens, rollout.mask, r, frozen_cfg)
+        kl = losses.kl_penalty(rollout.logprobs, ref_logprobs, "k1")  # [B, R]
+        rows = {
+            "score": with_no_eos_penalty(scores, rollout.finished, rl_cfg),
+            "rm_score": scores,
+            "kl": ops.masked_sum(kl, rollout.response_mask, axis=-1),
+            "finished": rollout.finished.astype(jnp.float32),
+            "length": rollout.response_length.astype(jnp.float32),
+        }
+        return rows, rollout
+
+    return evaluate
+
+
+def make_rl_optimizer(pcfg: common.PPOConfig, n_updates: int) -> optax.GradientTransformation:
+    """Separate AdamW (and gradient clipping) for the policy and the value model, as in InstructGPT:
+    one global-norm clip over both would let the value loss's large early gradients scale the policy's
+    updates down by orders of magnitude."""
+    optim = dataclasses.replace(pcfg.optim, total_steps=pcfg.optim.total_steps or n_updates)
+    value_optim = dataclasses.replace(optim, lr=pcfg.value_lr or optim.lr)
+
+    def labels(params):
+        return {name: jax.tree.map(lambda _, n=name: n, tree) for name, tree in params.items()}
+
+    transforms = {"policy": train.make_optimizer(optim), "value": train.make_optimizer(value_optim)}
+    return optax.multi_transform(transforms, labels)
+
+
+def jit_programs(iteration, evaluate, mesh, state, ref_params, rm_params):
+    """`iteration` and `evaluate` jitted once for `mesh`: the train state, reference and reward model
+    sharded by parallel.tree_shardings (FSDP over the mesh's fsdp axis, else replicated), prompts and
+    per-row outputs split over every device, the key and metrics replicated, the state donated."""
+    shard, batch_sh, rep = parallel.tree_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    state_sh, ref_sh, rm_sh = shard(state, mesh), shard(ref_params, mesh), shard(rm_params, mesh)
+    iteration = jax.jit(
+        iteration,
+        in_shardings=(state_sh, ref_sh, rm_sh, batch_sh, batch_sh, rep),
+        out_shardings=(state_sh, rep, batch_sh),
+        donate_argnums=(0,),
+    )
+    evaluate = jax.jit(
+        evaluate,
+        in_shardings=(state_sh.params["policy"], ref_sh, rm_sh, batch_sh, batch_sh, rep),
+        out_shardings=(batch_sh, batch_sh),
+    )
+    return iteration, evaluate
+
+
+class SampleLog:
+    """Sampled summaries as JSONL at `path` (local or gs://), rewritten whole on each write (it stays
+    small); on resume, records of iterations after the resumed one are dropped."""
+
+    def __init__(self, path: epath.Path, resume_iteration: int | None):
+        self.path, self.records = path, []
+        if resume_iteration is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("iteration", 0) <= resume_iteration:
+                    self.records.append(record)
+
+    def write(self, records: list[dict]) -> None:
+        self.records.extend(records)
+        if common.main_process():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+
+def sample_records(tokenizer, rollout, scores, n: int, **fields) -> list[dict]:
+    """The first `n` rows of a host rollout as readable records."""
+    out = []
+    for i in range(min(n, len(rollout.prompt))):
+        out.append(
+            {
+                **fields,
+                "prompt": tokenizer.decode(rollout.prompt[i][rollout.prompt_mask[i]]),
+                "summary": tokenizer.decode(rollout.response[i][rollout.response_mask[i]], stop_at_eos=True),
+                "finished": bool(rollout.finished[i]),
+                "rm_score": float(scores[i]),  # normalised; PPO used the penalty instead if not finished
+            }
+        )
+    return out
+
+
+def run(setup: common.Setup) -> runner.StageResult:
+    cfg, pcfg = setup.cfg, setup.cfg.ppo
+    mesh = setup.mesh
+    policy_cfg = dataclasses.replace(setup.model_cfg, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+    frozen_cfg = dataclasses.replace(policy_cfg, param_dtype="bfloat16") if cfg.bf16 else policy_cfg
+    prompts, val = common.load_summaries(setup)
+    root = jax.random.fold_in(jax.random.key(cfg.seed), 3)
+    k_steps, k_eval = jax.random.split(root)
+
+    sft, _ = common.restore_finished(setup, "sft", common.state_target(setup, common.sft_state_init(setup)))
+    rm_state, rm_meta = common.restore_finished(
+        setup, "rm", common.state_target(setup, common.rm_state_init(setup))
+    )
+    if "reward_norm" not in rm_meta:
+        raise RuntimeError(
+            f"the rm checkpoint under {cfg.out} has no reward_norm: rerun --stages rm --resume"
+        )
+    norm = rm_meta["reward_norm"]
+    frozen = common.to_bf16 if cfg.bf16 else (lambda tree: tree)
+    ref_params = parallel.put(frozen(sft.params), mesh)
+    rm_params = parallel.put(frozen(rm_state.params), mesh)
+
+    rl_cfg = pcfg.rl
+    n_updates = pcfg.iterations * rl_cfg.epochs * (rl_cfg.minibatches if rl_cfg.algo == "ppo" else 1)
+    tx = make_rl_optimizer(pcfg, n_updates)
+    params = rl.init_rl_params(sft.params, value_from_reward_model(rm_state.params, norm), rl_cfg)
+    state = common.put_owned(rl.init_rl_state(params, tx, rl_cfg), mesh)
+    del sft, rm_state, params
+
+    sample_cfg = SampleConfig(
+        max_new_tokens=cfg.data.max_summary_tokens,
+        temperature=pcfg.temperature,
+        top_k=pcfg.top_k,
+        top_p=pcfg.top_p,
+        eos_id=setup.tokenizer.eos_id,
+        pad_id=setup.tokenizer.eos_id,
+    )
+    iteration, evaluate = jit_programs(
+        make_iteration(policy_cfg, sample_cfg, tx, rl_cfg, norm, frozen_cfg),
+        make_evaluate(policy_cfg, sample_cfg, rl_cfg, norm, frozen_cfg),
+        mesh,
+        state,
+        ref_params,
+        rm_params,
+    )
+
+    resume_from = checkpoint.latest_step(cfg.out, "ppo") if cfg.resume else None
+    samples = SampleLog(epath.Path(cfg.out) / "ppo_samples.jsonl", resume_from)
+    n_prompts, batch_size = len(prompts.prompt), pcfg.batch_size
+    position = {"iteration": resume_from or 0}
+
+    def step_fn(state, i, key):
+        idx = common.train_rows(n_prompts, batch_size, i, cfg.data.seed)
+        prompt, prompt_mask = common.put_batch((prompts.prompt[idx], prompts.prompt_mask[idx]), mesh)
+        state, metrics, (rollout, scores) = iteration(state, ref_params, rm_params, prompt, prompt_mask, key)
+        position["iteration"] = i + 1
+        if pcfg.sample_every and (i + 1) % pcfg.sample_every == 0:
+            rollout, scores = parallel.to_host((rollout, scores))
+            records = sample_records(
+                setup.tokenizer, rollout, scores, pcfg.samples_logged, iteration=i + 1, split="train"
+            )
+            samples.write(records)
+        return state, metrics
+
+    def evaluate_prompts(state, data: common.Summaries, split: str) -> dict:
+        """Mean per-row metrics over the first eval_batches x batch_size prompts of `data`, sampled with
+        the same keys at every evaluation, so that changes come from the policy alone."""
+        n = min(len(data.prompt), pcfg.eval_batches * batch_size)
+        if n == 0:
+            return {}
+        rows, records = [], []
+        for b, (idx, valid) in enumerate(common.eval_rows(n, batch_size)):
+            prompt, prompt_mask = common.put_batch((data.prompt[idx], data.prompt_mask[idx]), mesh)
+            key = jax.random.fold_in(k_eval, b)
+            out, rollout = parallel.to_host(
+                evaluate(state.params["policy"], ref_params, rm_params, prompt, prompt_mask, key)
+            )
+            rows.append({k: v[valid] for k, v in out.items()})
+            if b == 0 and split == "val":
+                records = sample_records(
+                    setup.tokenizer,
+                    rollout,
+                    out["rm_score"],
+                    pcfg.samples_logged,
+                    iteration=position["iteration"],
+                    split=split,
+                )
+        samples.write(records)
+        return {f"{split}_{k}": float(np.mean(np.concatenate([r[k] for r in rows]))) for k in rows[0]}
+
+    def eval_fn(state):
+        return {**evaluate_prompts(state, val, "val"), **evaluate_prompts(state, prompts, "train")}
+
+    initial_path = epath.Path(cfg.out) / "ppo_initial_eval.json"  # the SFT policy's held-out numbers
+    if resume_from is None:
+        common.write_json(initial_path, eval_fn(state))
+    initial_eval = json.loads(initial_path.read_text()) if initial_path.exists() else None
+    result = runner.run_stage(
+        run_dir=cfg.out,
+        stage="ppo",
+        state=state,
+        step_fn=step_fn,
+        n_steps=pcfg.iterations,
+        root_key=k_steps,
+        resume=cfg.resume,
+        meta={**common.stage_meta(cfg, "ppo"), "reward_norm": norm},
+        ckpt_every=pcfg.ckpt_every,
+        tokenizer=setup.tokenizer_path,
+        eval_fn=eval_fn,
+        eval_every=pcfg.eval_every,
+        log_every=pcfg.log_every,
+        progress=cfg.progress,
+        stop_after=cfg.stop_after_for("ppo"),
+    )
+    if result.history:
+        history = result.history
+        common.write_json(
+            epath.Path(cfg.out) / "ppo_summary.json",
+            {
+                **result.summary,
+                "train_prompts": n_prompts,
+                "val_prompts": len(val.prompt),
+                "reward_norm": norm,
+                "initial_eval": initial_eval,
+                "first": history[0],
+                "last": history[-1],
+            },
+        )
+    return result
+
+
+def main(argv=None) -> None:
+    run(
+        common.make_setup(common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.ppo"))
+    )
+
+
+if __name__ == "__main__":
+    main()
