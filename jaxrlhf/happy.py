@@ -80,13 +80,13 @@ class RLStageConfig:
       dpo_beta: DPO's beta.
     """
 
-    iters: int = 100
+    iters: int = 200
     batch_size: int = 32
     lr: float = 3e-4
-    kl_coef: float = 0.1
+    kl_coef: float = 0.05
     kl_target: float | None = None
-    epochs: int = 4
-    minibatches: int = 2
+    epochs: int = 1
+    minibatches: int = 1
     clip_eps: float = 0.2
     vf_coef: float = 0.1
     lam: float = 0.95
@@ -119,15 +119,15 @@ class HappyConfig:
     reward: str = "vader"
     seed: int = 0
     fsdp: int = 1
-    pretrain: LMStageConfig = LMStageConfig(steps=600, lr=3e-3, warmup_steps=30)
-    sft: LMStageConfig = LMStageConfig(steps=120, lr=1e-3, warmup_steps=10, batch_size=128)
+    pretrain: LMStageConfig = LMStageConfig(steps=2500, batch_size=64, lr=4e-3, warmup_steps=50)
+    sft: LMStageConfig = LMStageConfig(steps=200, batch_size=64, lr=3e-4, warmup_steps=20, min_lr_ratio=0.3)
     rl: RLStageConfig = RLStageConfig()
 
 
 QUICK = dict(
     pretrain=LMStageConfig(steps=40, batch_size=64, lr=3e-3, warmup_steps=5, eval_rows=512),
     sft=LMStageConfig(steps=10, batch_size=64, lr=1e-3, warmup_steps=2, eval_rows=256),
-    rl=RLStageConfig(iters=16, batch_size=32, lr=3e-3, kl_coef=0.02),
+    rl=RLStageConfig(iters=16, batch_size=32, lr=3e-3, kl_coef=0.02, epochs=4, minibatches=2),
 )
 
 
@@ -580,7 +580,7 @@ def parse_args(argv=None) -> tuple[HappyConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(
         prog="python -m jaxrlhf.happy",
         description="HappyGPT: pretrain -> SFT -> RL against VADER sentiment, on a laptop CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--data-dir",
@@ -588,7 +588,7 @@ def parse_args(argv=None) -> tuple[HappyConfig, argparse.Namespace]:
         help="folder with the tweets' train.csv/test.csv "
         "(default: $JAXRLHF_DATA_DIR, else a checked download)",
     )
-    p.add_argument("--out", default="runs/happy", help="output directory")
+    p.add_argument("--out", default="runs/happy", help="output directory (default: runs/happy)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoints")
     p.add_argument("--quick", action="store_true", help="a tiny run (< 1 minute) for tests and smoke checks")
     p.add_argument("--quiet", action="store_true", help="no progress bars or samples on stdout")
