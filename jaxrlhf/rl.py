@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrlhf import losses, model, ops, sampling, train
+from jaxrlhf import losses, model, ops, rewards, sampling, train
 from jaxrlhf.config import ModelConfig, SampleConfig
 
 Params = Any
@@ -157,18 +157,18 @@ def make_experience(
     ref_logprobs, _ = response_logprobs(ref_params, tokens, mask, r, ref_cfg or cfg)
     raw_scores = scores.astype(jnp.float32)
     if rl.no_eos_penalty is not None:
-        scores = jnp.where(rollout.finished, raw_scores, rl.no_eos_penalty)
+        scores = rewards.no_eos_penalty(raw_scores, rollout.finished, rl.no_eos_penalty)
     else:
         scores = raw_scores
-    rewards, kl = losses.shaped_rewards(
+    token_rewards, kl = losses.shaped_rewards(
         scores, old_logprobs, ref_logprobs, rmask, state.kl.kl_coef, kind=rl.kl_kind
     )
     if rl.algo == "ppo":
         old_values = response_values(params["value"], tokens, mask, r, cfg)
-        advantages, returns = losses.compute_gae(rewards, old_values, rmask, rl.gamma, rl.lam)
+        advantages, returns = losses.compute_gae(token_rewards, old_values, rmask, rl.gamma, rl.lam)
     else:
         old_values = jnp.zeros_like(old_logprobs)
-        advantages, returns = losses.compute_gae(rewards, old_values, rmask, rl.gamma, 1.0)
+        advantages, returns = losses.compute_gae(token_rewards, old_values, rmask, rl.gamma, 1.0)
     if rl.whiten_advantages:
         advantages = ops.masked_whiten(advantages, rmask)
     advantages = jnp.where(rmask, advantages, 0.0)

@@ -132,7 +132,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 def apply_gradients(
     state: TrainState, grads: Params, loss: jax.Array, tx: optax.GradientTransformation
 ) -> tuple[TrainState, dict]:
-    """One optimizer update, skipped (state unchanged except nothing) when loss or grads are not finite."""
+    """One optimizer update, skipped (state unchanged) if the loss or the gradients are not finite."""
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
