@@ -21,20 +21,7 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-
-
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Measured float32 n x n matmul throughput in FLOP/s (best of `reps`)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+from bench_train_step import matmul_peak_gflops  # scripts/ is on sys.path when run as a script
 
 
 def main() -> int:
@@ -46,7 +33,7 @@ def main() -> int:
 
     from jaxrlhf import happy
 
-    peak_before = matmul_peak()
+    peak_before = matmul_peak_gflops()[0] * 1e9
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="bench_happy_")
     if pathlib.Path(run_dir).exists() and args.run_dir:
         shutil.rmtree(run_dir)
@@ -55,7 +42,7 @@ def main() -> int:
     t0 = time.perf_counter()
     summary = happy.run(cfg, hargs)
     wall = time.perf_counter() - t0
-    peak_after = matmul_peak()
+    peak_after = matmul_peak_gflops()[0] * 1e9
     peak = max(peak_before, peak_after)
 
     stages = summary["stages"]
