@@ -191,7 +191,7 @@ def test_ppo_iteration_sharded_equals_single_device():
         # SGD: Adam turns rounding-level differences of near-zero gradients into lr-sized steps.
         tx = optax.sgd(0.05)
         params = rl.init_rl_params(policy, ppo.value_from_reward_model(rm, norm), rl_cfg)
-        state = common.put_owned(rl.init_rl_state(params, tx, rl_cfg), mesh)
+        state = parallel.put(rl.init_rl_state(params, tx, rl_cfg), mesh)
         ref_params, rm_params = parallel.put(policy, mesh), parallel.put(rm, mesh)
         iteration, evaluate = ppo.jit_programs(
             ppo.make_iteration(cfg, sample_cfg, tx, rl_cfg, norm, cfg),

@@ -539,17 +539,6 @@ def put_batch(batch: Any, mesh) -> Any:
     return parallel.shard_batch(local(batch), mesh)
 
 
-def put_owned(tree: Any, mesh) -> Any:
-    """`parallel.put` of a copy of `tree`, for a state that a step will donate.
-
-    On a multi-device mesh, device_put to a replicated sharding reuses the source buffer as the
-    device-0 shard even with may_alias=False (jax 0.10), so two puts of one tree (PPO's policy and
-    frozen reference, the value model and the reward model) share memory, and donating one frees the
-    other's: a segfault on CPU, silent corruption elsewhere. The copy gives the state its own buffers.
-    """
-    return parallel.put(jax.tree.map(jnp.copy, tree), mesh)
-
-
 def jit_eval(fn, mesh, params) -> Any:
     """jax.jit of `fn(params, batch) -> outputs` with params sharded like a train state and the
     batch split over the mesh; outputs replicated."""

@@ -196,7 +196,7 @@ def run(setup: common.Setup) -> runner.StageResult:
     n_updates = pcfg.iterations * rl_cfg.epochs * (rl_cfg.minibatches if rl_cfg.algo == "ppo" else 1)
     tx = make_rl_optimizer(pcfg, n_updates)
     params = rl.init_rl_params(sft.params, value_from_reward_model(rm_state.params, norm), rl_cfg)
-    state = common.put_owned(rl.init_rl_state(params, tx, rl_cfg), mesh)
+    state = parallel.put(rl.init_rl_state(params, tx, rl_cfg), mesh)
     del sft, rm_state, params
 
     sample_cfg = SampleConfig(

@@ -52,7 +52,7 @@ def run(setup: common.Setup) -> runner.StageResult:
     sft, _ = common.restore_finished(setup, "sft", common.state_target(setup, common.sft_state_init(setup)))
     tx = train.make_optimizer(common.rm_optim(cfg))
     params = {"gpt": sft.params, "head": model.init_scalar_head(k_head, mcfg)}
-    state = common.put_owned(train.init_train_state(params, tx), mesh)
+    state = parallel.put(train.init_train_state(params, tx), mesh)
     del sft, params
     step = parallel.jit_step(train.make_rm_step(mcfg, tx), mesh, state)
     evaluate = common.jit_eval(train.make_rm_eval(mcfg), mesh, state.params)

@@ -66,7 +66,7 @@ def run(setup: common.Setup) -> runner.StageResult:
     k_init, k_steps = jax.random.split(root)
 
     tx = train.make_optimizer(common.sft_optim(cfg))
-    state = common.put_owned(train.init_train_state(common.initial_params(setup, k_init), tx), mesh)
+    state = parallel.put(train.init_train_state(common.initial_params(setup, k_init), tx), mesh)
     prompt_len = cfg.data.max_prompt_tokens
     step = parallel.jit_step(make_sft_step(mcfg, tx, prompt_len), mesh, state)
     evaluate = common.jit_eval(make_sft_eval(mcfg, prompt_len), mesh, state.params)
