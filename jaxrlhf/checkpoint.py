@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,9 +52,24 @@ _UNSET = object()
 
 # --------------------------------------------------------------------------------------- paths
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # gs://, s3://, file://, ...
+
+
+def resolve(run_dir: PathLike) -> epath.Path:
+    """`run_dir` as the checkpoint layer uses it: a local path made absolute, a URL kept as it is.
+
+    Every path reaches orbax through here: orbax-checkpoint >= 0.12 refuses relative paths, and a
+    relative `--out` (the pipelines' default, `runs/...`) must work whatever orbax version is installed.
+    Relative paths are taken against the current directory at the call, `~` is expanded.
+    """
+    text = os.fspath(run_dir)
+    if _URL.match(text):
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
 
 def _stage_dir(run_dir: PathLike, stage: str) -> epath.Path:
-    return epath.Path(run_dir) / stage
+    return resolve(run_dir) / stage
 
 
 def _step_dir(run_dir: PathLike, stage: str, step: int) -> epath.Path:

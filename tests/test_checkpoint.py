@@ -56,6 +56,30 @@ def assert_bitwise_equal(a, b):
         assert host(x).tobytes() == host(y).tobytes()
 
 
+def test_relative_run_dir(tmp_path, monkeypatch):
+    """A relative run directory (the pipelines' default `--out runs/...`) saves, lists and restores:
+    orbax >= 0.12 refuses relative paths, so the checkpoint layer makes them absolute itself."""
+    monkeypatch.chdir(tmp_path)
+    state = make_state()
+    tok = CharTokenizer.from_corpus(["abc"])
+    tok.save(tmp_path / "tok.json")
+    checkpoint.save("runs/rel", "sft", 3, state, meta={"k": 1}, tokenizer="tok.json")
+    assert sorted(os.listdir(tmp_path / "runs" / "rel" / "sft")) == ["3"]
+    assert checkpoint.all_steps("runs/rel", "sft") == [3] and checkpoint.has_stage("./runs/rel", "sft")
+    restored, meta = checkpoint.restore("runs/rel", "sft", jax.eval_shape(lambda: state))
+    assert_bitwise_equal(restored, state) and meta["k"] == 1
+    assert checkpoint.restore_meta("runs/../runs/rel", "sft") == meta
+    got = checkpoint.restore_tokenizer("runs/rel", "sft", "restored")
+    assert load_tokenizer(got).encode("cab") == tok.encode("cab")
+    # The same checkpoint through its absolute path, from elsewhere.
+    monkeypatch.chdir(tmp_path / "runs")
+    assert checkpoint.latest_step(tmp_path / "runs" / "rel", "sft") == 3
+    assert checkpoint.latest_step("rel", "sft") == 3  # relative to the new working directory
+    # URLs are left as they are (no local folder named "gs:" is ever made).
+    assert os.fspath(checkpoint.resolve("gs://bucket/run")) == "gs://bucket/run"
+    assert os.fspath(checkpoint.resolve("runs/x")) == os.path.join(os.getcwd(), "runs", "x")
+
+
 def test_round_trip_is_bitwise(tmp_path):
     state = make_state()
     meta = {"epoch": 2, "batch_index": 17, "prng": {"seed": 0, "step": 41}, "config": CONFIG}

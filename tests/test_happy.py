@@ -1,4 +1,8 @@
-"""`python -m jaxrlhf.happy --quick` end to end in a subprocess: killed mid-run, resumed, finished."""
+"""`python -m jaxrlhf.happy --quick` end to end in a subprocess: killed mid-run, resumed, finished.
+
+Every run here goes through a relative `--out` (or the default one) as the README's command does: orbax
+>= 0.12 refuses relative checkpoint paths, and absolute temporary paths hid that from the tests once.
+"""
 
 import json
 import os
@@ -21,6 +25,8 @@ def _cmd(out, data_dir, *extra):
 def _env(tmp_path):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
+    # Importable from any working directory, installed or not.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["JAXRLHF_CACHE_DIR"] = str(tmp_path / "cache")
     env["HOME"] = str(tmp_path)  # the persistent XLA cache goes under the test's own home
     return env
@@ -28,9 +34,11 @@ def _env(tmp_path):
 
 def test_happy_quick_kill_resume(tmp_path, shared_data):
     out = tmp_path / "run"
+    rel_out = os.path.relpath(out, REPO)  # from the repository root, as a user types it
+    assert not os.path.isabs(rel_out)
     env = _env(tmp_path)
     # Kill the first run with SIGKILL once the SFT stage has its first checkpoint.
-    proc = subprocess.Popen(_cmd(out, shared_data / "tweets"), cwd=REPO, env=env,
+    proc = subprocess.Popen(_cmd(rel_out, shared_data / "tweets"), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -44,11 +52,11 @@ def test_happy_quick_kill_resume(tmp_path, shared_data):
 
     # Without --resume the existing stage is refused with a one-line error.
     again = subprocess.run(
-        _cmd(out, shared_data / "tweets"), cwd=REPO, env=env, capture_output=True, text=True
+        _cmd(rel_out, shared_data / "tweets"), cwd=REPO, env=env, capture_output=True, text=True
     )
     assert again.returncode == 1 and "--resume" in again.stderr.strip().splitlines()[-1]
 
-    done = subprocess.run(_cmd(out, shared_data / "tweets", "--resume"), cwd=REPO, env=env,
+    done = subprocess.run(_cmd(rel_out, shared_data / "tweets", "--resume"), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -68,6 +76,23 @@ def test_happy_quick_kill_resume(tmp_path, shared_data):
     # RL raises the VADER reward above where the SFT model started.
     assert sum(rewards[-5:]) / 5 > sum(rewards[:3]) / 3, rewards
     assert summary["stages"]["sft"]["val_loss"] < 4.0
+
+
+def test_happy_quick_default_out(tmp_path, shared_data):
+    """The README's command, `--out` left at its default (runs/happy under the working directory)."""
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    data_dir = os.path.relpath(shared_data / "tweets", cwd)
+    cmd = [sys.executable, "-m", "jaxrlhf.happy", "--quick", "--data-dir", data_dir]  # progress bars too
+    done = subprocess.run(cmd, cwd=cwd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = cwd / "runs" / "happy"
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("pretrain", "sft", "rl"):
+        steps = sorted(int(p.name) for p in (out / name).iterdir() if p.name.isdigit())
+        assert steps and steps[-1] == summary["stages"][name]["steps"], (name, steps)
+        assert not [p for p in (out / name).iterdir() if "tmp" in p.name], "no half-written save is left"
+    assert done.stdout.strip().splitlines()[-1].endswith("outputs in runs/happy"), done.stdout[-500:]
 
 
 def test_happy_help_and_missing_data(tmp_path):

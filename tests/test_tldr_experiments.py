@@ -273,7 +273,9 @@ def _records(path):
 
 def test_sft_rm_ppo_end_to_end_with_resume(shared_data, tmp_path):
     out, cache = tmp_path / "run", tmp_path / "cache"
-    args = _pipeline_args(shared_data, out, cache)
+    # `--out` relative to the repository root, where the command runs: orbax >= 0.12 refuses relative
+    # checkpoint paths, so this is what a user's `--out runs/tldr` goes through.
+    args = _pipeline_args(shared_data, os.path.relpath(out, REPO), cache)
     # First call: every stage, PPO stopped after 12 iterations (a preemption after the step-12 checkpoint).
     log = _run_pipeline([*args, "--stop-after", f"ppo:{PPO_STOP}"], devices=1)
     assert "ppo stopped before its last step" in log
