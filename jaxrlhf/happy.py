@@ -75,9 +75,12 @@ class RLStageConfig:
       lam: GAE lambda.
       top_k: sampling top-k.
       temperature: sampling temperature.
-      pairs_n: REBEL / DPO answers per prompt.
+      pairs_n: answers per prompt: the GRPO / RLOO group size, or the REBEL / DPO / IPO answers whose best
+        and worst form a pair.
       eta: REBEL's eta.
-      dpo_beta: DPO's beta.
+      dpo_beta: DPO's (and IPO's) beta.
+      ptx_coef: PPO-ptx's gamma (InstructGPT eq. 2): each update also minimises gamma x the next-token
+        loss of `batch_size` pretraining tweets; 0 = off.
     """
 
     iters: int = 200
@@ -95,6 +98,7 @@ class RLStageConfig:
     pairs_n: int = 4
     eta: float = 1.0
     dpo_beta: float = 0.1
+    ptx_coef: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,7 +109,7 @@ class HappyConfig:
       model: minGPT preset name.
       block_size: context length (tweets are cut to this many characters + 1).
       dropout: dropout on embeddings, residuals and attention during pretraining / SFT.
-      algo: RL algorithm: "ppo", "pg", "rebel" or "dpo".
+      algo: RL algorithm: "ppo", "pg", "grpo", "rloo", "rebel", "dpo" or "ipo".
       reward: "vader" (VADER compound score of the decoded tweet) or "learned" (a sentiment reward
         model trained on the tweets' labels; see train_reward_model).
       seed: root seed.
@@ -266,9 +270,12 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-def _rl_stage(cfg: HappyConfig, mcfg, sft_params, tokenizer, mesh, args, tok_path, reward_host, reward_jax):
+def _rl_stage(
+    cfg: HappyConfig, mcfg, sft_params, tokenizer, mesh, args, tok_path, reward_host, reward_jax, ptx_data
+):
     rc = cfg.rl
-    tx = train.make_optimizer(train.OptimConfig(lr=rc.lr, weight_decay=0.0, grad_clip=1.0))
+    optim = train.OptimConfig(lr=rc.lr, weight_decay=0.0, grad_clip=1.0)
+    tx = train.make_optimizer(optim)
     scfg = SampleConfig(
         max_new_tokens=mcfg.block_size - 1,
         temperature=rc.temperature,
@@ -282,7 +289,8 @@ def _rl_stage(cfg: HappyConfig, mcfg, sft_params, tokenizer, mesh, args, tok_pat
     prompt, prompt_mask = parallel.shard_batch((prompt, prompt_mask), mesh)
     meta = {"config": _stage_meta(cfg, mcfg, cfg.rl, algo=cfg.algo, reward=cfg.reward), "stage": "rl"}
 
-    if cfg.algo in ("ppo", "pg"):
+    if cfg.algo in rl.ALGOS:
+        group = cfg.algo in ("grpo", "rloo")
         rlc = rl.RLConfig(
             algo=cfg.algo,
             kl_coef=rc.kl_coef,
@@ -292,21 +300,42 @@ def _rl_stage(cfg: HappyConfig, mcfg, sft_params, tokenizer, mesh, args, tok_pat
             vf_coef=rc.vf_coef,
             epochs=rc.epochs,
             minibatches=rc.minibatches,
-            whiten_advantages=True,
+            # GRPO as in DeepSeekMath: group-standardised advantages and a k3 KL loss term; RLOO as in
+            # Ahmadian et al. / TRL: leave-one-out baseline, k1 in the sequence reward.
+            group_size=rc.pairs_n,
+            kl_penalty="loss" if cfg.algo == "grpo" else "reward",
+            kl_kind="k3" if cfg.algo == "grpo" else "k1",
+            loss_agg="seq_mean_token_mean" if cfg.algo == "grpo" else "token_mean",
+            whiten_advantages=not group,
+            ptx_coef=rc.ptx_coef,
         )
+
+        def ptx_at(i):
+            """PPO-ptx's pretraining batch for iteration i: `batch_size` tweets of the pretraining set."""
+            if not rc.ptx_coef:
+                return None
+            ids, mask = ptx_data
+            rows = np.random.default_rng([cfg.seed, 7, i]).choice(ids.shape[0], b, replace=False)
+            return parallel.shard_batch(train.LMBatch(ids[rows], mask[rows], mask[rows]), mesh)
+
         value = {"gpt": sft_params, "head": model.init_scalar_head(jax.random.key(1), mcfg)}
+        value = value if cfg.algo == "ppo" else None
+        # Policy and value clipped apart: one global norm would let the value loss shrink policy steps.
+        tx = train.make_per_model_optimizer({"policy": optim, "value": optim})
         state = rl.init_rl_state(rl.init_rl_params(sft_params, value, rlc), tx, rlc)
         state = parallel.put(state, mesh)
         sample = jax.jit(lambda p, k: sampling.sample_fn(p, prompt, prompt_mask, mcfg, scfg, k))
         if reward_jax is not None:
             fused = rl.make_fused_iteration(mcfg, scfg, tx, rlc, reward_jax)
-            iteration = jax.jit(lambda s, k: fused(s, ref, prompt, prompt_mask, key=k), donate_argnums=0)
+            iteration = jax.jit(
+                lambda s, k, ptx: fused(s, ref, prompt, prompt_mask, key=k, ptx=ptx), donate_argnums=0
+            )
 
             def step_fn(state, i, key):
-                state, metrics, _ = iteration(state, key)
+                state, metrics, _ = iteration(state, key, ptx_at(i))
                 return state, metrics
         else:
-            learn = jax.jit(rl.make_learn(mcfg, tx, rlc), donate_argnums=0)
+            learn = jax.jit(rl.make_learn(mcfg, tx, rlc, sample_cfg=scfg), donate_argnums=0)
 
             def step_fn(state, i, key):
                 k_sample, k_learn = jax.random.split(key)
@@ -314,11 +343,11 @@ def _rl_stage(cfg: HappyConfig, mcfg, sft_params, tokenizer, mesh, args, tok_pat
                 t0 = time.perf_counter()
                 scores = reward_host(rollout)
                 metrics_host = {"reward_host_s": time.perf_counter() - t0}
-                state, metrics = learn(state, ref, rollout, jnp.asarray(scores), key=k_learn)
+                state, metrics = learn(state, ref, rollout, jnp.asarray(scores), key=k_learn, ptx=ptx_at(i))
                 return state, {**metrics, **metrics_host}
 
         policy_of = lambda s: s.params["policy"]  # noqa: E731
-    else:  # REBEL / DPO on best/worst pairs of n answers per prompt, regenerated every iteration
+    else:  # REBEL / DPO / IPO on best/worst pairs of n answers per prompt, regenerated every iteration
         n = rc.pairs_n
         n_prompts = max(b // n, 1)
         pprompt = jnp.full((n_prompts, 1), tokenizer.eos_id, jnp.int32)
@@ -326,7 +355,8 @@ def _rl_stage(cfg: HappyConfig, mcfg, sft_params, tokenizer, mesh, args, tok_pat
         if cfg.algo == "rebel":
             step = train.make_rebel_step(mcfg, tx, eta=rc.eta)
         else:
-            step = train.make_dpo_step(mcfg, tx, beta=rc.dpo_beta)
+            loss_type = "ipo" if cfg.algo == "ipo" else "sigmoid"
+            step = train.make_dpo_step(mcfg, tx, beta=rc.dpo_beta, loss_type=loss_type)
         state = parallel.put(train.init_train_state(sft_params, tx), mesh)
         jstep = jax.jit(lambda s, batch, k: step(s, batch, key=k), donate_argnums=0)
         gen = jax.jit(lambda p, k: preference.generate_answers(p, pprompt, pmask, mcfg, scfg, n, key=k))
@@ -524,7 +554,7 @@ def run(cfg: HappyConfig, args) -> dict:
         say(f"reward model: held-out accuracy {acc:.3f} (positive vs negative test tweets)")
         reward_jax = rewards.make_learned_reward(rm_params, rl_mcfg)
     res, policy = _rl_stage(
-        cfg, rl_mcfg, sft.state.params, tokenizer, mesh, args, tok_path, reward_host, reward_jax
+        cfg, rl_mcfg, sft.state.params, tokenizer, mesh, args, tok_path, reward_host, reward_jax, all_train
     )
     after, after_scores = show("after RL", policy, jax.random.key(102))
     plot(out, "rl", _series(res.history, "reward", "kl_per_token", "clipfrac", "value_loss", "loss"))
@@ -576,6 +606,23 @@ def _apply(cfg, overrides: dict, prefix=""):
     return dataclasses.replace(cfg, **changes)
 
 
+# RL flags that act only for some algorithms; given for another, they are refused rather than ignored.
+_ALGO_FLAGS = {
+    "rl.kl_coef": ("ppo", "pg", "grpo", "rloo"),
+    "rl.kl_target": ("ppo", "pg", "grpo", "rloo"),
+    "rl.epochs": ("ppo", "grpo", "rloo"),
+    "rl.minibatches": ("ppo", "grpo", "rloo"),
+    "rl.clip_eps": ("ppo", "grpo", "rloo"),
+    "rl.vf_coef": ("ppo",),
+    "rl.lam": ("ppo",),
+    "rl.pairs_n": ("grpo", "rloo", "rebel", "dpo", "ipo"),
+    "rl.eta": ("rebel",),
+    "rl.dpo_beta": ("dpo", "ipo"),
+    "rl.ptx_coef": ("ppo", "pg", "grpo", "rloo"),
+}
+HAPPY_ALGOS = ("ppo", "pg", "grpo", "rloo", "rebel", "dpo", "ipo")
+
+
 def parse_args(argv=None) -> tuple[HappyConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(
         prog="python -m jaxrlhf.happy",
@@ -601,10 +648,21 @@ def parse_args(argv=None) -> tuple[HappyConfig, argparse.Namespace]:
     args = p.parse_args(argv)
     cfg = HappyConfig(**QUICK) if args.quick else HappyConfig()
     cfg = _apply(cfg, vars(args))
-    if cfg.algo not in ("ppo", "pg", "rebel", "dpo"):
-        p.error(f"--algo {cfg.algo!r}: choose ppo, pg, rebel or dpo")
+    if cfg.algo not in HAPPY_ALGOS:
+        p.error(f"--algo {cfg.algo!r}: choose {', '.join(HAPPY_ALGOS)}")
     if cfg.reward not in ("vader", "learned"):
         p.error(f"--reward {cfg.reward!r}: choose vader or learned")
+    for flag, algos in _ALGO_FLAGS.items():
+        if vars(args).get(flag) is not None and cfg.algo not in algos:
+            p.error(
+                f"--{flag} does nothing under --algo {cfg.algo} (it acts for {', '.join(algos)}): drop it"
+            )
+    rc = cfg.rl
+    if cfg.algo in ("grpo", "rloo") and (rc.pairs_n < 2 or rc.batch_size % rc.pairs_n):
+        p.error(f"--rl.batch_size {rc.batch_size} must be a multiple of --rl.pairs_n {rc.pairs_n} >= 2, the "
+                f"{cfg.algo} group size")  # fmt: skip
+    if cfg.algo in ("ppo", "grpo", "rloo") and (rc.minibatches < 1 or rc.batch_size % rc.minibatches):
+        p.error(f"--rl.batch_size {rc.batch_size} must be a multiple of --rl.minibatches {rc.minibatches}")
     return cfg, args
 
 

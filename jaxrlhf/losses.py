@@ -256,9 +256,14 @@ def shaped_rewards(
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token RLHF reward: a KL penalty on every response token plus the score on the last one.
 
-    R_t = -beta * KL_t + [t = last real token] * score, with KL_t = `kl_penalty(kind)`; 0 on
-    padding. Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", eq. 2;
+    R_t = -beta * KL_t + [t = last real token] * score, with KL_t = log pi(y_t) - log pi_ref(y_t) (k1);
+    0 on padding. Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", eq. 2;
     Stiennon et al. 2020; Ouyang et al. 2022, eq. 2.
+
+    Only k1 belongs in a reward: the policy gradient of E_pi[-beta k1] is exactly -beta grad KL(pi || pi_ref)
+    (E_pi[grad log pi] = 0), while k2 / k3 in the reward give another gradient (for k3 it even points away
+    from the reference on a softmax bandit). For a k2 / k3 penalty differentiate it as a loss term instead:
+    `kl_loss`.
 
     Args:
       scores: [B] sequence scores (reward model or reward function).
@@ -267,11 +272,16 @@ def shaped_rewards(
       response_mask: [B, R] bool, True = real token. A fully masked row gets no score and no
         penalty.
       kl_coef: beta, a scalar (e.g. `KLControllerState.kl_coef`).
-      kind: KL estimator, "k1", "k2" or "k3".
+      kind: "k1", the only estimator whose reward has the KL's gradient; "k2" / "k3" are refused.
 
     Returns:
       (rewards [B, R], kl [B, R]), both 0 on padding.
     """
+    if kind != "k1":
+        raise ValueError(
+            f"kind={kind!r} in a reward does not give the gradient of the KL (only k1 does); keep k1 in "
+            "the reward, or put a k2 / k3 penalty in the loss: losses.kl_loss (RLConfig.kl_penalty='loss')"
+        )
     logprobs = _zero_padding(response_mask, _float(logprobs))
     ref_logprobs = _zero_padding(response_mask, _float(ref_logprobs))
     kl = _zero_padding(response_mask, kl_penalty(logprobs, ref_logprobs, kind))  # [B, R]
@@ -279,6 +289,46 @@ def shaped_rewards(
     is_last = (positions == ops.last_index(response_mask)[:, None]) & response_mask  # [B, R]
     rewards = -kl_coef * kl + jnp.where(is_last, _float(scores)[:, None], 0.0)
     return rewards, kl
+
+
+def kl_loss(
+    logprobs: jax.Array,
+    ref_logprobs: jax.Array,
+    response_mask: jax.Array,
+    kind: str = "k3",
+    aggregation: str = "token_mean",
+) -> tuple[jax.Array, dict]:
+    """A KL penalty differentiated as a loss term (GRPO's form), per token, over the real tokens.
+
+    L = masked_mean(KL_t), KL_t = `kl_penalty(logprobs, ref_logprobs, kind)`, for tokens sampled from
+    pi itself (on-policy) and `logprobs` differentiated. What its gradient is, in expectation over y ~ pi:
+      k2: (log pi - log pi_ref) grad log pi  ->  grad KL(pi || pi_ref), the reverse KL's exact gradient;
+      k3: (1 - pi_ref / pi) grad log pi      ->  grad KL(pi_ref || pi), the forward KL's gradient (GRPO:
+          Shao et al. 2024, "DeepSeekMath", eq. 4; its value is an unbiased estimate of the reverse KL,
+          its gradient is not);
+      k1: grad log pi                        ->  0 in expectation, so it is refused.
+    Both k2 and k3 pull pi towards pi_ref; for the reverse KL of a reward-shaped penalty use
+    `shaped_rewards` (k1 in the reward) instead.
+
+    Args:
+      logprobs: [B, R] log pi of the sampled tokens (differentiated).
+      ref_logprobs: [B, R] log pi_ref of the same tokens (constant).
+      response_mask: [B, R] bool, True = real token.
+      kind: "k2" or "k3".
+      aggregation: how per-token terms become the loss (`aggregate`), as for the policy loss.
+
+    Returns:
+      (loss, metrics) with "kl_loss".
+    """
+    if kind not in ("k2", "k3"):
+        raise ValueError(
+            f"kind={kind!r} as a KL loss term: k1's gradient is 0 in expectation; use 'k3' (GRPO) or 'k2' "
+            "(the exact reverse-KL gradient), or put k1 in the reward (RLConfig.kl_penalty='reward')"
+        )
+    ref_logprobs = jax.lax.stop_gradient(_float(ref_logprobs))
+    per_token = kl_penalty(_zero_padding(response_mask, _float(logprobs)), ref_logprobs, kind)  # [B, R]
+    loss = aggregate(per_token, response_mask, aggregation)
+    return loss, {"kl_loss": loss}
 
 
 class KLControllerState(NamedTuple):
@@ -442,12 +492,42 @@ def grpo_advantages(
 
 # ------------------------------------------------------------------------------- policy losses
 
+AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "constant")
+
+
+def aggregate(per_token: jax.Array, response_mask: jax.Array, aggregation: str = "token_mean") -> jax.Array:
+    """Reduce a [B, R] per-token loss to a scalar, the one place policy losses choose how.
+
+      token_mean:          sum_bt m L / sum_bt m, every real token of the batch weighs the same (DAPO: Yu
+                           et al. 2025; lm-human-preferences, TRL's PPO);
+      seq_mean_token_sum:  mean_b sum_t m L, a sequence's weight grows with its length (REINFORCE on the
+                           sequence log-likelihood);
+      seq_mean_token_mean: mean_b (sum_t m L / sum_t m), every sequence weighs the same (GRPO as written:
+                           Shao et al. 2024, eq. 3);
+      constant:            sum_bt m L / (B R), a constant normaliser (R = the response budget), no length
+                           bias (Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like Training").
+    Sequence means are over rows with at least one real token (fully masked rows are batch padding).
+    """
+    per_token = _zero_padding(response_mask, _float(per_token))
+    if aggregation == "token_mean":
+        return ops.masked_mean(per_token, response_mask)
+    if aggregation == "constant":
+        return jnp.sum(per_token) / per_token.size
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
+    rows = jnp.any(response_mask, axis=-1)  # [B]
+    per_row = jnp.sum(per_token, axis=-1)  # [B]
+    if aggregation == "seq_mean_token_mean":
+        per_row = per_row / jnp.maximum(jnp.sum(response_mask, axis=-1), 1)
+    return ops.masked_mean(per_row, rows)
+
 
 def pg_loss(
     logprobs: jax.Array,
     advantages: jax.Array,
     response_mask: jax.Array,
     baseline: jax.Array | float | None = None,
+    aggregation: str = "token_mean",
 ) -> tuple[jax.Array, dict]:
     """Vanilla policy gradient (REINFORCE) in minRLHF's per-token form.
 
@@ -460,6 +540,7 @@ def pg_loss(
       advantages: [B] sequence scores (broadcast to every token) or [B, R] per-token advantages.
       response_mask: [B, R] bool, True = real token.
       baseline: optional scalar, [B] or [B, R] subtracted from `advantages`.
+      aggregation: how per-token terms become the loss (`aggregate`); "token_mean" is the form above.
 
     Returns:
       (loss, metrics) with "loss" and "advantage_mean".
@@ -473,7 +554,7 @@ def pg_loss(
         advantages = advantages - (baseline[:, None] if baseline.ndim == 1 else baseline)
     advantages = jax.lax.stop_gradient(jnp.broadcast_to(advantages, logprobs.shape))  # [B, R]
     advantages = _zero_padding(response_mask, advantages)
-    loss = ops.masked_mean(-advantages * logprobs, response_mask)
+    loss = aggregate(-advantages * logprobs, response_mask, aggregation)
     return loss, {"loss": loss, "advantage_mean": ops.masked_mean(advantages, response_mask)}
 
 
@@ -486,8 +567,9 @@ def ppo_policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     logits: jax.Array | None = None,
+    aggregation: str = "token_mean",
 ) -> tuple[jax.Array, dict]:
-    """PPO clipped surrogate, per token, averaged over the real tokens of the batch.
+    """PPO clipped surrogate, per token, averaged over the real tokens of the batch (by default).
 
     rho = exp(log pi - log pi_old),  L_t = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)).
     Dual clip (A < 0 only): L_t = min(L_t, -c A), bounding the loss when rho >> 1.
@@ -504,6 +586,8 @@ def ppo_policy_loss(
       clip_eps_high: optional upper clip eps (DAPO uses 0.28 with eps_low 0.2).
       dual_clip: optional c > 1 (3.0 in the paper).
       logits: optional [B, R, V] current-policy logits, only to report the "entropy" metric.
+      aggregation: how per-token terms become the loss (`aggregate`): "token_mean" (default),
+        "seq_mean_token_sum", "seq_mean_token_mean" (GRPO) or "constant" (Dr. GRPO).
 
     Returns:
       (loss, metrics) with "loss", "clipfrac" (fraction of tokens whose gradient the clip removed),
@@ -526,7 +610,7 @@ def ppo_policy_loss(
         dual_active = (advantages < 0) & (per_token > bound)
         per_token = jnp.where(dual_active, bound, per_token)
         metrics["dual_clipfrac"] = ops.masked_mean(dual_active.astype(ratio.dtype), response_mask)
-    loss = ops.masked_mean(per_token, response_mask)
+    loss = aggregate(per_token, response_mask, aggregation)
     metrics["loss"] = loss
     metrics["approx_kl"] = ops.masked_mean(jnp.expm1(log_ratio) - log_ratio, response_mask)
     metrics["ratio_mean"] = ops.masked_mean(ratio, response_mask)

@@ -90,7 +90,8 @@ def sampler_logprobs(rollout: sampling.Rollout) -> jax.Array:
     """Sequence logprobs recorded by the sampler: rollout.logprobs summed over response_mask, [B*n].
 
     Free (no forward pass) and equal to `rollout_logprobs(sampling params, ...)` up to float error
-    (the sampler records temperature-1, unfiltered logprobs), but computed by the KV-cache decode path, so
+    at temperature 1 (the sampler records the tempered, unfiltered logprobs log_softmax(logits / T)), but
+    computed by the KV-cache decode path, so
     not bit-identical to the training forward. Prefer `rollout_logprobs` for REBEL's pi_t.
     """
     return jnp.sum(jnp.where(rollout.response_mask, rollout.logprobs, 0.0), axis=-1)

@@ -33,31 +33,61 @@ from jaxrlhf.config import ModelConfig, SampleConfig
 Params = Any
 
 
+ALGOS = ("ppo", "pg", "grpo", "rloo")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLConfig:
-    """Policy-optimisation settings (InstructGPT / lm-human-preferences defaults where they exist).
+    """Policy-optimisation settings.
 
     Attributes:
-      algo: "ppo" (clipped surrogate + value head + GAE) or "pg" (vanilla policy gradient).
-      kl_coef: initial beta of the per-token KL penalty to the frozen reference.
+      algo: "ppo" (clipped surrogate + value head + GAE), "pg" (vanilla policy gradient on reward-to-go),
+        "grpo" (clipped surrogate, no value model, each answer's sequence reward standardised within
+        its group of `group_size` answers to one prompt: Shao et al. 2024) or "rloo" (the same with
+        REINFORCE's leave-one-out baseline, r_i - mean_{j != i} r_j: Ahmadian et al. 2024).
+      group_size: K, answers per prompt for grpo / rloo; rows [iK, (i + 1)K) of a batch share a prompt.
+      grpo_scale_by_std: grpo divides by the group's std; False keeps the mean shift only (Dr. GRPO,
+        Liu et al. 2025, with loss_agg "constant").
+      loss_agg: how per-token policy (and KL) terms become the loss: "token_mean" (every token of the
+        batch alike), "seq_mean_token_sum", "seq_mean_token_mean" (GRPO as written) or "constant" (Dr.
+        GRPO); see `losses.aggregate`.
+      kl_coef: initial beta of the KL penalty to the frozen reference.
       kl_target: per-sequence KL target of the adaptive controller (Ziegler et al.); None = fixed beta.
       kl_horizon: the controller's horizon in samples.
-      kl_kind: KL estimator in the shaped reward: "k1", "k2" or "k3".
+      kl_penalty: where the KL penalty goes: "reward" (-beta * k1 on every token of the shaped reward,
+        Ziegler et al. / InstructGPT: the policy gradient of that reward is the KL's gradient) or "loss"
+        (beta * a k2 / k3 estimate differentiated as a loss term, GRPO's form; see `losses.kl_loss`).
+      kl_kind: the estimator: "k1" with kl_penalty "reward" (the only one with the right gradient there);
+        "k3" (GRPO) or "k2" with "loss".
       gamma, lam: GAE discount and lambda (PG uses lambda = 1: reward-to-go).
       clip_eps: PPO ratio clip.
       value_clip_eps: PPO value clip (None = unclipped value loss).
       vf_coef: weight of the value loss in the joint loss.
       ent_coef: weight of the entropy bonus.
-      epochs: PPO passes over one rollout buffer.
-      minibatches: PPO minibatches per pass (the batch size must be divisible by it).
-      whiten_advantages: normalise advantages over the batch's real tokens.
+      epochs: passes over one rollout buffer (ppo, grpo, rloo; pg makes one update).
+      minibatches: minibatches per pass (the batch size must be divisible by it; ppo, grpo, rloo).
+      whiten_advantages: normalise advantages over the batch's real tokens (for grpo / rloo, after the
+        group baseline).
       no_eos_penalty: score given to a response that never emits end-of-text (None = keep the score).
+      dropout: run the policy and value with the model config's dropout in the update. Off by default:
+        old and reference logprobs are computed without dropout, so with it the ratio differs from 1
+        before any update (lm-human-preferences, TRL and the REBEL code all update without dropout).
+      ptx_coef: gamma of PPO-ptx (Ouyang et al. 2022, eq. 2): every update also minimises gamma x the
+        next-token loss of a batch of pretraining text (`ptx`, a train.LMBatch passed to learn / step),
+        against regressions on the pretraining distribution; 0 = off (then passing `ptx` is an error).
+      filtered_logprobs: score and optimise the top-k / top-p filtered policy (the distribution tokens are
+        drawn from) instead of the tempered, unfiltered one. Off by default, as in lm-human-preferences and
+        TRL: the update is then slightly off-policy under top-k / top-p, by the "filter_kl" metric.
     """
 
     algo: str = "ppo"
+    group_size: int = 4
+    grpo_scale_by_std: bool = True
+    loss_agg: str = "token_mean"
     kl_coef: float = 0.1
     kl_target: float | None = None
     kl_horizon: float = 10000.0
+    kl_penalty: str = "reward"
     kl_kind: str = "k1"
     gamma: float = 1.0
     lam: float = 0.95
@@ -69,12 +99,36 @@ class RLConfig:
     minibatches: int = 4
     whiten_advantages: bool = True
     no_eos_penalty: float | None = None
+    dropout: bool = False
+    ptx_coef: float = 0.0
+    filtered_logprobs: bool = False
 
     def __post_init__(self):
-        if self.algo not in ("ppo", "pg"):
-            raise ValueError(f"algo={self.algo!r}; use 'ppo' or 'pg' (REBEL/DPO: see preference.py).")
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo={self.algo!r}; use one of {', '.join(ALGOS)} (REBEL/DPO: train.py).")
+        if self.loss_agg not in losses.AGGREGATIONS:
+            raise ValueError(f"loss_agg={self.loss_agg!r}; use one of {', '.join(losses.AGGREGATIONS)}.")
+        if self.algo in ("grpo", "rloo") and self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size}: {self.algo} needs >= 2 answers per prompt.")
+        for name in ("epochs", "minibatches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; it must be >= 1.")
+        if self.ptx_coef < 0:
+            raise ValueError(f"ptx_coef={self.ptx_coef}; use 0 (off) or a positive gamma.")
         if self.kl_kind not in ("k1", "k2", "k3"):
             raise ValueError(f"kl_kind={self.kl_kind!r}; use 'k1', 'k2' or 'k3'.")
+        if self.kl_penalty not in ("reward", "loss"):
+            raise ValueError(f"kl_penalty={self.kl_penalty!r}; use 'reward' (k1) or 'loss' (k2 / k3).")
+        if self.kl_penalty == "reward" and self.kl_kind != "k1":
+            raise ValueError(
+                f"kl_kind={self.kl_kind!r} in the reward does not give the KL's gradient (only k1 does); use "
+                "kl_kind 'k1', or kl_penalty 'loss' for a differentiated k2 / k3 term (GRPO's form)"
+            )
+        if self.kl_penalty == "loss" and self.kl_kind == "k1":
+            raise ValueError(
+                "kl_kind 'k1' as a loss term has zero expected gradient; use kl_kind 'k3' (GRPO) or 'k2', "
+                "or kl_penalty 'reward'"
+            )
 
 
 @flax.struct.dataclass
@@ -118,10 +172,50 @@ def init_rl_state(params: Params, tx: optax.GradientTransformation, rl: RLConfig
     return train.init_train_state(params, tx, kl=kl)
 
 
-def response_logprobs(params, tokens, mask, response_len: int, cfg: ModelConfig, *, key=None):
-    """log pi(response_t | prefix): [B, P + R] -> ([B, R] logprobs, [B, R, V] logits), float32."""
+def response_logprobs(
+    params,
+    tokens,
+    mask,
+    response_len: int,
+    cfg: ModelConfig,
+    *,
+    key=None,
+    sample_cfg: SampleConfig | None = None,
+    filtered: bool = False,
+):
+    """log pi(response_t | prefix): [B, P + R] -> ([B, R] logprobs, [B, R, V] policy logits), float32.
+
+    With `sample_cfg`, pi is the policy that config samples from: logits / T, and top-k / top-p too when
+    `filtered` (`sampling.policy_logits`); without it, the raw model at temperature 1.
+    """
     logits = model.logits_fn(params, tokens, mask, cfg, key=key)[:, -response_len - 1 : -1]
-    return ops.token_logprobs(logits, tokens[:, -response_len:]), logits
+    if sample_cfg is not None:
+        logits = sampling.policy_logits(logits, sample_cfg, filtered=filtered)
+    return ops.token_logprobs(logits, tokens[:, -response_len:]), logits  # [B, R], [B, R, V]
+
+
+def _check_sample_cfg(sample_cfg: SampleConfig) -> None:
+    if not isinstance(sample_cfg, SampleConfig):
+        raise TypeError(
+            f"sample_cfg is a {type(sample_cfg).__name__}: pass the SampleConfig the rollouts are drawn "
+            "with (its temperature and filters define the policy that is optimised)"
+        )
+    if sample_cfg.greedy:
+        raise ValueError("temperature 0 (greedy) has no stochastic policy to optimise; sample at T > 0")
+
+
+def _check_ptx(rl: RLConfig, ptx) -> None:
+    if rl.ptx_coef and ptx is None:
+        raise ValueError(f"ptx_coef={rl.ptx_coef} needs a batch of pretraining text: pass ptx=LMBatch(...)")
+    if ptx is not None and not rl.ptx_coef:
+        raise ValueError("a ptx batch was passed but ptx_coef is 0: set RLConfig.ptx_coef or drop it")
+
+
+def _filter_kl(tempered: jax.Array, sample_cfg: SampleConfig, response_mask: jax.Array) -> jax.Array:
+    """Mean over response tokens of KL(filtered || unfiltered) = -log(probability mass top-k / top-p
+    keep), from the [B, R, V] tempered logits: how off-policy an update on unfiltered logprobs is."""
+    kept = jax.nn.logsumexp(sampling.truncate_logits(tempered, sample_cfg), axis=-1)  # [B, R]
+    return ops.masked_mean(jax.nn.logsumexp(tempered, axis=-1) - kept, response_mask)
 
 
 def response_values(value_params, tokens, mask, response_len: int, cfg: ModelConfig, *, key=None):
@@ -137,6 +231,8 @@ def make_experience(
     cfg: ModelConfig,
     rl: RLConfig,
     ref_cfg: ModelConfig | None = None,
+    *,
+    sample_cfg: SampleConfig,
 ) -> tuple[Experience, dict]:
     """Old / reference logprobs, values, KL-shaped rewards and advantages for one rollout.
 
@@ -146,29 +242,50 @@ def make_experience(
       rollout: the sampled batch.
       scores: [B] float sequence rewards.
       cfg, rl: model and RL configs; ref_cfg defaults to cfg.
+      sample_cfg: the config the rollout was sampled with: policy and reference are both scored at its
+        temperature (logits / T); the policy is also filtered by its top-k / top-p when
+        `rl.filtered_logprobs` (the reference never is: its own top-k could exclude a sampled token).
 
     Returns:
-      (Experience, metrics) with reward / KL / length statistics of the rollout.
+      (Experience, metrics) with reward / KL / length statistics of the rollout; "filter_kl" is the mean
+      per-token KL between the filtered and the unfiltered tempered policy (0 without top-k / top-p).
     """
     r = rollout.response.shape[1]
     tokens, mask, rmask = rollout.tokens, rollout.mask, rollout.response_mask
     params = jax.lax.stop_gradient(state.params)
-    old_logprobs, _ = response_logprobs(params["policy"], tokens, mask, r, cfg)
-    ref_logprobs, _ = response_logprobs(ref_params, tokens, mask, r, ref_cfg or cfg)
+    old_logprobs, tempered = response_logprobs(params["policy"], tokens, mask, r, cfg, sample_cfg=sample_cfg)
+    filtering = bool(sample_cfg.top_k or sample_cfg.top_p < 1.0)
+    if filtering and rl.filtered_logprobs:
+        old_logprobs = ops.token_logprobs(sampling.truncate_logits(tempered, sample_cfg), rollout.response)
+    # The reference is tempered but never filtered: its own top-k could exclude a sampled token (KL = inf).
+    ref_logprobs, _ = response_logprobs(ref_params, tokens, mask, r, ref_cfg or cfg, sample_cfg=sample_cfg)
     raw_scores = scores.astype(jnp.float32)
     if rl.no_eos_penalty is not None:
         scores = rewards.no_eos_penalty(raw_scores, rollout.finished, rl.no_eos_penalty)
     else:
         scores = raw_scores
-    token_rewards, kl = losses.shaped_rewards(
-        scores, old_logprobs, ref_logprobs, rmask, state.kl.kl_coef, kind=rl.kl_kind
-    )
+    # k1 in the reward (kl_penalty "reward"), or the score alone when the KL is a loss term; the k1
+    # estimate is what the metrics and the adaptive controller read in both cases.
+    in_reward = state.kl.kl_coef if rl.kl_penalty == "reward" else 0.0
+    token_rewards, kl = losses.shaped_rewards(scores, old_logprobs, ref_logprobs, rmask, in_reward)
+    old_values = jnp.zeros_like(old_logprobs)
     if rl.algo == "ppo":
         old_values = response_values(params["value"], tokens, mask, r, cfg)
         advantages, returns = losses.compute_gae(token_rewards, old_values, rmask, rl.gamma, rl.lam)
-    else:
-        old_values = jnp.zeros_like(old_logprobs)
+    elif rl.algo == "pg":
         advantages, returns = losses.compute_gae(token_rewards, old_values, rmask, rl.gamma, 1.0)
+    else:  # grpo / rloo: one advantage per answer, from its group's sequence rewards
+        b, k = scores.shape[0], rl.group_size
+        if b % k:
+            raise ValueError(f"rollout batch {b} is not a whole number of groups of group_size={k}")
+        # The sequence reward: score - beta * sum_t k1 with the KL in the reward, else the score.
+        seq_rewards = jnp.sum(token_rewards, axis=-1).reshape(b // k, k)
+        if rl.algo == "grpo":
+            group = losses.grpo_advantages(seq_rewards, scale_by_std=rl.grpo_scale_by_std)
+        else:
+            group = losses.rloo_advantages(seq_rewards)
+        advantages = jnp.broadcast_to(group.reshape(b, 1), rmask.shape)
+        returns = jnp.zeros_like(old_logprobs)
     if rl.whiten_advantages:
         advantages = ops.masked_whiten(advantages, rmask)
     advantages = jnp.where(rmask, advantages, 0.0)
@@ -194,54 +311,76 @@ def make_experience(
         "response_length": jnp.mean(rollout.response_length.astype(jnp.float32)),
         "finished_fraction": jnp.mean(rollout.finished.astype(jnp.float32)),
     }
+    if filtering:
+        metrics["filter_kl"] = _filter_kl(tempered, sample_cfg, rmask)
+    if rl.algo == "ppo":
+        # 1 - Var(returns - values) / Var(returns) over the real tokens: 1 = a perfect critic, <= 0 = none.
+        residual = ops.masked_var(returns - old_values, rmask)
+        metrics["explained_variance"] = 1.0 - residual / jnp.maximum(ops.masked_var(returns, rmask), 1e-8)
     return exp, metrics
 
 
-def _minibatch_loss(params, mb: Experience, cfg: ModelConfig, rl: RLConfig, key):
+def _minibatch_loss(params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key):
     r = mb.response_mask.shape[1]
-    k_pol, k_val = jax.random.split(key) if key is not None else (None, None)
-    logprobs, logits = response_logprobs(params["policy"], mb.tokens, mb.mask, r, cfg, key=k_pol)
+    # Dropout only by explicit choice: old / reference logprobs were computed without it.
+    k_pol, k_val = jax.random.split(key) if key is not None and rl.dropout else (None, None)
+    logprobs, logits = response_logprobs(
+        params["policy"], mb.tokens, mb.mask, r, cfg, key=k_pol, sample_cfg=sample_cfg,
+        filtered=rl.filtered_logprobs,
+    )  # fmt: skip
     if rl.algo == "pg":
-        loss, metrics = losses.pg_loss(logprobs, mb.advantages, mb.response_mask)
+        loss, metrics = losses.pg_loss(logprobs, mb.advantages, mb.response_mask, aggregation=rl.loss_agg)
         metrics = {"policy_loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}
     else:
         pol, pol_m = losses.ppo_policy_loss(
-            logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip_eps=rl.clip_eps
-        )
+            logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip_eps=rl.clip_eps,
+            aggregation=rl.loss_agg,
+        )  # fmt: skip
+        loss = pol
+        metrics = {k: pol_m[k] for k in ("clipfrac", "approx_kl", "ratio_max", "ratio_mean")}
+        metrics["policy_loss"] = pol
+    if rl.algo == "ppo":
         values = response_values(params["value"], mb.tokens, mb.mask, r, cfg, key=k_val)
         vf, vf_m = losses.value_loss(
             values, mb.old_values, mb.returns, mb.response_mask, clip_eps=rl.value_clip_eps
         )
         loss = pol + rl.vf_coef * vf
-        metrics = {
-            "policy_loss": pol,
-            "value_loss": vf,
-            "clipfrac": pol_m["clipfrac"],
-            "approx_kl": pol_m["approx_kl"],
-            "ratio_max": pol_m["ratio_max"],
-            "value_clipfrac": vf_m["clipfrac"],
-        }
+        metrics.update(value_loss=vf, value_clipfrac=vf_m["clipfrac"])
+    if rl.kl_penalty == "loss":
+        kl_term, _ = losses.kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, rl.kl_kind, rl.loss_agg)
+        loss = loss + jax.lax.stop_gradient(kl_coef) * kl_term
+        metrics["kl_loss"] = kl_term
+    if rl.ptx_coef:
+        k_ptx = jax.random.fold_in(key, 2) if key is not None and rl.dropout else None
+        ptx_loss, _ = train.lm_loss(params["policy"], ptx, cfg, key=k_ptx)
+        loss = loss + rl.ptx_coef * ptx_loss
+        metrics["ptx_loss"] = ptx_loss
     ent = ops.masked_mean(ops.entropy(logits), mb.response_mask)
     if rl.ent_coef:
         loss = loss - rl.ent_coef * ent
     return loss, {"loss": loss, "entropy": ent, **metrics}
 
 
-def make_rl_step(cfg: ModelConfig, tx: optax.GradientTransformation, rl: RLConfig) -> Callable:
+def make_rl_step(
+    cfg: ModelConfig, tx: optax.GradientTransformation, rl: RLConfig, *, sample_cfg: SampleConfig
+) -> Callable:
     """step(state, experience, *, key) -> (state, metrics): PG = one update on the whole buffer;
-    PPO = `epochs` shuffled passes of `minibatches` updates, then the KL controller update."""
+    PPO = `epochs` shuffled passes of `minibatches` updates, then the KL controller update.
+    `sample_cfg` is the config the experience was sampled with (see `make_experience`)."""
+    _check_sample_cfg(sample_cfg)
 
-    def update(state, mb, key):
+    def update(state, mb, ptx, key):
         (loss, metrics), grads = jax.value_and_grad(_minibatch_loss, has_aux=True)(
-            state.params, mb, cfg, rl, key
+            state.params, mb, ptx, state.kl.kl_coef, cfg, rl, sample_cfg, key
         )
         state, opt_metrics = train.apply_gradients(state, grads, loss, tx)
         return state, {**metrics, **opt_metrics}
 
-    def step(state: train.TrainState, exp: Experience, *, key):
+    def step(state: train.TrainState, exp: Experience, *, key, ptx: train.LMBatch | None = None):
+        _check_ptx(rl, ptx)
         b = exp.tokens.shape[0]
         if rl.algo == "pg":
-            state, metrics = update(state, exp, jax.random.fold_in(key, 0))
+            state, metrics = update(state, exp, ptx, jax.random.fold_in(key, 0))
         else:
             if b % rl.minibatches:
                 raise ValueError(
@@ -255,7 +394,7 @@ def make_rl_step(cfg: ModelConfig, tx: optax.GradientTransformation, rl: RLConfi
                 def one_minibatch(state, xs):
                     idx, mb_key = xs
                     mb = jax.tree.map(lambda x: x[idx], exp)
-                    return update(state, mb, mb_key)
+                    return update(state, mb, ptx, mb_key)
 
                 keys = jax.random.split(jax.random.fold_in(epoch_key, 1), rl.minibatches)
                 return jax.lax.scan(one_minibatch, state, (perm, keys))
@@ -272,17 +411,27 @@ def make_rl_step(cfg: ModelConfig, tx: optax.GradientTransformation, rl: RLConfi
 
 
 def make_learn(
-    cfg: ModelConfig, tx: optax.GradientTransformation, rl: RLConfig, ref_cfg: ModelConfig | None = None
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    rl: RLConfig,
+    ref_cfg: ModelConfig | None = None,
+    *,
+    sample_cfg: SampleConfig,
 ) -> Callable:
-    """learn(state, ref_params, rollout, scores, *, key) -> (state, metrics): experience + update.
+    """learn(state, ref_params, rollout, scores, *, key, ptx=None) -> (state, metrics): experience + update.
 
+    `sample_cfg` is the config the rollouts are sampled with: its temperature (and, with
+    `rl.filtered_logprobs`, its top-k / top-p) defines the policy that is scored and optimised.
     Non-finite scores are not trained on: the update is skipped and metrics["finite"] is 0.
     """
-    rl_step = make_rl_step(cfg, tx, rl)
+    rl_step = make_rl_step(cfg, tx, rl, sample_cfg=sample_cfg)
 
-    def learn(state, ref_params, rollout, scores, *, key):
-        exp, exp_metrics = make_experience(state, ref_params, rollout, scores, cfg, rl, ref_cfg)
-        new_state, metrics = rl_step(state, exp, key=key)
+    def learn(state, ref_params, rollout, scores, *, key, ptx=None):
+        _check_ptx(rl, ptx)
+        exp, exp_metrics = make_experience(
+            state, ref_params, rollout, scores, cfg, rl, ref_cfg, sample_cfg=sample_cfg
+        )
+        new_state, metrics = rl_step(state, exp, key=key, ptx=ptx)
         scores_finite = jnp.all(jnp.isfinite(scores))
         new_state = jax.tree.map(lambda n, o: jnp.where(scores_finite, n, o), new_state, state)
         metrics["finite"] = metrics["finite"] * scores_finite.astype(jnp.float32)
@@ -302,13 +451,13 @@ def make_fused_iteration(
     """iteration(state, ref_params, prompt, prompt_mask, *, key) -> (state, metrics, rollout) as one
     program (sample, score, experience, update) for a JAX `reward_fn(rollout) -> [B]` (e.g. a learned
     reward model); jit it once with parallel.jit_step-like shardings or plain jax.jit."""
-    learn = make_learn(cfg, tx, rl, ref_cfg)
+    learn = make_learn(cfg, tx, rl, ref_cfg, sample_cfg=sample_cfg)
 
-    def iteration(state, ref_params, prompt, prompt_mask, *, key):
+    def iteration(state, ref_params, prompt, prompt_mask, *, key, ptx=None):
         k_sample, k_learn = jax.random.split(key)
         rollout = sampling.sample_fn(state.params["policy"], prompt, prompt_mask, cfg, sample_cfg, k_sample)
         scores = reward_fn(rollout)
-        state, metrics = learn(state, ref_params, rollout, scores, key=k_learn)
+        state, metrics = learn(state, ref_params, rollout, scores, key=k_learn, ptx=ptx)
         return state, metrics, rollout
 
     return iteration

@@ -5,9 +5,11 @@
 response budget R is spent, exiting early when every row is done. Shapes are static: a second call with the
 same shapes reuses the compiled program.
 
-The returned `logprobs` are those of the sampled tokens under the policy itself (softmax of the raw logits at
-temperature 1, before top-k / top-p filtering), i.e. exactly what a teacher-forced forward of the same
-sequence gives, which is what RL losses need.
+The returned `logprobs` are those of the sampled tokens under the tempered policy, log_softmax(logits / T)
+before top-k / top-p filtering (`policy_logits`), i.e. exactly what a teacher-forced forward of the same
+sequence gives at the same temperature, which is what RL losses optimise (as lm-human-preferences and TRL
+do). With top-k / top-p the tokens are drawn from the filtered distribution, so an update on these logprobs
+is slightly off-policy; `rl` reports how far (the KL between the two) and can use the filtered ones instead.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class Rollout:
       prompt_mask: [B, P] bool.
       response: [B, R] int32 sampled ids; `pad_id` after a row stopped.
       response_mask: [B, R] bool, True up to and including the first end-of-text token.
-      logprobs: [B, R] float32 log pi(response_t | prefix) at temperature 1; 0 where masked.
+      logprobs: [B, R] float32 log pi_T(response_t | prefix) of the tempered, unfiltered policy
+        (`policy_logits`; temperature 1 when greedy); 0 where masked.
       finished: [B] bool, True where the row emitted end-of-text.
     """
 
@@ -58,11 +61,29 @@ class Rollout:
         return jnp.sum(self.response_mask, axis=-1, dtype=jnp.int32)
 
 
-def filter_logits(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
-    """Temperature, top-k and top-p applied to [B, V] logits (float32); removed entries get finfo.min."""
+def policy_logits(logits: jax.Array, cfg: SampleConfig, *, filtered: bool = False) -> jax.Array:
+    """The logits of the policy `sample` draws from, as RL scores and optimises it: [..., V] float32.
+
+    logits / T (T = 1 when greedy); with `filtered`, top-k / top-p applied too (`truncate_logits`), the
+    exact distribution tokens are drawn from. log_softmax of either is a normalised log-policy.
+    """
     logits = logits.astype(jnp.float32)
-    if not cfg.greedy:
-        logits = logits / cfg.temperature
+    logits = logits if cfg.greedy else logits / cfg.temperature
+    return truncate_logits(logits, cfg) if filtered else logits
+
+
+def filter_logits(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
+    """Temperature, top-k and top-p applied to [..., V] logits (float32); removed entries get finfo.min."""
+    return policy_logits(logits, cfg, filtered=True)
+
+
+def truncate_logits(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
+    """Top-k and top-p (no temperature) applied to [..., V] logits; removed entries get finfo.min."""
+    shape = logits.shape
+    return _truncate_rows(logits.astype(jnp.float32).reshape(-1, shape[-1]), cfg).reshape(shape)
+
+
+def _truncate_rows(logits: jax.Array, cfg: SampleConfig) -> jax.Array:  # [B, V] -> [B, V]
     neg = jnp.finfo(jnp.float32).min
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         if logits.shape[-1] <= 512:
@@ -129,7 +150,7 @@ def _sample_impl(params, prompt, prompt_mask, model_cfg: ModelConfig, cfg: Sampl
         token = token.astype(jnp.int32)
         live = ~s.done
         token = jnp.where(live, token, cfg.pad_id)
-        logprob = jnp.where(live, ops.token_logprobs(s.logits, token), 0.0)
+        logprob = jnp.where(live, ops.token_logprobs(policy_logits(s.logits, cfg), token), 0.0)
         done = s.done if cfg.eos_id is None else s.done | (token == cfg.eos_id)
         response = jax.lax.dynamic_update_slice(s.response, token[:, None], (0, s.step))
         response_mask = jax.lax.dynamic_update_slice(s.response_mask, live[:, None], (0, s.step))

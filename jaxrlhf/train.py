@@ -15,7 +15,7 @@ The RL steps (policy gradient, PPO) and the rollout live in rl.py.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -129,6 +129,24 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def make_per_model_optimizer(optims: Mapping[str, OptimConfig]) -> optax.GradientTransformation:
+    """A `make_optimizer` of its own for each top-level entry of the params, e.g. {"policy", "value"}.
+
+    Each model clips its own gradient norm and has its own schedule and Adam state, as in InstructGPT
+    and lm-human-preferences: one global-norm clip over policy and value together would let the value
+    loss's large early gradients scale the policy's step down by orders of magnitude. Entries of
+    `optims` that the params lack are ignored (e.g. "value" for policy gradient).
+    """
+
+    def labels(params):
+        unknown = sorted(set(params) - set(optims))
+        if unknown:
+            raise ValueError(f"no optimizer for params {unknown}: give make_per_model_optimizer one each")
+        return {name: jax.tree.map(lambda _, n=name: n, tree) for name, tree in params.items()}
+
+    return optax.multi_transform({name: make_optimizer(c) for name, c in optims.items()}, labels)
+
+
 def apply_gradients(
     state: TrainState, grads: Params, loss: jax.Array, tx: optax.GradientTransformation
 ) -> tuple[TrainState, dict]:
@@ -238,14 +256,19 @@ def _update(state, tx, loss_fn, batch, key):
 # ------------------------------------------------------------------------------------------ steps
 
 
+def lm_loss(params: Params, batch: LMBatch, cfg: ModelConfig, *, key=None) -> tuple[jax.Array, dict]:
+    """Next-token cross-entropy on the `loss_mask` tokens of an LMBatch (losses.sft_loss)."""
+    # The last position predicts nothing: run the model on T - 1 tokens (T may be block_size + 1).
+    logits = model.logits_fn(params, batch.tokens[:, :-1], batch.mask[:, :-1], cfg, key=key)
+    targets_mask = batch.loss_mask[:, 1:] & batch.mask[:, 1:]  # [B, T-1]
+    return losses.sft_loss(logits, batch.tokens[:, 1:], targets_mask)
+
+
 def make_lm_step(cfg: ModelConfig, tx: optax.GradientTransformation) -> StepFn:
     """Pretraining / SFT: next-token cross-entropy on `loss_mask` tokens (losses.sft_loss)."""
 
     def loss_fn(params, batch: LMBatch, key):
-        # The last position predicts nothing: run the model on T - 1 tokens (T may be block_size + 1).
-        logits = model.logits_fn(params, batch.tokens[:, :-1], batch.mask[:, :-1], cfg, key=key)
-        targets_mask = batch.loss_mask[:, 1:] & batch.mask[:, 1:]  # [B, T-1]
-        return losses.sft_loss(logits, batch.tokens[:, 1:], targets_mask)
+        return lm_loss(params, batch, cfg, key=key)
 
     def step(state: TrainState, batch: LMBatch, *, key=None):
         return _update(state, tx, loss_fn, batch, key)
@@ -313,11 +336,16 @@ def make_dpo_step(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    dropout: bool = False,
 ) -> StepFn:
-    """DPO (loss_type "sigmoid") or IPO ("ipo") against the reference logprobs in the batch."""
+    """DPO (loss_type "sigmoid") or IPO ("ipo") against the reference logprobs in the batch.
+
+    `dropout`: run the policy with the model config's dropout (off by default: the reference logprobs
+    are computed without it, so with it the implicit reward margin is off at the first step; TRL and the
+    REBEL code update without dropout)."""
 
     def loss_fn(params, batch: PrefBatch, key):
-        lp = pair_logprobs(params, batch, cfg, key=key)
+        lp = pair_logprobs(params, batch, cfg, key=key if dropout else None)
         return losses.dpo_loss(
             lp[:, 0],
             lp[:, 1],
@@ -335,11 +363,15 @@ def make_dpo_step(
     return step
 
 
-def make_rebel_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, eta: float = 1.0) -> StepFn:
-    """REBEL: regress (1/eta)[log pi/pi_t (y) - log pi/pi_t (y')] onto r(y) - r(y') (Gao et al. 2024)."""
+def make_rebel_step(
+    cfg: ModelConfig, tx: optax.GradientTransformation, *, eta: float = 1.0, dropout: bool = False
+) -> StepFn:
+    """REBEL: regress (1/eta)[log pi/pi_t (y) - log pi/pi_t (y')] onto r(y) - r(y') (Gao et al. 2024).
+
+    `dropout`: as in `make_dpo_step` (off by default, so pi = pi_t exactly before the first update)."""
 
     def loss_fn(params, batch: PrefBatch, key):
-        lp = pair_logprobs(params, batch, cfg, key=key)
+        lp = pair_logprobs(params, batch, cfg, key=key if dropout else None)
         return losses.rebel_loss(
             lp[:, 0],
             batch.ref_logprobs[:, 0],

@@ -1,4 +1,4 @@
-"""PPO, PG, REBEL and DPO side by side on HappyGPT, each from the same SFT checkpoint.
+"""PPO, PG, GRPO, RLOO, REBEL, DPO and IPO side by side on HappyGPT, each from the same SFT checkpoint.
 
     python scripts/bench_rl_algos.py --from runs/happy --data-dir ../shared/data/tweets --out bench_rl.json
 
@@ -55,7 +55,7 @@ def main() -> int:
     p.add_argument("--from", dest="src", required=True, help="a happy run with pretrain/ and sft/ stages")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="bench_rl.json")
-    p.add_argument("--algos", default="ppo,pg,rebel,dpo")
+    p.add_argument("--algos", default="ppo,pg,grpo,rloo,rebel,dpo,ipo")
     p.add_argument("--rewards", default="vader", help="comma list: vader,learned")
     args, extra = p.parse_known_args()
     src = pathlib.Path(args.src)

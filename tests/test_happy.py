@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from jaxrlhf import happy
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -33,13 +35,17 @@ def _env(tmp_path):
 
 
 def test_happy_quick_kill_resume(tmp_path, shared_data):
-    out = tmp_path / "run"
-    rel_out = os.path.relpath(out, REPO)  # from the repository root, as a user types it
-    assert not os.path.isabs(rel_out)
+    """The README's command as typed (default `--out`, a relative `--data-dir`), killed during SFT,
+    refused without --resume, then resumed with `--out runs/happy` spelled out (relative)."""
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    out = cwd / "runs" / "happy"  # where the default --out puts it
+    data_dir = os.path.relpath(shared_data / "tweets", cwd)
     env = _env(tmp_path)
+    base = [sys.executable, "-m", "jaxrlhf.happy", "--quick", "--data-dir", data_dir]
     # Kill the first run with SIGKILL once the SFT stage has its first checkpoint.
-    proc = subprocess.Popen(_cmd(rel_out, shared_data / "tweets"), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(base + ["--quiet"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (out / "sft").is_dir() and any(p.name.isdigit() for p in (out / "sft").iterdir()):
@@ -51,48 +57,34 @@ def test_happy_quick_kill_resume(tmp_path, shared_data):
     pretrain_metrics = (out / "pretrain.jsonl").read_text()
 
     # Without --resume the existing stage is refused with a one-line error.
-    again = subprocess.run(
-        _cmd(rel_out, shared_data / "tweets"), cwd=REPO, env=env, capture_output=True, text=True
-    )
+    again = subprocess.run(base + ["--quiet"], cwd=cwd, env=env, capture_output=True, text=True)
     assert again.returncode == 1 and "--resume" in again.stderr.strip().splitlines()[-1]
 
-    done = subprocess.run(_cmd(rel_out, shared_data / "tweets", "--resume"), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    # Resumed with progress bars and samples on, as a user sees it; PPO-ptx on for the RL stage (its
+    # flags may change on --resume: that stage has not started).
+    resume = base + ["--out", "runs/happy", "--resume", "--rl.ptx_coef", "0.05"]
+    done = subprocess.run(resume, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].endswith("outputs in runs/happy"), done.stdout[-500:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"]["pretrain"]["steps"] == 0  # pretraining was not redone
     assert 0 < summary["stages"]["sft"]["steps"] < 10  # SFT continued from its checkpoint
     assert (out / "pretrain.jsonl").read_text() == pretrain_metrics
     for name in ("pretrain", "sft", "rl"):
         assert any(p.name.isdigit() for p in (out / name).iterdir()), name
+        assert not [p for p in (out / name).iterdir() if "tmp" in p.name], "no half-written save is left"
         assert (out / f"{name}.jsonl").stat().st_size > 0
         assert (out / f"{name}.png").stat().st_size > 1000
     lines = (out / "samples.txt").read_text().splitlines()
     assert len([x for x in lines if x and not x.startswith("#")]) > 64
     rl_rows = [json.loads(x) for x in (out / "rl.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rl_rows] == list(range(1, len(rl_rows) + 1))
+    assert all(r["ptx_loss"] > 0 for r in rl_rows)  # the pretraining loss is in every update
     rewards = [r["reward"] for r in rl_rows]
     assert all(abs(r) <= 1 for r in rewards)
     # RL raises the VADER reward above where the SFT model started.
     assert sum(rewards[-5:]) / 5 > sum(rewards[:3]) / 3, rewards
     assert summary["stages"]["sft"]["val_loss"] < 4.0
-
-
-def test_happy_quick_default_out(tmp_path, shared_data):
-    """The README's command, `--out` left at its default (runs/happy under the working directory)."""
-    cwd = tmp_path / "work"
-    cwd.mkdir()
-    data_dir = os.path.relpath(shared_data / "tweets", cwd)
-    cmd = [sys.executable, "-m", "jaxrlhf.happy", "--quick", "--data-dir", data_dir]  # progress bars too
-    done = subprocess.run(cmd, cwd=cwd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = cwd / "runs" / "happy"
-    summary = json.loads((out / "summary.json").read_text())
-    for name in ("pretrain", "sft", "rl"):
-        steps = sorted(int(p.name) for p in (out / name).iterdir() if p.name.isdigit())
-        assert steps and steps[-1] == summary["stages"][name]["steps"], (name, steps)
-        assert not [p for p in (out / name).iterdir() if "tmp" in p.name], "no half-written save is left"
-    assert done.stdout.strip().splitlines()[-1].endswith("outputs in runs/happy"), done.stdout[-500:]
 
 
 def test_happy_help_and_missing_data(tmp_path):
@@ -112,3 +104,19 @@ def test_happy_help_and_missing_data(tmp_path):
 def test_happy_rejects_unknown_choices(flag, tmp_path):
     r = subprocess.run(_cmd(tmp_path / "o", tmp_path, flag), cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "choose" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "algo,flag",
+    [("pg", "--rl.epochs=2"), ("pg", "--rl.minibatches=2"), ("pg", "--rl.lam=0.9"),
+     ("rebel", "--rl.kl_coef=0.1"), ("dpo", "--rl.clip_eps=0.1"), ("rebel", "--rl.dpo_beta=0.2"),
+     ("ppo", "--rl.eta=2"), ("ppo", "--rl.pairs_n=2")],
+)  # fmt: skip
+def test_happy_refuses_flags_the_algorithm_ignores(algo, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        happy.parse_args(["--algo", algo, flag])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert flag.split("=")[0] in last and f"--algo {algo}" in last
+    cfg, _ = happy.parse_args(["--algo", "ppo", "--rl.epochs=2", "--rl.kl_coef=0.2"])  # where they act
+    assert cfg.rl.epochs == 2 and cfg.rl.kl_coef == 0.2

@@ -55,7 +55,9 @@ def test_logprobs_match_teacher_forced_forward(params):
     prompt, mask = _prompt()
     cfg = SampleConfig(max_new_tokens=10, temperature=0.7, top_k=5, eos_id=3)
     r = sampling.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(1))
-    expected = ops.token_logprobs(_teacher_forced(params, r), r.response)
+    # The tempered, unfiltered policy: log_softmax(logits / T) of the teacher-forced forward.
+    expected = jax.nn.log_softmax(_teacher_forced(params, r) / 0.7, axis=-1)
+    expected = jnp.take_along_axis(expected, r.response[..., None], -1)[..., 0]
     np.testing.assert_allclose(r.logprobs, jnp.where(r.response_mask, expected, 0.0), atol=1e-5)
 
 

@@ -77,6 +77,9 @@ def rebel_case(cfg, tx):
     return train.make_rebel_step(cfg, tx, eta=2.0), state, _pref_batch(cfg)
 
 
+RL_SAMPLE = SampleConfig(max_new_tokens=6, eos_id=0, top_k=8)
+
+
 def _rl_case(cfg, tx, algo):
     rlc = rl.RLConfig(algo=algo, minibatches=2, epochs=2, kl_coef=0.05, kl_target=1.0)
     policy = model.init_params(jax.random.key(0), cfg)
@@ -84,11 +87,10 @@ def _rl_case(cfg, tx, algo):
     state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), tx, rlc)
     prompt = _tokens(jax.random.key(4), (B, 3), cfg.vocab_size)
     prompt_mask = jnp.asarray(_lengths_mask([3, 2, 1, 3, 3, 2, 1, 3], 3)[:, ::-1])
-    scfg = SampleConfig(max_new_tokens=6, eos_id=0, top_k=8)
-    rollout = sampling.sample(policy, prompt, prompt_mask, cfg, scfg, key=jax.random.key(5))
+    rollout = sampling.sample(policy, prompt, prompt_mask, cfg, RL_SAMPLE, key=jax.random.key(5))
     scores = jnp.linspace(-1.0, 1.0, B)
     ref = model.init_params(jax.random.key(9), cfg)
-    learn = rl.make_learn(cfg, tx, rlc)
+    learn = rl.make_learn(cfg, tx, rlc, sample_cfg=RL_SAMPLE)
 
     def step(state, batch, *, key):
         return learn(state, ref, batch[0], batch[1], key=key)
@@ -221,7 +223,7 @@ def test_ppo_minibatches_must_divide_batch(tiny_cfg):
     rlc = rl.RLConfig(minibatches=3)
     with pytest.raises(ValueError, match="not divisible by minibatches=3"):
         _, state, (rollout, scores) = _rl_case(tiny_cfg, tx, "ppo")
-        rl.make_learn(tiny_cfg, tx, rlc)(
+        rl.make_learn(tiny_cfg, tx, rlc, sample_cfg=RL_SAMPLE)(
             state, state.params["policy"], rollout, scores, key=jax.random.key(0)
         )
 
@@ -232,7 +234,7 @@ def test_rl_experience_matches_losses(tiny_cfg):
     step, state, (rollout, scores) = _rl_case(tiny_cfg, tx, "ppo")
     rlc = rl.RLConfig(kl_coef=0.05)
     ref = model.init_params(jax.random.key(9), tiny_cfg)
-    exp, metrics = rl.make_experience(state, ref, rollout, scores, tiny_cfg, rlc)
+    exp, metrics = rl.make_experience(state, ref, rollout, scores, tiny_cfg, rlc, sample_cfg=RL_SAMPLE)
     r = rollout.response.shape[1]
     lp = model.logits_fn(state.params["policy"], rollout.tokens, rollout.mask, tiny_cfg)
     lp = jax.nn.log_softmax(lp[:, -r - 1 : -1], -1)
@@ -248,3 +250,30 @@ def test_rl_experience_matches_losses(tiny_cfg):
 
     np.testing.assert_allclose(exp.advantages, jnp.where(m, ops.masked_whiten(adv, m), 0), atol=1e-5)
     assert float(metrics["reward"]) == pytest.approx(float(jnp.mean(scores)))
+    mm = np.asarray(m)
+    ret, val = np.asarray(exp.returns)[mm], np.asarray(exp.old_values)[mm]
+    ev = 1 - np.var(ret - val) / np.var(ret)  # sklearn's explained_variance_score
+    assert float(metrics["explained_variance"]) == pytest.approx(ev, abs=1e-4)
+
+
+def test_per_model_optimizer_keeps_the_policy_independent_of_the_value():
+    """The policy's trajectory must not depend on the value model's gradients (one global-norm clip over
+    both would couple them: the value loss's large gradients would rescale the policy's steps)."""
+    optim = train.OptimConfig(lr=1e-2, weight_decay=0.0, grad_clip=1.0)
+    params = {"policy": {"kernel": jnp.ones((3, 2))}, "value": {"kernel": jnp.zeros((3, 2))}}
+    policy_grads = [jnp.full((3, 2), g) for g in (0.3, -0.2, 0.25)]
+
+    def run(tx, value_scale):
+        p, opt_state = params, tx.init(params)
+        for i, g in enumerate(policy_grads):
+            grads = {"policy": {"kernel": g}, "value": {"kernel": jnp.full((3, 2), value_scale * (i + 1))}}
+            updates, opt_state = tx.update(grads, opt_state, p)
+            p = optax.apply_updates(p, updates)
+        return np.asarray(p["policy"]["kernel"])
+
+    split = train.make_per_model_optimizer({"policy": optim, "value": optim})
+    np.testing.assert_array_equal(run(split, 0.0), run(split, 1e3))
+    joint = train.make_optimizer(optim)
+    assert not np.allclose(run(joint, 0.0), run(joint, 1e3))  # what the split optimizer prevents
+    with pytest.raises(ValueError, match="no optimizer for params"):
+        train.make_per_model_optimizer({"policy": optim}).init(params)

@@ -237,6 +237,12 @@ class TldrConfig:
         unknown = set(self.stage_list) - set(STAGES)
         if unknown:
             raise ValueError(f"--stages has unknown {sorted(unknown)}; use a subset of {','.join(STAGES)}")
+        if self.ppo.rl.algo not in ("ppo", "pg"):
+            # Their group baselines need K answers to each prompt in a row; this stage samples one each.
+            raise ValueError(
+                f"--ppo.rl.algo {self.ppo.rl.algo}: the TL;DR PPO stage samples one summary per prompt, so "
+                "only ppo and pg are wired here (grpo / rloo: python -m jaxrlhf.happy --algo grpo)"
+            )
 
     @property
     def stage_list(self) -> list[str]:

@@ -58,7 +58,7 @@ def make_iteration(cfg: ModelConfig, sample_cfg: SampleConfig, tx, rl_cfg: rl.RL
     closure would bake the RM weights into the compiled program as constants (unshardable, slow to
     compile at GPT-2 sizes).
     """
-    learn = rl.make_learn(cfg, tx, rl_cfg, frozen_cfg)
+    learn = rl.make_learn(cfg, tx, rl_cfg, frozen_cfg, sample_cfg=sample_cfg)
 
     def iteration(state, ref_params, rm_params, prompt, prompt_mask, key):
         k_sample, k_learn = jax.random.split(key)
@@ -84,7 +84,10 @@ def make_evaluate(cfg: ModelConfig, sample_cfg: SampleConfig, rl_cfg: rl.RLConfi
         rollout = sampling.sample_fn(policy, prompt, prompt_mask, cfg, sample_cfg, key)
         scores = normalised_scores(rm_params, rollout, frozen_cfg, norm)
         r = rollout.response.shape[1]
-        ref_logprobs, _ = rl.response_logprobs(ref_params, rollout.tokens, rollout.mask, r, frozen_cfg)
+        # Both tempered, as in training: rollout.logprobs are log_softmax(logits / T) of the policy.
+        ref_logprobs, _ = rl.response_logprobs(
+            ref_params, rollout.tokens, rollout.mask, r, frozen_cfg, sample_cfg=sample_cfg
+        )
         kl = losses.kl_penalty(rollout.logprobs, ref_logprobs, "k1")  # [B, R]
         rows = {
             "score": with_no_eos_penalty(scores, rollout.finished, rl_cfg),
@@ -104,12 +107,7 @@ def make_rl_optimizer(pcfg: common.PPOConfig, n_updates: int) -> optax.GradientT
     updates down by orders of magnitude."""
     optim = dataclasses.replace(pcfg.optim, total_steps=pcfg.optim.total_steps or n_updates)
     value_optim = dataclasses.replace(optim, lr=pcfg.value_lr or optim.lr)
-
-    def labels(params):
-        return {name: jax.tree.map(lambda _, n=name: n, tree) for name, tree in params.items()}
-
-    transforms = {"policy": train.make_optimizer(optim), "value": train.make_optimizer(value_optim)}
-    return optax.multi_transform(transforms, labels)
+    return train.make_per_model_optimizer({"policy": optim, "value": value_optim})
 
 
 def jit_programs(iteration, evaluate, mesh, state, ref_params, rm_params):
