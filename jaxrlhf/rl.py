@@ -40,6 +40,12 @@ ALGOS = ("ppo", "pg", "grpo", "rloo")
 class RLConfig:
     """Policy-optimisation settings.
 
+    Defaults, with their sources: the PPO and KL numbers are lm-human-preferences' (Ziegler et al. 2019,
+    `train_policy.py`: kl_coef 0.2, horizon 10000, gamma 1, lam 0.95, cliprange 0.2 and cliprange_value 0.2,
+    vf_coef 0.1, 4 epochs of 1 minibatch, advantages whitened). It also whitens the rewards (without
+    shifting their mean) before GAE; TRL does not, and neither does this default (`whiten_rewards`).
+    GRPO's group size, KL form and aggregation follow DeepSeekMath; they only act for grpo / rloo.
+
     Attributes:
       algo: "ppo" (clipped surrogate + value head + GAE), "pg" (vanilla policy gradient on reward-to-go),
         "grpo" (clipped surrogate, no value model, each answer's sequence reward standardised within
@@ -68,6 +74,9 @@ class RLConfig:
       minibatches: minibatches per pass (the batch size must be divisible by it; ppo, grpo, rloo).
       whiten_advantages: normalise advantages over the batch's real tokens (for grpo / rloo, after the
         group baseline).
+      whiten_rewards: standardise the per-token rewards (score and KL terms) over the batch's real tokens
+        and add their mean back, (r - mean) / std + mean (lm-human-preferences' whiten_rewards with
+        shift_mean=False; ppo / pg, before GAE).
       no_eos_penalty: score given to a response that never emits end-of-text (None = keep the score).
       dropout: run the policy and value with the model config's dropout in the update. Off by default:
         old and reference logprobs are computed without dropout, so with it the ratio differs from 1
@@ -84,7 +93,7 @@ class RLConfig:
     group_size: int = 4
     grpo_scale_by_std: bool = True
     loss_agg: str = "token_mean"
-    kl_coef: float = 0.1
+    kl_coef: float = 0.2
     kl_target: float | None = None
     kl_horizon: float = 10000.0
     kl_penalty: str = "reward"
@@ -93,11 +102,12 @@ class RLConfig:
     lam: float = 0.95
     clip_eps: float = 0.2
     value_clip_eps: float | None = 0.2
-    vf_coef: float = 0.5
+    vf_coef: float = 0.1
     ent_coef: float = 0.0
     epochs: int = 4
-    minibatches: int = 4
+    minibatches: int = 1
     whiten_advantages: bool = True
+    whiten_rewards: bool = False
     no_eos_penalty: float | None = None
     dropout: bool = False
     ptx_coef: float = 0.0
@@ -113,6 +123,8 @@ class RLConfig:
         for name in ("epochs", "minibatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; it must be >= 1.")
+        if self.whiten_rewards and self.algo not in ("ppo", "pg"):
+            raise ValueError(f"whiten_rewards acts for ppo and pg; {self.algo} uses its group baseline.")
         if self.ptx_coef < 0:
             raise ValueError(f"ptx_coef={self.ptx_coef}; use 0 (off) or a positive gamma.")
         if self.kl_kind not in ("k1", "k2", "k3"):
@@ -268,6 +280,8 @@ def make_experience(
     # estimate is what the metrics and the adaptive controller read in both cases.
     in_reward = state.kl.kl_coef if rl.kl_penalty == "reward" else 0.0
     token_rewards, kl = losses.shaped_rewards(scores, old_logprobs, ref_logprobs, rmask, in_reward)
+    if rl.whiten_rewards:
+        token_rewards = ops.masked_whiten(token_rewards, rmask, shift_mean=False)
     old_values = jnp.zeros_like(old_logprobs)
     if rl.algo == "ppo":
         old_values = response_values(params["value"], tokens, mask, r, cfg)

@@ -392,3 +392,30 @@ def test_ptx_adds_gamma_times_the_pretraining_gradient(tiny_cfg):
     plain = rl.make_learn(tiny_cfg, tx, rl.RLConfig(algo="pg"), sample_cfg=scfg)
     with pytest.raises(ValueError, match="ptx_coef is 0"):
         plain(state, policy, rollout, jnp.ones(n), key=jax.random.key(0), ptx=ptx)
+
+
+def test_whiten_rewards_scales_the_rewards_to_unit_variance(tiny_cfg):
+    """lm-human-preferences' reward whitening without a mean shift, (r - mean) / std + mean over the real
+    tokens, checked on the PG returns (reward-to-go) against the same transform done in NumPy."""
+    scfg = SampleConfig(max_new_tokens=6, temperature=0.7, top_k=5, eos_id=0)
+    policy, rollout = _rl_rollout(tiny_cfg, scfg)
+    ref = model.init_params(jax.random.key(9), tiny_cfg)
+    scores = jnp.linspace(-2.0, 3.0, 8)
+
+    def returns(whiten):
+        rlc = rl.RLConfig(algo="pg", kl_coef=0.3, whiten_rewards=whiten)
+        state = rl.init_rl_state(rl.init_rl_params(policy, None, rlc), optax.sgd(0.0), rlc)
+        return np.asarray(
+            rl.make_experience(state, ref, rollout, scores, tiny_cfg, rlc, sample_cfg=scfg)[0].returns
+        )
+
+    plain, white = returns(False), returns(True)
+    m = np.asarray(rollout.response_mask)
+    rewards = plain - np.concatenate([plain[:, 1:], np.zeros((8, 1))], 1)  # reward-to-go -> rewards
+    mean, std = rewards[m].mean(), rewards[m].std(ddof=1)
+    whitened = np.where(m, (rewards - mean) / std + mean, 0.0)
+    want = np.cumsum(whitened[:, ::-1], axis=1)[:, ::-1]  # reward-to-go again
+    np.testing.assert_allclose(white[m], want[m], rtol=1e-4, atol=1e-4)
+    assert abs(std - 1.0) > 0.1  # the test would not notice a no-op otherwise
+    with pytest.raises(ValueError, match="whiten_rewards acts for ppo and pg"):
+        rl.RLConfig(algo="grpo", whiten_rewards=True)
