@@ -302,7 +302,7 @@ def _rl_stage(
             minibatches=rc.minibatches,
             # GRPO as in DeepSeekMath: group-standardised advantages and a k3 KL loss term; RLOO as in
             # Ahmadian et al. / TRL: leave-one-out baseline, k1 in the sequence reward.
-            group_size=rc.pairs_n,
+            group_size=rc.pairs_n if group else None,
             kl_penalty="loss" if cfg.algo == "grpo" else "reward",
             kl_kind="k3" if cfg.algo == "grpo" else "k1",
             loss_agg="seq_mean_token_mean" if cfg.algo == "grpo" else "token_mean",

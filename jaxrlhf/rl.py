@@ -51,7 +51,8 @@ class RLConfig:
         "grpo" (clipped surrogate, no value model, each answer's sequence reward standardised within
         its group of `group_size` answers to one prompt: Shao et al. 2024) or "rloo" (the same with
         REINFORCE's leave-one-out baseline, r_i - mean_{j != i} r_j: Ahmadian et al. 2024).
-      group_size: K, answers per prompt for grpo / rloo; rows [iK, (i + 1)K) of a batch share a prompt.
+      group_size: K, answers per prompt for grpo / rloo (required there, refused elsewhere); rows
+        [iK, (i + 1)K) of a batch share a prompt.
       grpo_scale_by_std: grpo divides by the group's std; False keeps the mean shift only (Dr. GRPO,
         Liu et al. 2025, with loss_agg "constant").
       loss_agg: how per-token policy (and KL) terms become the loss: "token_mean" (every token of the
@@ -90,7 +91,7 @@ class RLConfig:
     """
 
     algo: str = "ppo"
-    group_size: int = 4
+    group_size: int | None = None
     grpo_scale_by_std: bool = True
     loss_agg: str = "token_mean"
     kl_coef: float = 0.2
@@ -118,8 +119,13 @@ class RLConfig:
             raise ValueError(f"algo={self.algo!r}; use one of {', '.join(ALGOS)} (REBEL/DPO: train.py).")
         if self.loss_agg not in losses.AGGREGATIONS:
             raise ValueError(f"loss_agg={self.loss_agg!r}; use one of {', '.join(losses.AGGREGATIONS)}.")
-        if self.algo in ("grpo", "rloo") and self.group_size < 2:
+        grouped = self.algo in ("grpo", "rloo")
+        if grouped and (self.group_size is None or self.group_size < 2):
             raise ValueError(f"group_size={self.group_size}: {self.algo} needs >= 2 answers per prompt.")
+        if not grouped and self.group_size is not None:
+            raise ValueError(f"group_size acts for grpo and rloo only; drop it for algo {self.algo!r}.")
+        if not self.grpo_scale_by_std and self.algo != "grpo":
+            raise ValueError(f"grpo_scale_by_std=False acts for grpo only; drop it for algo {self.algo!r}.")
         for name in ("epochs", "minibatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; it must be >= 1.")
@@ -206,7 +212,7 @@ def response_logprobs(
     return ops.token_logprobs(logits, tokens[:, -response_len:]), logits  # [B, R], [B, R, V]
 
 
-def _check_sample_cfg(sample_cfg: SampleConfig) -> None:
+def _check_sample_cfg(sample_cfg: SampleConfig, rl: RLConfig) -> None:
     if not isinstance(sample_cfg, SampleConfig):
         raise TypeError(
             f"sample_cfg is a {type(sample_cfg).__name__}: pass the SampleConfig the rollouts are drawn "
@@ -214,6 +220,8 @@ def _check_sample_cfg(sample_cfg: SampleConfig) -> None:
         )
     if sample_cfg.greedy:
         raise ValueError("temperature 0 (greedy) has no stochastic policy to optimise; sample at T > 0")
+    if rl.filtered_logprobs and not (sample_cfg.top_k or sample_cfg.top_p < 1.0):
+        raise ValueError("filtered_logprobs does nothing without top_k or top_p in the SampleConfig; drop it")
 
 
 def _check_ptx(rl: RLConfig, ptx) -> None:
@@ -381,7 +389,7 @@ def make_rl_step(
     """step(state, experience, *, key) -> (state, metrics): PG = one update on the whole buffer;
     PPO = `epochs` shuffled passes of `minibatches` updates, then the KL controller update.
     `sample_cfg` is the config the experience was sampled with (see `make_experience`)."""
-    _check_sample_cfg(sample_cfg)
+    _check_sample_cfg(sample_cfg, rl)
 
     def update(state, mb, ptx, key):
         (loss, metrics), grads = jax.value_and_grad(_minibatch_loss, has_aux=True)(

@@ -254,6 +254,18 @@ def test_ratio_is_one_at_learning_rate_zero(tiny_cfg, filtered):
         assert float(with_dropout["ratio_max"]) > 1.01
 
 
+def test_options_that_would_do_nothing_are_refused(tiny_cfg):
+    with pytest.raises(ValueError, match="group_size acts for grpo and rloo only"):
+        rl.RLConfig(algo="ppo", group_size=4)
+    with pytest.raises(ValueError, match="needs >= 2 answers"):
+        rl.RLConfig(algo="rloo")
+    with pytest.raises(ValueError, match="acts for grpo only"):
+        rl.RLConfig(algo="rloo", group_size=4, grpo_scale_by_std=False)
+    with pytest.raises(ValueError, match="filtered_logprobs does nothing"):
+        rl.make_learn(tiny_cfg, optax.sgd(0.0), rl.RLConfig(algo="pg", filtered_logprobs=True),
+                      sample_cfg=SampleConfig(max_new_tokens=2))  # fmt: skip
+
+
 def test_sample_cfg_is_required_and_not_greedy(tiny_cfg):
     rlc = rl.RLConfig(algo="pg")
     with pytest.raises(ValueError, match="greedy"):
@@ -318,7 +330,8 @@ def test_every_algorithm_climbs_to_the_known_best_answer(algo):
     rewards_seen = []
     if algo in rl.ALGOS:
         rlc = rl.RLConfig(
-            algo=algo, kl_coef=0.01, epochs=2, minibatches=2, group_size=4, vf_coef=0.5,
+            algo=algo, kl_coef=0.01, epochs=2, minibatches=2, vf_coef=0.5,
+            group_size=4 if algo in ("grpo", "rloo") else None,
             kl_penalty="loss" if algo == "grpo" else "reward", kl_kind="k3" if algo == "grpo" else "k1",
             whiten_advantages=algo in ("ppo", "pg"),
         )  # fmt: skip

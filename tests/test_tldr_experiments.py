@@ -121,6 +121,16 @@ def test_flags_set_nested_fields_and_refuse_bad_values(capsys):
         with pytest.raises(SystemExit):
             common.parse_args(bad)
     assert "error" in capsys.readouterr().err
+    # Options this stage would ignore, or a KL estimator with the wrong gradient in the reward: refused.
+    for bad, why in (
+        (["--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "4"], "only ppo and pg are wired here"),
+        (["--ppo.rl.ptx_coef", "0.1"], "PPO-ptx is not wired"),
+        (["--ppo.rl.group_size", "4"], "group_size acts for grpo and rloo only"),
+        (["--ppo.rl.kl_kind", "k3"], "only k1"),
+    ):
+        with pytest.raises(SystemExit):
+            common.parse_args(bad)
+        assert why in capsys.readouterr().err, bad
 
 
 # ------------------------------------------------------------------------------------------ SFT loss

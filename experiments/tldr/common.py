@@ -243,6 +243,11 @@ class TldrConfig:
                 f"--ppo.rl.algo {self.ppo.rl.algo}: the TL;DR PPO stage samples one summary per prompt, so "
                 "only ppo and pg are wired here (grpo / rloo: python -m jaxrlhf.happy --algo grpo)"
             )
+        if self.ppo.rl.ptx_coef:
+            raise ValueError(
+                "--ppo.rl.ptx_coef: PPO-ptx is not wired into the TL;DR PPO stage yet (no pretraining "
+                "batches reach it); drop the flag (HappyGPT has it: python -m jaxrlhf.happy --rl.ptx_coef G)"
+            )
 
     @property
     def stage_list(self) -> list[str]:

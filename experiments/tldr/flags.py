@@ -111,27 +111,27 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Any) -> None:
         )
 
 
-def replace_path(config: Any, path: Sequence[str], value: Any) -> Any:
-    """`config` with the field at `path` (e.g. ("ppo", "rl", "kl_coef")) set to `value`."""
-    head, *rest = path
-    if rest:
-        value = replace_path(getattr(config, head), rest, value)
-    return dataclasses.replace(config, **{head: value})
-
-
 def parse_config(
     defaults: Any, argv: Sequence[str] | None = None, *, description: str = "", prog: str | None = None
 ) -> Any:
     """Parse flags into a copy of the dataclass `defaults`; a bad value exits with a one-line error."""
     parser = make_parser(defaults, description=description, prog=prog)
     namespace = parser.parse_args(argv)
-    config = defaults
+    overrides = {tuple(dest.split(".")): value for dest, value in vars(namespace).items()}
     try:
-        for dest, value in sorted(vars(namespace).items()):
-            config = replace_path(config, dest.split("."), value)
+        return replace_paths(defaults, overrides)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
-    return config
+
+
+def replace_paths(config: Any, overrides: dict[tuple[str, ...], Any]) -> Any:
+    """`config` with every field at a path set, each dataclass rebuilt once with all of its new values:
+    fields that are validated together (e.g. rl.algo and rl.group_size) never meet half-set."""
+    changes = {path[0]: value for path, value in overrides.items() if len(path) == 1}
+    for head in sorted({path[0] for path in overrides if len(path) > 1}):
+        sub = {path[1:]: value for path, value in overrides.items() if len(path) > 1 and path[0] == head}
+        changes[head] = replace_paths(getattr(config, head), sub)
+    return dataclasses.replace(config, **changes)
 
 
 def make_parser(defaults: Any, *, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
