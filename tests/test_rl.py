@@ -431,4 +431,4 @@ def test_whiten_rewards_scales_the_rewards_to_unit_variance(tiny_cfg):
     np.testing.assert_allclose(white[m], want[m], rtol=1e-4, atol=1e-4)
     assert abs(std - 1.0) > 0.1  # the test would not notice a no-op otherwise
     with pytest.raises(ValueError, match="whiten_rewards acts for ppo and pg"):
-        rl.RLConfig(algo="grpo", whiten_rewards=True)
+        rl.RLConfig(algo="grpo", group_size=4, whiten_rewards=True)
