@@ -140,7 +140,8 @@ def _sample_impl(params, prompt, prompt_mask, model_cfg: ModelConfig, cfg: Sampl
 
     def body(s: _LoopState):
         key, k_tok = jax.random.split(s.key) if not predraw else (s.key, None)
-        filtered = filter_logits(s.logits, cfg)
+        tempered = policy_logits(s.logits, cfg)  # [B, V]: its logprobs are recorded
+        filtered = truncate_logits(tempered, cfg)  # what the token is drawn from
         if cfg.greedy:
             token = jnp.argmax(filtered, axis=-1)
         elif predraw:
@@ -150,7 +151,7 @@ def _sample_impl(params, prompt, prompt_mask, model_cfg: ModelConfig, cfg: Sampl
         token = token.astype(jnp.int32)
         live = ~s.done
         token = jnp.where(live, token, cfg.pad_id)
-        logprob = jnp.where(live, ops.token_logprobs(policy_logits(s.logits, cfg), token), 0.0)
+        logprob = jnp.where(live, ops.token_logprobs(tempered, token), 0.0)
         done = s.done if cfg.eos_id is None else s.done | (token == cfg.eos_id)
         response = jax.lax.dynamic_update_slice(s.response, token[:, None], (0, s.step))
         response_mask = jax.lax.dynamic_update_slice(s.response_mask, live[:, None], (0, s.step))
