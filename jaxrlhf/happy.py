@@ -79,6 +79,7 @@ class RLStageConfig:
         and worst form a pair.
       eta: REBEL's eta.
       dpo_beta: DPO's (and IPO's) beta.
+      average_logprobs: DPO / IPO on each answer's per-token mean logprob instead of its sum (TRL's IPO).
       ptx_coef: PPO-ptx's gamma (InstructGPT eq. 2): each update also minimises gamma x the next-token
         loss of `batch_size` pretraining tweets; 0 = off.
     """
@@ -98,6 +99,7 @@ class RLStageConfig:
     pairs_n: int = 4
     eta: float = 1.0
     dpo_beta: float = 0.1
+    average_logprobs: bool = False
     ptx_coef: float = 0.0
 
 
@@ -356,7 +358,9 @@ def _rl_stage(
             step = train.make_rebel_step(mcfg, tx, eta=rc.eta)
         else:
             loss_type = "ipo" if cfg.algo == "ipo" else "sigmoid"
-            step = train.make_dpo_step(mcfg, tx, beta=rc.dpo_beta, loss_type=loss_type)
+            step = train.make_dpo_step(
+                mcfg, tx, beta=rc.dpo_beta, loss_type=loss_type, average_logprobs=rc.average_logprobs
+            )
         state = parallel.put(train.init_train_state(sft_params, tx), mesh)
         jstep = jax.jit(lambda s, batch, k: step(s, batch, key=k), donate_argnums=0)
         gen = jax.jit(lambda p, k: preference.generate_answers(p, pprompt, pmask, mcfg, scfg, n, key=k))
@@ -618,6 +622,7 @@ _ALGO_FLAGS = {
     "rl.pairs_n": ("grpo", "rloo", "rebel", "dpo", "ipo"),
     "rl.eta": ("rebel",),
     "rl.dpo_beta": ("dpo", "ipo"),
+    "rl.average_logprobs": ("dpo", "ipo"),
     "rl.ptx_coef": ("ppo", "pg", "grpo", "rloo"),
 }
 HAPPY_ALGOS = ("ppo", "pg", "grpo", "rloo", "rebel", "dpo", "ipo")

@@ -34,6 +34,25 @@ Params = Any
 
 
 ALGOS = ("ppo", "pg", "grpo", "rloo")
+# RLConfig fields that act only for some algorithms: a pipeline refuses one given for another algorithm
+# (`inactive_fields`) instead of ignoring it.
+FIELD_ALGOS = {
+    "group_size": ("grpo", "rloo"),
+    "grpo_scale_by_std": ("grpo",),
+    "gamma": ("ppo", "pg"),
+    "lam": ("ppo",),
+    "clip_eps": ("ppo", "grpo", "rloo"),
+    "value_clip_eps": ("ppo",),
+    "vf_coef": ("ppo",),
+    "epochs": ("ppo", "grpo", "rloo"),
+    "minibatches": ("ppo", "grpo", "rloo"),
+    "whiten_rewards": ("ppo", "pg"),
+}
+
+
+def inactive_fields(algo: str, names) -> list[str]:
+    """The RLConfig fields among `names` (e.g. the flags a user gave) that do nothing for `algo`."""
+    return [name for name in names if algo not in FIELD_ALGOS.get(name, ALGOS)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

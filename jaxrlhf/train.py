@@ -336,21 +336,30 @@ def make_dpo_step(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    average_logprobs: bool = False,
     dropout: bool = False,
 ) -> StepFn:
     """DPO (loss_type "sigmoid") or IPO ("ipo") against the reference logprobs in the batch.
 
+    `average_logprobs`: use each answer's per-token mean logprob (policy and reference, both divided by
+    the answer's token count) instead of the sum; TRL does so for IPO, the length-normalised form.
     `dropout`: run the policy with the model config's dropout (off by default: the reference logprobs
     are computed without it, so with it the implicit reward margin is off at the first step; TRL and the
     REBEL code update without dropout)."""
 
     def loss_fn(params, batch: PrefBatch, key):
-        lp = pair_logprobs(params, batch, cfg, key=key if dropout else None)
+        lp = pair_logprobs(params, batch, cfg, key=key if dropout else None)  # [B, 2]
+        ref = batch.ref_logprobs
+        if average_logprobs:
+            # The tokens answer_logprobs sums over: targets 1..T-1 that are answer tokens.
+            count = jnp.sum(batch.loss_mask[..., 1:] & batch.mask[..., 1:], axis=-1)  # [B, 2]
+            count = jnp.maximum(count, 1).astype(jnp.float32)
+            lp, ref = lp / count, ref / count
         return losses.dpo_loss(
             lp[:, 0],
             lp[:, 1],
-            batch.ref_logprobs[:, 0],
-            batch.ref_logprobs[:, 1],
+            ref[:, 0],
+            ref[:, 1],
             beta=beta,
             loss_type=loss_type,
             label_smoothing=label_smoothing,

@@ -109,3 +109,35 @@ def test_two_processes_equal_one(tmp_path):
 @pytest.fixture(autouse=True)
 def _job_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent))
+
+
+def test_compile_s_is_the_time_jax_spends_compiling(tmp_path):
+    """compile_s counts JAX's own compile events: a slow first step that compiles nothing adds nothing
+    (the old first-step-minus-steady-step estimate read its 0.6 s as compilation), and a step whose
+    program is new each time adds each program's compilation."""
+    import time
+
+    import jax.numpy as jnp
+
+    from jaxrlhf import runner
+
+    def slow_first(state, i, key):
+        if i == 0:
+            time.sleep(0.6)
+        return state, {"x": float(i)}
+
+    state = {"w": np.zeros(3, np.float32)}
+    run = dict(state=state, n_steps=3, root_key=jax.random.key(0), progress=False)
+    # The first stage of a process compiles the engine's own small programs (key folding, saving).
+    runner.run_stage(run_dir=str(tmp_path / "warm"), stage="s", step_fn=slow_first, **run)
+    summary = runner.run_stage(run_dir=str(tmp_path / "a"), stage="s", step_fn=slow_first, **run).summary
+    assert summary["compile_s"] < 0.02 and summary["first_step_overhead_s"] >= 0.25, summary
+
+    def fresh_program(state, i, key):
+        # A new function object each step: jit traces and compiles it again.
+        f = jax.jit(lambda w: jnp.sin(w) * (i + 1))
+        return {"w": f(state["w"])}, {"x": float(i)}
+
+    t0 = time.perf_counter()
+    summary = runner.run_stage(run_dir=str(tmp_path / "b"), stage="s", step_fn=fresh_program, **run).summary
+    assert 0.0 < summary["compile_s"] < time.perf_counter() - t0, summary

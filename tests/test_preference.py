@@ -286,6 +286,33 @@ def test_dpo_step_on_pipeline_batch_matches_numpy(pipeline, tiny_cfg):
     assert not np.allclose(new_state.params["wte"], state.params["wte"])
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_ipo_step_summed_and_per_token_averaged_match_numpy(pipeline, tiny_cfg, average):
+    """IPO's (h - 1 / (2 tau))^2 on summed sequence logprobs, or on per-token means (TRL's IPO): the
+    loop reference divides each answer's summed logprob by its own answer-token count."""
+    tau = 0.5
+    ref_params = random_params(tiny_cfg, 2)
+    ref = preference.rollout_logprobs(ref_params, pipeline["rollout"], tiny_cfg)
+    batch = preference.build_pref_batch(pipeline["rollout"], pipeline["selection"], ref, num_pairs=6)
+    real = np.asarray(batch.pair_mask)
+    policy = pair_loop_logprobs(pipeline["params"], batch, tiny_cfg)  # [K, 2]
+    reference = pair_loop_logprobs(ref_params, batch, tiny_cfg)
+    if average:
+        lengths = np.asarray(pipeline["rollout"].response_length)
+        rows = np.stack([pipeline["selection"].chosen_index, pipeline["selection"].rejected_index], 1)
+        counts = lengths[rows[: real.sum()]]  # answer tokens of each side
+        assert len(np.unique(counts)) > 1, "answers of different lengths, so averaging changes h"
+        policy, reference = policy / counts, reference / counts
+    h = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
+    expected = np.mean((h - 1.0 / (2.0 * tau)) ** 2)
+
+    tx = optax.sgd(0.1)
+    state = train.init_train_state(pipeline["params"], tx)
+    step = train.make_dpo_step(tiny_cfg, tx, beta=tau, loss_type="ipo", average_logprobs=average)
+    _, metrics = jax.jit(step)(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), expected, **TOL)
+
+
 def test_rebel_step_on_pipeline_batch_matches_numpy(pipeline, tiny_cfg):
     eta = 0.5
     # REBEL's pi_t is the policy that sampled the answers: ref logprobs are the policy's own.

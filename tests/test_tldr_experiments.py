@@ -117,16 +117,35 @@ def test_flags_set_nested_fields_and_refuse_bad_values(capsys):
     assert cfg.resume is True and cfg.bf16 is False and cfg.mesh_fsdp == 2
     assert cfg.sft.optim.lr == 1e-4 and cfg.rm.optim.lr == common.RMConfig().optim.lr
     assert cfg.data.summary_val_split == "" and cfg.init_from is None
+    grpo = common.parse_args(
+        ["--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "4", "--ppo.rl.ptx_coef", "0.5"]
+        + ["--ppo.reward_norm", "policy_gain_bias", "--ppo.norm_prompts", "64"]
+    )
+    assert grpo.ppo.rl.group_size == 4 and grpo.ppo.rl.ptx_coef == 0.5 and grpo.ppo.norm_prompts == 64
     for bad in (["--ppo.rl.kl_kind", "k9"], ["--model", "gpt5"], ["--sft.steps", "1.5"]):
         with pytest.raises(SystemExit):
             common.parse_args(bad)
     assert "error" in capsys.readouterr().err
     # Options this stage would ignore, or a KL estimator with the wrong gradient in the reward: refused.
     for bad, why in (
-        (["--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "4"], "only ppo and pg are wired here"),
-        (["--ppo.rl.ptx_coef", "0.1"], "PPO-ptx is not wired"),
         (["--ppo.rl.group_size", "4"], "group_size acts for grpo and rloo only"),
         (["--ppo.rl.kl_kind", "k3"], "only k1"),
+        (["--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "3"], "not a whole number of groups"),
+        (
+            ["--ppo.rl.algo", "rloo", "--ppo.rl.group_size", "4", "--ppo.rl.vf_coef", "0.5"],
+            "--ppo.rl.vf_coef does",
+        ),
+        (
+            ["--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "4", "--ppo.value_lr", "1e-5"],
+            "--ppo.value_lr does",
+        ),
+        (
+            ["--ppo.rl.algo", "pg", "--ppo.rl.epochs", "2", "--ppo.rl.lam", "0.9"],
+            "--ppo.rl.epochs, --ppo.rl.lam do",
+        ),
+        (["--ppo.norm_prompts", "64"], "--ppo.norm_prompts does nothing"),
+        (["--ppo.reward_norm", "std"], "use one of reference_mean, policy_gain_bias, none"),
+        (["--ppo.batch_size", "0"], "--ppo.batch_size 0; it must be >= 1"),
     ):
         with pytest.raises(SystemExit):
             common.parse_args(bad)
@@ -173,11 +192,11 @@ def test_value_model_starts_as_the_normalised_reward_model():
     cfg = ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8)
     rm = model.init_scalar_model(jax.random.key(0), cfg)
     rm["head"] = model.init_scalar_head(jax.random.key(1), cfg, scale=1.0)
-    norm = {"mean": 0.3, "std": 0.25}
+    norm = {"gain": 4.0, "bias": -1.2}
     tokens = jax.random.randint(jax.random.key(2), (3, 8), 0, 50)
     mask = np.arange(8)[None, :] < np.array([8, 5, 2])[:, None]
     value = ppo.value_from_reward_model(rm, norm)
-    expected = (train.sequence_scores(rm, tokens, mask, cfg) - norm["mean"]) / norm["std"]
+    expected = 4.0 * train.sequence_scores(rm, tokens, mask, cfg) - 1.2
     np.testing.assert_allclose(
         train.sequence_scores(value, tokens, mask, cfg), expected, rtol=1e-5, atol=1e-6
     )
@@ -191,7 +210,7 @@ def test_ppo_iteration_sharded_equals_single_device():
     k_policy, k_rm, k_head, k_prompt, k_run = jax.random.split(jax.random.key(0), 5)
     policy = model.init_params(k_policy, cfg)
     rm = {"gpt": model.init_params(k_rm, cfg), "head": model.init_scalar_head(k_head, cfg, scale=1.0)}
-    norm = {"mean": 0.1, "std": 0.5}
+    norm = {"gain": 2.0, "bias": -0.2}
     rl_cfg = rl.RLConfig(kl_coef=0.05, epochs=2, minibatches=2, no_eos_penalty=-1.0)
     sample_cfg = SampleConfig(max_new_tokens=r, eos_id=eos, pad_id=eos)
     prompt = np.asarray(jax.random.randint(k_prompt, (b, p), 4, 128), np.int32)
@@ -205,7 +224,7 @@ def test_ppo_iteration_sharded_equals_single_device():
         ref_params, rm_params = parallel.put(policy, mesh), parallel.put(rm, mesh)
         iteration, evaluate = ppo.jit_programs(
             ppo.make_iteration(cfg, sample_cfg, tx, rl_cfg, norm, cfg),
-            ppo.make_evaluate(cfg, sample_cfg, rl_cfg, norm, cfg),
+            ppo.make_evaluate(cfg, sample_cfg, cfg),
             mesh,
             state,
             ref_params,
@@ -214,7 +233,8 @@ def test_ppo_iteration_sharded_equals_single_device():
         batch = parallel.shard_batch((prompt, prompt_mask), mesh)
         history = []
         for i in range(2):
-            state, metrics, _ = iteration(state, ref_params, rm_params, *batch, jax.random.fold_in(k_run, i))
+            key = jax.random.fold_in(k_run, i)
+            state, metrics, _ = iteration(state, ref_params, rm_params, *batch, key, None)
             history.append(parallel.scalars(metrics))
         rows, rollout = evaluate(state.params["policy"], ref_params, rm_params, *batch, k_run)
         return history, jax.device_get(rows), jax.device_get(rollout.response), jax.device_get(state.params)
@@ -334,3 +354,42 @@ def test_sft_rm_ppo_end_to_end_with_resume(shared_data, tmp_path):
     for stage, steps in (("sft", SFT_STEPS), ("rm", RM_STEPS), ("ppo", PPO_ITERATIONS)):
         assert checkpoint.latest_step(out, stage) == steps
         assert (out / f"{stage}_summary.json").exists()
+
+    # The other RL wiring of the stage from the same SFT and RM: GRPO (4 summaries of each of 4 prompts),
+    # PPO-ptx, and Ziegler's normalisation on samples of the initial policy.
+    grpo_out = tmp_path / "grpo"
+    grpo_out.mkdir()
+    for stage in ("sft", "rm"):
+        (grpo_out / stage).symlink_to(out / stage)
+    grpo_args = [a if a != str(os.path.relpath(out, REPO)) else str(grpo_out) for a in args]
+    grpo_args += [
+        "--stages",
+        "ppo",
+        "--ppo.iterations",
+        "4",
+        "--ppo.eval_every",
+        "4",
+        "--ppo.rl.algo",
+        "grpo",
+    ]
+    grpo_args += [
+        "--ppo.rl.group_size",
+        "4",
+        "--ppo.rl.ptx_coef",
+        "0.5",
+        "--ppo.reward_norm",
+        "policy_gain_bias",
+    ]
+    grpo_args += ["--ppo.norm_prompts", "48"]
+    _run_pipeline(grpo_args, devices=1)
+    grpo_log = _records(grpo_out / "ppo.jsonl")
+    assert [r["step"] for r in grpo_log] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["ptx_loss"]) and 0.0 < r["ptx_loss"] < np.log(50257) for r in grpo_log)
+    assert "value_loss" not in grpo_log[0] and "explained_variance" not in grpo_log[0]
+    grpo_summary = json.loads((grpo_out / "ppo_summary.json").read_text())
+    norm = grpo_summary["reward_norm"]
+    assert norm["kind"] == "policy_gain_bias" and norm["policy_samples"] == 48
+    np.testing.assert_allclose(norm["gain"], 1.0 / norm["policy_std"], rtol=1e-4)
+    np.testing.assert_allclose(norm["bias"], -norm["policy_mean"] / norm["policy_std"], rtol=1e-4, atol=1e-6)
+    # Other samples of the same initial policy (other prompts, other keys) score about 0 after it.
+    assert abs(grpo_summary["initial_eval"]["train_rm_score"]) < 0.6, grpo_summary["initial_eval"]

@@ -121,8 +121,14 @@ def _run_on(mesh, step, state, batch, n=2):
     return jax.device_get(state), losses_
 
 
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("shape", [(8, 1), (2, 4)], ids=["data8", "data2xfsdp4"])
+# Every step on a data x fsdp mesh (both axes at once); pure data parallelism for one step of each kind
+# (LM, preference, RL), which is the same program with the fsdp axis of size 1.
+MESH_CASES = [(name, (2, 4)) for name in CASES] + [(name, (8, 1)) for name in ("lm", "dpo", "ppo")]
+
+
+@pytest.mark.parametrize(
+    "name, shape", MESH_CASES, ids=[f"{n}-{'data8' if s == (8, 1) else 'data2xfsdp4'}" for n, s in MESH_CASES]
+)
 def test_step_same_on_one_and_eight_devices(name, shape, tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, embd_pdrop=0.1, resid_pdrop=0.1)  # dropout keys too
     # Adam's eps is raised from 1e-8: with it, a gradient that is 0 in exact arithmetic (e.g. a key bias)

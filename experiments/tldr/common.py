@@ -33,10 +33,11 @@ from etils import epath
 from experiments.tldr import flags
 from jaxrlhf import checkpoint, data, hf, model, parallel, train
 from jaxrlhf.config import MODEL_PRESETS, ModelConfig
-from jaxrlhf.rl import RLConfig
+from jaxrlhf.rl import FIELD_ALGOS, RLConfig, inactive_fields
 from jaxrlhf.tokenizers import GPT2Tokenizer
 
 STAGES = ("sft", "rm", "ppo")
+REWARD_NORMS = ("reference_mean", "policy_gain_bias", "none")
 TINY = (2, 2, 32)  # n_layer, n_head, n_embd of --model tiny
 # Fields that only change logging / checkpoint cadence: left out of the resume check.
 _CADENCE_FIELDS = ("eval_every", "ckpt_every", "log_every", "sample_every", "samples_logged")
@@ -135,12 +136,14 @@ class RMConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PPOConfig:
-    """PPO against the normalised reward model with a per-token KL penalty to the SFT model.
+    """RL (PPO, PG, GRPO or RLOO: rl.algo) against the normalised reward model with a KL penalty to SFT.
 
     Attributes:
       iterations: rollout + update rounds.
-      batch_size: global rollouts per iteration (PPO splits it into rl.minibatches).
-      temperature: sampling temperature of the rollouts (the losses use temperature-1 logprobs).
+      batch_size: global rollouts per iteration (split into rl.minibatches); for grpo / rloo,
+        batch_size / rl.group_size prompts with rl.group_size summaries each.
+      temperature: sampling temperature of the rollouts; the policy scored and optimised is the
+        tempered one, log_softmax(logits / T), as in lm-human-preferences and TRL.
       top_k: top-k filter of the rollouts (0 = off).
       top_p: nucleus filter of the rollouts (1.0 = off).
       eval_every: reward / KL on held-out and on training prompts every this many iterations (and
@@ -152,8 +155,21 @@ class PPOConfig:
       log_every: write metrics every this many iterations.
       optim: AdamW settings of the policy (and of the value model, but for its lr); each model has its
         own optimizer and gradient clipping; total_steps None means iterations x epochs x minibatches.
-      value_lr: peak learning rate of the value model (None: optim.lr).
-      rl: the PPO / KL settings (jaxrlhf.rl.RLConfig); rl.kl_target set = adaptive KL.
+      value_lr: peak learning rate of the value model (None: optim.lr; ppo only).
+      reward_norm: how raw reward-model scores become the reward: "reference_mean" subtracts the mean
+        score of rm.norm_rows reference summaries, so they score 0 on average (Stiennon et al. 2020,
+        "Learning to summarize from human feedback", sec. 3.4; Huang et al. 2024, "The N+ Implementation
+        Details of RLHF with PPO"; the default KL 0.05 and no-EOS penalty -1 are on this scale);
+        "policy_gain_bias" applies the gain and bias that give samples of the initial (SFT) policy mean 0
+        and std 1 (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", sec. 2.2;
+        lm-human-preferences normalises its reward model so on samples of the reference policy),
+        measured on norm_prompts training prompts at this stage's sampling settings; "none" keeps the
+        raw scores.
+      norm_prompts: training prompts sampled for "policy_gain_bias".
+      rl: the RL / KL settings (jaxrlhf.rl.RLConfig); rl.kl_target set = adaptive KL; rl.ptx_coef > 0
+        adds PPO-ptx's LM loss on a batch_size batch of training posts with their reference summaries
+        (every token a target: the TL;DR text the models were trained on stands in for InstructGPT's
+        pretraining mix).
     """
 
     iterations: int = 1000
@@ -173,9 +189,28 @@ class PPOConfig:
         )
     )
     value_lr: float | None = None
+    reward_norm: str = "reference_mean"
+    norm_prompts: int = 256
     rl: RLConfig = dataclasses.field(
         default_factory=lambda: RLConfig(kl_coef=0.05, epochs=4, minibatches=4, no_eos_penalty=-1.0)
     )
+
+    def __post_init__(self):
+        if self.reward_norm not in REWARD_NORMS:
+            raise ValueError(f"--ppo.reward_norm {self.reward_norm!r}; use one of {', '.join(REWARD_NORMS)}")
+        for name in ("iterations", "batch_size", "eval_batches", "norm_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--ppo.{name} {getattr(self, name)}; it must be >= 1")
+        if self.rl.group_size and self.batch_size % self.rl.group_size:
+            raise ValueError(
+                f"--ppo.batch_size {self.batch_size} is not a whole number of groups of --ppo.rl.group_size "
+                f"{self.rl.group_size}; make it a multiple"
+            )
+        if self.rl.algo in FIELD_ALGOS["minibatches"] and self.batch_size % self.rl.minibatches:
+            raise ValueError(
+                f"--ppo.batch_size {self.batch_size} is not divisible by --ppo.rl.minibatches "
+                f"{self.rl.minibatches}; change one"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -237,17 +272,6 @@ class TldrConfig:
         unknown = set(self.stage_list) - set(STAGES)
         if unknown:
             raise ValueError(f"--stages has unknown {sorted(unknown)}; use a subset of {','.join(STAGES)}")
-        if self.ppo.rl.algo not in ("ppo", "pg"):
-            # Their group baselines need K answers to each prompt in a row; this stage samples one each.
-            raise ValueError(
-                f"--ppo.rl.algo {self.ppo.rl.algo}: the TL;DR PPO stage samples one summary per prompt, so "
-                "only ppo and pg are wired here (grpo / rloo: python -m jaxrlhf.happy --algo grpo)"
-            )
-        if self.ppo.rl.ptx_coef:
-            raise ValueError(
-                "--ppo.rl.ptx_coef: PPO-ptx is not wired into the TL;DR PPO stage yet (no pretraining "
-                "batches reach it); drop the flag (HappyGPT has it: python -m jaxrlhf.happy --rl.ptx_coef G)"
-            )
 
     @property
     def stage_list(self) -> list[str]:
@@ -263,8 +287,35 @@ class TldrConfig:
         return int(n) if name == stage else None
 
 
+def inactive_flags(cfg: TldrConfig, given) -> list[str]:
+    """The flags among `given` (config paths set on the command line) that would do nothing here."""
+    algo, bad = cfg.ppo.rl.algo, []
+    rl_given = [path[2] for path in given if path[:2] == ("ppo", "rl") and len(path) == 3]
+    bad += [f"--ppo.rl.{name}" for name in inactive_fields(algo, rl_given)]
+    if ("ppo", "value_lr") in given and algo != "ppo":
+        bad.append("--ppo.value_lr")
+    if ("ppo", "norm_prompts") in given and cfg.ppo.reward_norm != "policy_gain_bias":
+        bad.append("--ppo.norm_prompts")
+    return bad
+
+
 def parse_args(argv=None, *, description: str = "", prog: str | None = None) -> TldrConfig:
-    return flags.parse_config(TldrConfig(), argv, description=description, prog=prog)
+    """The TldrConfig of `argv`; a bad value, or a flag that does nothing for the chosen algorithm /
+    normalisation, exits with a one-line error before any work."""
+    parser = flags.make_parser(TldrConfig(), description=description, prog=prog)
+    overrides = {tuple(dest.split(".")): value for dest, value in vars(parser.parse_args(argv)).items()}
+    try:
+        cfg = flags.replace_paths(TldrConfig(), overrides)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    inactive = inactive_flags(cfg, overrides)
+    if inactive:
+        one = len(inactive) == 1
+        parser.error(
+            f"{', '.join(inactive)} {'does' if one else 'do'} nothing with --ppo.rl.algo {cfg.ppo.rl.algo} "
+            f"and --ppo.reward_norm {cfg.ppo.reward_norm}; drop {'it' if one else 'them'}"
+        )
+    return cfg
 
 
 def stage_meta(cfg: TldrConfig, stage: str) -> dict:
