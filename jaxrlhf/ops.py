@@ -7,50 +7,139 @@ The next-token shift, stated once: for tokens `x[:, 0..T-1]`, `logits[:, t]` is 
 for `x[:, t+1]`. So the log-probability of token `x[:, t]` (t >= 1) is read from `logits[:, t-1]`, and
 `token_logprobs(logits[:, :-1], tokens[:, 1:])` scores every token but the first. For a prompt of width P
 followed by a response of width R, the response logprobs are `token_logprobs(logits[:, P-1:-1], response)`.
+
+Reductions inside `jax.shard_map`: `masked_sum / masked_mean / masked_var / masked_whiten` take an optional
+keyword `axis_name` (a mesh axis name or a tuple of them) over which the batch axis 0 is split. With it the
+result is the global one, identical on every device: sums are psum'd, a mean is psum(sum) / psum(count)
+(not a mean of per-device means, which would weigh a shard of short responses like one of long ones), and
+variances use the global mean and the global count. Without it nothing changes (bit for bit). `psum` /
+`pmax` below are `jax.lax.psum` / `pmax` that are the identity for `axis_name=None`.
+
+Gradients of such a global loss (measured on JAX 0.10, `shard_map(check_vma=True)`, the default): call
+`jax.grad` on the loss inside the shard_map with the params replicated (in_specs `P()`); the result is
+already the gradient of the global loss, the same on every device (psum transposes to a no-op on the
+cotangent, and the implicit pvary of the replicated params transposes to a psum of the per-device
+contributions). Do not pmean or psum the gradients again (a pmean is a no-op on them, a psum multiplies by
+the device count). The older pattern, a per-device loss without `axis_name` followed by `pmean(grads)`, is
+wrong under check_vma=True: `jax.grad` already sums the per-device gradients, so the pmean leaves N times the
+mean of the per-device gradients. Only with `check_vma=False` does psum transpose to psum; there each
+device's gradient of the global loss is N times its own share and `pmean(grads)` gives the global gradient.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
+AxisName = str | tuple[str, ...] | None
 
-def masked_sum(x: jax.Array, mask: jax.Array | None = None, axis=None) -> jax.Array:
-    """Sum of `x` where `mask` is True (all of `x` when mask is None)."""
+
+def psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """`jax.lax.psum(x, axis_name)`, or `x` itself when `axis_name` is None (no mesh axis)."""
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def pmax(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """`jax.lax.pmax(x, axis_name)`, or `x` itself when `axis_name` is None (no mesh axis).
+
+    `jax.lax.pmax` has no differentiation rule, so its input's gradient is stopped: a max over devices
+    is a metric, and a metric returned as aux of `jax.value_and_grad` is still traced by its JVP.
+    """
+    return x if axis_name is None else jax.lax.pmax(jax.lax.stop_gradient(x), axis_name)
+
+
+def _axes(x: jax.Array, axis) -> tuple[int, ...]:
+    """The reduced axes of `x`, non-negative, for `axis` None, an int or a tuple."""
+    if axis is None:
+        return tuple(range(x.ndim))
+    return tuple(a % x.ndim for a in (axis if isinstance(axis, tuple | list) else (axis,)))
+
+
+def _check_batch_reduction(x: jax.Array, axis, axis_name: AxisName) -> None:
+    """An `axis_name` sums over the split batch axis 0, so the reduction must run over axis 0 too."""
+    if axis_name is not None and 0 not in _axes(x, axis):
+        raise ValueError(
+            f"axis_name={axis_name!r} with axis={axis!r}: a reduction that leaves the batch axis 0 is "
+            "per row and needs no collective; drop axis_name."
+        )
+
+
+def masked_sum(
+    x: jax.Array, mask: jax.Array | None = None, axis=None, *, axis_name: AxisName = None
+) -> jax.Array:
+    """Sum of `x` where `mask` is True (all of `x` when mask is None).
+
+    With `axis_name` (inside `jax.shard_map`, axis 0 split over that mesh axis or axes) the sum is over
+    the global batch: psum of the per-device sums. The reduction must then include axis 0.
+    """
+    _check_batch_reduction(x, axis, axis_name)
     if mask is None:
-        return jnp.sum(x, axis=axis)
-    return jnp.sum(jnp.where(mask, x, jnp.zeros_like(x)), axis=axis)
+        return psum(jnp.sum(x, axis=axis), axis_name)
+    return psum(jnp.sum(jnp.where(mask, x, jnp.zeros_like(x)), axis=axis), axis_name)
 
 
-def masked_mean(x: jax.Array, mask: jax.Array | None = None, axis=None) -> jax.Array:
-    """Mean of `x` over the True entries of `mask`; divides by max(count, 1) so an empty mask gives 0."""
+def _count(x: jax.Array, mask: jax.Array | None, axis, axis_name: AxisName) -> jax.Array:
+    """Global number of entries that a (masked) reduction of `x` over `axis` reads, in x's dtype."""
     if mask is None:
-        return jnp.mean(x, axis=axis)
-    mask = jnp.broadcast_to(mask, x.shape)
-    count = jnp.sum(mask, axis=axis, dtype=x.dtype)
-    return masked_sum(x, mask, axis) / jnp.maximum(count, 1)
+        return psum(jnp.asarray(math.prod(x.shape[a] for a in _axes(x, axis)), x.dtype), axis_name)
+    return psum(jnp.sum(jnp.broadcast_to(mask, x.shape), axis=axis, dtype=x.dtype), axis_name)
 
 
-def masked_var(x: jax.Array, mask: jax.Array | None = None, unbiased: bool = True) -> jax.Array:
-    """Variance of the masked entries of `x` (all axes); Bessel-corrected when `unbiased` and count > 1."""
-    mean = masked_mean(x, mask)
+def masked_mean(
+    x: jax.Array, mask: jax.Array | None = None, axis=None, *, axis_name: AxisName = None
+) -> jax.Array:
+    """Mean of `x` over the True entries of `mask`; divides by max(count, 1) so an empty mask gives 0.
+
+    With `axis_name` the mean is global: psum(sum) / max(psum(count), 1), the same number on every
+    device as the unsharded call (never a mean of per-device means).
+    """
+    _check_batch_reduction(x, axis, axis_name)
+    if axis_name is None:
+        if mask is None:
+            return jnp.mean(x, axis=axis)
+        mask = jnp.broadcast_to(mask, x.shape)
+        count = jnp.sum(mask, axis=axis, dtype=x.dtype)
+        return masked_sum(x, mask, axis) / jnp.maximum(count, 1)
+    return masked_sum(x, mask, axis, axis_name=axis_name) / jnp.maximum(_count(x, mask, axis, axis_name), 1)
+
+
+def masked_var(
+    x: jax.Array, mask: jax.Array | None = None, unbiased: bool = True, *, axis_name: AxisName = None
+) -> jax.Array:
+    """Variance of the masked entries of `x` (all axes); Bessel-corrected when `unbiased` and count > 1.
+
+    With `axis_name` the global mean and the global count are used (Bessel's n / (n - 1) with the
+    global n), so the result is the variance of the whole batch.
+    """
+    mean = masked_mean(x, mask, axis_name=axis_name)
     centred_sq = jnp.square(x - mean)
-    var = masked_mean(centred_sq, mask)
+    var = masked_mean(centred_sq, mask, axis_name=axis_name)
     if unbiased:
-        count = x.size if mask is None else jnp.sum(jnp.broadcast_to(mask, x.shape), dtype=x.dtype)
+        if axis_name is None:
+            count = x.size if mask is None else jnp.sum(jnp.broadcast_to(mask, x.shape), dtype=x.dtype)
+        else:
+            count = _count(x, mask, None, axis_name)
         var = var * count / jnp.maximum(count - 1, 1)
     return var
 
 
 def masked_whiten(
-    x: jax.Array, mask: jax.Array | None = None, shift_mean: bool = True, eps: float = 1e-8
+    x: jax.Array,
+    mask: jax.Array | None = None,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    *,
+    axis_name: AxisName = None,
 ) -> jax.Array:
     """(x - mean) / std over the masked entries; with `shift_mean=False` the mean is added back.
 
-    Masked-out entries come back as 0. Statistics are global over all axes (as in lm-human-preferences).
+    Masked-out entries come back as 0. Statistics are global over all axes (as in lm-human-preferences),
+    and over every device's rows with `axis_name` (global mean, global Bessel-corrected variance).
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    mean = masked_mean(x, mask, axis_name=axis_name)
+    var = masked_var(x, mask, axis_name=axis_name)
     white = (x - mean) * jax.lax.rsqrt(var + eps)
     if not shift_mean:
         white = white + mean

@@ -1,5 +1,6 @@
 """jaxrlhf.losses: loop-based NumPy references at 1e-5 under jax.jit, properties, check_grads."""
 
+import functools
 import math
 import pathlib
 import re
@@ -561,6 +562,103 @@ def test_ppo_policy_loss_rejects_dual_clip_below_one():
     x = jnp.zeros((1, 2))
     with pytest.raises(ValueError, match="dual_clip"):
         losses.ppo_policy_loss(x, x, x, jnp.ones((1, 2), bool), dual_clip=0.5)
+
+
+def gspo_sequence_objective(logprobs, old_logprobs, seq_advantages, mask, eps):
+    """GSPO as written (Zheng et al. 2025, eq. 5 and 7), independently of the loss under test:
+    J = 1/G sum_i min(s_i A_i, clip(s_i, 1 - eps, 1 + eps) A_i), s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|),
+    over the G rows with at least one real token; returns -J."""
+    length = jnp.sum(mask, axis=-1)
+    s = jnp.exp(jnp.sum(jnp.where(mask, logprobs - old_logprobs, 0.0), axis=-1) / jnp.maximum(length, 1))
+    per_seq = jnp.minimum(s * seq_advantages, jnp.clip(s, 1.0 - eps, 1.0 + eps) * seq_advantages)
+    return -jnp.sum(jnp.where(length > 0, per_seq, 0.0)) / jnp.sum(length > 0)
+
+
+def test_gspo_sequence_ratio_has_the_gradient_of_the_sequence_objective():
+    rng = np.random.default_rng(31)
+    b, r, eps = 6, 5, 0.2
+    mask = random_mask(rng, b, r)
+    mask[1:5, 0] = True  # rows 1-4 ragged but not empty
+    mask[5] = False  # batch padding
+    # Mean log-ratio per row and its advantage: rows 0 and 4 clipped (no gradient), 1 and 3 unclipped
+    # outside the clip range, 2 inside it.
+    delta = np.array([0.4, -0.4, 0.05, 0.4, -0.4, 0.0])
+    seq_advantages = np.array([1.0, 0.7, -1.3, -0.5, -2.0, 0.9], np.float32)
+    logprobs = (-rng.random((b, r)) * 3).astype(np.float32)
+    noise = rng.normal(size=(b, r))
+    noise_mean = np.sum(noise * mask, axis=-1, keepdims=True) / np.maximum(mask.sum(-1, keepdims=True), 1)
+    old_logprobs = (logprobs - (noise - noise_mean + delta[:, None])).astype(np.float32)
+    advantages = np.broadcast_to(seq_advantages[:, None], (b, r))
+
+    gspo = functools.partial(
+        losses.ppo_policy_loss,
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        response_mask=mask,
+        clip_eps=eps,
+        aggregation="seq_mean_token_mean",
+        ratio_level="sequence",
+    )
+    ref = functools.partial(
+        gspo_sequence_objective, old_logprobs=old_logprobs, seq_advantages=seq_advantages, mask=mask, eps=eps
+    )
+    (loss, metrics), grad = jax.jit(jax.value_and_grad(gspo, has_aux=True))(logprobs)
+    ref_loss, ref_grad = jax.jit(jax.value_and_grad(ref))(logprobs)
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+    # The same in closed form: d(-J)/d log pi_it = -A_i s_i / (G |y_i|) where the clip is inactive.
+    s = np.exp(delta)
+    clipped = np.array([True, False, False, False, True, False])
+    length = mask.sum(-1)
+    per_row = -seq_advantages * s / (np.sum(length > 0) * np.maximum(length, 1))  # [B]
+    assert_close(grad, np.where(mask & ~clipped[:, None], per_row[:, None], 0.0))
+    assert np.all(np.asarray(grad)[[0, 4]] == 0.0) and np.all(np.asarray(grad)[1:4][mask[1:4]] != 0.0)
+    real = length > 0
+    assert_close(metrics["ratio_mean"], np.mean(s[real]))
+    assert_close(metrics["ratio_max"], np.max(s[real]))
+    assert_close(metrics["clipfrac"], np.sum(mask[clipped]) / np.sum(mask))
+
+
+def test_gspo_with_one_token_per_row_is_the_token_ratio():
+    rng = np.random.default_rng(32)
+    b, r = 6, 4
+    mask = np.zeros((b, r), bool)
+    mask[np.arange(b - 1), rng.integers(0, r, b - 1)] = True  # one real token per row, last row empty
+    old_logprobs = (-rng.random((b, r)) * 3).astype(np.float32)
+    logprobs = (old_logprobs + rng.uniform(-1.5, 1.5, size=(b, r))).astype(np.float32)
+    advantages = rng.normal(size=(b, r)).astype(np.float32)
+
+    def both(logprobs):
+        out = {}
+        for agg in losses.AGGREGATIONS:
+            for level in losses.RATIO_LEVELS:
+                fn = functools.partial(
+                    losses.ppo_policy_loss,
+                    old_logprobs=old_logprobs,
+                    advantages=advantages,
+                    response_mask=mask,
+                    clip_eps_high=0.28,
+                    dual_clip=2.0,
+                    aggregation=agg,
+                    ratio_level=level,
+                )
+                out[agg, level] = jax.value_and_grad(fn, has_aux=True)(logprobs)
+        return out
+
+    out = jax.jit(both)(logprobs)
+    assert 0.0 < float(out["token_mean", "token"][0][1]["clipfrac"]) < 1.0
+    for agg in losses.AGGREGATIONS:
+        (token_loss, token_metrics), token_grad = out[agg, "token"]
+        (seq_loss, seq_metrics), seq_grad = out[agg, "sequence"]
+        assert_close(seq_loss, token_loss)
+        assert_close(seq_grad, token_grad)
+        assert_metrics(seq_metrics, {k: float(v) for k, v in token_metrics.items()})
+
+
+def test_ppo_policy_loss_rejects_unknown_ratio_level():
+    x = jnp.zeros((1, 2))
+    with pytest.raises(ValueError, match="ratio_level"):
+        losses.ppo_policy_loss(x, x, x, jnp.ones((1, 2), bool), ratio_level="group")
 
 
 @pytest.mark.parametrize("clip_eps", [0.2, None])

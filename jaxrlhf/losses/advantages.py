@@ -1,0 +1,143 @@
+"""Advantage estimators: GAE, batch whitening, and the group baselines of RLOO and GRPO.
+
+Under `jax.shard_map` only `whiten_advantages` reduces over the batch (it takes `axis_name`). GAE runs per
+row; RLOO and GRPO use per-group statistics and take no `axis_name`: a group is one row of their [B, K]
+input, and for a flat rollout batch reshaped to [B / K, K] the K answers of a prompt are K consecutive
+rows, so each device's share of the batch must hold whole groups (its row count a multiple of K, which a
+batch split on axis 0 into equal shards of whole groups gives).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf import ops
+from jaxrlhf.losses._common import _float, _zero_padding
+
+
+def compute_gae(
+    rewards: jax.Array,
+    values: jax.Array,
+    response_mask: jax.Array,
+    gamma: float,
+    lam: float,
+    last_value: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation as a reverse `lax.scan` over response tokens.
+
+    delta_t = r_t + gamma * V_next - V_t,   A_t = delta_t + gamma * lam * A_next,
+    returns_t = A_t + V_t,
+    where "next" is the next *real* token: padding (anywhere in the row) is skipped by carrying
+    V_next and A_next across it, and the value after the last real token is 0 (or `last_value` for
+    a truncated response). Schulman et al. 2016, "High-Dimensional Continuous Control Using
+    Generalized Advantage Estimation", eq. 16. With gamma = lam = 1, A_t = sum_{u>=t} r_u - V_t.
+
+    Args:
+      rewards: [B, R] per-token rewards (e.g. from `shaped_rewards`).
+      values: [B, R] value estimates V(s_t).
+      response_mask: [B, R] bool, True = real token.
+      gamma: discount.
+      lam: GAE lambda.
+      last_value: optional [B] bootstrap value after the last token.
+
+    Returns:
+      (advantages [B, R], returns [B, R]), both 0 on padding.
+    """
+    rewards = _float(rewards)
+    values = _float(values).astype(rewards.dtype)
+    batch = rewards.shape[0]
+    next_value = jnp.zeros((batch,), rewards.dtype)
+    if last_value is not None:
+        next_value = jnp.broadcast_to(jnp.asarray(last_value, rewards.dtype), (batch,))
+
+    def step(carry, inputs):
+        next_value, next_advantage = carry  # [B], [B]
+        reward, value, mask = inputs  # [B], [B], [B]
+        delta = reward + gamma * next_value - value
+        advantage = delta + gamma * lam * next_advantage
+        carry = (jnp.where(mask, value, next_value), jnp.where(mask, advantage, next_advantage))
+        return carry, jnp.where(mask, advantage, 0.0)
+
+    init = (next_value, jnp.zeros((batch,), rewards.dtype))
+    inputs = (rewards.T, values.T, response_mask.T)  # time-major [R, B]
+    _, advantages = jax.lax.scan(step, init, inputs, reverse=True)
+    advantages = advantages.T  # [B, R]
+    returns = jnp.where(response_mask, advantages + values, 0.0)
+    return advantages, returns
+
+
+def whiten_advantages(
+    advantages: jax.Array,
+    response_mask: jax.Array,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    *,
+    axis_name: ops.AxisName = None,
+) -> jax.Array:
+    """(A - mean) / std over all real tokens of the batch; `shift_mean=False` adds the mean back.
+
+    Whitening as in lm-human-preferences (Ziegler et al. 2019). [B, R] -> [B, R], 0 on padding. With
+    `axis_name` (inside `jax.shard_map`) the mean and the Bessel-corrected std are those of every
+    device's real tokens together.
+    """
+    return ops.masked_whiten(
+        _float(advantages), response_mask, shift_mean=shift_mean, eps=eps, axis_name=axis_name
+    )
+
+
+def rloo_advantages(scores: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """REINFORCE leave-one-out advantages over the K answers of each prompt.
+
+    A_i = s_i - 1/(K-1) sum_{j != i} s_j. Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline
+    for Free!"; Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
+    Learning from Human Feedback in LLMs".
+
+    Per group (row), so under `jax.shard_map` each device must hold whole groups (module docstring).
+
+    Args:
+      scores: [B, K] sequence scores, group = axis 1.
+      mask: optional [B, K] bool, True = real answer. A group with a single answer has no baseline
+        and gets advantage 0.
+
+    Returns:
+      [B, K] advantages, 0 on padding.
+    """
+    scores = _float(scores)
+    valid = jnp.ones(scores.shape, bool) if mask is None else mask
+    scores = _zero_padding(valid, scores)
+    count = jnp.sum(valid, axis=1, keepdims=True, dtype=scores.dtype)  # [B, 1]
+    baseline = (jnp.sum(scores, axis=1, keepdims=True) - scores) / jnp.maximum(count - 1, 1)
+    return jnp.where(valid & (count > 1), scores - baseline, 0.0)
+
+
+def grpo_advantages(
+    scores: jax.Array, eps: float = 1e-6, mask: jax.Array | None = None, scale_by_std: bool = True
+) -> jax.Array:
+    """Group-relative advantages: each answer's score standardised within its prompt's group.
+
+    A_i = (s_i - mean(s)) / (std(s) + eps), std with Bessel's correction (as TRL and verl compute
+    it). Shao et al. 2024, "DeepSeekMath", section 4.1.2. `scale_by_std=False` keeps only the mean
+    shift (Liu et al. 2025, "Understanding R1-Zero-Like Training", Dr. GRPO). Per group (row), so
+    under `jax.shard_map` each device must hold whole groups (module docstring).
+
+    Args:
+      scores: [B, K] sequence scores, group = axis 1.
+      eps: added to the std; a group of equal scores gets advantage 0.
+      mask: optional [B, K] bool, True = real answer.
+      scale_by_std: divide by the group std.
+
+    Returns:
+      [B, K] advantages, 0 on padding.
+    """
+    scores = _float(scores)
+    valid = jnp.ones(scores.shape, bool) if mask is None else mask
+    count = jnp.sum(valid, axis=1, keepdims=True, dtype=scores.dtype)  # [B, 1]
+    mean = ops.masked_mean(scores, valid, axis=1)[:, None]  # [B, 1]
+    centred = _zero_padding(valid, scores - mean)
+    if not scale_by_std:
+        return centred
+    var = jnp.sum(jnp.square(centred), axis=1, keepdims=True) / jnp.maximum(count - 1, 1)
+    # sqrt has an infinite derivative at 0: keep the gradient finite for groups of equal scores.
+    std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
+    return centred / (std + eps)

@@ -1,0 +1,252 @@
+"""Policy-gradient losses: aggregation, REINFORCE, PPO (token or GSPO sequence ratio), value, entropy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf import ops
+from jaxrlhf.losses._common import _float, _zero_padding
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "constant")
+RATIO_LEVELS = ("token", "sequence")
+
+
+def aggregate(
+    per_token: jax.Array,
+    response_mask: jax.Array,
+    aggregation: str = "token_mean",
+    *,
+    axis_name: ops.AxisName = None,
+) -> jax.Array:
+    """Reduce a [B, R] per-token loss to a scalar, the one place policy losses choose how.
+
+      token_mean:          sum_bt m L / sum_bt m, every real token of the batch weighs the same (DAPO: Yu
+                           et al. 2025; lm-human-preferences, TRL's PPO);
+      seq_mean_token_sum:  mean_b sum_t m L, a sequence's weight grows with its length (REINFORCE on the
+                           sequence log-likelihood);
+      seq_mean_token_mean: mean_b (sum_t m L / sum_t m), every sequence weighs the same (GRPO as written:
+                           Shao et al. 2024, eq. 3);
+      constant:            sum_bt m L / (B R), a constant normaliser (R = the response budget), no length
+                           bias (Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like Training").
+    Sequence means are over rows with at least one real token (fully masked rows are batch padding).
+    With `axis_name` (inside `jax.shard_map`, rows split over that mesh axis) every sum and count is
+    global: the token count, the number of non-empty rows and Dr. GRPO's B.
+    """
+    per_token = _zero_padding(response_mask, _float(per_token))
+    if aggregation == "token_mean":
+        return ops.masked_mean(per_token, response_mask, axis_name=axis_name)
+    if aggregation == "constant":
+        # psum(size) is the global B * R (jax.lax.psum of a Python int is that int times the axis size).
+        return ops.masked_sum(per_token, axis_name=axis_name) / ops.psum(per_token.size, axis_name)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
+    rows = jnp.any(response_mask, axis=-1)  # [B]
+    per_row = jnp.sum(per_token, axis=-1)  # [B]
+    if aggregation == "seq_mean_token_mean":
+        per_row = per_row / jnp.maximum(jnp.sum(response_mask, axis=-1), 1)
+    return ops.masked_mean(per_row, rows, axis_name=axis_name)
+
+
+def pg_loss(
+    logprobs: jax.Array,
+    advantages: jax.Array,
+    response_mask: jax.Array,
+    baseline: jax.Array | float | None = None,
+    aggregation: str = "token_mean",
+    *,
+    axis_name: ops.AxisName = None,
+) -> tuple[jax.Array, dict]:
+    """Vanilla policy gradient (REINFORCE) in minRLHF's per-token form.
+
+    L = -sum_{b,t} m_bt (A_bt - baseline) log pi(y_bt) / sum m, with A constant (stop_gradient), so
+    grad L = -E_tokens[(A - b) grad log pi]. Williams 1992, "Simple statistical gradient-following
+    algorithms"; per-token mean over real tokens as in minRLHF (github.com/thomfoster/minRLHF).
+
+    Args:
+      logprobs: [B, R] log pi of the sampled response tokens (differentiated).
+      advantages: [B] sequence scores (broadcast to every token) or [B, R] per-token advantages.
+      response_mask: [B, R] bool, True = real token.
+      baseline: optional scalar, [B] or [B, R] subtracted from `advantages`.
+      aggregation: how per-token terms become the loss (`aggregate`); "token_mean" is the form above.
+      axis_name: mesh axis (or axes) the batch is split over inside `jax.shard_map`; the loss and the
+        metrics are then the global ones.
+
+    Returns:
+      (loss, metrics) with "loss" and "advantage_mean".
+    """
+    logprobs = _zero_padding(response_mask, _float(logprobs))
+    advantages = _float(advantages)
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]
+    if baseline is not None:
+        baseline = _float(baseline)
+        advantages = advantages - (baseline[:, None] if baseline.ndim == 1 else baseline)
+    advantages = jax.lax.stop_gradient(jnp.broadcast_to(advantages, logprobs.shape))  # [B, R]
+    advantages = _zero_padding(response_mask, advantages)
+    loss = aggregate(-advantages * logprobs, response_mask, aggregation, axis_name=axis_name)
+    advantage_mean = ops.masked_mean(advantages, response_mask, axis_name=axis_name)
+    return loss, {"loss": loss, "advantage_mean": advantage_mean}
+
+
+def ppo_policy_loss(
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    advantages: jax.Array,
+    response_mask: jax.Array,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    logits: jax.Array | None = None,
+    aggregation: str = "token_mean",
+    ratio_level: str = "token",
+    *,
+    axis_name: ops.AxisName = None,
+) -> tuple[jax.Array, dict]:
+    """PPO clipped surrogate, per token, averaged over the real tokens of the batch (by default).
+
+    rho = exp(log pi - log pi_old),  L_t = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)).
+    Dual clip (A < 0 only): L_t = min(L_t, -c A), bounding the loss when rho >> 1.
+    Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7; asymmetric clip
+    ("clip-higher") Yu et al. 2025, "DAPO"; dual clip Ye et al. 2020, "Mastering Complex Control in
+    MOBA Games with Deep Reinforcement Learning". At rho = 1 the gradient equals `pg_loss`'s.
+
+    `ratio_level="sequence"` replaces rho by GSPO's length-normalised sequence ratio in its token form
+    (Zheng et al. 2025, "Group Sequence Policy Optimization", GSPO-token):
+      s_i = exp(1/|y_i| sum_t m_it (log pi_it - log pi_old_it)),  s_it = sg[s_i] pi_it / sg[pi_it],
+    so s_it = s_i in value and grad s_it = s_i grad log pi_it; every token of a row is clipped (or not)
+    together. With advantages constant along each row and `aggregation="seq_mean_token_mean"` this is
+    GSPO's sequence objective -mean_i min(s_i A_i, clip(s_i, 1 - eps, 1 + eps) A_i) (the paper clips
+    at eps ~ 3e-4 / 4e-4, far tighter than the token ratio's 0.2).
+
+    Args:
+      logprobs: [B, R] log pi of the sampled tokens under the current policy (differentiated).
+      old_logprobs: [B, R] log pi_old of the same tokens (the policy that sampled them; constant).
+      advantages: [B, R] advantages (constant), e.g. from `compute_gae`.
+      response_mask: [B, R] bool, True = real token.
+      clip_eps: eps_low, and eps_high when `clip_eps_high` is None.
+      clip_eps_high: optional upper clip eps (DAPO uses 0.28 with eps_low 0.2).
+      dual_clip: optional c > 1 (3.0 in the paper).
+      logits: optional [B, R, V] current-policy logits, only to report the "entropy" metric.
+      aggregation: how per-token terms become the loss (`aggregate`): "token_mean" (default),
+        "seq_mean_token_sum", "seq_mean_token_mean" (GRPO, GSPO) or "constant" (Dr. GRPO).
+      ratio_level: "token" (PPO's per-token ratio) or "sequence" (GSPO's s_i, above).
+      axis_name: mesh axis (or axes) the batch is split over inside `jax.shard_map`; the loss and every
+        metric are then the global ones (ratio_max through pmax). The sequence ratio is per row.
+
+    Returns:
+      (loss, metrics) with "loss", "clipfrac" (fraction of tokens whose gradient the clip removed),
+      "approx_kl" (k3 estimate of KL(pi_old || pi) per token), "ratio_mean", "ratio_max" (of the
+      token ratio over real tokens, or of s_i over non-empty rows with `ratio_level="sequence"`), plus
+      "dual_clipfrac" with `dual_clip` and "entropy" with `logits`.
+    """
+    if dual_clip is not None and isinstance(dual_clip, int | float) and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip={dual_clip}; it must be > 1 (or None).")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level={ratio_level!r}; use 'token' or 'sequence'.")
+    clip_high = clip_eps if clip_eps_high is None else clip_eps_high
+    old_logprobs = jax.lax.stop_gradient(_float(old_logprobs))
+    advantages = _zero_padding(response_mask, jax.lax.stop_gradient(_float(advantages)))
+    log_ratio = _zero_padding(response_mask, _float(logprobs) - old_logprobs)  # [B, R]
+    if ratio_level == "token":
+        ratio = jnp.exp(log_ratio)  # [B, R]
+    else:
+        seq_ratio = jnp.exp(jax.lax.stop_gradient(ops.masked_mean(log_ratio, response_mask, axis=-1)))  # [B]
+        token_logprobs = _zero_padding(response_mask, _float(logprobs))
+        ratio = seq_ratio[:, None] * jnp.exp(token_logprobs - jax.lax.stop_gradient(token_logprobs))  # [B, R]
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_high)
+    per_token = jnp.maximum(unclipped, clipped)  # [B, R]
+    clipfrac = ops.masked_mean((clipped > unclipped).astype(ratio.dtype), response_mask, axis_name=axis_name)
+    metrics = {"clipfrac": clipfrac}
+    if dual_clip is not None:
+        bound = -dual_clip * advantages
+        dual_active = (advantages < 0) & (per_token > bound)
+        per_token = jnp.where(dual_active, bound, per_token)
+        metrics["dual_clipfrac"] = ops.masked_mean(
+            dual_active.astype(ratio.dtype), response_mask, axis_name=axis_name
+        )
+    loss = aggregate(per_token, response_mask, aggregation, axis_name=axis_name)
+    metrics["loss"] = loss
+    approx_kl = jnp.expm1(log_ratio) - log_ratio  # [B, R]
+    metrics["approx_kl"] = ops.masked_mean(approx_kl, response_mask, axis_name=axis_name)
+    if ratio_level == "token":
+        metrics["ratio_mean"] = ops.masked_mean(ratio, response_mask, axis_name=axis_name)
+        metrics["ratio_max"] = ops.pmax(jnp.max(_zero_padding(response_mask, ratio)), axis_name)
+    else:
+        rows = jnp.any(response_mask, axis=-1)  # [B]
+        metrics["ratio_mean"] = ops.masked_mean(seq_ratio, rows, axis_name=axis_name)
+        metrics["ratio_max"] = ops.pmax(jnp.max(_zero_padding(rows, seq_ratio)), axis_name)
+    if logits is not None:
+        metrics["entropy"] = ops.masked_mean(ops.entropy(logits), response_mask, axis_name=axis_name)
+    return loss, metrics
+
+
+def value_loss(
+    values: jax.Array,
+    old_values: jax.Array,
+    returns: jax.Array,
+    response_mask: jax.Array,
+    clip_eps: float | None = 0.2,
+    *,
+    axis_name: ops.AxisName = None,
+) -> tuple[jax.Array, dict]:
+    """Clipped value loss: the larger of the plain and the clipped squared error.
+
+    V_clip = V_old + clip(V - V_old, -eps, eps),  L = 0.5 * mean_t max((V - G)^2, (V_clip - G)^2).
+    Schulman et al. 2017 (openai/baselines ppo2); Andrychowicz et al. 2021, "What Matters in
+    On-Policy Reinforcement Learning?". `clip_eps=None` gives the plain 0.5 * mean (V - G)^2.
+
+    Args:
+      values: [B, R] value predictions (differentiated).
+      old_values: [B, R] value predictions at rollout time (constant).
+      returns: [B, R] value targets G (constant), e.g. from `compute_gae`.
+      response_mask: [B, R] bool, True = real token.
+      clip_eps: clip range around `old_values`, or None.
+      axis_name: mesh axis (or axes) the batch is split over inside `jax.shard_map`; the mean and the
+        metrics are then over every device's real tokens.
+
+    Returns:
+      (loss, metrics) with "loss", "clipfrac" (fraction of tokens where the clipped error is used)
+      and "value_mean".
+    """
+    values = _zero_padding(response_mask, _float(values))
+    old_values = _zero_padding(response_mask, jax.lax.stop_gradient(_float(old_values)))
+    returns = _zero_padding(response_mask, jax.lax.stop_gradient(_float(returns)))
+    per_token = jnp.square(values - returns)  # [B, R]
+    clipfrac = jnp.zeros((), values.dtype)
+    if clip_eps is not None:
+        # clip(V, V_old - eps, V_old + eps) is V bit for bit inside the range, so no rounding shows
+        # up as a spurious clip.
+        clipped_values = jnp.clip(values, old_values - clip_eps, old_values + clip_eps)
+        clipped = jnp.square(clipped_values - returns)
+        clipfrac = ops.masked_mean(
+            (clipped > per_token).astype(values.dtype), response_mask, axis_name=axis_name
+        )
+        per_token = jnp.maximum(per_token, clipped)
+    loss = 0.5 * ops.masked_mean(per_token, response_mask, axis_name=axis_name)
+    return loss, {
+        "loss": loss,
+        "clipfrac": clipfrac,
+        "value_mean": ops.masked_mean(values, response_mask, axis_name=axis_name),
+    }
+
+
+def entropy_bonus(
+    logits: jax.Array, response_mask: jax.Array, *, axis_name: ops.AxisName = None
+) -> tuple[jax.Array, dict]:
+    """Minus the mean policy entropy over real response tokens; add `coef * loss` to maximise it.
+
+    L = -mean_t H(pi(. | y_<t)), H = -sum_v p_v log p_v in float32. Williams & Peng 1991, "Function
+    optimization using connectionist reinforcement learning algorithms"; Mnih et al. 2016 (A3C).
+
+    Args:
+      logits: [B, R, V] policy logits at the response positions.
+      response_mask: [B, R] bool, True = real token.
+      axis_name: mesh axis (or axes) the batch is split over inside `jax.shard_map` (global mean).
+
+    Returns:
+      (loss, metrics) with "loss" and "entropy" (= -loss).
+    """
+    mean_entropy = ops.masked_mean(ops.entropy(logits), response_mask, axis_name=axis_name)
+    return -mean_entropy, {"loss": -mean_entropy, "entropy": mean_entropy}

@@ -1,0 +1,125 @@
+"""Direct preference losses on sequence log-ratios: REBEL and DPO / IPO."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf import ops
+from jaxrlhf.losses._common import _float, _preference_metrics, _zero_padding
+
+
+def _sequence_log_ratio(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """log pi(y) - log pi_ref(y) from token [B, R] (summed under mask) or sequence [B] logprobs."""
+    log_ratio = _float(logprobs) - jax.lax.stop_gradient(_float(ref_logprobs))
+    if log_ratio.ndim == 2:
+        return ops.masked_sum(log_ratio, mask, axis=-1)
+    if mask is not None:
+        raise ValueError("a mask was given with per-sequence [B] logprobs; pass [B, R] token logprobs.")
+    return log_ratio
+
+
+def rebel_loss(
+    logprobs_chosen: jax.Array,
+    ref_logprobs_chosen: jax.Array,
+    logprobs_rejected: jax.Array,
+    ref_logprobs_rejected: jax.Array,
+    rewards_chosen: jax.Array,
+    rewards_rejected: jax.Array,
+    eta: float,
+    mask_chosen: jax.Array | None = None,
+    mask_rejected: jax.Array | None = None,
+    pair_mask: jax.Array | None = None,
+    *,
+    axis_name: ops.AxisName = None,
+) -> tuple[jax.Array, dict]:
+    """REBEL: regress the scaled difference of policy log-ratios onto the difference of rewards.
+
+    L = mean_b ( (1/eta) [log pi/pi_0 (y_b) - log pi/pi_0 (y'_b)] - (r(y_b) - r(y'_b)) )^2, where
+    pi_0 ("ref") is the policy that sampled the pair (REBEL's pi_t) and y, y' are two answers to one
+    prompt. Gao et al. 2024, "REBEL: Reinforcement Learning via Regressing Relative Rewards", eq. 1.
+
+    Args:
+      logprobs_chosen, ref_logprobs_chosen: [B, R] token logprobs (summed under `mask_chosen`) or
+        [B] sequence logprobs of y under pi and pi_0.
+      logprobs_rejected, ref_logprobs_rejected: the same for y'.
+      rewards_chosen, rewards_rejected: [B] rewards r(y), r(y') (constant).
+      eta: the regression scale (1/eta multiplies the log-ratio difference).
+      mask_chosen, mask_rejected: [B, R] bool, True = real token; only with token logprobs.
+      pair_mask: optional [B] bool, True = a real pair (False for batch padding).
+      axis_name: mesh axis (or axes) the pairs are split over inside `jax.shard_map`; the mean and the
+        metrics are then over all pairs.
+
+    Returns:
+      (loss, metrics) with "loss", "predicted_diff" (mean of the scaled log-ratio difference) and
+      "reward_diff" (mean of r(y) - r(y')).
+    """
+    log_ratio_chosen = _sequence_log_ratio(logprobs_chosen, ref_logprobs_chosen, mask_chosen)
+    log_ratio_rejected = _sequence_log_ratio(logprobs_rejected, ref_logprobs_rejected, mask_rejected)
+    predicted = _zero_padding(pair_mask, (log_ratio_chosen - log_ratio_rejected) / eta)  # [B]
+    target = _float(rewards_chosen) - _float(rewards_rejected)
+    target = _zero_padding(pair_mask, jax.lax.stop_gradient(target))  # [B]
+    loss = ops.masked_mean(jnp.square(predicted - target), pair_mask, axis_name=axis_name)
+    return loss, {
+        "loss": loss,
+        "predicted_diff": ops.masked_mean(predicted, pair_mask, axis_name=axis_name),
+        "reward_diff": ops.masked_mean(target, pair_mask, axis_name=axis_name),
+    }
+
+
+def dpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    mask: jax.Array | None = None,
+    *,
+    axis_name: ops.AxisName = None,
+) -> tuple[jax.Array, dict]:
+    """Direct preference optimisation on sequence logprobs.
+
+    h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)].
+      sigmoid: L = -(1 - s) log sigmoid(beta h) - s log sigmoid(-beta h). Rafailov et al. 2023,
+        "Direct Preference Optimization"; label smoothing s (conservative DPO), Mitchell 2023, "A
+        note on DPO with noisy preferences".
+      ipo: L = (h - 1 / (2 beta))^2, beta playing tau. Azar et al. 2023, "A General Theoretical
+        Paradigm to Understand Learning from Human Preferences", eq. 17 (pair it with
+        `sequence_logprobs(average=True)` for the length-normalised variant).
+    Implicit rewards are beta * (log pi - log pi_ref).
+
+    Args:
+      policy_chosen_logps, policy_rejected_logps: [B] sequence logprobs under the policy
+        (differentiated).
+      ref_chosen_logps, ref_rejected_logps: [B] sequence logprobs under the reference (constant).
+      beta: KL strength (DPO's beta, IPO's tau).
+      loss_type: "sigmoid" or "ipo".
+      label_smoothing: s in [0, 0.5), assumed probability that a label is flipped; sigmoid only.
+      mask: optional [B] bool, True = a real pair (False for batch padding).
+      axis_name: mesh axis (or axes) the pairs are split over inside `jax.shard_map`; the mean and the
+        metrics are then over all pairs.
+
+    Returns:
+      (loss, metrics) with "loss", "accuracy", "reward_margin", "chosen_reward", "rejected_reward"
+      (all of the implicit rewards).
+    """
+    chosen_log_ratio = _sequence_log_ratio(policy_chosen_logps, ref_chosen_logps, None)  # [B]
+    rejected_log_ratio = _sequence_log_ratio(policy_rejected_logps, ref_rejected_logps, None)  # [B]
+    chosen_log_ratio = _zero_padding(mask, chosen_log_ratio)
+    rejected_log_ratio = _zero_padding(mask, rejected_log_ratio)
+    h = chosen_log_ratio - rejected_log_ratio
+    if loss_type == "sigmoid":
+        per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+        per_pair = per_pair - label_smoothing * jax.nn.log_sigmoid(-beta * h)
+    elif loss_type == "ipo":
+        if isinstance(label_smoothing, int | float) and label_smoothing != 0.0:
+            raise ValueError("label_smoothing applies to loss_type='sigmoid' only.")
+        per_pair = jnp.square(h - 1.0 / (2.0 * beta))
+    else:
+        raise ValueError(f"loss_type={loss_type!r}; use 'sigmoid' or 'ipo'.")
+    loss = ops.masked_mean(per_pair, mask, axis_name=axis_name)
+    chosen_rewards = jax.lax.stop_gradient(beta * chosen_log_ratio)
+    rejected_rewards = jax.lax.stop_gradient(beta * rejected_log_ratio)
+    return loss, {"loss": loss, **_preference_metrics(chosen_rewards, rejected_rewards, mask, axis_name)}

@@ -1,0 +1,142 @@
+"""Reward-model losses: Bradley-Terry pairs, InstructGPT K-way ranking, normalisation and centring."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf import ops
+from jaxrlhf.losses._common import _float, _preference_metrics, _zero_padding
+
+
+def pairwise_rm_loss(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    margin: jax.Array | float | None = None,
+    mask: jax.Array | None = None,
+    *,
+    axis_name: ops.AxisName = None,
+) -> tuple[jax.Array, dict]:
+    """Bradley-Terry reward-model loss on preference pairs.
+
+    L = mean_b -log sigmoid(r_chosen_b - r_rejected_b - margin_b). Bradley & Terry 1952; Christiano
+    et al. 2017; Stiennon et al. 2020, "Learning to summarize from human feedback". The margin (0 by
+    default) is Touvron et al. 2023, "Llama 2", eq. 2.
+
+    Args:
+      chosen_rewards: [B] reward of the preferred answer.
+      rejected_rewards: [B] reward of the other answer.
+      margin: None, a scalar or [B]; the chosen reward must beat the rejected one by this much.
+      mask: optional [B] bool, True = real pair.
+      axis_name: mesh axis (or axes) the pairs are split over inside `jax.shard_map`; the mean and the
+        metrics are then over all pairs.
+
+    Returns:
+      (loss, metrics) with "loss", "accuracy" (r_chosen > r_rejected), "reward_margin",
+      "chosen_reward", "rejected_reward".
+    """
+    chosen, rejected = _float(chosen_rewards), _float(rejected_rewards)
+    diff = chosen - rejected  # [B]
+    if margin is not None:
+        diff = diff - _float(margin)
+    loss = ops.masked_mean(-jax.nn.log_sigmoid(_zero_padding(mask, diff)), mask, axis_name=axis_name)
+    return loss, {"loss": loss, **_preference_metrics(chosen, rejected, mask, axis_name)}
+
+
+def kway_rm_loss(
+    rewards: jax.Array, rank_mask: jax.Array | None = None, *, axis_name: ops.AxisName = None
+) -> tuple[jax.Array, dict]:
+    """InstructGPT K-way ranking loss: every ranked pair of a prompt in one batch item.
+
+    L = mean_b [ 1/C(K_b, 2) sum_{i<j valid} -log sigmoid(r_bi - r_bj) ], answer i ranked above
+    answer j when i < j. Each prompt weighs the same whatever its number of answers, and its pairs
+    are never split across batch items (which overfits, per the paper). Ouyang et al. 2022,
+    "Training language models to follow instructions with human feedback", eq. 1. With K = 2 this is
+    `pairwise_rm_loss`.
+
+    Args:
+      rewards: [B, K] rewards of the K answers of each prompt, ordered best first (index 0 = best).
+      rank_mask: optional [B, K] bool, True = a real answer (prompts with fewer than K answers). A
+        prompt with fewer than 2 real answers has no pairs and is left out of the mean.
+      axis_name: mesh axis (or axes) the prompts (axis 0) are split over inside `jax.shard_map`; the
+        mean over prompts and the metrics are then global.
+
+    Returns:
+      (loss, metrics) with "loss", "accuracy" and "reward_margin" (means over all valid pairs),
+      "npairs".
+    """
+    rewards = _float(rewards)
+    k = rewards.shape[1]
+    valid = jnp.ones(rewards.shape, bool) if rank_mask is None else rank_mask  # [B, K]
+    rewards = _zero_padding(valid, rewards)
+    diff = rewards[:, :, None] - rewards[:, None, :]  # [B, K, K]: r_i - r_j
+    upper = jnp.triu(jnp.ones((k, k), bool), k=1)  # [K, K]: i ranked above j
+    pair_mask = upper[None] & valid[:, :, None] & valid[:, None, :]  # [B, K, K]
+    per_prompt = ops.masked_mean(-jax.nn.log_sigmoid(diff), pair_mask, axis=(1, 2))  # [B]
+    loss = ops.masked_mean(per_prompt, jnp.any(pair_mask, axis=(1, 2)), axis_name=axis_name)
+    return loss, {
+        "loss": loss,
+        "accuracy": ops.masked_mean((diff > 0).astype(diff.dtype), pair_mask, axis_name=axis_name),
+        "reward_margin": ops.masked_mean(diff, pair_mask, axis_name=axis_name),
+        "npairs": ops.psum(jnp.sum(pair_mask, dtype=rewards.dtype), axis_name),
+    }
+
+
+def reward_gain_bias(
+    rewards: jax.Array,
+    mask: jax.Array | None = None,
+    target_mean: float = 0.0,
+    target_std: float = 1.0,
+    eps: float = 1e-8,
+    *,
+    axis_name: ops.AxisName = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Gain and bias that give `rewards` a chosen mean and std: r' = gain * r + bias.
+
+    gain = target_std / sqrt(var(r) + eps), bias = target_mean - gain * mean(r), with the population
+    variance over the masked entries. Ziegler et al. 2019, "Fine-Tuning Language Models from Human
+    Preferences", normalise the reward model this way on samples of the initial policy (mean 0, std
+    1) so the KL coefficient keeps one scale.
+
+    Args:
+      rewards: reward-model outputs of any shape, e.g. [B] scores of policy samples.
+      mask: optional bool of the same shape, True = real.
+      target_mean, target_std: the statistics of gain * r + bias.
+      eps: keeps the gain finite for constant rewards.
+      axis_name: mesh axis (or axes) axis 0 is split over inside `jax.shard_map`; the mean and the
+        variance are then over every device's samples (same gain and bias everywhere).
+
+    Returns:
+      (gain, bias), two scalars.
+    """
+    rewards = _float(rewards)
+    mean = ops.masked_mean(rewards, mask, axis_name=axis_name)
+    var = ops.masked_var(rewards, mask, unbiased=False, axis_name=axis_name)
+    gain = target_std * jax.lax.rsqrt(var + eps)
+    return gain, target_mean - gain * mean
+
+
+def reward_centring_loss(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    axis_name: ops.AxisName = None,
+) -> tuple[jax.Array, dict]:
+    """Auxiliary loss that centres a reward model's outputs on 0.
+
+    L = mean_b (r_chosen_b + r_rejected_b)^2; add `coef * L` (e.g. 0.01) to `pairwise_rm_loss`,
+    which is blind to a shared offset. Eisenstein et al. 2023, "Helping or Herding? Reward Model
+    Ensembles Mitigate but do not Eliminate Reward Hacking".
+
+    Args:
+      chosen_rewards, rejected_rewards: [B].
+      mask: optional [B] bool, True = real pair.
+      axis_name: mesh axis (or axes) the pairs are split over inside `jax.shard_map` (global mean).
+
+    Returns:
+      (loss, metrics) with "loss" and "reward_mean" (mean of both rewards).
+    """
+    total = _zero_padding(mask, _float(chosen_rewards) + _float(rejected_rewards))  # [B]
+    loss = ops.masked_mean(jnp.square(total), mask, axis_name=axis_name)
+    return loss, {"loss": loss, "reward_mean": 0.5 * ops.masked_mean(total, mask, axis_name=axis_name)}
