@@ -47,6 +47,7 @@ FIELD_ALGOS = {
     "epochs": ("ppo", "grpo", "rloo"),
     "minibatches": ("ppo", "grpo", "rloo"),
     "whiten_rewards": ("ppo", "pg"),
+    "ratio_level": ("ppo", "grpo", "rloo"),
 }
 
 
@@ -74,6 +75,8 @@ class RLConfig:
         [iK, (i + 1)K) of a batch share a prompt.
       grpo_scale_by_std: grpo divides by the group's std; False keeps the mean shift only (Dr. GRPO,
         Liu et al. 2025, with loss_agg "constant").
+      ratio_level: "token" (PPO's per-token ratio) or "sequence" (GSPO, Zheng et al. 2025: one
+        length-normalised ratio per response, clipped as a whole; ppo, grpo, rloo).
       loss_agg: how per-token policy (and KL) terms become the loss: "token_mean" (every token of the
         batch alike), "seq_mean_token_sum", "seq_mean_token_mean" (GRPO as written) or "constant" (Dr.
         GRPO); see `losses.aggregate`.
@@ -113,6 +116,7 @@ class RLConfig:
     group_size: int | None = None
     grpo_scale_by_std: bool = True
     loss_agg: str = "token_mean"
+    ratio_level: str = "token"
     kl_coef: float = 0.2
     kl_target: float | None = None
     kl_horizon: float = 10000.0
@@ -136,6 +140,14 @@ class RLConfig:
     def __post_init__(self):
         if self.algo not in ALGOS:
             raise ValueError(f"algo={self.algo!r}; use one of {', '.join(ALGOS)} (REBEL/DPO: train.py).")
+        if self.ratio_level not in losses.RATIO_LEVELS:
+            raise ValueError(
+                f"ratio_level={self.ratio_level!r}; use one of {', '.join(losses.RATIO_LEVELS)}."
+            )
+        if self.ratio_level != "token" and self.algo == "pg":
+            raise ValueError(
+                "ratio_level acts for the clipped algorithms (ppo, grpo, rloo); pg has no ratio."
+            )
         if self.loss_agg not in losses.AGGREGATIONS:
             raise ValueError(f"loss_agg={self.loss_agg!r}; use one of {', '.join(losses.AGGREGATIONS)}.")
         grouped = self.algo in ("grpo", "rloo")
@@ -375,7 +387,7 @@ def _minibatch_loss(params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: 
     else:
         pol, pol_m = losses.ppo_policy_loss(
             logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip_eps=rl.clip_eps,
-            aggregation=rl.loss_agg,
+            aggregation=rl.loss_agg, ratio_level=rl.ratio_level,
         )  # fmt: skip
         loss = pol
         metrics = {k: pol_m[k] for k in ("clipfrac", "approx_kl", "ratio_max", "ratio_mean")}
