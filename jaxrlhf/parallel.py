@@ -4,13 +4,15 @@ A mesh has two axes: 'data' (batch rows) and 'fsdp' (batch rows too, and the lar
 param / optimizer leaf). The batch is split over both axes; with fsdp = 1 params are replicated (plain data
 parallelism). The same step function runs on 1 CPU, 8 fake CPU devices, a GPU or a multi-host TPU slice.
 
-Why `jit` with shardings rather than `shard_map` + `pmean` for the train steps: every loss reduces with a
-masked mean over the real tokens of the *global* batch. Under shard_map each device would see a different
-number of real tokens, and `pmean` of per-device means is not the global mean (it weighs a shard of short
-responses like a shard of long ones). Writing the step on the global batch and letting XLA partition it
+Why `jit` with shardings for the library's train steps: every loss reduces with a masked mean over the
+real tokens of the *global* batch. Writing the step on the global batch and letting XLA partition it
 (GSPMD) gives the single-device result exactly (up to reduction order), for data and FSDP sharding alike,
-with no collective written by hand. `shard_map` is used where the work really is per device and needs no
-global reduction: `per_device` below (e.g. host-side scoring of each device's rows).
+with no collective written by hand. A researcher who writes a data-parallel `jax.shard_map` step instead
+passes `axis_name=` to the losses and masked reductions (jaxrlhf.losses, jaxrlhf.ops): they then return the
+global statistics (psum of sums and counts), where `pmean` of per-device means would weigh a shard of short
+responses like a shard of long ones; tests/test_losses_shard_map.py checks shard_map == GSPMD == 1 device.
+`shard_map` is used here where the work really is per device and needs no global reduction: `per_device`
+below (e.g. host-side scoring of each device's rows).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every factory returns an *un-jitted* `step(state, batch, *, key) -> (state, metr
 whole (global) batch; `parallel.jit_step` compiles it once for a mesh. Because the step sees the global
 batch, masked means are over every real token of the batch whatever the device count, and the same
 function runs on 1 CPU, 8 fake CPU devices or a TPU pod (see parallel.py for why this is jit with
-shardings rather than shard_map + pmean).
+shardings; the losses also run inside a user's shard_map with `axis_name=`).
 
 A step never trains on a non-finite loss or gradient: the update is skipped (params and optimizer state
 unchanged) and `metrics["finite"]` is 0, which the driver turns into a one-line error.
