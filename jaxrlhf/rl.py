@@ -262,6 +262,13 @@ def _check_ptx(rl: RLConfig, ptx) -> None:
         raise ValueError("a ptx batch was passed but ptx_coef is 0: set RLConfig.ptx_coef or drop it")
 
 
+def _check_minibatches(batch_size: int, rl: RLConfig) -> None:
+    if rl.algo != "pg" and batch_size % rl.minibatches:
+        raise ValueError(
+            f"rollout batch {batch_size} is not divisible by minibatches={rl.minibatches}; change one."
+        )
+
+
 def _filter_kl(tempered: jax.Array, sample_cfg: SampleConfig, response_mask: jax.Array) -> jax.Array:
     """Mean over response tokens of KL(filtered || unfiltered) = -log(probability mass top-k / top-p
     keep), from the [B, R, V] tempered logits: how off-policy an update on unfiltered logprobs is."""
@@ -435,10 +442,7 @@ def make_rl_step(
         if rl.algo == "pg":
             state, metrics = update(state, exp, ptx, jax.random.fold_in(key, 0))
         else:
-            if b % rl.minibatches:
-                raise ValueError(
-                    f"rollout batch {b} is not divisible by minibatches={rl.minibatches}; change one."
-                )
+            _check_minibatches(b, rl)
             mb_size = b // rl.minibatches
 
             def one_epoch(state, epoch_key):
@@ -481,6 +485,7 @@ def make_learn(
 
     def learn(state, ref_params, rollout, scores, *, key, ptx=None):
         _check_ptx(rl, ptx)
+        _check_minibatches(rollout.tokens.shape[0], rl)  # before any work on the rollout
         exp, exp_metrics = make_experience(
             state, ref_params, rollout, scores, cfg, rl, ref_cfg, sample_cfg=sample_cfg
         )

@@ -283,8 +283,12 @@ def _pipeline_args(shared_data, out, cache):
     return tiny + [str(x) for x in stages]
 
 
-def _run_pipeline(args, devices: int):
+def _run_pipeline(args, devices: int, cache=None):
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "HF_HUB_OFFLINE": "1", "JAXRLHF_DATA_DIR": ""}
+    if (
+        cache is not None
+    ):  # a persistent XLA cache shared by the calls of one test: same programs compile once
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.tldr.run", *args],
         cwd=REPO,
@@ -307,7 +311,8 @@ def test_sft_rm_ppo_end_to_end_with_resume(shared_data, tmp_path):
     # checkpoint paths, so this is what a user's `--out runs/tldr` goes through.
     args = _pipeline_args(shared_data, os.path.relpath(out, REPO), cache)
     # First call: every stage, PPO stopped after 12 iterations (a preemption after the step-12 checkpoint).
-    log = _run_pipeline([*args, "--stop-after", f"ppo:{PPO_STOP}"], devices=1)
+    xla_cache = tmp_path / "xla"
+    log = _run_pipeline([*args, "--stop-after", f"ppo:{PPO_STOP}"], devices=1, cache=xla_cache)
     assert "ppo stopped before its last step" in log
     assert checkpoint.all_steps(out, "ppo") == [8, 12], "the newest two checkpoints are kept"
     first_ppo = _records(out / "ppo.jsonl")
@@ -381,7 +386,7 @@ def test_sft_rm_ppo_end_to_end_with_resume(shared_data, tmp_path):
         "policy_gain_bias",
     ]
     grpo_args += ["--ppo.norm_prompts", "48"]
-    _run_pipeline(grpo_args, devices=1)
+    _run_pipeline(grpo_args, devices=1, cache=xla_cache)
     grpo_log = _records(grpo_out / "ppo.jsonl")
     assert [r["step"] for r in grpo_log] == [1, 2, 3, 4]
     assert all(np.isfinite(r["ptx_loss"]) and 0.0 < r["ptx_loss"] < np.log(50257) for r in grpo_log)

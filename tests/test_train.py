@@ -121,9 +121,11 @@ def _run_on(mesh, step, state, batch, n=2):
     return jax.device_get(state), losses_
 
 
-# Every step on a data x fsdp mesh (both axes at once); pure data parallelism for one step of each kind
-# (LM, preference, RL), which is the same program with the fsdp axis of size 1.
-MESH_CASES = [(name, (2, 4)) for name in CASES] + [(name, (8, 1)) for name in ("lm", "dpo", "ppo")]
+# One step of each kind (LM, K-way RM, preference, RL; the pairwise RM, REBEL and PG steps are the same
+# programs with K = 2, another loss, no value model) on a data x fsdp mesh, both axes at once; and pure
+# data parallelism, the same program with the fsdp axis of size 1, for three of them.
+MESH_CASES = [(name, (2, 4)) for name in ("lm", "rm_kway", "dpo", "ppo")]
+MESH_CASES += [(name, (8, 1)) for name in ("lm", "dpo", "ppo")]
 
 
 @pytest.mark.parametrize(
@@ -227,10 +229,19 @@ def test_batch_not_dividing_mesh_is_a_clear_error(tiny_cfg):
 def test_ppo_minibatches_must_divide_batch(tiny_cfg):
     tx = optax.sgd(1e-3)
     rlc = rl.RLConfig(minibatches=3)
+    policy = model.init_params(jax.random.key(0), tiny_cfg)
+    state = rl.init_rl_state(
+        rl.init_rl_params(policy, _scalar_model(jax.random.key(1), tiny_cfg), rlc), tx, rlc
+    )
+    b, p, r = 8, 2, 3  # refused from the shapes, before any work on the rollout
+    rollout = sampling.Rollout(
+        prompt=jnp.ones((b, p), jnp.int32), prompt_mask=jnp.ones((b, p), bool),
+        response=jnp.ones((b, r), jnp.int32), response_mask=jnp.ones((b, r), bool),
+        logprobs=jnp.zeros((b, r)), finished=jnp.ones((b,), bool),
+    )  # fmt: skip
     with pytest.raises(ValueError, match="not divisible by minibatches=3"):
-        _, state, (rollout, scores) = _rl_case(tiny_cfg, tx, "ppo")
         rl.make_learn(tiny_cfg, tx, rlc, sample_cfg=RL_SAMPLE)(
-            state, state.params["policy"], rollout, scores, key=jax.random.key(0)
+            state, policy, rollout, jnp.zeros(b), key=jax.random.key(0)
         )
 
 
