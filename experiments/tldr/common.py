@@ -161,7 +161,7 @@ class PPOConfig:
         "Learning to summarize from human feedback", sec. 3.4; Huang et al. 2024, "The N+ Implementation
         Details of RLHF with PPO"; the default KL 0.05 and no-EOS penalty -1 are on this scale);
         "policy_gain_bias" applies the gain and bias that give samples of the initial (SFT) policy mean 0
-        and std 1 (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", sec. 2.2;
+        and std 1 (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences";
         lm-human-preferences normalises its reward model so on samples of the reference policy),
         measured on norm_prompts training prompts at this stage's sampling settings; "none" keeps the
         raw scores.

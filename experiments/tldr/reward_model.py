@@ -6,8 +6,9 @@ A scalar model {"gpt": SFT trunk, "head": zero-init linear head} scores [prompt 
 real token (the end-of-text) and is trained with the Bradley-Terry loss -log sigmoid(r_chosen -
 r_rejected) (Stiennon et al. 2020, eq. 1; jaxrlhf.train.make_rm_step). Held-out accuracy every
 --rm.eval_every steps. After the last step the reward model scores --rm.norm_rows reference summaries
-and the (mean, std) of those scores is stored as "reward_norm" in the final checkpoint's meta: PPO uses
-(score - mean) / std, so reference summaries score 0 on average (Ziegler et al. 2019).
+and the (mean, std) of those scores is stored as "reward_norm" in the final checkpoint's meta: by default
+PPO subtracts that mean, so reference summaries score 0 on average (Stiennon et al. 2020); see
+--ppo.reward_norm for the other choices.
 Writes <out>/rm/<step>/, <out>/rm.jsonl and <out>/rm_summary.json.
 """
 
