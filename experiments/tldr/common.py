@@ -158,7 +158,7 @@ class PPOConfig:
       value_lr: peak learning rate of the value model (None: optim.lr; ppo only).
       reward_norm: how raw reward-model scores become the reward: "reference_mean" subtracts the mean
         score of rm.norm_rows reference summaries, so they score 0 on average (Stiennon et al. 2020,
-        "Learning to summarize from human feedback", sec. 3.4; Huang et al. 2024, "The N+ Implementation
+        "Learning to summarize from human feedback"; Huang et al. 2024, "The N+ Implementation
         Details of RLHF with PPO"; the default KL 0.05 and no-EOS penalty -1 are on this scale);
         "policy_gain_bias" applies the gain and bias that give samples of the initial (SFT) policy mean 0
         and std 1 (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences";
