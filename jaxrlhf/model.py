@@ -5,19 +5,27 @@ Shape letters (used in every docstring of the package):
   V vocabulary, L layers, P prompt length, R response length.
 
 Params are a nested dict with GPT-2-like names; the L transformer blocks are stacked on a leading [L] axis
-and run with `jax.lax.scan`:
+and run with `jax.lax.scan` (K = key / value heads, K = N without grouped-query attention):
 
-  wte [V, D]   wpe [block_size, D]   ln_f {scale, bias} [D]
-  blocks/ln_1, ln_2 {scale, bias} [L, D]
-  blocks/attn/c_attn {kernel [L, D, 3D], bias [L, 3D]}   blocks/attn/c_proj {kernel [L, D, D], bias [L, D]}
-  blocks/mlp/c_fc {kernel [L, D, F], bias [L, F]}        blocks/mlp/c_proj {kernel [L, F, D], bias [L, D]}
+  wte [V, D]   wpe [block_size, D] (learned positions only)   ln_f {scale, bias} [D]
+  lm_head [V, D] (untied heads only)
+  blocks/ln_1, ln_2 {scale, bias} [L, D]   (RMSNorm: scale only)
+  blocks/attn/c_attn {kernel [L, D, (N + 2K) H], bias}: [q | k | v]
+  blocks/attn/c_proj {kernel [L, N H, D], bias}
+  blocks/attn/q_norm, k_norm {scale [L, H]} (Qwen3's qk-norm only)
+  blocks/mlp/c_fc {kernel [L, D, F] (SwiGLU: [L, D, 2F] = [gate | up]), bias}
+  blocks/mlp/c_proj {kernel [L, F, D], bias}
 
-The LM head is tied to `wte`. Scalar heads (value, reward) are a separate {kernel [D], bias []} dict; a
+Biases exist where `cfg.bias` (and for c_attn `cfg.has_qkv_bias`) says so. The architecture is a set of
+static switches of the ModelConfig (norm, position, mlp, n_kv_head, head_size, biases, qk_norm,
+tie_embeddings), so GPT-2, Llama 3, Mistral and Qwen 2.5 / 3 are this one forward. The LM head is `wte`
+unless `tie_embeddings` is False. Scalar heads (value, reward) are a separate {kernel [D], bias []} dict; a
 "scalar model" is {"gpt": params, "head": head}.
 
 Positions are derived from the padding mask (`ops.positions_from_mask`), so a left-padded prompt gets the
-same logits on its real tokens as the unpadded one. Dense layers run on 2-D [B*T, D] activations: XLA:CPU
-is several times slower on 3-D dot operands (see shared notes).
+same logits on its real tokens as the unpadded one, with learned positions and with RoPE alike. Dense
+layers run on 2-D [B*T, D] activations: XLA:CPU is several times slower on 3-D dot operands (see shared
+notes).
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf import ops
+from jaxrlhf import layers, ops
 from jaxrlhf.config import ModelConfig
+from jaxrlhf.layers import gelu_new  # noqa: F401  (re-exported: model.gelu_new)
 
 Params = dict
 _UNROLL_MAX_LAYERS = 12  # deeper models keep a rolled layer scan (compile time grows with unrolling)
@@ -39,10 +48,10 @@ class KVCache(NamedTuple):
     """Per-layer keys and values for incremental decoding.
 
     Attributes:
-      k: L arrays [B*N, S, H] of keys (S = cache length; heads folded into the batch, the layout attention
-        reads, so it needs no transpose or reshape of the cache; one array per layer so each decode step
-        updates them in place).
-      v: L arrays [B*N, S, H] of values.
+      k: L arrays [B*K, S, H] of keys (S = cache length; the K kv heads folded into the batch, the layout
+        attention reads, so it needs no transpose or reshape of the cache; one array per layer so each
+        decode step updates them in place).
+      v: L arrays [B*K, S, H] of values.
       mask: [B, S] bool, True where a slot holds a real token.
       index: [] int32, the next slot to write.
       positions: [B] int32, position id of the next token of each row.
@@ -59,8 +68,10 @@ class KVCache(NamedTuple):
 
 
 def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
-    """GPT-2 initialisation: N(0, 0.02) weights, residual projections N(0, 0.02 / sqrt(2L)), zero biases."""
+    """GPT-2 initialisation: N(0, 0.02) weights, residual projections N(0, 0.02 / sqrt(2L)), zero biases,
+    unit norm scales (for every architecture; imported weights replace it)."""
     L, D, F, V = cfg.n_layer, cfg.n_embd, cfg.mlp_dim, cfg.vocab_size
+    N, K, H = cfg.n_head, cfg.kv_heads, cfg.head_dim
     k_wte, k_wpe, k_attn, k_aproj, k_fc, k_mproj = jax.random.split(key, 6)
     dt = cfg.pdtype
     std, proj_std = 0.02, 0.02 / math.sqrt(2 * L)
@@ -68,26 +79,40 @@ def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
     def normal(k, shape, s):
         return (s * jax.random.normal(k, shape, jnp.float32)).astype(dt)
 
-    def ln(*lead):
-        return {"scale": jnp.ones((*lead, D), dt), "bias": jnp.zeros((*lead, D), dt)}
+    def norm(*shape):
+        p = {"scale": jnp.ones(shape, dt)}
+        if cfg.norm == "layernorm":
+            p["bias"] = jnp.zeros(shape, dt)
+        return p
 
-    def dense(k, din, dout, s):
-        return {"kernel": normal(k, (L, din, dout), s), "bias": jnp.zeros((L, dout), dt)}
+    def dense(k, din, dout, s, bias=cfg.bias):
+        p = {"kernel": normal(k, (L, din, dout), s)}
+        if bias:
+            p["bias"] = jnp.zeros((L, dout), dt)
+        return p
 
-    return {
-        "wte": normal(k_wte, (V, D), std),
-        "wpe": normal(k_wpe, (cfg.block_size, D), std),
-        "blocks": {
-            "ln_1": ln(L),
-            "attn": {
-                "c_attn": dense(k_attn, D, 3 * D, std),
-                "c_proj": dense(k_aproj, D, D, proj_std),
-            },
-            "ln_2": ln(L),
-            "mlp": {"c_fc": dense(k_fc, D, F, std), "c_proj": dense(k_mproj, F, D, proj_std)},
-        },
-        "ln_f": ln(),
+    attn = {
+        "c_attn": dense(k_attn, D, (N + 2 * K) * H, std, cfg.has_qkv_bias),
+        "c_proj": dense(k_aproj, N * H, D, proj_std),
     }
+    if cfg.qk_norm:
+        attn.update(q_norm=norm(L, H), k_norm=norm(L, H))
+    ffn_in = 2 * F if cfg.mlp == "swiglu" else F
+    params = {
+        "wte": normal(k_wte, (V, D), std),
+        "blocks": {
+            "ln_1": norm(L, D),
+            "attn": attn,
+            "ln_2": norm(L, D),
+            "mlp": {"c_fc": dense(k_fc, D, ffn_in, std), "c_proj": dense(k_mproj, F, D, proj_std)},
+        },
+        "ln_f": norm(D),
+    }
+    if cfg.position == "learned":
+        params["wpe"] = normal(k_wpe, (cfg.block_size, D), std)
+    if not cfg.tie_embeddings:
+        params["lm_head"] = normal(jax.random.fold_in(key, 7), (V, D), std)
+    return params
 
 
 def init_scalar_head(key: jax.Array, cfg: ModelConfig, scale: float = 0.0) -> Params:
@@ -105,80 +130,59 @@ def init_scalar_model(key: jax.Array, cfg: ModelConfig) -> Params:
 # ------------------------------------------------------------------------------------------- layers
 
 
-def _dense(x: jax.Array, p: Params, dtype) -> jax.Array:
-    """x @ kernel + bias on a 2-D view of x (the fast path of XLA:CPU). [..., Din] -> [..., Dout]."""
-    kernel = p["kernel"].astype(dtype)
-    y = x.reshape(-1, x.shape[-1]).astype(dtype) @ kernel + p["bias"].astype(dtype)
-    return y.reshape(*x.shape[:-1], kernel.shape[-1])
-
-
-def _layer_norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
-    """LayerNorm computed in float32, returned in x's dtype."""
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
-
-
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-_GELU_C = math.sqrt(2.0 / math.pi)
-
-
-@jax.custom_vjp
-def gelu_new(x: jax.Array) -> jax.Array:
-    """GPT-2's "gelu_new": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), = jax.nn.gelu(approximate=True).
-
-    The hand-written backward keeps only x as residual and recomputes tanh: XLA:CPU's autodiff of
-    jax.nn.gelu stores several [B*T, F] intermediates and made the whole train step ~1.3x slower.
-    """
-    return 0.5 * x * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
-
-
-def _gelu_fwd(x):
-    return gelu_new(x), x
-
-
-def _gelu_bwd(x, g):
-    x2 = x * x
-    t = jnp.tanh(_GELU_C * x * (1.0 + 0.044715 * x2))
-    dt = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x2)
-    return (g * dt,)
-
-
-gelu_new.defvjp(_gelu_fwd, _gelu_bwd)
-
-
 def _attend(q, k, v, mask, cfg: ModelConfig, key):
-    """Softmax attention with heads folded into the batch (X = B*N), so both products are plain 3-D
-    batched matmuls. q: [X, T, H], k/v: [X, S, H], mask: [B, 1|N, T, S] -> [X, T, H]."""
+    """Softmax attention with heads folded into the batch, so both products are plain 3-D batched matmuls.
+
+    q: [B*N, T, H], k / v: [B*K, S, H], mask: [B, 1, T, S] -> [B*N, T, H]. With grouped-query attention
+    (G = N / K query heads per kv head, head n reading kv head n // G as in transformers' repeat_kv) the
+    G query heads of a kv head are stacked along the query axis: [B*K, G*T, H] against [B*K, S, H].
+    """
     X, T, H = q.shape
-    S = k.shape[1]
-    B = mask.shape[0]
-    scores = jnp.einsum("xth,xsh->xts", q, k).reshape(B, X // B, T, S)  # [B, N, T, S]
-    scores = scores.astype(jnp.float32) / math.sqrt(cfg.head_dim)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(X, T, S)
-    probs = _dropout(probs, cfg.attn_pdrop, key)
-    return jnp.einsum("xts,xsh->xth", probs, v)
+    XK, S = k.shape[:2]
+    B, G = mask.shape[0], X // XK
+    scores = jnp.einsum("xth,xsh->xts", q.reshape(XK, G * T, H), k)  # [B*K, G*T, S]
+    scores = scores.reshape(B, XK // B, G, T, S).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(XK, G * T, S)
+    probs = layers.dropout(probs, cfg.attn_pdrop, key)
+    return jnp.einsum("xts,xsh->xth", probs, v).reshape(X, T, H)
 
 
-def _block(p, x, mask, cfg: ModelConfig, key, kv=None, write_index=None):
-    """One pre-LN transformer block.
+def _qkv(p, h, cfg: ModelConfig, rope):
+    """q [B*N, T, H], k and v [B*K, T, H] of the normed residual h [B, T, D]: one [q | k | v] matmul, then
+    Qwen3's qk-norm and RoPE where the config has them."""
+    B, T, _ = h.shape
+    N, K, H = cfg.n_head, cfg.kv_heads, cfg.head_dim
+    qkv = layers.dense(h, p["attn"]["c_attn"], cfg.dtype)  # [B, T, (N + 2K) H]
+    if K == N and rope is None and not cfg.qk_norm:  # GPT-2: one transpose puts the heads into the batch
+        q, k, v = qkv.reshape(B, T, 3, N, H).transpose(2, 0, 3, 1, 4).reshape(3, B * N, T, H)
+        return q, k, v
+    q = qkv[..., : N * H].reshape(B, T, N, H)
+    k = qkv[..., N * H : (N + K) * H].reshape(B, T, K, H)
+    v = qkv[..., (N + K) * H :].reshape(B, T, K, H)
+    if cfg.qk_norm:
+        q = layers.rms_norm(q, p["attn"]["q_norm"], cfg.ln_eps)
+        k = layers.rms_norm(k, p["attn"]["k_norm"], cfg.ln_eps)
+    if rope is not None:
+        q, k = layers.apply_rope(q, *rope), layers.apply_rope(k, *rope)
+
+    def heads_first(x):
+        return x.transpose(0, 2, 1, 3).reshape(B * x.shape[2], T, H)
+
+    return heads_first(q), heads_first(k), heads_first(v)
+
+
+def _block(p, x, mask, cfg: ModelConfig, key, kv=None, write_index=None, rope=None):
+    """One pre-norm transformer block.
 
     Args:
       p: this layer's params (leading L axis removed).
       x: [B, T, D] residual stream.
       mask: [B, 1, T, S] bool attention mask.
       key: dropout key or None.
-      kv: optional cache of this layer, (k [B*N, S, H], v [B*N, S, H]); the k/v of the T new tokens are
+      kv: optional cache of this layer, (k [B*K, S, H], v [B*K, S, H]); the k/v of the T new tokens are
         written at slot `write_index` and attention runs over all S slots.
+      rope: (cos, sin) [B, T, H] of the tokens' positions for RoPE models, else None.
 
     Returns:
       (x [B, T, D], kv).
@@ -186,39 +190,41 @@ def _block(p, x, mask, cfg: ModelConfig, key, kv=None, write_index=None):
     B, T, D = x.shape
     dt = cfg.dtype
     keys = jax.random.split(key, 3) if key is not None else (None, None, None)
-    h = _layer_norm(x, p["ln_1"], cfg.ln_eps)
-    N, H = cfg.n_head, cfg.head_dim
-    qkv = _dense(h, p["attn"]["c_attn"], dt).reshape(B, T, 3, N, H)
-    q, k, v = qkv.transpose(2, 0, 3, 1, 4).reshape(3, B * N, T, H)  # one transpose, heads into batch
+    q, k, v = _qkv(p, layers.norm(x, p["ln_1"], cfg), cfg, rope)
     if kv is not None:
         start = (0, write_index, 0)
         k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
         v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
         kv = (k_all, v_all)
-        k, v = k_all.astype(dt), v_all.astype(dt)  # [B*N, S, H]
+        k, v = k_all.astype(dt), v_all.astype(dt)  # [B*K, S, H]
     y = _attend(q, k, v, mask, cfg, keys[0])  # [B*N, T, H]
-    y = y.reshape(B, N, T, H).transpose(0, 2, 1, 3).reshape(B, T, D)
-    y = _dense(y, p["attn"]["c_proj"], dt)
-    x = x + _dropout(y, cfg.resid_pdrop, keys[1])
-    h = _layer_norm(x, p["ln_2"], cfg.ln_eps)
-    h = gelu_new(_dense(h, p["mlp"]["c_fc"], dt))  # [B, T, F]
-    h = _dense(h, p["mlp"]["c_proj"], dt)
-    x = x + _dropout(h, cfg.resid_pdrop, keys[2])
+    N, H = cfg.n_head, cfg.head_dim
+    y = y.reshape(B, N, T, H).transpose(0, 2, 1, 3).reshape(B, T, N * H)
+    y = layers.dense(y, p["attn"]["c_proj"], dt)
+    x = x + layers.dropout(y, cfg.resid_pdrop, keys[1])
+    h = layers.mlp(layers.norm(x, p["ln_2"], cfg), p["mlp"], cfg)
+    x = x + layers.dropout(h, cfg.resid_pdrop, keys[2])
     return x, kv
 
 
 def _embed(params: Params, tokens, positions, cfg: ModelConfig, key):
-    x = params["wte"][tokens].astype(cfg.dtype) + params["wpe"][positions].astype(cfg.dtype)
-    return _dropout(x, cfg.embd_pdrop, key)  # [B, T, D]
+    """Token (+ learned position) embeddings, and the RoPE angles of `positions` (None without RoPE)."""
+    x = params["wte"][tokens].astype(cfg.dtype)
+    rope = None
+    if cfg.position == "learned":
+        x = x + params["wpe"][positions].astype(cfg.dtype)
+    else:
+        rope = layers.rope_angles(positions, cfg)
+    return layers.dropout(x, cfg.embd_pdrop, key), rope  # [B, T, D]
 
 
-def _run_blocks(params, x, mask, cfg: ModelConfig, key):
+def _run_blocks(params, x, mask, cfg: ModelConfig, key, rope=None):
     """All L blocks under one `lax.scan` (training and scoring path). Returns x [B, T, D]."""
     layer_keys = jax.random.split(key, cfg.n_layer) if key is not None else None
 
     def body(x, xs):
         p, k = xs
-        return _block(p, x, mask, cfg, k)[0], None
+        return _block(p, x, mask, cfg, k, rope=rope)[0], None
 
     if cfg.remat:
         body = jax.checkpoint(body, prevent_cse=False)
@@ -277,15 +283,16 @@ def forward(
     _check_length(tokens.shape[1], cfg)
     mask = mask.astype(bool)
     k_embd, k_blocks = jax.random.split(key) if key is not None else (None, None)
-    x = _embed(params, tokens, ops.positions_from_mask(mask), cfg, k_embd)
+    x, rope = _embed(params, tokens, ops.positions_from_mask(mask), cfg, k_embd)
     attn_mask = ops.attention_mask(mask, mask)  # [B, 1, T, T]
-    x = _run_blocks(params, x, attn_mask, cfg, k_blocks)
-    return _layer_norm(x, params["ln_f"], cfg.ln_eps)
+    x = _run_blocks(params, x, attn_mask, cfg, k_blocks, rope)
+    return layers.norm(x, params["ln_f"], cfg)
 
 
 def lm_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Tied LM head: hidden [..., D] -> logits [..., V] float32 (next-token logits, see ops)."""
-    wte = params["wte"].astype(cfg.dtype)
+    """LM head (wte, or lm_head when untied): hidden [..., D] -> logits [..., V] float32 (next-token
+    logits, see ops)."""
+    wte = params["wte" if cfg.tie_embeddings else "lm_head"].astype(cfg.dtype)
     flat = hidden.reshape(-1, hidden.shape[-1]).astype(cfg.dtype)
     logits = jax.lax.dot_general(flat, wte, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return logits.reshape(*hidden.shape[:-1], wte.shape[0])
@@ -297,7 +304,7 @@ def scalar_head(head: Params, hidden: jax.Array) -> jax.Array:
 
 
 def logits_fn(params, tokens, mask, cfg: ModelConfig, *, key=None) -> jax.Array:
-    """forward + tied LM head: [B, T] -> [B, T, V] float32."""
+    """forward + LM head: [B, T] -> [B, T, V] float32."""
     return lm_logits(params, forward(params, tokens, mask, cfg, key=key), cfg)
 
 
@@ -312,7 +319,7 @@ def scalar_fn(params, tokens, mask, cfg: ModelConfig, *, key=None) -> jax.Array:
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     """An empty cache of `length` slots (prompt + response) for `batch` rows."""
     _check_length(length, cfg)
-    shape = (batch * cfg.n_head, length, cfg.head_dim)
+    shape = (batch * cfg.kv_heads, length, cfg.head_dim)  # only the kv heads are cached
     return KVCache(
         k=tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer)),
         v=tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer)),
@@ -326,7 +333,7 @@ def _cached_step(params, tokens, token_mask, positions, cache: KVCache, cfg: Mod
     """Run T new tokens against the cache: write their k/v at `cache.index`, attend to all real slots."""
     T = tokens.shape[1]
     S = cache.mask.shape[1]
-    x = _embed(params, tokens, positions, cfg, None)
+    x, rope = _embed(params, tokens, positions, cfg, None)
     cache_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, cache.index))  # [B, S]
     slot = jnp.arange(S, dtype=jnp.int32)
     query_slot = cache.index + jnp.arange(T, dtype=jnp.int32)
@@ -334,10 +341,10 @@ def _cached_step(params, tokens, token_mask, positions, cache: KVCache, cfg: Mod
     attn_mask = cache_mask[:, None, None, :] & causal[None, None]  # [B, 1, T, S]
     ks, vs = [], []
     for p, k, v in zip(unstack_blocks(params)["blocks"], cache.k, cache.v, strict=True):
-        x, (k, v) = _block(p, x, attn_mask, cfg, None, (k, v), cache.index)
+        x, (k, v) = _block(p, x, attn_mask, cfg, None, (k, v), cache.index, rope)
         ks.append(k)
         vs.append(v)
-    hidden = _layer_norm(x, params["ln_f"], cfg.ln_eps)
+    hidden = layers.norm(x, params["ln_f"], cfg)
     new_positions = positions[:, -1] + token_mask[:, -1].astype(jnp.int32)
     cache = KVCache(tuple(ks), tuple(vs), cache_mask, cache.index + T, new_positions)
     return hidden, cache
