@@ -14,9 +14,14 @@ The pure functions here do the mapping on NumPy arrays; transformers itself is n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from jaxrlhf.config import ModelConfig
@@ -161,60 +166,178 @@ def _block_names(cfg: ModelConfig) -> dict[tuple[str, ...], str]:
     return names
 
 
+def _leaf_builders(cfg: ModelConfig, has: Callable[[str], bool]) -> dict[tuple[str, ...], Callable]:
+    """Our param path -> build(get) -> that leaf as float32 NumPy, where get(name, shape) reads one
+    transformers tensor (names without the `model.` prefix). One leaf at a time, so a loader holds at most
+    one stacked leaf on the host."""
+    L, N, K, H, D, F = cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.n_embd, cfg.mlp_dim
+
+    def stacked(name, shape, transpose=False):
+        def build(get):
+            out = np.empty((L, *(shape[::-1] if transpose else shape)), np.float32)
+            for i in range(L):
+                x = get(f"layers.{i}.{name}", shape)
+                out[i] = x.T if transpose else x
+            return out
+
+        return build
+
+    def concat(*builders):
+        return lambda get: np.concatenate([b(get) for b in builders], axis=-1)
+
+    qkv = [("q_proj", N * H), ("k_proj", K * H), ("v_proj", K * H)]
+    leaves = {
+        ("wte",): lambda get: get("embed_tokens.weight", (cfg.vocab_size, D)),
+        ("ln_f", "scale"): lambda get: get("norm.weight", (D,)),
+        ("blocks", "ln_1", "scale"): stacked("input_layernorm.weight", (D,)),
+        ("blocks", "ln_2", "scale"): stacked("post_attention_layernorm.weight", (D,)),
+        ("blocks", "attn", "c_attn", "kernel"): concat(
+            *[stacked(f"self_attn.{n}.weight", (o, D), transpose=True) for n, o in qkv]
+        ),
+        ("blocks", "attn", "c_proj", "kernel"): stacked(
+            "self_attn.o_proj.weight", (D, N * H), transpose=True
+        ),
+        ("blocks", "mlp", "c_fc", "kernel"): concat(
+            stacked("mlp.gate_proj.weight", (F, D), transpose=True),
+            stacked("mlp.up_proj.weight", (F, D), transpose=True),
+        ),
+        ("blocks", "mlp", "c_proj", "kernel"): stacked("mlp.down_proj.weight", (D, F), transpose=True),
+    }
+    if cfg.has_qkv_bias:
+        leaves[("blocks", "attn", "c_attn", "bias")] = concat(
+            *[stacked(f"self_attn.{n}.bias", (o,)) for n, o in qkv]
+        )
+    if cfg.bias:
+        leaves[("blocks", "attn", "c_proj", "bias")] = stacked("self_attn.o_proj.bias", (D,))
+    if cfg.qk_norm:
+        leaves[("blocks", "attn", "q_norm", "scale")] = stacked("self_attn.q_norm.weight", (H,))
+        leaves[("blocks", "attn", "k_norm", "scale")] = stacked("self_attn.k_norm.weight", (H,))
+    if not cfg.tie_embeddings:
+        name = "lm_head.weight" if has("lm_head.weight") else "embed_tokens.weight"
+        leaves[("lm_head",)] = lambda get: get(name, (cfg.vocab_size, D))
+    return leaves
+
+
+def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], cfg: ModelConfig, where: str):
+    def get(name, shape):
+        if not has(name):
+            raise ValueError(f"{where} has no tensor {name!r} (expected for a {cfg.n_layer}-layer model)")
+        x = np.asarray(read(name), np.float32)
+        if x.shape != tuple(shape):
+            raise ValueError(
+                f"{where}: tensor {name!r} has shape {x.shape}; the config expects {tuple(shape)}"
+            )
+        return x
+
+    return get
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
 def params_from_hf(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> Params:
     """Our param tree (float32 NumPy leaves) from a transformers state dict of NumPy arrays (`model.`-prefixed
     names, or bare LlamaModel names). Missing or misshapen tensors raise, naming them."""
     state = {(k[len(_PREFIX) :] if k.startswith(_PREFIX) else k): v for k, v in state.items()}
-    L, N, K, H = cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.head_dim
-
-    def get(name, shape):
-        if name not in state:
-            raise ValueError(
-                f"the checkpoint has no tensor {name!r} (a {cfg.n_layer}-layer {cfg.norm} model)"
-            )
-        x = np.asarray(state[name], np.float32)
-        if x.shape != shape:
-            raise ValueError(f"tensor {name!r} has shape {x.shape}; the config expects {shape}")
-        return x
-
-    def stack(fn):
-        return np.stack([fn(f"layers.{i}.") for i in range(L)])
-
-    def kernel(name, dout, din):
-        return stack(lambda p: get(p + name, (dout, din)).T)  # [L, din, dout]
-
-    D, F = cfg.n_embd, cfg.mlp_dim
-    qkv = [("q_proj", N * H), ("k_proj", K * H), ("v_proj", K * H)]
-    attn = {
-        "c_attn": {
-            "kernel": np.concatenate([kernel(f"self_attn.{n}.weight", o, D) for n, o in qkv], axis=-1)
-        },
-        "c_proj": {"kernel": kernel("self_attn.o_proj.weight", D, N * H)},
-    }
-    if cfg.has_qkv_bias:
-        biases = [stack(lambda p, n=n, o=o: get(p + f"self_attn.{n}.bias", (o,))) for n, o in qkv]
-        attn["c_attn"]["bias"] = np.concatenate(biases, axis=-1)
-    if cfg.bias:
-        attn["c_proj"]["bias"] = stack(lambda p: get(p + "self_attn.o_proj.bias", (D,)))
-    if cfg.qk_norm:
-        attn["q_norm"] = {"scale": stack(lambda p: get(p + "self_attn.q_norm.weight", (H,)))}
-        attn["k_norm"] = {"scale": stack(lambda p: get(p + "self_attn.k_norm.weight", (H,)))}
-    gate_up = [kernel("mlp.gate_proj.weight", F, D), kernel("mlp.up_proj.weight", F, D)]
-    params = {
-        "wte": get("embed_tokens.weight", (cfg.vocab_size, D)),
-        "blocks": {
-            "ln_1": {"scale": stack(lambda p: get(p + "input_layernorm.weight", (D,)))},
-            "attn": attn,
-            "ln_2": {"scale": stack(lambda p: get(p + "post_attention_layernorm.weight", (D,)))},
-            "mlp": {"c_fc": {"kernel": np.concatenate(gate_up, axis=-1)},
-                    "c_proj": {"kernel": kernel("mlp.down_proj.weight", D, F)}},
-        },
-        "ln_f": {"scale": get("norm.weight", (D,))},
-    }  # fmt: skip
-    if not cfg.tie_embeddings:
-        name = "lm_head.weight" if "lm_head.weight" in state else "embed_tokens.weight"
-        params["lm_head"] = get(name, (cfg.vocab_size, D))
+    get = _getter(state.__getitem__, state.__contains__, cfg, "the state dict")
+    params: Params = {}
+    for path, build in _leaf_builders(cfg, state.__contains__).items():
+        _set(params, path, build(get))
     return params
+
+
+def load(
+    directory: str | os.PathLike, cfg: ModelConfig | None = None, *, shardings: Any = None
+) -> tuple[Params, ModelConfig]:
+    """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint directory (config.json + model.safetensors, or
+    sharded model-0000k-of-0000n.safetensors + model.safetensors.index.json).
+
+    Tensors are read one at a time from the memory-mapped files (`safetensors.safe_open`) and each of our
+    leaves goes to its device (or its sharding in `shardings`, a tree like the params, e.g.
+    parallel.tree_shardings of `jax.eval_shape(init_params, ...)`) before the next is built: the host
+    holds at most one leaf, never a second copy of the model.
+
+    Args:
+      directory: the checkpoint directory.
+      cfg: None: from config.json; otherwise it must describe the same architecture (its dtypes, dropout
+        and remat are kept).
+      shardings: optional tree of jax.sharding.Sharding for the params.
+
+    Returns:
+      (params as jax arrays in cfg.param_dtype, cfg).
+    """
+    directory = os.fspath(directory)
+    with open(os.path.join(directory, "config.json")) as f:
+        file_cfg = config_from_hf(json.load(f))
+    if cfg is None:
+        cfg = file_cfg
+    else:
+        arch = ("vocab_size", "n_layer", "n_head", "kv_heads", "head_dim", "n_embd", "mlp_dim", "norm",
+                "position", "mlp", "bias", "has_qkv_bias", "qk_norm", "tie_embeddings")  # fmt: skip
+        bad = [
+            f"{n}={getattr(cfg, n)} vs {getattr(file_cfg, n)}"
+            for n in arch
+            if getattr(cfg, n) != getattr(file_cfg, n)
+        ]
+        if bad:
+            raise ValueError(f"cfg does not match {directory}/config.json ({'; '.join(bad)}); pass cfg=None")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+    tensors = {}
+    for file in files:
+        for name, view in _safetensors_views(os.path.join(directory, file)).items():
+            tensors[name[len(_PREFIX) :] if name.startswith(_PREFIX) else name] = view
+
+    def read(name):
+        return tensors[name]()
+
+    get = _getter(read, tensors.__contains__, cfg, directory)
+    params: Params = {}
+    for path, build in _leaf_builders(cfg, tensors.__contains__).items():
+        leaf = jnp.asarray(build(get), cfg.pdtype) if shardings is None else None
+        if shardings is not None:
+            sharding = shardings
+            for name in path:
+                sharding = sharding[name]
+            leaf = jax.device_put(build(get).astype(cfg.pdtype), sharding)
+        _set(params, path, leaf)
+    return params, cfg
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+def _safetensors_views(path: str) -> dict[str, Callable[[], np.ndarray]]:
+    """name -> a function returning that tensor as a read-only memory-mapped NumPy view of `path`.
+
+    The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}} and the raw bytes; reading it directly maps bfloat16 too (ml_dtypes), which the
+    safetensors package's NumPy reader cannot, and touches only the pages of the tensors read.
+    """
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    base = 8 + size
+
+    def view(info):
+        start, end = info["data_offsets"]
+        return data[base + start : base + end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    return {name: (lambda info=info: view(info)) for name, info in header.items()}
 
 
 def hf_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
