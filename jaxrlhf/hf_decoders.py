@@ -14,13 +14,13 @@ The pure functions here do the mapping on NumPy arrays; transformers itself is n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -166,29 +166,44 @@ def _block_names(cfg: ModelConfig) -> dict[tuple[str, ...], str]:
     return names
 
 
-def _leaf_builders(cfg: ModelConfig, has: Callable[[str], bool]) -> dict[tuple[str, ...], Callable]:
-    """Our param path -> build(get) -> that leaf as float32 NumPy, where get(name, shape) reads one
+def _leaf_builders(
+    cfg: ModelConfig, has: Callable[[str], bool], dtype=np.float32
+) -> dict[tuple[str, ...], Callable]:
+    """Our param path -> build(get) -> that leaf as a NumPy array of `dtype`, where get(name, shape) reads one
     transformers tensor (names without the `model.` prefix). One leaf at a time, so a loader holds at most
     one stacked leaf on the host."""
     L, N, K, H, D, F = cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.n_embd, cfg.mlp_dim
 
     def stacked(name, shape, transpose=False):
-        def build(get):
-            out = np.empty((L, *(shape[::-1] if transpose else shape)), np.float32)
+        def build(get, out=None):  # out: a [L, ..., width] slice of a concatenated leaf to fill
+            if out is None:
+                out = np.empty((L, *(shape[::-1] if transpose else shape)), dtype)
             for i in range(L):
                 x = get(f"layers.{i}.{name}", shape)
                 out[i] = x.T if transpose else x
             return out
 
+        build.width = shape[0] if transpose else shape[-1]
+        build.lead = shape[1:] if transpose else shape[:-1]
         return build
 
     def concat(*builders):
-        return lambda get: np.concatenate([b(get) for b in builders], axis=-1)
+        """The builders' leaves side by side on the last axis, written into one array (no temporaries)."""
+
+        def build(get):
+            out = np.empty((L, *builders[0].lead, sum(b.width for b in builders)), dtype)
+            start = 0
+            for b in builders:
+                b(get, out[..., start : start + b.width])
+                start += b.width
+            return out
+
+        return build
 
     qkv = [("q_proj", N * H), ("k_proj", K * H), ("v_proj", K * H)]
     leaves = {
-        ("wte",): lambda get: get("embed_tokens.weight", (cfg.vocab_size, D)),
-        ("ln_f", "scale"): lambda get: get("norm.weight", (D,)),
+        ("wte",): lambda get: get("embed_tokens.weight", (cfg.vocab_size, D)).astype(dtype),
+        ("ln_f", "scale"): lambda get: get("norm.weight", (D,)).astype(dtype),
         ("blocks", "ln_1", "scale"): stacked("input_layernorm.weight", (D,)),
         ("blocks", "ln_2", "scale"): stacked("post_attention_layernorm.weight", (D,)),
         ("blocks", "attn", "c_attn", "kernel"): concat(
@@ -214,7 +229,7 @@ def _leaf_builders(cfg: ModelConfig, has: Callable[[str], bool]) -> dict[tuple[s
         leaves[("blocks", "attn", "k_norm", "scale")] = stacked("self_attn.k_norm.weight", (H,))
     if not cfg.tie_embeddings:
         name = "lm_head.weight" if has("lm_head.weight") else "embed_tokens.weight"
-        leaves[("lm_head",)] = lambda get: get(name, (cfg.vocab_size, D))
+        leaves[("lm_head",)] = lambda get: get(name, (cfg.vocab_size, D)).astype(dtype)
     return leaves
 
 
@@ -222,7 +237,7 @@ def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], cfg: 
     def get(name, shape):
         if not has(name):
             raise ValueError(f"{where} has no tensor {name!r} (expected for a {cfg.n_layer}-layer model)")
-        x = np.asarray(read(name), np.float32)
+        x = read(name)  # its stored dtype; the builders cast
         if x.shape != tuple(shape):
             raise ValueError(
                 f"{where}: tensor {name!r} has shape {x.shape}; the config expects {tuple(shape)}"
@@ -242,7 +257,7 @@ def params_from_hf(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> Params:
     """Our param tree (float32 NumPy leaves) from a transformers state dict of NumPy arrays (`model.`-prefixed
     names, or bare LlamaModel names). Missing or misshapen tensors raise, naming them."""
     state = {(k[len(_PREFIX) :] if k.startswith(_PREFIX) else k): v for k, v in state.items()}
-    get = _getter(state.__getitem__, state.__contains__, cfg, "the state dict")
+    get = _getter(lambda name: np.asarray(state[name], np.float32), state.__contains__, cfg, "the state dict")
     params: Params = {}
     for path, build in _leaf_builders(cfg, state.__contains__).items():
         _set(params, path, build(get))
@@ -255,15 +270,15 @@ def load(
     """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint directory (config.json + model.safetensors, or
     sharded model-0000k-of-0000n.safetensors + model.safetensors.index.json).
 
-    Tensors are read one at a time from the memory-mapped files (`safetensors.safe_open`) and each of our
-    leaves goes to its device (or its sharding in `shardings`, a tree like the params, e.g.
-    parallel.tree_shardings of `jax.eval_shape(init_params, ...)`) before the next is built: the host
-    holds at most one leaf, never a second copy of the model.
+    Tensors are read one at a time from the files and each of our leaves, built in the params' dtype, goes
+    to its device (or its sharding in `shardings`, a tree like the params, e.g. parallel.tree_shardings of
+    `jax.eval_shape(init_params, ...)`) before the next is built: the host holds at most one leaf beyond
+    the loaded params, never a second copy of the model.
 
     Args:
       directory: the checkpoint directory.
-      cfg: None: from config.json; otherwise it must describe the same architecture (its dtypes, dropout
-        and remat are kept).
+      cfg: None: from config.json, params in the checkpoint's dtype (float32 or bfloat16); otherwise it
+        must describe the same architecture (its dtypes, dropout and remat are kept).
       shardings: optional tree of jax.sharding.Sharding for the params.
 
     Returns:
@@ -271,9 +286,13 @@ def load(
     """
     directory = os.fspath(directory)
     with open(os.path.join(directory, "config.json")) as f:
-        file_cfg = config_from_hf(json.load(f))
-    if cfg is None:
-        cfg = file_cfg
+        hf_config = json.load(f)
+    file_cfg = config_from_hf(hf_config)
+    if cfg is None:  # params in the checkpoint's dtype
+        stored = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+        cfg = dataclasses.replace(
+            file_cfg, param_dtype=stored if stored in ("float32", "bfloat16") else "float32"
+        )
     else:
         arch = ("vocab_size", "n_layer", "n_head", "kv_heads", "head_dim", "n_embd", "mlp_dim", "norm",
                 "position", "mlp", "bias", "has_qkv_bias", "qk_norm", "tie_embeddings")  # fmt: skip
@@ -302,13 +321,17 @@ def load(
 
     get = _getter(read, tensors.__contains__, cfg, directory)
     params: Params = {}
-    for path, build in _leaf_builders(cfg, tensors.__contains__).items():
-        leaf = jnp.asarray(build(get), cfg.pdtype) if shardings is None else None
-        if shardings is not None:
+    for path, build in _leaf_builders(cfg, tensors.__contains__, np.dtype(cfg.pdtype)).items():
+        host = build(get)
+        if shardings is None:
+            leaf = jax.device_put(host)  # one copy (jnp.asarray of a bfloat16 array makes two)
+        else:
             sharding = shardings
             for name in path:
                 sharding = sharding[name]
-            leaf = jax.device_put(build(get).astype(cfg.pdtype), sharding)
+            leaf = jax.device_put(host, sharding)
+        jax.block_until_ready(leaf)
+        del host  # the host copy goes before the next leaf is built
         _set(params, path, leaf)
     return params, cfg
 
@@ -320,24 +343,29 @@ _SAFETENSORS_DTYPES = {
 
 
 def _safetensors_views(path: str) -> dict[str, Callable[[], np.ndarray]]:
-    """name -> a function returning that tensor as a read-only memory-mapped NumPy view of `path`.
+    """name -> a function that reads that tensor of the safetensors file `path` into a new NumPy array.
 
     The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-    data_offsets}} and the raw bytes; reading it directly maps bfloat16 too (ml_dtypes), which the
-    safetensors package's NumPy reader cannot, and touches only the pages of the tensors read.
+    data_offsets}} and the raw bytes. Reading it directly gives bfloat16 too (ml_dtypes), which the
+    safetensors package's NumPy reader cannot, and reads only the tensor asked for, into memory that is
+    freed with the array (no memory map whose pages would stay resident).
     """
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
     header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
     base = 8 + size
 
-    def view(info):
+    def read(info):
         start, end = info["data_offsets"]
-        return data[base + start : base + end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        out = np.empty(info["shape"], _SAFETENSORS_DTYPES[info["dtype"]])
+        with open(path, "rb") as f:
+            f.seek(base + start)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - start:
+                raise ValueError(f"{path} is truncated: tensor data ends early (re-download it)")
+        return out
 
-    return {name: (lambda info=info: view(info)) for name, info in header.items()}
+    return {name: (lambda info=info: read(info)) for name, info in header.items()}
 
 
 def hf_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
