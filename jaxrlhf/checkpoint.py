@@ -5,6 +5,8 @@ The only module in jaxrlhf that imports orbax. On disk (local or `gs://`, throug
     <run_dir>/<stage>/<step>/state/       the train state: a pytree of arrays (jax, NumPy, scalars)
     <run_dir>/<stage>/<step>/meta/        a JSON dict: data position, PRNG position, config, ...
     <run_dir>/<stage>/<step>/tokenizer/   optional: the tokenizer's files, as JSON text
+    <run_dir>/<stage>/<step>/checksums.json   size + sha256 of every other file of the step
+    <run_dir>/<stage>/<step>.damaged/     a step that failed its checksums, set aside by `set_aside`
 
 Guarantees:
   - A save is atomic. Orbax writes `<step>.orbax-checkpoint-tmp*/` and renames it to `<step>/` once
@@ -16,9 +18,21 @@ Guarantees:
   - A save never overwrites a step (unless `overwrite=True`) and never writes NaN or inf.
   - Typed PRNG key arrays (`jax.random.key`) are stored as their raw key data and come back typed,
     with the implementation of the restore target's keys.
+  - Damage is detected, not loaded. Once orbax has finalised a step, process 0 records the size and
+    sha256 of each of its files in `checksums.json` (written to a temporary name, then renamed).
+    `restore`, `restore_meta`, `restore_tokenizer` and `check_meta` verify what they read first and
+    raise a one-line `DamagedCheckpointError` naming the step and the file: a truncated or emptied
+    file, broken JSON, flipped bytes, or a step without `checksums.json` although an older step of
+    the stage has one (its save did not finish). Steps saved before checksums existed (none of the
+    stage's older steps has one) are read unverified. `latest_good_step` finds the newest step that
+    verifies; `set_aside` renames damaged steps to `<step>.damaged`, which orbax neither lists nor
+    prunes, so retention (`keep`) only ever counts good steps. Verifying reads every file of the
+    step; on a local disk a step that verified is not read again by the same process while its files'
+    sizes and modification times stay the same (on gs:// each verification reads it again).
 
-Multi-process: every process calls `save` and `restore` (they are collective, like the jitted step);
-`latest_step`, `has_stage`, `restore_meta` and `restore_tokenizer` only read files and can be called
+Multi-process: every process calls `save`, `restore`, `verify`, `latest_good_step` and `set_aside` (they are
+collective, like the jitted step: process 0 hashes, renames and tells the others); `latest_step`,
+`has_stage`, `restore_meta`, `check_meta` and `restore_tokenizer` only read files and can be called
 from any subset of processes.
 
 Restoring against an abstract target is the usual pattern:
@@ -29,11 +43,14 @@ Restoring against an abstract target is the usual pattern:
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import itertools
 import json
 import operator
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -47,12 +64,24 @@ PathLike = str | os.PathLike
 _STATE, _META, _TOKENIZER = "state", "meta", "tokenizer"
 # Where pruned steps are renamed before deletion; not a step name, so listing never sees it.
 _DELETING = ".deleting"
+_CHECKSUMS = "checksums.json"
+# Suffix of a damaged step set aside: "12.damaged" is not a step name for orbax (digits only).
+_DAMAGED = ".damaged"
 _UNSET = object()
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint step's files differ from what was saved, or orbax could not read them."""
 
 
 # --------------------------------------------------------------------------------------- paths
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # gs://, s3://, file://, ...
+
+
+def is_remote(run_dir: PathLike) -> bool:
+    """Whether `run_dir` is a URL (gs://...) rather than a local path."""
+    return bool(_URL.match(os.fspath(run_dir)))
 
 
 def resolve(run_dir: PathLike) -> epath.Path:
@@ -132,6 +161,178 @@ def _empty_trash(stage_dir: epath.Path) -> None:
     trash = stage_dir / _DELETING
     if jax.process_index() == 0 and trash.exists():
         trash.rmtree()
+
+
+# ----------------------------------------------------------------------------------- checksums
+
+# Step dir + checksums -> the stat signature its files had when they last verified (see `_problem`).
+_VERIFIED: dict[str, tuple] = {}
+# Barrier names must be unique per call; every process calls in the same order, so counts agree.
+_BARRIERS = itertools.count()
+
+
+def _barrier(what: str) -> None:
+    """Wait for every process (a no-op with one)."""
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(f"jaxrlhf_{what}_{next(_BARRIERS)}")
+
+
+def _files(root: epath.Path) -> list[str]:
+    """Every file under `root` but the checksum file, as sorted '/'-separated relative paths."""
+    out = []
+    for folder, _, names in root.walk():
+        for name in names:
+            rel = (folder / name).relative_to(root).as_posix()
+            if rel != _CHECKSUMS and not rel.startswith(_CHECKSUMS + "."):
+                out.append(rel)
+    return sorted(out)
+
+
+def _digest(path: epath.Path) -> tuple[int, str]:
+    """(bytes, sha256 hex) of one file, read in 16 MiB chunks (hashlib drops the GIL on them)."""
+    h, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _digests(root: epath.Path, rels: Sequence[str]) -> dict[str, tuple[int, str]]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(zip(rels, pool.map(lambda rel: _digest(root / rel), rels), strict=True))
+
+
+def _write_checksums(step_dir: epath.Path) -> None:
+    """Record size + sha256 of every file of a finalised step (process 0; the others wait)."""
+    if jax.process_index() == 0:
+        rels = _files(step_dir)
+        files = {rel: {"bytes": n, "sha256": h} for rel, (n, h) in _digests(step_dir, rels).items()}
+        tmp = step_dir / (_CHECKSUMS + ".tmp")
+        tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
+        tmp.replace(step_dir / _CHECKSUMS)  # a kill mid-write leaves no half checksum file
+    _barrier("checksums")
+
+
+def _signature(step_dir: epath.Path, rels: Sequence[str]) -> tuple | None:
+    """Sizes and modification times of the files (local dirs only; None elsewhere)."""
+    if is_remote(step_dir):
+        return None
+    try:
+        return tuple((rel, st.st_size, st.st_mtime_ns) for rel in rels for st in [os.stat(step_dir / rel)])
+    except OSError:
+        return None
+
+
+def _problem(run_dir: PathLike, stage: str, step: int, items: Sequence[str] | None = None) -> str | None:
+    """What is wrong with step `step` of `stage` (its files `items/...` only, if given), or None.
+
+    A step without a checksum file is unverifiable (None) unless an older step of the stage has one.
+    """
+    step_dir = _step_dir(run_dir, stage, step)
+    record = step_dir / _CHECKSUMS
+    if not record.exists():
+        older = [s for s in all_steps(run_dir, stage) if s < step]
+        if any((_step_dir(run_dir, stage, s) / _CHECKSUMS).exists() for s in older):
+            return f"it has no {_CHECKSUMS} although the older steps have one: its save did not finish"
+        return None
+    try:
+        text = record.read_text()
+        files = {rel: (int(f["bytes"]), str(f["sha256"])) for rel, f in json.loads(text)["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"its {_CHECKSUMS} is unreadable"
+    wanted = sorted(rel for rel in files if items is None or rel.split("/")[0] in items)
+    missing = [r for r in wanted if not (step_dir / r).exists()]
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"{missing[0]}{more} is missing"
+    signature = _signature(step_dir, wanted)
+    key = f"{step_dir}|{hashlib.sha256(text.encode()).hexdigest()}|{','.join(wanted)}"
+    if signature is not None and _VERIFIED.get(key) == signature:
+        return None
+    for rel, (size, sha) in _digests(step_dir, wanted).items():
+        if size != files[rel][0]:
+            return f"{rel} is {size} bytes, {files[rel][0]} when saved (truncated or overwritten)"
+        if sha != files[rel][1]:
+            return f"{rel} differs from what was saved (sha256 mismatch: flipped or overwritten bytes)"
+    if signature is not None:
+        _VERIFIED[key] = signature
+    return None
+
+
+def _agreed_problem(run_dir: PathLike, stage: str, step: int, items=None) -> str | None:
+    """`_problem` as process 0 sees it, told to every process (the others get a short reason)."""
+    problem = _problem(run_dir, stage, step, items) if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+        bad = bool(ocp.multihost.broadcast_one_to_all(np.int32(problem is not None)))
+        problem = problem or ("process 0 found it damaged" if bad else None)
+    return problem
+
+
+def _damaged(run_dir: PathLike, stage: str, step: int, problem: str) -> DamagedCheckpointError:
+    return DamagedCheckpointError(
+        f"checkpoint {_stage_dir(run_dir, stage)} step {step} is damaged: {problem}; restore an earlier "
+        "step (a pipeline's --resume falls back to the newest good one)"
+    )
+
+
+def verify(run_dir: PathLike, stage: str, step: int | None = None) -> int:
+    """Check every file of `step` (default: the latest) against its checksums; returns the step.
+
+    Raises:
+      FileNotFoundError: the stage or step does not exist.
+      DamagedCheckpointError: a file is missing, truncated or changed (one line naming it).
+    """
+    step = _resolve_step(run_dir, stage, step)
+    problem = _agreed_problem(run_dir, stage, step)
+    if problem:
+        raise _damaged(run_dir, stage, step, problem)
+    return step
+
+
+def latest_good_step(run_dir: PathLike, stage: str) -> tuple[int | None, dict[int, str]]:
+    """The newest step of `stage` that verifies, and what is wrong with each newer (damaged) step.
+
+    Collective. Nothing is renamed; pass the damaged steps to `set_aside` once the run goes on.
+
+    Returns:
+      (step, {damaged step: problem}); (None, {}) if the stage has no checkpoint.
+
+    Raises:
+      DamagedCheckpointError: the stage has checkpoints and every one is damaged.
+    """
+    damaged = {}
+    for step in reversed(all_steps(run_dir, stage)):
+        problem = _agreed_problem(run_dir, stage, step)
+        if problem is None:
+            return step, damaged
+        damaged[step] = problem
+    if damaged:
+        listed = "; ".join(f"step {s}: {p}" for s, p in sorted(damaged.items()))
+        raise DamagedCheckpointError(
+            f"every checkpoint of {_stage_dir(run_dir, stage)} is damaged ({listed}); restore them from "
+            "a copy, or move that directory aside to run the stage again from its start"
+        )
+    return None, damaged
+
+
+def set_aside(run_dir: PathLike, stage: str, steps: Sequence[int]) -> dict[int, epath.Path]:
+    """Rename damaged `steps` to `<stage>/<step>.damaged` (kept for inspection, never listed).
+
+    Collective: process 0 renames, the others wait. Returns {step: its new path}.
+    """
+    moved = {}
+    for step in sorted(steps):
+        src = _step_dir(run_dir, stage, step)
+        dst, n = src.with_name(src.name + _DAMAGED), 1
+        while dst.exists():
+            n += 1
+            dst = src.with_name(f"{src.name}{_DAMAGED}-{n}")
+        if jax.process_index() == 0:
+            src.rename(dst)
+        moved[step] = dst
+    _barrier("set_aside")
+    return moved
 
 
 # ---------------------------------------------------------------------------------------- save
@@ -246,6 +447,7 @@ def save(
     if not saved:
         raise RuntimeError(f"orbax declined to save {step_dir}")
     _empty_trash(stage_dir)
+    _write_checksums(step_dir)
     return step_dir
 
 
@@ -392,10 +594,45 @@ def _check_tree(stored_tree, target, where: str) -> None:
         )
 
 
+def _unreadable(run_dir: PathLike, stage: str, step: int, err: Exception) -> DamagedCheckpointError:
+    """A one-line error for what orbax / tensorstore raised reading a step that had no checksums."""
+    lines = str(err).strip().splitlines() or [""]
+    first = lines[0] if len(lines[0]) <= 200 else lines[0][:197] + "..."
+    return _damaged(run_dir, stage, step, f"orbax could not read it ({type(err).__name__}: {first})")
+
+
+def _check_files(run_dir: PathLike, stage: str, step: int, items: Sequence[str] | None) -> None:
+    """Raise a one-line DamagedCheckpointError if the files of `items` of a step fail their checksums
+    (not collective: each caller reads them; used for the small meta and tokenizer items)."""
+    problem = _problem(run_dir, stage, step, items)
+    if problem:
+        raise _damaged(run_dir, stage, step, problem)
+
+
 def restore_meta(run_dir: PathLike, stage: str, step: int | None = None) -> dict:
-    """The `meta` dict saved with `step` (default: the latest) of `stage`."""
+    """The `meta` dict saved with `step` (default: the latest) of `stage`, its files verified first.
+
+    Raises:
+      FileNotFoundError: the stage or step does not exist.
+      DamagedCheckpointError: the meta files fail their checksums or do not parse.
+    """
     step = _resolve_step(run_dir, stage, step)
-    return dict(ocp.JsonCheckpointHandler().restore(_step_dir(run_dir, stage, step) / _META))
+    _check_files(run_dir, stage, step, [_META])
+    try:
+        return dict(ocp.JsonCheckpointHandler().restore(_step_dir(run_dir, stage, step) / _META))
+    except Exception as err:  # orbax / json errors of a step without checksums
+        raise _unreadable(run_dir, stage, step, err) from None
+
+
+def check_meta(
+    run_dir: PathLike, stage: str, meta_check: Mapping[str, Any], *, step: int | None = None
+) -> dict:
+    """`restore`'s meta check alone: a one-line ValueError unless every key of `meta_check` equals the
+    meta saved with `step` (default: the latest). Reads only the meta; returns it."""
+    step = _resolve_step(run_dir, stage, step)
+    meta = restore_meta(run_dir, stage, step)
+    _check_meta(meta, meta_check, f"{_stage_dir(run_dir, stage)} step {step}")
+    return meta
 
 
 def restore(
@@ -425,10 +662,11 @@ def restore(
 
     Raises:
       FileNotFoundError: the stage or step does not exist.
+      DamagedCheckpointError: a file of the step fails its checksums, or orbax cannot read it.
       ValueError: a `meta_check` key differs, or the target's tree paths, shapes or dtypes differ
         from the checkpoint's.
     """
-    step = _resolve_step(run_dir, stage, step)
+    step = verify(run_dir, stage, step)
     where = f"{_stage_dir(run_dir, stage)} step {step}"
     meta = restore_meta(run_dir, stage, step)
     if meta_check:
@@ -437,9 +675,16 @@ def restore(
     # Reads the step's state item directly: unlike a CheckpointManager, this never cleans up the
     # temporary directory of a save that another process (the trainer) has in flight.
     state_dir = _step_dir(run_dir, stage, step) / _STATE
-    _check_tree(ocp.StandardCheckpointHandler().metadata(state_dir).tree, target, where)
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-        state = checkpointer.restore(state_dir, args=ocp.args.StandardRestore(target))
+    try:
+        stored = ocp.StandardCheckpointHandler().metadata(state_dir).tree
+    except Exception as err:  # a damaged step without checksums
+        raise _unreadable(run_dir, stage, step, err) from None
+    _check_tree(stored, target, where)
+    try:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+            state = checkpointer.restore(state_dir, args=ocp.args.StandardRestore(target))
+    except Exception as err:  # tensorstore's many-line errors, as one line
+        raise _unreadable(run_dir, stage, step, err) from None
     return state, meta
 
 
@@ -458,7 +703,11 @@ def restore_tokenizer(
         raise FileNotFoundError(
             f"checkpoint {_stage_dir(run_dir, stage)} step {step} holds no tokenizer: pass tokenizer= to save"
         )
-    spec = ocp.JsonCheckpointHandler().restore(item)
+    _check_files(run_dir, stage, step, [_TOKENIZER])
+    try:
+        spec = ocp.JsonCheckpointHandler().restore(item)
+    except Exception as err:
+        raise _unreadable(run_dir, stage, step, err) from None
     out = epath.Path(dest) / spec["name"]
     root = out if spec["is_dir"] else out.parent
     root.mkdir(parents=True, exist_ok=True)

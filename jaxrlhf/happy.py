@@ -6,8 +6,11 @@ The minRLHF recipe (ttumiel/minRLHF, projects/happy_gpt) re-created on jaxrlhf: 
 from the "⏎" prompt. Defaults are tuned for time-to-quality on a laptop CPU (see README); every one is a
 flag (`--help`).
 
-Outputs under --out: <stage>/ orbax checkpoints, <stage>.jsonl metrics, <stage>.png plots, samples.txt,
-summary.json. `--resume` continues a killed run from the last checkpoint of the stage it was in.
+Outputs under --out (local or gs://): <stage>/ orbax checkpoints, <stage>.jsonl metrics, <stage>.png
+plots, tokenizer.json, samples.txt, summary.json. `--resume` continues a killed run from the last good
+checkpoint of the stage it was in, and leaves a finished run as it is. Every refusal (a fresh run over
+checkpoints, a resume with another config or data, a run already using --out) comes before any output
+is written.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import functools
 import json
 import pathlib
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -25,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf import model, parallel, preference, rewards, rl, runner, sampling, train
+from jaxrlhf import checkpoint, model, parallel, preference, rewards, rl, rundir, runner, sampling, train
 from jaxrlhf.config import ModelConfig, SampleConfig
 from jaxrlhf.data import DataNotFoundError, load_tweets
 from jaxrlhf.tokenizers import CharTokenizer
@@ -130,6 +134,8 @@ class HappyConfig:
     rl: RLStageConfig = RLStageConfig()
 
 
+RM_STEPS = 200  # steps of the learned reward model (--reward learned)
+
 QUICK = dict(
     pretrain=LMStageConfig(steps=40, batch_size=64, lr=3e-3, warmup_steps=5, eval_rows=512),
     sft=LMStageConfig(steps=10, batch_size=64, lr=1e-3, warmup_steps=2, eval_rows=256),
@@ -190,8 +196,7 @@ def _lm_stage(name, cfg: HappyConfig, stage: LMStageConfig, mcfg, params, data, 
         return step(state, parallel.shard_batch(batch_at(i), mesh), key)
 
     evaluate = make_evaluator(mcfg, val, mesh, stage.eval_rows)
-    # Only what shapes this stage goes in its meta: a later stage's flags may change on --resume.
-    meta = {"config": _stage_meta(cfg, mcfg, stage), "stage": name}
+    meta = _lm_meta(name, cfg, mcfg)
     result = runner.run_stage(
         run_dir=args.out,
         stage=name,
@@ -244,6 +249,45 @@ def _lm_eval_jit(mcfg: ModelConfig):
     return jax.jit(train.make_lm_eval(mcfg))
 
 
+def _lm_meta(name: str, cfg: HappyConfig, mcfg: ModelConfig) -> dict:
+    # Only what shapes this stage goes in its meta: a later stage's flags may change on --resume.
+    return {"config": _stage_meta(cfg, mcfg, getattr(cfg, name)), "stage": name}
+
+
+def _rm_meta(cfg: HappyConfig, rl_mcfg: ModelConfig) -> dict:
+    return {"config": _stage_meta(cfg, rl_mcfg, None)}
+
+
+def _rl_meta(cfg: HappyConfig, rl_mcfg: ModelConfig) -> dict:
+    return {"config": _stage_meta(cfg, rl_mcfg, cfg.rl, algo=cfg.algo, reward=cfg.reward), "stage": "rl"}
+
+
+def model_config(cfg: HappyConfig, vocab_size: int) -> ModelConfig:
+    """The pretraining / SFT model: the --model preset at --block_size, with --dropout."""
+    return ModelConfig.preset(
+        cfg.model,
+        vocab_size=vocab_size,
+        block_size=cfg.block_size,
+        embd_pdrop=cfg.dropout,
+        resid_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+    )
+
+
+def _rl_model_cfg(mcfg: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(mcfg, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+
+
+def stage_plan(cfg: HappyConfig, mcfg: ModelConfig) -> dict[str, tuple[dict, int]]:
+    """{stage: (its checkpoint meta, its number of steps)} in the order the pipeline runs them."""
+    rl_mcfg = _rl_model_cfg(mcfg)
+    plan = {name: (_lm_meta(name, cfg, mcfg), getattr(cfg, name).steps) for name in ("pretrain", "sft")}
+    if cfg.reward == "learned":
+        plan["reward_model"] = (_rm_meta(cfg, rl_mcfg), RM_STEPS)
+    plan["rl"] = (_rl_meta(cfg, rl_mcfg), cfg.rl.iters)
+    return plan
+
+
 def _stage_meta(cfg: HappyConfig, mcfg: ModelConfig, stage, **extra) -> dict:
     parts = {
         "model": dataclasses.asdict(mcfg),
@@ -289,7 +333,7 @@ def _rl_stage(
     prompt = jnp.full((b, 1), tokenizer.eos_id, jnp.int32)
     prompt_mask = jnp.ones((b, 1), bool)
     prompt, prompt_mask = parallel.shard_batch((prompt, prompt_mask), mesh)
-    meta = {"config": _stage_meta(cfg, mcfg, cfg.rl, algo=cfg.algo, reward=cfg.reward), "stage": "rl"}
+    meta = _rl_meta(cfg, mcfg)
 
     if cfg.algo in rl.ALGOS:
         group = cfg.algo in ("grpo", "rloo")
@@ -419,7 +463,7 @@ def train_reward_model(cfg, mcfg, init_params, tokenizer, train_rows, test_rows,
     L = mcfg.block_size
     pi, pm = encode_rows(tokenizer, pos, L)
     ni, nm = encode_rows(tokenizer, neg, L)
-    tx = train.make_optimizer(train.OptimConfig(lr=1e-3, warmup_steps=10, total_steps=200))
+    tx = train.make_optimizer(train.OptimConfig(lr=1e-3, warmup_steps=10, total_steps=RM_STEPS))
     params = {"gpt": init_params, "head": model.init_scalar_head(jax.random.key(2), mcfg)}
     state = parallel.put(train.init_train_state(params, tx), mesh)
     step = parallel.jit_step(train.make_rm_step(mcfg, tx), mesh, state)
@@ -438,10 +482,10 @@ def train_reward_model(cfg, mcfg, init_params, tokenizer, train_rows, test_rows,
         stage="reward_model",
         state=state,
         step_fn=step_fn,
-        n_steps=200,
+        n_steps=RM_STEPS,
         root_key=jax.random.key(cfg.seed + 11),
         resume=args.resume,
-        meta={"config": _stage_meta(cfg, mcfg, None)},
+        meta=_rm_meta(cfg, mcfg),
         tokenizer=tok_path,
         log_every=20,
         progress=not args.quiet,
@@ -462,7 +506,7 @@ def train_reward_model(cfg, mcfg, init_params, tokenizer, train_rows, test_rows,
 # ------------------------------------------------------------------------------------------- plots
 
 
-def plot(out: pathlib.Path, name: str, series: dict[str, list[tuple[float, float]]]) -> None:
+def plot(out, name: str, series: dict[str, list[tuple[float, float]]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -478,7 +522,8 @@ def plot(out: pathlib.Path, name: str, series: dict[str, list[tuple[float, float
         ax.set_title(k)
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=80)
+    with (out / f"{name}.png").open("wb") as f:  # an epath: local or gs://
+        fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
 
 
@@ -489,9 +534,33 @@ def _series(history, *keys):
 # -------------------------------------------------------------------------------------------- main
 
 
+def _tokenizer_json(tokenizer: CharTokenizer) -> str:
+    """What `tokenizer.save` writes, as text (so it can go to gs:// through epath)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "tokenizer.json"
+        tokenizer.save(path)
+        return path.read_text(encoding="utf-8")
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _fmt(x, spec=".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
 def run(cfg: HappyConfig, args) -> dict:
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    """The whole pipeline over `args.out`, holding its lock; returns the summary."""
+    with rundir.lock(args.out):
+        return _run(cfg, args)
+
+
+def _run(cfg: HappyConfig, args) -> dict:
+    out = checkpoint.resolve(args.out)  # an epath, local or gs://, like the checkpoints
     t_start = time.perf_counter()
     if getattr(args, "compile_cache", None):
         # Compiled programs persist across runs: a second run (or a --resume) skips most compilation.
@@ -500,72 +569,105 @@ def run(cfg: HappyConfig, args) -> dict:
     mesh = parallel.make_mesh(fsdp=cfg.fsdp)
     train_rows, test_rows = load_data(args.data_dir)
     tokenizer = CharTokenizer.from_corpus([r["text"] for r in train_rows], eos=EOS, unk="?")
-    tok_path = out / "tokenizer.json"
-    tokenizer.save(tok_path)
+    mcfg = model_config(cfg, tokenizer.vocab_size)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+
+    # Every refusal before the first write, so that a refused run leaves --out as it was.
+    tok_path, tok_text = out / "tokenizer.json", _tokenizer_json(tokenizer)
+    if args.resume and tok_path.exists() and _json_or_none(tok_path.read_text()) != json.loads(tok_text):
+        saved = _json_or_none(tok_path.read_text())
+        saved = (
+            f"{len(saved['chars'])} characters"
+            if isinstance(saved, dict) and "chars" in saved
+            else "unreadable"
+        )
+        raise ValueError(
+            f"the tokenizer built from this --data-dir ({tokenizer.vocab_size} characters) differs from "
+            f"{tok_path} ({saved}), which the checkpoints were trained with: resume with the --data-dir "
+            "the run started with, or use a fresh --out"
+        )
+    plan = stage_plan(cfg, mcfg)
+    steps = rundir.check_resume(out, {name: meta for name, (meta, _) in plan.items()}, resume=args.resume)
+    summary_path = out / "summary.json"
+    if args.resume and summary_path.exists() and all(steps[s] == n for s, (_, n) in plan.items()):
+        print(
+            f"nothing to do: {args.out} holds a finished run (every stage at its last step, summary.json "
+            "written); it was left as it is. Use a fresh --out to run again.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return json.loads(summary_path.read_text())
+
+    tok_path.write_text(tok_text)
     L = cfg.block_size + 1
     all_train = encode_rows(tokenizer, [r["text"] for r in train_rows], L)
     all_test = encode_rows(tokenizer, [r["text"] for r in test_rows], L)
     is_pos = lambda rows: np.array([r["sentiment"] == "positive" for r in rows])  # noqa: E731
     pos_train = tuple(x[is_pos(train_rows)] for x in all_train)
     pos_test = tuple(x[is_pos(test_rows)] for x in all_test)
-    mcfg = ModelConfig.preset(
-        cfg.model,
-        vocab_size=tokenizer.vocab_size,
-        block_size=cfg.block_size,
-        embd_pdrop=cfg.dropout,
-        resid_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
-    )
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     say(
         f"HappyGPT: {mcfg.num_params / 1e6:.2f}M params, vocab {tokenizer.vocab_size}, "
         f"{len(jax.devices())} device(s)"
     )
     summary: dict[str, Any] = {"config": _jsonable(cfg), "devices": len(jax.devices())}
-    samples_file = open(out / "samples.txt", "w")
+    with (out / "samples.txt").open("w") as samples_file:
 
-    def show(title, params, key, n=8):
-        texts = sample_tweets(params, mcfg, tokenizer, 32, key=key, top_k=cfg.rl.top_k)
-        scores = rewards.vader_scores(texts)
-        say(f"\n--- {title}: mean VADER {scores.mean():.3f}, distinct-2 {distinct_n(texts):.3f}")
-        for t in texts[:n]:
-            say(f"  {t}")
-        samples_file.write(f"# {title}\n" + "".join(f"{t}\n" for t in texts) + "\n")
-        samples_file.flush()
-        return texts, scores
+        def show(title, params, key, n=8):
+            texts = sample_tweets(params, mcfg, tokenizer, 32, key=key, top_k=cfg.rl.top_k)
+            scores = rewards.vader_scores(texts)
+            say(f"\n--- {title}: mean VADER {scores.mean():.3f}, distinct-2 {distinct_n(texts):.3f}")
+            for t in texts[:n]:
+                say(f"  {t}")
+            samples_file.write(f"# {title}\n" + "".join(f"{t}\n" for t in texts) + "\n")
+            samples_file.flush()
+            return texts, scores
 
-    # Pretrain -> SFT -> RL; each stage starts from the last one's final checkpoint.
-    init = model.init_params(jax.random.key(cfg.seed), mcfg)
-    pre = _lm_stage("pretrain", cfg, cfg.pretrain, mcfg, init, all_train, all_test, mesh, args, tok_path)
-    say(f"pretrain: val loss {pre.summary['val_loss']:.4f} ({pre.summary['wall_s']:.1f} s)")
-    show("after pretraining", pre.state.params, jax.random.key(100))
-    plot(out, "pretrain", _series(pre.history, "loss", "eval/loss"))
+        # Pretrain -> SFT -> RL; each stage starts from the last one's final checkpoint.
+        init = model.init_params(jax.random.key(cfg.seed), mcfg)
+        pre = _lm_stage("pretrain", cfg, cfg.pretrain, mcfg, init, all_train, all_test, mesh, args, tok_path)
+        say(f"pretrain: val loss {pre.summary['val_loss']:.4f} ({pre.summary['wall_s']:.1f} s)")
+        show("after pretraining", pre.state.params, jax.random.key(100))
+        # Curves from the metrics files: whole stages, also when this call resumed them.
+        pre_history = runner.read_metrics(out / "pretrain.jsonl")
+        plot(out, "pretrain", _series(pre_history, "loss", "eval/loss"))
 
-    sft_cfg = dataclasses.replace(mcfg)
-    sft = _lm_stage("sft", cfg, cfg.sft, sft_cfg, pre.state.params, pos_train, pos_test, mesh, args, tok_path)
-    say(f"sft: val loss {sft.summary['val_loss']:.4f} ({sft.summary['wall_s']:.1f} s)")
-    before, before_scores = show("after SFT (before RL)", sft.state.params, jax.random.key(101))
-    plot(out, "sft", _series(sft.history, "loss", "eval/loss"))
-
-    rl_mcfg = dataclasses.replace(mcfg, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
-    reward_host = rewards.make_text_reward(tokenizer, rewards.vader_scores)
-    reward_jax = None
-    if cfg.reward == "learned":
-        rm_params, acc = train_reward_model(
-            cfg, rl_mcfg, pre.state.params, tokenizer, train_rows, test_rows, mesh, args, tok_path
+        sft_cfg = dataclasses.replace(mcfg)
+        sft = _lm_stage(
+            "sft", cfg, cfg.sft, sft_cfg, pre.state.params, pos_train, pos_test, mesh, args, tok_path
         )
-        summary["reward_model_accuracy"] = acc
-        say(f"reward model: held-out accuracy {acc:.3f} (positive vs negative test tweets)")
-        reward_jax = rewards.make_learned_reward(rm_params, rl_mcfg)
-    res, policy = _rl_stage(
-        cfg, rl_mcfg, sft.state.params, tokenizer, mesh, args, tok_path, reward_host, reward_jax, all_train
-    )
-    after, after_scores = show("after RL", policy, jax.random.key(102))
-    plot(out, "rl", _series(res.history, "reward", "kl_per_token", "clipfrac", "value_loss", "loss"))
-    last = res.history[-min(10, len(res.history)) :]
+        say(f"sft: val loss {sft.summary['val_loss']:.4f} ({sft.summary['wall_s']:.1f} s)")
+        before, before_scores = show("after SFT (before RL)", sft.state.params, jax.random.key(101))
+        plot(out, "sft", _series(runner.read_metrics(out / "sft.jsonl"), "loss", "eval/loss"))
+
+        rl_mcfg = _rl_model_cfg(mcfg)
+        reward_host = rewards.make_text_reward(tokenizer, rewards.vader_scores)
+        reward_jax = None
+        if cfg.reward == "learned":
+            rm_params, acc = train_reward_model(
+                cfg, rl_mcfg, pre.state.params, tokenizer, train_rows, test_rows, mesh, args, tok_path
+            )
+            summary["reward_model_accuracy"] = acc
+            say(f"reward model: held-out accuracy {acc:.3f} (positive vs negative test tweets)")
+            reward_jax = rewards.make_learned_reward(rm_params, rl_mcfg)
+        res, policy = _rl_stage(
+            cfg,
+            rl_mcfg,
+            sft.state.params,
+            tokenizer,
+            mesh,
+            args,
+            tok_path,
+            reward_host,
+            reward_jax,
+            all_train,
+        )
+        after, after_scores = show("after RL", policy, jax.random.key(102))
+    rl_history = runner.read_metrics(out / "rl.jsonl")
+    plot(out, "rl", _series(rl_history, "reward", "kl_per_token", "clipfrac", "value_loss", "loss"))
+    last = rl_history[-min(10, len(rl_history)) :]
     summary["stages"] = {"pretrain": pre.summary, "sft": sft.summary, "rl": res.summary}
     summary["rl"] = {
-        "reward_first": res.history[0]["reward"] if res.history else None,
+        "reward_first": rl_history[0]["reward"] if rl_history else None,
         "reward_last10": float(np.mean([r["reward"] for r in last])) if last else None,
         "kl_per_token_last10": float(np.mean([r["kl_per_token"] for r in last])) if last else None,
         "vader_before": float(before_scores.mean()),
@@ -574,12 +676,11 @@ def run(cfg: HappyConfig, args) -> dict:
         "distinct2_after": distinct_n(after),
     }
     summary["wall_s"] = round(time.perf_counter() - t_start, 2)
-    samples_file.close()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary_path.write_text(json.dumps(summary, indent=2))
     say(
         f"\nHappyGPT done in {summary['wall_s']:.0f} s: pretrain val {pre.summary['val_loss']:.3f}, "
-        f"SFT val {sft.summary['val_loss']:.3f}, RL reward {summary['rl']['reward_last10']:.3f} "
-        f"(KL/token {summary['rl']['kl_per_token_last10']:.3f}), outputs in {out}"
+        f"SFT val {sft.summary['val_loss']:.3f}, RL reward {_fmt(summary['rl']['reward_last10'])} "
+        f"(KL/token {_fmt(summary['rl']['kl_per_token_last10'])}), outputs in {args.out}"
     )
     return summary
 
@@ -675,7 +776,13 @@ def main(argv=None) -> int:
     cfg, args = parse_args(argv)
     try:
         run(cfg, args)
-    except (FileExistsError, runner.NonFiniteError, ValueError, FileNotFoundError) as e:
+    except (
+        FileExistsError,
+        runner.NonFiniteError,
+        rundir.RunDirBusyError,
+        ValueError,  # checkpoint.DamagedCheckpointError too
+        FileNotFoundError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

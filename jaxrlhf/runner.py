@@ -4,23 +4,38 @@ A stage is `n_steps` calls of `step_fn(state, step, key) -> (state, metrics)`, w
 its own batch for `step` (so the data position is the step number) and calls jitted code; `key` is
 `fold_in(root_key, step)`, so a resumed run replays the same randomness and the same data, and ends
 bitwise equal to an uninterrupted one.
+
+Faults (the pipelines rely on these):
+  - `rundir.check_resume` runs every refusal of a resume (or of a fresh run over finished stages)
+    before a pipeline writes anything; `rundir.lock` allows one run per run directory.
+  - On resume a damaged latest checkpoint is set aside with a one-line warning and the stage goes on
+    from the newest good one (`checkpoint.latest_good_step`).
+  - SIGTERM during a stage saves a checkpoint at the next step boundary and raises `Preempted`
+    (exit code 143) after one line on stderr; a resume then continues as after a SIGKILL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import pathlib
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
-from jaxrlhf import checkpoint
+from jaxrlhf import checkpoint, rundir
+
+PathLike = str | os.PathLike
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM'd process
 
 
 class NonFiniteError(FloatingPointError):
@@ -39,16 +54,27 @@ def check_finite(metrics: dict[str, float], stage: str, step: int) -> None:
 
 
 class MetricsWriter:
-    """Append-only JSONL, one record per line; on resume, records after the resumed step are dropped
-    so the file reads like an uninterrupted run."""
+    """Append-only JSONL, one record per line, written by process 0 through etils epath (local or
+    gs://); on resume, records after the resumed step are dropped so the file reads like an
+    uninterrupted run.
 
-    def __init__(self, path: str | pathlib.Path, resume_step: int | None = None):
-        self.path = pathlib.Path(path)
+    Local files are appended to and flushed per record. Object stores (gs://) cannot append, so there
+    the whole file is rewritten at most every `flush_every_s` seconds, by `flush()` (the runner calls it
+    before each checkpoint, so every record up to a checkpoint is stored) and by `close()`.
+    """
+
+    def __init__(self, path: PathLike, resume_step: int | None = None, *, flush_every_s: float = 30.0):
+        self.path = checkpoint.resolve(path)
+        self._main = jax.process_index() == 0
+        self._append = not checkpoint.is_remote(path)
+        self._lines: list[str] = []
+        self._file = None
+        self._flush_every_s, self._flushed_at = flush_every_s, time.monotonic()
+        if not self._main:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            keep = []
+        keep = []
+        if resume_step is not None and self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
                     rec = json.loads(line)
@@ -56,20 +82,77 @@ class MetricsWriter:
                     continue  # a line cut by a kill
                 if rec.get("step", -1) <= resume_step:
                     keep.append(line)
-            self.path.write_text("".join(x + "\n" for x in keep))
-        self._file = open(self.path, "a")
+        self.path.write_text("".join(x + "\n" for x in keep))
+        if self._append:
+            self._file = self.path.open("a")
+        else:
+            self._lines = keep
 
     def write(self, record: dict) -> None:
-        if jax.process_index() == 0:
-            self._file.write(json.dumps(record) + "\n")
+        if not self._main:
+            return
+        line = json.dumps(record)
+        if self._file is not None:
+            self._file.write(line + "\n")
             self._file.flush()
+        else:
+            self._lines.append(line)
+            if time.monotonic() - self._flushed_at >= self._flush_every_s:
+                self.flush()
+
+    def flush(self) -> None:
+        """Make every record written so far durable (a no-op for local files, already flushed)."""
+        if self._main and self._file is None:
+            self.path.write_text("".join(x + "\n" for x in self._lines))
+            self._flushed_at = time.monotonic()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        else:
+            self.flush()
 
 
-def read_metrics(path: str | pathlib.Path) -> list[dict]:
-    return [json.loads(x) for x in pathlib.Path(path).read_text().splitlines() if x.strip()]
+def read_metrics(path: PathLike) -> list[dict]:
+    return [json.loads(x) for x in checkpoint.resolve(path).read_text().splitlines() if x.strip()]
+
+
+# -------------------------------------------------------------------------------------- preemption
+
+
+class Preempted(SystemExit):
+    """SIGTERM stopped a stage after saving it at a step boundary; exits with code 143."""
+
+    def __init__(self, message: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@contextlib.contextmanager
+def _sigterm_requests():
+    """An Event set by SIGTERM while inside (main thread only: signal handlers live there)."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_requested(event: threading.Event) -> bool:
+    """Whether any process got SIGTERM; collective with several processes, so all stop at one step."""
+    if jax.process_count() == 1:
+        return event.is_set()
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(event.is_set()))))
 
 
 @dataclasses.dataclass
@@ -98,7 +181,7 @@ class CompileTimer:
 
 def run_stage(
     *,
-    run_dir: str | pathlib.Path,
+    run_dir: PathLike,
     stage: str,
     state: Any,
     step_fn: Callable[[Any, int, jax.Array], tuple[Any, dict]],
@@ -108,7 +191,7 @@ def run_stage(
     meta: dict | None = None,
     ckpt_every: int = 0,
     keep: int = 2,
-    tokenizer: str | pathlib.Path | None = None,
+    tokenizer: PathLike | None = None,
     eval_fn: Callable[[Any], dict] | None = None,
     eval_every: int = 0,
     log_every: int = 1,
@@ -126,7 +209,8 @@ def run_stage(
       step_fn: (state, step, key) -> (state, metrics of scalars).
       n_steps: total steps of the stage.
       root_key: the stage's root key; step keys are fold_in(root_key, step).
-      resume: continue from the stage's latest checkpoint if there is one.
+      resume: continue from the stage's newest good checkpoint if there is one; damaged newer ones
+        are renamed to `<step>.damaged` with a one-line warning on stderr.
       meta: JSON-able dict saved with every checkpoint and checked on resume (e.g. the configs), so a
         checkpoint from another config is refused with a one-line error.
       ckpt_every: checkpoint every this many steps (0: only at the end).
@@ -140,20 +224,32 @@ def run_stage(
 
     Returns:
       StageResult(state, history of metric records, summary with wall / compile / step times).
+
+    Raises:
+      Preempted: SIGTERM arrived during the stage; the state was saved at the next step boundary.
+      FileExistsError, ValueError, checkpoint.DamagedCheckpointError: see `rundir.check_resume`.
     """
     meta = dict(meta or {})
     start = 0
-    if resume and checkpoint.has_stage(run_dir, stage):
-        state, saved = checkpoint.restore(
-            run_dir, stage, state, meta_check={"config": meta.get("config")} if "config" in meta else None
-        )
-        start = int(saved["step"])
-    elif not resume and checkpoint.has_stage(run_dir, stage):
-        raise FileExistsError(
-            f"{pathlib.Path(run_dir) / stage} already holds checkpoints; pass resume=True "
-            "(--resume) to continue it, or use another output directory."
-        )
-    writer = MetricsWriter(pathlib.Path(run_dir) / f"{stage}.jsonl", start if resume else None)
+    if resume:
+        good, damaged = checkpoint.latest_good_step(run_dir, stage)
+        if good is not None:
+            meta_check = {"config": meta.get("config")} if "config" in meta else None
+            state, saved = checkpoint.restore(run_dir, stage, state, step=good, meta_check=meta_check)
+            start = int(saved["step"])
+        if damaged:  # only once the good step restored: a refused resume renames nothing
+            moved = checkpoint.set_aside(run_dir, stage, list(damaged))
+            if jax.process_index() == 0:
+                what = "; ".join(f"step {s} ({damaged[s]}) moved to {moved[s].name}" for s in sorted(damaged))
+                print(
+                    f"warning: {stage} checkpoint damaged under {checkpoint.resolve(run_dir) / stage}: "
+                    f"{what}; resuming from step {good}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    elif checkpoint.has_stage(run_dir, stage):
+        raise rundir.exists_error(run_dir, stage)
+    writer = MetricsWriter(checkpoint.resolve(run_dir) / f"{stage}.jsonl", start if resume else None)
     compile_time = CompileTimer()
     history: list[dict] = []
     t_stage = time.perf_counter()
@@ -171,45 +267,63 @@ def run_stage(
     )
 
     def save(step: int):
+        writer.flush()  # the metrics up to a checkpoint are stored before it is
         checkpoint.save(
             run_dir, stage, step, state, meta={**meta, "step": step}, keep=keep, tokenizer=tokenizer
         )
 
     end = n_steps if stop_after is None else min(n_steps, start + stop_after)
+    stopped_at = None  # the step a SIGTERM stopped the stage at (saved there)
     try:
-        for step in range(start, end):
-            key = jax.random.fold_in(root_key, step)
-            t0 = time.perf_counter()
-            state, metrics = step_fn(state, step, key)
-            last = step == n_steps - 1
-            if step % log_every == 0 or last or step == start:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                check_finite(values, stage, step)
-            else:
-                values = None
-            if first_step_s is None:
-                jax.block_until_ready(state)
-                t_after_first = time.perf_counter()
-                first_step_s = t_after_first - t0
-            if eval_fn is not None and ((eval_every and (step + 1) % eval_every == 0) or last):
-                values = values or {k: float(v) for k, v in jax.device_get(metrics).items()}
-                t_eval = time.perf_counter()
-                values.update({f"eval/{k}": float(v) for k, v in eval_fn(state).items()})
-                eval_s += time.perf_counter() - t_eval
-            if values is not None:
-                record = {"step": step + 1, **values, "time_s": round(time.perf_counter() - t_stage, 4)}
-                writer.write(record)
-                history.append(record)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:4]}, refresh=False)
-            bar.update(1)
-            if ckpt_every and (step + 1) % ckpt_every == 0 and not last:
-                save(step + 1)
-        if end == n_steps and (start < n_steps or not checkpoint.has_stage(run_dir, stage)):
-            save(n_steps)
+        with _sigterm_requests() as sigterm:
+            for step in range(start, end):
+                key = jax.random.fold_in(root_key, step)
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, step, key)
+                last = step == n_steps - 1
+                if step % log_every == 0 or last or step == start:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    check_finite(values, stage, step)
+                else:
+                    values = None
+                if first_step_s is None:
+                    jax.block_until_ready(state)
+                    t_after_first = time.perf_counter()
+                    first_step_s = t_after_first - t0
+                if eval_fn is not None and ((eval_every and (step + 1) % eval_every == 0) or last):
+                    values = values or {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    t_eval = time.perf_counter()
+                    values.update({f"eval/{k}": float(v) for k, v in eval_fn(state).items()})
+                    eval_s += time.perf_counter() - t_eval
+                if values is not None:
+                    record = {"step": step + 1, **values, "time_s": round(time.perf_counter() - t_stage, 4)}
+                    writer.write(record)
+                    history.append(record)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:4]}, refresh=False)
+                bar.update(1)
+                stop = _stop_requested(sigterm)
+                if ((ckpt_every and (step + 1) % ckpt_every == 0) or stop) and not last:
+                    save(step + 1)
+                if stop:
+                    stopped_at, end = step + 1, step + 1
+                    break
+            if end == n_steps and (start < n_steps or not checkpoint.has_stage(run_dir, stage)):
+                save(n_steps)
+            if stopped_at is None and _stop_requested(sigterm):  # during the final save or evaluation
+                stopped_at = end
     finally:
         bar.close()
         writer.close()
         compile_time.close()
+    if stopped_at is not None:
+        message = (
+            f"SIGTERM: stopped {stage} at step {stopped_at} of {n_steps}, checkpoint saved under "
+            f"{checkpoint.resolve(run_dir) / stage}; rerun with --resume to continue (exit code "
+            f"{PREEMPTED_EXIT_CODE})"
+        )
+        if jax.process_index() == 0:
+            print(message, file=sys.stderr, flush=True)
+        raise Preempted(message)
     jax.block_until_ready(state)
     t_end = time.perf_counter()
     wall = t_end - t_stage

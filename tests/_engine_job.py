@@ -1,9 +1,10 @@
 """Subprocess job for the engine tests: a tiny LM stage through runner.run_stage.
 
-    python tests/_engine_job.py resume RUN_DIR OUT.npz [--kill-at STEP] [--resume] [--width W]
+    python tests/_engine_job.py resume RUN_DIR OUT.npz [--kill-at N] [--term-at N] [--resume] [--width W]
     python tests/_engine_job.py multi PROCESS_ID PORT OUT.npz
 
-`resume`: 12 steps, a checkpoint every 3; --kill-at sends SIGKILL to itself in the middle of that step.
+`resume`: 12 steps, a checkpoint every 3; --kill-at sends SIGKILL to itself in the middle of that step,
+--term-at SIGTERM (a preemption notice: the runner saves after that step and exits with code 143).
 `multi`: one of 2 processes x 4 CPU devices (gloo), two LM steps on a global batch of 8 rows.
 """
 
@@ -44,6 +45,8 @@ def run_resume(args):
         mask = np.ones_like(rows, bool)
         if args.kill_at is not None and i == args.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if args.term_at is not None and i == args.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         return step(state, parallel.shard_batch(train.LMBatch(rows, mask, mask), mesh), key)
 
     result = runner.run_stage(
@@ -95,6 +98,7 @@ def main():
     r.add_argument("run_dir")
     r.add_argument("out")
     r.add_argument("--kill-at", type=int)
+    r.add_argument("--term-at", type=int)
     r.add_argument("--resume", action="store_true")
     r.add_argument("--width", type=int, default=16)
     m = sub.add_parser("multi")

@@ -1,6 +1,7 @@
-"""Engine end to end in subprocesses: SIGKILL + resume is bitwise exact; 2 processes x 4 devices (gloo)
-equal one process; a checkpoint from another config is refused."""
+"""Engine end to end in subprocesses: SIGKILL + resume and SIGTERM + resume are bitwise exact; 2 processes
+x 4 devices (gloo) equal one process; a checkpoint from another config is refused."""
 
+import json
 import os
 import pathlib
 import signal
@@ -51,6 +52,19 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
         np.testing.assert_array_equal(x, y)
     lines = (tmp_path / "b" / "pretrain.jsonl").read_text().splitlines()
     assert len(lines) == 12  # the metrics file reads like an uninterrupted run
+    # SIGTERM (a preemption notice) during step 7: a checkpoint at the step boundary after it, one line,
+    # exit code 143; resuming from it ends bitwise equal too.
+    term = _run("resume", str(tmp_path / "t"), str(tmp_path / "t.npz"), "--term-at", "7", check=False)
+    assert term.returncode == 143, term.stderr[-3000:]
+    last = term.stderr.strip().splitlines()[-1]
+    assert last.startswith("SIGTERM: stopped pretrain at step 8 of 12") and "--resume" in last, last
+    assert sorted(p.name for p in (tmp_path / "t" / "pretrain").iterdir() if p.name.isdigit()) == ["6", "8"]
+    _run("resume", str(tmp_path / "t"), str(tmp_path / "t.npz"), "--resume")
+    for x, y in zip(a, _leaves(tmp_path / "t.npz"), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert [
+        json.loads(x)["step"] for x in (tmp_path / "t" / "pretrain.jsonl").read_text().splitlines()
+    ] == list(range(1, 13))
     # A checkpoint written by another config is refused, with a one-line error, and nothing is overwritten.
     before = sorted(os.listdir(tmp_path / "b" / "pretrain"))
     bad = _run(

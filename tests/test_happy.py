@@ -4,6 +4,7 @@ Every run here goes through a relative `--out` (or the default one) as the READM
 >= 0.12 refuses relative checkpoint paths, and absolute temporary paths hid that from the tests once.
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -22,6 +23,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def _cmd(out, data_dir, *extra):
     return [sys.executable, "-m", "jaxrlhf.happy", "--quick", "--quiet", "--data-dir", str(data_dir),
             "--out", str(out), *extra]  # fmt: skip
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}  # fmt: skip
 
 
 def _env(tmp_path):
@@ -56,9 +62,13 @@ def test_happy_quick_kill_resume(tmp_path, shared_data):
     proc.wait()
     pretrain_metrics = (out / "pretrain.jsonl").read_text()
 
-    # Without --resume the existing stage is refused with a one-line error.
+    # Without --resume the existing stage is refused with a one-line error, and nothing is written (but
+    # for the killed run's lock: its process is gone, so the lock is taken over, with a warning, and freed).
+    before = _tree(out)
     again = subprocess.run(base + ["--quiet"], cwd=cwd, env=env, capture_output=True, text=True)
     assert again.returncode == 1 and "--resume" in again.stderr.strip().splitlines()[-1]
+    assert "taking over the stale lock" in again.stderr
+    assert _tree(out) == {k: v for k, v in before.items() if k != "run.lock"}
 
     # Resumed with progress bars and samples on, as a user sees it; PPO-ptx on for the RL stage (its
     # flags may change on --resume: that stage has not started).
@@ -85,6 +95,14 @@ def test_happy_quick_kill_resume(tmp_path, shared_data):
     # RL raises the VADER reward above where the SFT model started.
     assert sum(rewards[-5:]) / 5 > sum(rewards[:3]) / 3, rewards
     assert summary["stages"]["sft"]["val_loss"] < 4.0
+
+    # --resume on the finished run is a no-op: one line, every file as it was.
+    before = _tree(out)
+    noop = subprocess.run(resume, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert noop.returncode == 0 and noop.stderr.strip().splitlines()[-1].startswith("nothing to do"), (
+        noop.stderr
+    )
+    assert _tree(out) == before
 
 
 def test_happy_help_and_missing_data(tmp_path):

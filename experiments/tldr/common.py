@@ -19,10 +19,12 @@ Stage handoff (checkpoints under --out, local or gs://):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -31,7 +33,7 @@ import numpy as np
 from etils import epath
 
 from experiments.tldr import flags
-from jaxrlhf import checkpoint, data, hf, model, parallel, train
+from jaxrlhf import checkpoint, data, hf, model, parallel, rundir, train
 from jaxrlhf.config import MODEL_PRESETS, ModelConfig
 from jaxrlhf.rl import FIELD_ALGOS, RLConfig, inactive_fields
 from jaxrlhf.tokenizers import GPT2Tokenizer
@@ -625,9 +627,24 @@ def stage_steps(cfg: TldrConfig, stage: str) -> int:
 
 
 def stage_finished(setup: Setup, stage: str) -> bool:
-    """Whether `stage` has a checkpoint at its last step under --out."""
-    step = checkpoint.latest_step(setup.cfg.out, stage)
+    """Whether `stage`'s newest good checkpoint under --out is at its last step (a damaged last step
+    does not count: `--resume` falls back past it)."""
+    step, _ = checkpoint.latest_good_step(setup.cfg.out, stage)
     return step is not None and step >= stage_steps(setup.cfg, stage)
+
+
+@contextlib.contextmanager
+def guarded_out(cfg: TldrConfig, stages: Iterable[str]):
+    """Hold --out's lock and meet every refusal of `stages` before anything is written there: another
+    run holding --out, a fresh run over checkpoints, a resume with another config, a stage whose
+    checkpoints are all damaged. A refusal exits with one line and leaves --out as it was."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(rundir.lock(cfg.out))
+            rundir.check_resume(cfg.out, {s: stage_meta(cfg, s) for s in stages}, resume=cfg.resume)
+        except (FileExistsError, ValueError, rundir.RunDirBusyError) as err:
+            raise SystemExit(f"error: {err}") from None
+        yield
 
 
 def restore_finished(setup: Setup, stage: str, target: Any) -> tuple[Any, dict]:

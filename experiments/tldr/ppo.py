@@ -251,7 +251,8 @@ def run(setup: common.Setup) -> runner.StageResult:
         eos_id=setup.tokenizer.eos_id,
         pad_id=setup.tokenizer.eos_id,
     )
-    resume_from = checkpoint.latest_step(cfg.out, "ppo") if cfg.resume else None
+    # The step run_stage resumes from: the newest good checkpoint (it sets damaged newer ones aside).
+    resume_from = checkpoint.latest_good_step(cfg.out, "ppo")[0] if cfg.resume else None
     # The evaluator sees raw scores, so it is one program whatever the normalisation.
     evaluate = jit_evaluate(
         make_evaluate(policy_cfg, sample_cfg, frozen_cfg), mesh, sft.params, ref_params, rm_params
@@ -269,7 +270,9 @@ def run(setup: common.Setup) -> runner.StageResult:
             out.append(({k: v[valid] for k, v in rows.items()}, rollout))
         return out
 
-    saved_norm = checkpoint.restore_meta(cfg.out, "ppo").get("reward_norm") if resume_from else None
+    saved_norm = (
+        checkpoint.restore_meta(cfg.out, "ppo", resume_from).get("reward_norm") if resume_from else None
+    )
     if saved_norm is not None:
         norm = saved_norm  # the normalisation the run started with
     elif pcfg.reward_norm == "policy_gain_bias":
@@ -384,9 +387,10 @@ def run(setup: common.Setup) -> runner.StageResult:
 
 
 def main(argv=None) -> None:
-    run(
-        common.make_setup(common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.ppo"))
-    )
+    cfg = common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.ppo")
+    setup = common.make_setup(cfg)
+    with common.guarded_out(cfg, ["ppo"]):
+        run(setup)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,9 @@ def run(setup: common.Setup) -> runner.StageResult:
 
 def main(argv=None) -> None:
     cfg = common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.reward_model")
-    run(common.make_setup(cfg))
+    setup = common.make_setup(cfg)
+    with common.guarded_out(cfg, ["rm"]):
+        run(setup)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
     python -m experiments.tldr.run --model tiny --out runs/tiny --data.max_prompt_tokens 64 ...
     python -m experiments.tldr.run ... --resume        # continue: finished stages are skipped
 
-A stage that stops early (--stop-after STAGE:N, or a kill) ends the pipeline; rerun with --resume.
+A stage that stops early (--stop-after STAGE:N, a kill, or SIGTERM: that saves at the next step and exits
+with code 143) ends the pipeline; rerun with --resume. `--resume` on a finished run changes nothing.
 Every field of the config is a flag (--help); see common.py for the data layout and stage handoff.
 """
 
@@ -24,16 +25,17 @@ RUNNERS = {"sft": sft.run, "rm": reward_model.run, "ppo": ppo.run}
 def main(argv=None) -> int:
     cfg = common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.run")
     setup = common.make_setup(cfg)
-    for stage in cfg.stage_list:
-        if cfg.resume and _complete(setup, stage):
-            _say(f"[tldr] {stage}: finished earlier, skipped")
-            continue
-        t0 = time.perf_counter()
-        result = RUNNERS[stage](setup)
-        _say(f"[tldr] {stage}: {result.summary} ({time.perf_counter() - t0:.1f} s)")
-        if not _complete(setup, stage):
-            _say(f"[tldr] {stage} stopped before its last step; continue with --resume")
-            return 0
+    with common.guarded_out(cfg, cfg.stage_list):
+        for stage in cfg.stage_list:
+            if cfg.resume and _complete(setup, stage):
+                _say(f"[tldr] {stage}: finished earlier, skipped")
+                continue
+            t0 = time.perf_counter()
+            result = RUNNERS[stage](setup)
+            _say(f"[tldr] {stage}: {result.summary} ({time.perf_counter() - t0:.1f} s)")
+            if not _complete(setup, stage):
+                _say(f"[tldr] {stage} stopped before its last step; continue with --resume")
+                return 0
     return 0
 
 

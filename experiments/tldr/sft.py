@@ -116,9 +116,10 @@ def run(setup: common.Setup) -> runner.StageResult:
 
 
 def main(argv=None) -> None:
-    run(
-        common.make_setup(common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.sft"))
-    )
+    cfg = common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.sft")
+    setup = common.make_setup(cfg)
+    with common.guarded_out(cfg, ["sft"]):
+        run(setup)
 
 
 if __name__ == "__main__":
