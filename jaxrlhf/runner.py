@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -66,6 +67,34 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def check_output_dir(path: str | os.PathLike, *, flag: str = "--out") -> None:
+    """Refuse, before any work, a run directory that cannot be written: a file, a path under a file, or a
+    folder this process may not write into. Nothing is created. Remote paths (gs://...) are not checked.
+
+    Raises:
+      NotADirectoryError / PermissionError: one line naming `flag`, the path and the fix.
+    """
+    text = os.fspath(path)
+    if "://" in text:
+        return
+    target = pathlib.Path(text).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(
+            f"{flag} {text} is a file, not a directory; pass a directory (it is created if missing)"
+        )
+    existing = target
+    while not existing.exists():  # the nearest existing folder, where the run would create its own
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"{flag} {text} is under {existing}, which is a file; pass a directory path outside it"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{flag} {text}: {existing} is read-only for this user; pass a directory you can write to"
+        )
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict]:

@@ -13,6 +13,8 @@ Writes <out>/rm/<step>/, <out>/rm.jsonl and <out>/rm_summary.json.
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import numpy as np
 from etils import epath
@@ -45,7 +47,7 @@ def reward_normalisation(setup: common.Setup, params, summaries: common.Summarie
 def run(setup: common.Setup) -> runner.StageResult:
     cfg = setup.cfg
     mesh, mcfg = setup.mesh, setup.model_cfg
-    comparisons, val = common.load_comparisons(setup)
+    comparisons, val = common.load_comparisons(setup, need=(cfg.rm.batch_size, "--rm.batch_size"))
     root = jax.random.fold_in(jax.random.key(cfg.seed), 2)
     k_head, k_steps = jax.random.split(root)
 
@@ -121,10 +123,10 @@ def run(setup: common.Setup) -> runner.StageResult:
     return result
 
 
-def main(argv=None) -> None:
-    cfg = common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.reward_model")
-    run(common.make_setup(cfg))
+def main(argv=None) -> int:
+    prog = "python -m experiments.tldr.reward_model"
+    return common.main(run, argv, description=__doc__, prog=prog)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,8 +22,12 @@ RUNNERS = {"sft": sft.run, "rm": reward_model.run, "ppo": ppo.run}
 
 
 def main(argv=None) -> int:
-    cfg = common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.run")
-    setup = common.make_setup(cfg)
+    """The pipeline; exit code 0, 2 for a bad flag, 1 for a refusal (one line on stderr: see common.main)."""
+    return common.main(run_stages, argv, description=__doc__, prog="python -m experiments.tldr.run")
+
+
+def run_stages(setup: common.Setup) -> int:
+    cfg = setup.cfg
     for stage in cfg.stage_list:
         if cfg.resume and _complete(setup, stage):
             _say(f"[tldr] {stage}: finished earlier, skipped")
