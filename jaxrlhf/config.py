@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Callable
 
 import jax.numpy as jnp
 
@@ -238,3 +240,30 @@ class SampleConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def check_at_least(cfg, minimum: float, *names: str) -> None:
+    """Raise `name=value; it must be >= minimum` for the first of `cfg`'s fields `names` below `minimum`."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name}={value}; it must be >= {minimum}")
+
+
+_FIELD_MESSAGE = re.compile(r"^(\w+)=(.*)$", re.DOTALL)
+
+
+def flag_message(message: str, cls: type, flag: Callable[[str], str]) -> str:
+    """A config error as its command-line flag says it.
+
+    Configs word an error about one field as `field=value; what to do`; for a field of the dataclass `cls`
+    this becomes `--flag value; what to do`, with `flag(field)` the flag's spelling (e.g. "--rl.top_k").
+    Other messages are returned as they are.
+    """
+    match = _FIELD_MESSAGE.match(message)
+    if match and match[1] in {f.name for f in dataclasses.fields(cls)}:
+        return f"{flag(match[1])} {match[2]}"
+    return message

@@ -8,9 +8,14 @@ flag (`--help`).
 
 Outputs under --out (local or gs://): <stage>/ orbax checkpoints, <stage>.jsonl metrics, <stage>.png
 plots, tokenizer.json, samples.txt, summary.json. `--resume` continues a killed run from the last good
-checkpoint of the stage it was in, and leaves a finished run as it is. Every refusal (a fresh run over
-checkpoints, a resume with another config or data, a run already using --out) comes before any output
-is written.
+checkpoint of the stage it was in, and leaves a finished run as it is.
+
+Everything is checked before any work, in this order, each failure one line on stderr: the flags (the
+configs' `__post_init__`, exit 2), the device count (batch sizes, --fsdp; exit 2), --out (a file or
+read-only, held by another run: exit 1), then the data as it is loaded (a bad row names its file and line;
+too few rows for a batch, or no positive tweet for SFT, name the file, the count and the flag; exit 1), then
+the checkpoints (a fresh run over checkpoints, a resume with another config or data: exit 1). A refused run
+leaves --out as it was.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import sys
 import tempfile
 import time
+import types
+import typing
 from typing import Any
 
 import jax
@@ -30,11 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import checkpoint, model, parallel, preference, rewards, rl, rundir, runner, sampling, train
-from jaxrlhf.config import ModelConfig, SampleConfig
-from jaxrlhf.data import DataNotFoundError, load_tweets
+from jaxrlhf.config import MODEL_PRESETS, ModelConfig, SampleConfig, check_at_least, flag_message
+from jaxrlhf.data import load_tweets, tweets
 from jaxrlhf.tokenizers import CharTokenizer
 
 EOS = "⏎"
+HAPPY_ALGOS = ("ppo", "pg", "grpo", "rloo", "rebel", "dpo", "ipo")
+PAIR_ALGOS = ("rebel", "dpo", "ipo")  # learn from best/worst pairs of pairs_n answers
+LEARNED_RM_BATCH = 64  # (positive, negative) pairs per step of the learned reward model
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,6 +71,14 @@ class LMStageConfig:
     weight_decay: float = 0.1
     eval_every: int = 0
     eval_rows: int = 0
+
+    def __post_init__(self):
+        check_at_least(self, 1, "steps", "batch_size")
+        check_at_least(self, 0, "warmup_steps", "weight_decay", "eval_every", "eval_rows")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr}; use a positive learning rate")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio}; use a fraction in [0, 1] of lr")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -106,6 +125,25 @@ class RLStageConfig:
     average_logprobs: bool = False
     ptx_coef: float = 0.0
 
+    def __post_init__(self):
+        check_at_least(self, 1, "iters", "batch_size", "epochs", "minibatches")
+        check_at_least(self, 0, "kl_coef", "vf_coef", "ptx_coef")
+        if self.pairs_n < 2:
+            raise ValueError(f"pairs_n={self.pairs_n}; a group or a pair needs at least 2 answers per prompt")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}; use 0 (off) or a positive k")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature}; use a finite value >= 0 (0 = greedy)")
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ValueError(
+                f"kl_target={self.kl_target}; use a positive KL per sequence, or none (fixed beta)"
+            )
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam={self.lam}; use a GAE lambda in [0, 1]")
+        for name in ("lr", "clip_eps", "eta", "dpo_beta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)}; it must be > 0")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HappyConfig:
@@ -133,6 +171,22 @@ class HappyConfig:
     sft: LMStageConfig = LMStageConfig(steps=200, batch_size=64, lr=3e-4, warmup_steps=20, min_lr_ratio=0.3)
     rl: RLStageConfig = RLStageConfig()
 
+    def __post_init__(self):
+        if self.model not in MODEL_PRESETS:
+            raise ValueError(f"model={self.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        if self.block_size < 2:
+            raise ValueError(
+                f"block_size={self.block_size}; HappyGPT samples block_size - 1 characters after a "
+                "one-character prompt, so use >= 2"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout}; use a rate in [0, 1)")
+        if self.algo not in HAPPY_ALGOS:
+            raise ValueError(f"algo={self.algo!r}; choose {', '.join(HAPPY_ALGOS)}")
+        if self.reward not in ("vader", "learned"):
+            raise ValueError(f"reward={self.reward!r}; choose vader or learned")
+        check_at_least(self, 1, "fsdp")
+
 
 RM_STEPS = 200  # steps of the learned reward model (--reward learned)
 
@@ -158,12 +212,41 @@ def encode_rows(tokenizer: CharTokenizer, texts: list[str], length: int) -> tupl
 
 
 def load_data(data_dir):
-    try:
-        train_rows = [r for r in load_tweets("train", data_dir) if r["text"].strip()]
-        test_rows = [r for r in load_tweets("test", data_dir) if r["text"].strip()]
-    except DataNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+    """(train rows, test rows) with a non-empty text; a bad csv row is a ValueError naming file:line."""
+    train_rows = [r for r in load_tweets("train", data_dir) if r["text"].strip()]
+    test_rows = [r for r in load_tweets("test", data_dir) if r["text"].strip()]
     return train_rows, test_rows
+
+
+def check_data(cfg: HappyConfig, train_rows: list[dict], test_rows: list[dict], data_dir) -> None:
+    """Refuse data that cannot fill the batches of the stages, naming the file, the count and the flag."""
+
+    def count(rows, sentiment=None):
+        return sum(1 for r in rows if sentiment is None or r["sentiment"] == sentiment)
+
+    train_csv, test_csv = tweets.source_file("train", data_dir), tweets.source_file("test", data_dir)
+    needs = [
+        (train_csv, count(train_rows), None, cfg.pretrain.batch_size, "--pretrain.batch_size", "pretraining"),
+        (train_csv, count(train_rows, "positive"), "positive", cfg.sft.batch_size, "--sft.batch_size", "SFT"),
+        (test_csv, count(test_rows), None, 1, None, "validation"),
+        (test_csv, count(test_rows, "positive"), "positive", 1, None, "SFT's validation"),
+    ]
+    if cfg.rl.ptx_coef:
+        needs.append((train_csv, count(train_rows), None, cfg.rl.batch_size, "--rl.batch_size", "PPO-ptx"))
+    if cfg.reward == "learned":
+        for rows, path in ((train_rows, train_csv), (test_rows, test_csv)):
+            for sentiment in ("positive", "negative"):
+                needs.append((path, count(rows, sentiment), sentiment, 1, None, "the learned reward model"))
+    for path, n, sentiment, need, flag, stage in needs:
+        if n >= need:
+            continue
+        what = f"{n} {sentiment + ' ' if sentiment else ''}tweet{'s' * (n != 1)} with text"
+        if flag is None:
+            raise ValueError(f"{path} has {what}; {stage} needs at least {need}: use a fuller file")
+        raise ValueError(
+            f"{path} has {what}, fewer than one {flag} {need} batch for {stage}: lower {flag} or use "
+            "more data"
+        )
 
 
 # ----------------------------------------------------------------------------------------- stages
@@ -316,6 +399,30 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
+def _rl_config(cfg: HappyConfig) -> rl.RLConfig:
+    """The library RLConfig of --algo ppo / pg / grpo / rloo and the --rl.* flags."""
+    rc = cfg.rl
+    group = cfg.algo in ("grpo", "rloo")
+    return rl.RLConfig(
+        algo=cfg.algo,
+        kl_coef=rc.kl_coef,
+        kl_target=rc.kl_target,
+        lam=rc.lam,
+        clip_eps=rc.clip_eps,
+        vf_coef=rc.vf_coef,
+        epochs=rc.epochs,
+        minibatches=rc.minibatches,
+        # GRPO as in DeepSeekMath: group-standardised advantages and a k3 KL loss term; RLOO as in
+        # Ahmadian et al. / TRL: leave-one-out baseline, k1 in the sequence reward.
+        group_size=rc.pairs_n if group else None,
+        kl_penalty="loss" if cfg.algo == "grpo" else "reward",
+        kl_kind="k3" if cfg.algo == "grpo" else "k1",
+        loss_agg="seq_mean_token_mean" if cfg.algo == "grpo" else "token_mean",
+        whiten_advantages=not group,
+        ptx_coef=rc.ptx_coef,
+    )
+
+
 def _rl_stage(
     cfg: HappyConfig, mcfg, sft_params, tokenizer, mesh, args, tok_path, reward_host, reward_jax, ptx_data
 ):
@@ -336,25 +443,7 @@ def _rl_stage(
     meta = _rl_meta(cfg, mcfg)
 
     if cfg.algo in rl.ALGOS:
-        group = cfg.algo in ("grpo", "rloo")
-        rlc = rl.RLConfig(
-            algo=cfg.algo,
-            kl_coef=rc.kl_coef,
-            kl_target=rc.kl_target,
-            lam=rc.lam,
-            clip_eps=rc.clip_eps,
-            vf_coef=rc.vf_coef,
-            epochs=rc.epochs,
-            minibatches=rc.minibatches,
-            # GRPO as in DeepSeekMath: group-standardised advantages and a k3 KL loss term; RLOO as in
-            # Ahmadian et al. / TRL: leave-one-out baseline, k1 in the sequence reward.
-            group_size=rc.pairs_n if group else None,
-            kl_penalty="loss" if cfg.algo == "grpo" else "reward",
-            kl_kind="k3" if cfg.algo == "grpo" else "k1",
-            loss_agg="seq_mean_token_mean" if cfg.algo == "grpo" else "token_mean",
-            whiten_advantages=not group,
-            ptx_coef=rc.ptx_coef,
-        )
+        rlc = _rl_config(cfg)
 
         def ptx_at(i):
             """PPO-ptx's pretraining batch for iteration i: `batch_size` tweets of the pretraining set."""
@@ -422,14 +511,17 @@ def _rl_stage(
                 np.asarray(rollout.response), np.asarray(rollout.response_mask), np.asarray(scores), n
             )
             batch = preference.build_pref_batch(rollout, sel, np.asarray(base), num_pairs=n_prompts)
+            # With no pair (every prompt's answers tied or identical) the step's loss and gradient are 0.
             state, metrics = jstep(state, batch, k_step)
             rmask = rollout.response_mask
             kl_tok = float(jnp.sum(pol - ref_lp) / jnp.maximum(jnp.sum(rmask), 1))
+            pair_metrics = sel.metrics()  # pairs, no_pairs, skipped_tied, dropped_duplicate, ...
+            pair_metrics["pair_reward_margin"] = pair_metrics.pop("reward_margin")  # not DPO's implicit one
             return state, {
                 **metrics,
+                **pair_metrics,
                 "reward": float(np.mean(scores)),
                 "kl_per_token": kl_tok,
-                "pairs": float(sel.num_pairs),
                 "response_length": float(jnp.mean(jnp.sum(rmask, -1))),
             }
 
@@ -449,7 +541,29 @@ def _rl_stage(
         log_every=1,
         progress=not args.quiet,
     )
+    if cfg.algo in PAIR_ALGOS:
+        check_pairs(cfg, result, checkpoint.resolve(args.out) / "rl.jsonl")
     return result, policy_of(result.state)
+
+
+class NoPairsError(ValueError):
+    """Every iteration of a REBEL / DPO / IPO stage had no pair to learn from: the policy did not move."""
+
+
+def check_pairs(cfg: HappyConfig, result: runner.StageResult, metrics_path) -> None:
+    """Count the stage's iterations without a pair into its summary; raise NoPairsError if that is all of
+    them (the whole stage, resumed parts included, as its metrics file records it)."""
+    records = runner.read_metrics(metrics_path) if metrics_path.exists() else result.history
+    empty = sum(1 for r in records if r.get("no_pairs", 0.0) > 0)
+    result.summary["no_pair_iterations"] = empty
+    if records and empty == len(records):
+        tied = sum(r.get("skipped_tied", 0.0) for r in records)
+        raise NoPairsError(
+            f"rl: none of the {len(records)} {cfg.algo} iterations had a pair to learn from (every prompt's "
+            f"{cfg.rl.pairs_n} answers tied on the reward ({tied:.0f} times) or were identical; no_pairs in "
+            f"{metrics_path}), so the policy was not trained: raise --rl.pairs_n or --rl.temperature, or use "
+            "a reward that tells the answers apart"
+        )
 
 
 # --------------------------------------------------------------------------------------- learned RM
@@ -467,7 +581,7 @@ def train_reward_model(cfg, mcfg, init_params, tokenizer, train_rows, test_rows,
     params = {"gpt": init_params, "head": model.init_scalar_head(jax.random.key(2), mcfg)}
     state = parallel.put(train.init_train_state(params, tx), mesh)
     step = parallel.jit_step(train.make_rm_step(mcfg, tx), mesh, state)
-    bs = 64
+    bs = LEARNED_RM_BATCH
 
     def step_fn(state, i, key):
         rng = np.random.default_rng([cfg.seed, i])
@@ -568,6 +682,7 @@ def _run(cfg: HappyConfig, args) -> dict:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     mesh = parallel.make_mesh(fsdp=cfg.fsdp)
     train_rows, test_rows = load_data(args.data_dir)
+    check_data(cfg, train_rows, test_rows, args.data_dir)
     tokenizer = CharTokenizer.from_corpus([r["text"] for r in train_rows], eos=EOS, unk="?")
     mcfg = model_config(cfg, tokenizer.vocab_size)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
@@ -688,27 +803,54 @@ def _run(cfg: HappyConfig, args) -> dict:
 # --------------------------------------------------------------------------------------------- CLI
 
 
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _value_parser(annotation):
+    """The flag parser of a field annotation: int, float, str, bool, or `X | None` ("none" is None)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        parse = _value_parser(inner)
+        return lambda text: None if text.strip().lower() in ("none", "null") else parse(text)
+    return _parse_bool if annotation is bool else annotation
+
+
 def _add_fields(parser, cls, prefix, defaults):
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(value):
             _add_fields(parser, type(value), f"{prefix}{f.name}.", value)
             continue
-        kind = type(value) if value is not None else float
-        if kind is bool:
-            kind = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
-        parser.add_argument(f"--{prefix}{f.name}", type=kind, default=None, help=f"(default: {value})")
+        # Only flags given on the command line reach the namespace, so "none" can set a field to None.
+        parser.add_argument(
+            f"--{prefix}{f.name}",
+            type=_value_parser(hints[f.name]),
+            default=argparse.SUPPRESS,
+            help=f"(default: {value})",
+        )
 
 
 def _apply(cfg, overrides: dict, prefix=""):
+    """`cfg` with the flags in `overrides` applied; a refused value is a ValueError naming its flag."""
     changes = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             changes[f.name] = _apply(value, overrides, f"{prefix}{f.name}.")
-        elif overrides.get(prefix + f.name) is not None:
+        elif prefix + f.name in overrides:
             changes[f.name] = overrides[prefix + f.name]
-    return dataclasses.replace(cfg, **changes)
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ValueError as err:
+        raise ValueError(flag_message(str(err), type(cfg), lambda name: f"--{prefix}{name}")) from None
 
 
 # RL flags that act only for some algorithms; given for another, they are refused rather than ignored.
@@ -726,11 +868,84 @@ _ALGO_FLAGS = {
     "rl.average_logprobs": ("dpo", "ipo"),
     "rl.ptx_coef": ("ppo", "pg", "grpo", "rloo"),
 }
-HAPPY_ALGOS = ("ppo", "pg", "grpo", "rloo", "rebel", "dpo", "ipo")
+
+
+class ConfigError(ValueError):
+    """A flag value (or a combination, or the device count) the run cannot use; found before any work."""
+
+
+def check_config(cfg: HappyConfig, given) -> None:
+    """What the configs cannot check alone: flags that do nothing for --algo, and flag combinations.
+
+    Args:
+      cfg: the parsed config.
+      given: the config flags set on the command line ("rl.kl_coef", ...).
+
+    Raises:
+      ConfigError: one line naming the flags and the fix.
+    """
+    for flag, algos in _ALGO_FLAGS.items():
+        if flag in given and cfg.algo not in algos:
+            raise ConfigError(
+                f"--{flag} does nothing under --algo {cfg.algo} (it acts for {', '.join(algos)}): drop it"
+            )
+    rc = cfg.rl
+    if cfg.algo in ("grpo", "rloo") and rc.batch_size % rc.pairs_n:
+        raise ConfigError(
+            f"--rl.batch_size {rc.batch_size} must be a multiple of --rl.pairs_n {rc.pairs_n}, the "
+            f"{cfg.algo} group size"
+        )
+    if cfg.algo in ("ppo", "grpo", "rloo") and rc.batch_size % rc.minibatches:
+        raise ConfigError(
+            f"--rl.batch_size {rc.batch_size} must be a multiple of --rl.minibatches {rc.minibatches}"
+        )
+    if cfg.algo in PAIR_ALGOS and rc.temperature == 0:
+        raise ConfigError(
+            f"--rl.temperature 0 (greedy) makes the --rl.pairs_n answers of a prompt identical, so "
+            f"{cfg.algo} never has a pair: use a temperature > 0"
+        )
+    # The library's own configs, built now rather than after pretraining (RLConfig for ppo/pg/grpo/rloo).
+    if cfg.algo in rl.ALGOS:
+        try:
+            _rl_config(cfg)
+        except ValueError as err:
+            raise ConfigError(flag_message(str(err), RLStageConfig, lambda name: f"--rl.{name}")) from None
+
+
+def check_devices(cfg: HappyConfig, n_devices: int) -> None:
+    """The batch sizes and --fsdp against the device count (every batch is split over all devices)."""
+    if n_devices % cfg.fsdp:
+        raise ConfigError(
+            f"--fsdp {cfg.fsdp} does not divide the {n_devices} devices; use a divisor of {n_devices}"
+        )
+    sizes = {
+        "--pretrain.batch_size": cfg.pretrain.batch_size,
+        "--sft.batch_size": cfg.sft.batch_size,
+        "--rl.batch_size": cfg.rl.batch_size,
+    }
+    bad = [f"{flag} {size}" for flag, size in sizes.items() if size % n_devices]
+    if bad:
+        raise ConfigError(
+            f"{', '.join(bad)} not divisible by the {n_devices} devices (each batch is split over all of "
+            f"them); use multiples of {n_devices}"
+        )
+    if cfg.reward == "learned" and LEARNED_RM_BATCH % n_devices:
+        raise ConfigError(
+            f"--reward learned trains on batches of {LEARNED_RM_BATCH} pairs, which {n_devices} devices do "
+            "not divide; use --reward vader, or a device count that divides 64"
+        )
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Errors as one line on stderr (exit 2): the usage of every flag would bury them; --help lists them."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv=None) -> tuple[HappyConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(
+    """The config and the other flags of `argv`; a bad flag exits 2 with one line on stderr."""
+    p = _OneLineParser(
         prog="python -m jaxrlhf.happy",
         description="HappyGPT: pretrain -> SFT -> RL against VADER sentiment, on a laptop CPU.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -752,37 +967,37 @@ def parse_args(argv=None) -> tuple[HappyConfig, argparse.Namespace]:
     )
     _add_fields(p, HappyConfig, "", HappyConfig())
     args = p.parse_args(argv)
-    cfg = HappyConfig(**QUICK) if args.quick else HappyConfig()
-    cfg = _apply(cfg, vars(args))
-    if cfg.algo not in HAPPY_ALGOS:
-        p.error(f"--algo {cfg.algo!r}: choose {', '.join(HAPPY_ALGOS)}")
-    if cfg.reward not in ("vader", "learned"):
-        p.error(f"--reward {cfg.reward!r}: choose vader or learned")
-    for flag, algos in _ALGO_FLAGS.items():
-        if vars(args).get(flag) is not None and cfg.algo not in algos:
-            p.error(
-                f"--{flag} does nothing under --algo {cfg.algo} (it acts for {', '.join(algos)}): drop it"
-            )
-    rc = cfg.rl
-    if cfg.algo in ("grpo", "rloo") and (rc.pairs_n < 2 or rc.batch_size % rc.pairs_n):
-        p.error(f"--rl.batch_size {rc.batch_size} must be a multiple of --rl.pairs_n {rc.pairs_n} >= 2, the "
-                f"{cfg.algo} group size")  # fmt: skip
-    if cfg.algo in ("ppo", "grpo", "rloo") and (rc.minibatches < 1 or rc.batch_size % rc.minibatches):
-        p.error(f"--rl.batch_size {rc.batch_size} must be a multiple of --rl.minibatches {rc.minibatches}")
+    given = {
+        flag
+        for flag in vars(args)
+        if flag not in ("data_dir", "out", "resume", "quick", "quiet", "compile_cache")
+    }
+    try:
+        cfg = _apply(HappyConfig(**QUICK) if args.quick else HappyConfig(), vars(args))
+        check_config(cfg, given)
+    except ValueError as err:
+        p.error(str(err))
     return cfg, args
 
 
 def main(argv=None) -> int:
+    """The command: 0 when the pipeline finished, 2 for a refused flag or device count, 1 for any other
+    refusal (--out, the data, a non-finite loss, a stage without pairs); each a line on stderr."""
     cfg, args = parse_args(argv)
     try:
+        check_devices(cfg, len(jax.devices()))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        runner.check_output_dir(args.out, flag="--out")
         run(cfg, args)
     except (
-        FileExistsError,
+        OSError,
         runner.NonFiniteError,
         rundir.RunDirBusyError,
-        ValueError,  # checkpoint.DamagedCheckpointError too
-        FileNotFoundError,
-    ) as e:
+        ValueError,
+    ) as e:  # Damaged...: ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

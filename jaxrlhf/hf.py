@@ -123,7 +123,8 @@ def config_to_hf(cfg: ModelConfig, eos_id: int | None = None) -> dict:
     }
 
 
-def _check_compatible(cfg: ModelConfig, file_cfg: ModelConfig):
+def check_compatible(cfg: ModelConfig, file_cfg: ModelConfig) -> None:
+    """Raise a one-line ValueError if `cfg` cannot hold a checkpoint of config `file_cfg`."""
     names = ("vocab_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "ln_eps")
     bad = [
         f"{n}={getattr(cfg, n)} vs {getattr(file_cfg, n)}"
@@ -227,13 +228,40 @@ def load_gpt2(path_or_name: str | os.PathLike, cfg: ModelConfig | None = None) -
     directory = os.fspath(path_or_name)
     if not os.path.isdir(directory):
         directory = _download(directory)
-    with open(os.path.join(directory, "config.json")) as f:
-        file_cfg = config_from_hf(json.load(f))
+    file_cfg = read_config(directory)
     if cfg is None:
         cfg = file_cfg
     else:
-        _check_compatible(cfg, file_cfg)
+        check_compatible(cfg, file_cfg)
     return params_from_hf(_read_weights(directory), cfg), cfg
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of the config.json in a local checkpoint directory.
+
+    Raises:
+      FileNotFoundError / ValueError: one line naming the file when it is missing, not JSON (cut short or
+        corrupt), or not a GPT-2 config.
+    """
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf_config = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {path}: a Hugging Face GPT-2 directory holds config.json and model.safetensors"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        why = f"{err.msg}: line {err.lineno} column {err.colno}" if hasattr(err, "msg") else "not UTF-8"
+        raise ValueError(
+            f"{path}: not valid JSON ({why}): the file is truncated or corrupt; copy it again"
+        ) from None
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{path}: expected a JSON object (a Hugging Face config)")
+    try:
+        return config_from_hf(hf_config)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def save_gpt2(
@@ -254,18 +282,34 @@ def save_gpt2(
     )
 
 
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    """A safetensors file's arrays; a cut-short or corrupt file is a one-line ValueError naming it."""
+    try:
+        return safetensors.numpy.load_file(path)
+    except safetensors.SafetensorError as err:
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({err}): it is truncated or corrupt (an interrupted "
+            "download?); copy it again"
+        ) from None
+
+
 def _read_weights(directory: str) -> dict[str, np.ndarray]:
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     torch_bin = os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(single):
-        return safetensors.numpy.load_file(single)
+        return _load_safetensors(single)
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"{index}: not a safetensors index ({type(err).__name__}: {err}); copy it again"
+            ) from None
         state = {}
         for shard in shards:
-            state.update(safetensors.numpy.load_file(os.path.join(directory, shard)))
+            state.update(_load_safetensors(os.path.join(directory, shard)))
         return state
     if os.path.isfile(torch_bin):
         import torch  # only for legacy checkpoints; not a dependency otherwise

@@ -31,6 +31,7 @@ notes).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -125,6 +126,52 @@ def init_scalar_model(key: jax.Array, cfg: ModelConfig) -> Params:
     """A GPT trunk plus a scalar head: {"gpt": params, "head": head}."""
     k_gpt, k_head = jax.random.split(key)
     return {"gpt": init_params(k_gpt, cfg), "head": init_scalar_head(k_head, cfg)}
+
+
+def check_params(params: Params, cfg: ModelConfig, what: str = "params") -> None:
+    """Raise a one-line ValueError naming the config field that the shapes of GPT `params` contradict.
+
+    Reads only shapes (arrays, tracers or ShapeDtypeStructs alike), so it costs nothing inside jit. The
+    split of the attention width into heads changes no shape (GPT-2's fused c_attn kernel is [D, 3D] for
+    any head count) and cannot be checked here: it has to come from the config the params were trained
+    with (a checkpoint's meta, config.json).
+    """
+    if not isinstance(params, Mapping) or "wte" not in params:
+        if isinstance(params, Mapping) and {"gpt", "head"} <= set(params):
+            raise ValueError(
+                f"{what} are a scalar model {{'gpt', 'head'}} (a reward or value model), not GPT params; "
+                "pass its ['gpt'] entry"
+            )
+        keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(
+            f"{what} are not GPT params (got {keys}); expected model.init_params' wte, blocks, ln_f"
+        )
+    vocab, width = params["wte"].shape
+    layers = params["blocks"]["ln_1"]["scale"].shape[0]
+    mlp = params["blocks"]["mlp"]["c_fc"]["kernel"].shape[-1]
+    qkv = params["blocks"]["attn"]["c_attn"]["kernel"].shape[-1]
+    mlp_name = "mlp_ratio" if cfg.intermediate_size is None else "intermediate_size"
+    found = [
+        ("vocab_size", cfg.vocab_size, vocab, f"wte has {vocab} rows"),
+        ("n_embd", cfg.n_embd, width, f"they are {width} wide"),
+        ("n_layer", cfg.n_layer, layers, f"they stack {layers} blocks"),
+        (mlp_name, cfg.mlp_dim * (2 if cfg.mlp == "swiglu" else 1), mlp, f"the MLP is {mlp} wide"),
+        ("n_kv_head", (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, qkv, f"q | k | v is {qkv} wide"),
+    ]
+    for name, want, got, why in found:
+        if want != got:
+            raise ValueError(
+                f"cfg.{name}={getattr(cfg, name)} does not match the {what}: {why}; pass the config "
+                "they were built with"
+            )
+    if cfg.position != "learned":
+        return
+    positions = params["wpe"].shape[0]
+    if cfg.block_size > positions:
+        raise ValueError(
+            f"cfg.block_size={cfg.block_size} exceeds the {positions} position embeddings of the {what}; "
+            f"use block_size <= {positions}"
+        )
 
 
 # ------------------------------------------------------------------------------------------- layers

@@ -134,10 +134,12 @@ class PairSelection(NamedTuple):
         return len(self.prompt_index)
 
     def metrics(self) -> dict[str, float]:
-        """Flat dict of scalars for logging."""
+        """Flat dict of scalars for logging; "no_pairs" is 1 when not one prompt gave a pair (an update
+        that learns nothing: a driver counts these and fails a stage made only of them)."""
         margin = self.chosen_reward - self.rejected_reward
         return {
             "pairs": float(self.num_pairs),
+            "no_pairs": float(self.num_pairs == 0),
             "pair_fraction": self.num_pairs / max(self.num_prompts, 1),
             "dropped_too_long": float(self.num_too_long),
             "dropped_too_short": float(self.num_too_short),

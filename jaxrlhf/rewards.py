@@ -14,7 +14,7 @@ Two kinds, used the same way by the RL and preference pipelines:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +92,25 @@ def learned_scores(scalar_params, tokens: jax.Array, mask: jax.Array, cfg: Model
     return ops.gather_last(values, mask)
 
 
+def check_scalar_model(scalar_params, cfg: ModelConfig, what: str = "reward model") -> None:
+    """Raise a one-line ValueError unless `scalar_params` is a scalar model {"gpt", "head"} whose shapes
+    match `cfg` (see `model.check_params`)."""
+    if isinstance(scalar_params, Mapping) and "wte" in scalar_params:
+        raise ValueError(
+            f"the {what} params are LM (GPT) params without a scalar head; a reward model is "
+            '{"gpt": params, "head": model.init_scalar_head(...)} trained with train.make_rm_step'
+        )
+    if not isinstance(scalar_params, Mapping) or not {"gpt", "head"} <= set(scalar_params):
+        keys = sorted(scalar_params) if isinstance(scalar_params, Mapping) else type(scalar_params).__name__
+        raise ValueError(f"the {what} params are not a scalar model {{'gpt', 'head'}} (got {keys})")
+    model.check_params(scalar_params["gpt"], cfg, what=f"{what}'s params")
+    kernel = np.shape(scalar_params["head"]["kernel"])
+    if kernel != (cfg.n_embd,):
+        raise ValueError(
+            f"the {what}'s head kernel is {kernel}, expected ({cfg.n_embd},) for n_embd={cfg.n_embd}"
+        )
+
+
 def make_learned_reward(
     scalar_params, cfg: ModelConfig, *, normalise: tuple[float, float] | None = None
 ) -> Callable[[Rollout], jax.Array]:
@@ -106,7 +125,14 @@ def make_learned_reward(
     Returns:
       fn(rollout) -> [B] float32 jax array, jittable (params are closed over as constants; pass them
       through a jitted caller's arguments instead if they change between calls).
+
+    Raises:
+      ValueError: `scalar_params` are LM params (no scalar head) or not a scalar model, or `cfg` does not
+        match their shapes (vocab_size, n_embd, n_layer, mlp_ratio, block_size; the field is named).
+        n_head leaves no trace in the weights' shapes, so it is not checked: take it from the config the
+        reward model was trained with.
     """
+    check_scalar_model(scalar_params, cfg)
     if normalise is not None:
         mean, std = normalise
         if not (np.isfinite(mean) and np.isfinite(std) and std > 0):

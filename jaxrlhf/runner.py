@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import signal
 import sys
 import threading
@@ -112,6 +113,34 @@ class MetricsWriter:
             self._file = None
         else:
             self.flush()
+
+
+def check_output_dir(path: str | os.PathLike, *, flag: str = "--out") -> None:
+    """Refuse, before any work, a run directory that cannot be written: a file, a path under a file, or a
+    folder this process may not write into. Nothing is created. Remote paths (gs://...) are not checked.
+
+    Raises:
+      NotADirectoryError / PermissionError: one line naming `flag`, the path and the fix.
+    """
+    text = os.fspath(path)
+    if "://" in text:
+        return
+    target = pathlib.Path(text).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(
+            f"{flag} {text} is a file, not a directory; pass a directory (it is created if missing)"
+        )
+    existing = target
+    while not existing.exists():  # the nearest existing folder, where the run would create its own
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"{flag} {text} is under {existing}, which is a file; pass a directory path outside it"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{flag} {text}: {existing} is read-only for this user; pass a directory you can write to"
+        )
 
 
 def read_metrics(path: PathLike) -> list[dict]:

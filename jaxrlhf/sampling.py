@@ -19,6 +19,7 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrlhf import model, ops
 from jaxrlhf.config import ModelConfig, SampleConfig
@@ -121,7 +122,43 @@ class _LoopState(flax.struct.PyTreeNode):
     key: jax.Array
 
 
+def _check_static(prompt, prompt_mask, model_cfg: ModelConfig, cfg: SampleConfig) -> None:
+    """One-line errors from shapes and the configs alone (trace time: no cost in the compiled program)."""
+    V = model_cfg.vocab_size
+    for name in ("eos_id", "pad_id"):
+        value = getattr(cfg, name)
+        if value is not None and not 0 <= value < V:
+            never = " (a sequence would never stop)" if name == "eos_id" else ""
+            raise ValueError(
+                f"{name}={value} is outside the vocabulary [0, {V}){never}; use the tokenizer's id"
+            )
+    if len(prompt.shape) != 2 or tuple(prompt_mask.shape) != tuple(prompt.shape):
+        raise ValueError(
+            f"prompt {tuple(prompt.shape)} and prompt_mask {tuple(prompt_mask.shape)} must both be [B, P]"
+        )
+    if prompt.shape[0] == 0:
+        raise ValueError("the prompt batch is empty (B = 0); pass at least one prompt row")
+    if prompt.shape[1] == 0:
+        raise ValueError("the prompts have no tokens (P = 0); start each row with a real token, e.g. eos_id")
+
+
+def check_prompt_ids(prompt, prompt_mask, vocab_size: int) -> None:
+    """Raise a one-line error if a real token of a concrete prompt is outside [0, vocab_size) (the embedding
+    lookup would clamp it silently). Traced or not fully addressable prompts are not checked."""
+    arrays = (prompt, prompt_mask)
+    if any(isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True) for x in arrays):
+        return
+    ids = np.asarray(prompt)[np.asarray(prompt_mask, bool)]
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(
+            f"prompt ids {sorted(set(bad.tolist()))[:5]} are outside the vocabulary [0, {vocab_size}); "
+            "encode the prompts with the model's tokenizer"
+        )
+
+
 def _sample_impl(params, prompt, prompt_mask, model_cfg: ModelConfig, cfg: SampleConfig, key):
+    _check_static(prompt, prompt_mask, model_cfg, cfg)
     B, P = prompt.shape
     R = cfg.max_new_tokens
     prompt_mask = prompt_mask.astype(bool)
@@ -210,13 +247,20 @@ def sample(
 
     Returns:
       Rollout with response / response_mask / logprobs of shape [B, R].
+
+    Raises:
+      ValueError: an empty batch, prompt ids (real tokens of a concrete prompt) or eos_id / pad_id outside
+        the vocabulary, params that do not match model_cfg, or a prompt that is not left-padded.
     """
+    _check_static(prompt, prompt_mask, model_cfg, cfg)
+    model.check_params(params, model_cfg)
     if prompt.shape[1] + cfg.max_new_tokens > model_cfg.block_size:
         raise ValueError(
             f"prompt length {prompt.shape[1]} + max_new_tokens {cfg.max_new_tokens} exceeds "
             f"block_size={model_cfg.block_size}; shorten the prompt or the response budget."
         )
     check_left_padded(prompt_mask)
+    check_prompt_ids(prompt, prompt_mask, model_cfg.vocab_size)
     if isinstance(prompt, jax.core.Tracer) or isinstance(key, jax.core.Tracer):
         return _sample_impl(params, prompt, prompt_mask, model_cfg, cfg, key)
     return _sample_jit(params, prompt, prompt_mask, model_cfg, cfg, key)

@@ -265,11 +265,24 @@ class GPT2Tokenizer(Tokenizer):
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> GPT2Tokenizer:
-        """A directory holding vocab.json + merges.txt, or encoder.json + vocab.bpe."""
+        """A directory holding vocab.json + merges.txt, or encoder.json + vocab.bpe.
+
+        Raises:
+          FileNotFoundError: neither pair is there (nor one file of one).
+          TokenizerFileError: one file of a pair is there without the other, or the files are bad.
+        """
         for names, make in ((_HF_FILES, cls.from_files), (_OPENAI_FILES, cls.from_openai_files)):
             files = [os.path.join(path, n) for n in names]
             if all(os.path.isfile(f) for f in files):
                 return make(*files)
+        for names in (_HF_FILES, _OPENAI_FILES):
+            present = [n for n in names if os.path.isfile(os.path.join(path, n))]
+            if present:
+                (missing,) = set(names) - set(present)
+                raise TokenizerFileError(
+                    f"{os.path.join(path, present[0])} has no {missing} beside it: a GPT-2 tokenizer needs "
+                    f"both {' + '.join(names)}; copy the missing file into {path}"
+                )
         raise FileNotFoundError(
             f"no GPT-2 tokenizer in {path}: expected vocab.json + merges.txt or encoder.json + vocab.bpe."
         )
@@ -303,20 +316,69 @@ class GPT2Tokenizer(Tokenizer):
             f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
 
 
+class TokenizerFileError(ValueError):
+    """A tokenizer file that is cut short, corrupt, or does not belong with its pair; names the file."""
+
+
 def _read_bpe(vocab_path, merges_path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Both formats: a JSON token -> id map, and '#version' header + one 'a b' merge per line."""
-    with open(vocab_path, encoding="utf-8") as f:
-        vocab = json.load(f)
+    """Both formats: a JSON token -> id map, and '#version' header + one 'a b' merge per line.
+
+    The two files are checked against each other, since a BPE built from a merges file cut short (even at
+    a line boundary) loads without complaint and tokenizes differently: every merge must join two tokens
+    of the vocabulary into a third, and every token of the vocabulary longer than one symbol (the
+    byte-level alphabet) must be made by some merge, special tokens (`<|...|>`) excepted. GPT-2's 50,257
+    ids are 256 bytes + 50,000 merges + <|endoftext|>, so a merges file that lost its last lines leaves
+    tokens no merge makes.
+
+    Raises:
+      TokenizerFileError: one line naming the file (and line) that is truncated, corrupt or mismatched.
+    """
+    try:
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        why = f"{err.msg}: line {err.lineno} column {err.colno}" if hasattr(err, "msg") else "not UTF-8"
+        raise TokenizerFileError(
+            f"{vocab_path}: not a JSON vocabulary ({why}): the file is truncated or corrupt; copy it again"
+        ) from None
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise TokenizerFileError(f"{vocab_path}: expected a JSON object of token -> integer id")
     merges = []
-    with open(merges_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line or line.startswith("#version"):
-                continue
-            pair = line.split(" ")
-            if len(pair) != 2:
-                raise ValueError(f"{merges_path}:{n}: expected two space-separated tokens, got {line!r}.")
-            merges.append((pair[0], pair[1]))
+    try:
+        with open(merges_path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError:
+        raise TokenizerFileError(
+            f"{merges_path}: not UTF-8 text: the file is corrupt; copy it again"
+        ) from None
+    for n, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
+        if not line or (n == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2 or not all(pair):
+            raise TokenizerFileError(
+                f"{merges_path}:{n}: expected two space-separated tokens, got {line!r}: the line is cut or "
+                "corrupt; copy the file again"
+            )
+        a, b = pair
+        if a not in vocab or b not in vocab or a + b not in vocab:
+            missing = next(t for t in (a, b, a + b) if t not in vocab)
+            raise TokenizerFileError(
+                f"{merges_path}:{n}: merge {line!r} needs {missing!r}, which {vocab_path} lacks: the line is "
+                "cut, or the two files come from different tokenizers"
+            )
+        merges.append((a, b))
+    made = {a + b for a, b in merges}
+    unmade = [
+        t for t in vocab if len(t) > 1 and t not in made and not (t.startswith("<|") and t.endswith("|>"))
+    ]
+    if unmade:
+        raise TokenizerFileError(
+            f"{merges_path}: {len(merges)} merges, but {len(unmade)} tokens of {vocab_path} "
+            f"(e.g. {unmade[0]!r}) are made by none: the merges file is cut short (it needs "
+            f"{len(merges) + len(unmade)} merges); copy it again"
+        )
     return vocab, merges
 
 

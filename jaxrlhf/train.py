@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrlhf import losses, model, ops
-from jaxrlhf.config import ModelConfig
+from jaxrlhf.config import ModelConfig, check_at_least
 
 Params = Any
 StepFn = Callable[..., tuple[Any, dict]]
@@ -85,8 +85,17 @@ class OptimConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule={self.schedule!r}; use 'cosine', 'linear' or 'constant'.")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be positive.")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr}; use a positive learning rate")
+        check_at_least(self, 0, "warmup_steps", "weight_decay", "grad_clip")
+        check_at_least(self, 1, "total_steps")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio}; use a fraction in [0, 1] of lr")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}; use a decay rate in [0, 1)")
+        if not self.eps > 0:
+            raise ValueError(f"eps={self.eps}; use a small positive number (Adam's default 1e-8)")
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:

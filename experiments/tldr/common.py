@@ -22,7 +22,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import shutil
+import sys
 import tempfile
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -33,8 +36,8 @@ import numpy as np
 from etils import epath
 
 from experiments.tldr import flags
-from jaxrlhf import checkpoint, data, hf, model, parallel, rundir, train
-from jaxrlhf.config import MODEL_PRESETS, ModelConfig
+from jaxrlhf import checkpoint, data, hf, model, parallel, rundir, runner, train
+from jaxrlhf.config import MODEL_PRESETS, ModelConfig, check_at_least, flag_message
 from jaxrlhf.rl import FIELD_ALGOS, RLConfig, inactive_fields
 from jaxrlhf.tokenizers import GPT2Tokenizer
 
@@ -83,6 +86,17 @@ class DataConfig:
     max_summary_tokens: int = 53
     seed: int = 0
 
+    def __post_init__(self):
+        if not self.val_size > 0:
+            raise ValueError(f"val_size={self.val_size}; use a count of rows >= 1 or a fraction in (0, 1)")
+        check_at_least(self, 0, "max_rows", "max_val_rows")
+        check_at_least(self, 1, "max_prompt_tokens")
+        if self.max_summary_tokens < 2:
+            raise ValueError(
+                f"max_summary_tokens={self.max_summary_tokens}; an answer needs a token and the end-of-text, "
+                "so use >= 2"
+            )
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SFTConfig:
@@ -107,6 +121,10 @@ class SFTConfig:
     optim: train.OptimConfig = dataclasses.field(
         default_factory=lambda: train.OptimConfig(lr=5e-5, warmup_steps=100, weight_decay=0.0)
     )
+
+    def __post_init__(self):
+        check_at_least(self, 1, "steps", "batch_size", "eval_batch_size", "log_every")
+        check_at_least(self, 0, "eval_every", "ckpt_every")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -134,6 +152,10 @@ class RMConfig:
     optim: train.OptimConfig = dataclasses.field(
         default_factory=lambda: train.OptimConfig(lr=3e-5, warmup_steps=50, weight_decay=0.0)
     )
+
+    def __post_init__(self):
+        check_at_least(self, 1, "steps", "batch_size", "eval_batch_size", "log_every", "norm_rows")
+        check_at_least(self, 0, "eval_every", "ckpt_every")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -200,9 +222,18 @@ class PPOConfig:
     def __post_init__(self):
         if self.reward_norm not in REWARD_NORMS:
             raise ValueError(f"--ppo.reward_norm {self.reward_norm!r}; use one of {', '.join(REWARD_NORMS)}")
-        for name in ("iterations", "batch_size", "eval_batches", "norm_prompts"):
+        for name in ("iterations", "batch_size", "eval_batches", "norm_prompts", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--ppo.{name} {getattr(self, name)}; it must be >= 1")
+        check_at_least(self, 0, "eval_every", "sample_every", "samples_logged", "ckpt_every")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature}; use a finite value >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}; use 0 (off) or a positive k")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}; use a value in (0, 1] (1 = off)")
+        if self.value_lr is not None and not self.value_lr > 0:
+            raise ValueError(f"value_lr={self.value_lr}; use a positive learning rate, or none (optim.lr)")
         if self.rl.group_size and self.batch_size % self.rl.group_size:
             raise ValueError(
                 f"--ppo.batch_size {self.batch_size} is not a whole number of groups of --ppo.rl.group_size "
@@ -274,6 +305,15 @@ class TldrConfig:
         unknown = set(self.stage_list) - set(STAGES)
         if unknown:
             raise ValueError(f"--stages has unknown {sorted(unknown)}; use a subset of {','.join(STAGES)}")
+        if not self.stage_list:
+            raise ValueError(f"stages={self.stages!r}; name at least one of {','.join(STAGES)}")
+        check_at_least(self, 1, "mesh_fsdp", "n_layer", "n_head", "n_embd")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout}; use a rate in [0, 1)")
+        if self.stop_after:
+            name, _, n = self.stop_after.partition(":")
+            if name not in STAGES or not n.isdigit():
+                raise ValueError(f"stop_after={self.stop_after!r}; use STAGE:N, e.g. ppo:3")
 
     @property
     def stage_list(self) -> list[str]:
@@ -283,9 +323,7 @@ class TldrConfig:
         """Steps this invocation may run of `stage` (None: to the end)."""
         if not self.stop_after:
             return None
-        name, _, n = self.stop_after.partition(":")
-        if name not in STAGES or not n.isdigit():
-            raise ValueError(f"--stop-after {self.stop_after!r}; use STAGE:N, e.g. ppo:3")
+        name, _, n = self.stop_after.partition(":")  # checked in __post_init__
         return int(n) if name == stage else None
 
 
@@ -301,6 +339,40 @@ def inactive_flags(cfg: TldrConfig, given) -> list[str]:
     return bad
 
 
+def check_config(cfg: TldrConfig) -> None:
+    """What the configs cannot check alone: the model they make, and the architecture flags against
+    pretrained weights (a local --init-from directory's config.json is checked in `make_setup`).
+
+    Raises:
+      ValueError: one line naming the flags and the fix.
+    """
+    try:
+        mcfg = model_config(cfg)
+    except ValueError as err:
+        raise ValueError(flags_message(str(err), ModelConfig)) from None
+    source = init_source(cfg)
+    if source is None:
+        return
+    fixed = [flags.flag_names((name,))[0] for name in ("n_layer", "n_head", "n_embd") if getattr(cfg, name)]
+    if fixed:
+        verb, pronoun = ("acts", "it") if len(fixed) == 1 else ("act", "them")
+        raise ValueError(
+            f"{', '.join(fixed)} {verb} for a random init only (--model tiny or --init-from random); the "
+            f"weights of {source} fix the architecture: drop {pronoun}"
+        )
+    if source in MODEL_PRESETS and mcfg.block_size > 1024:
+        raise ValueError(
+            f"--data.max_prompt_tokens {cfg.data.max_prompt_tokens} + --data.max_summary_tokens "
+            f"{cfg.data.max_summary_tokens} = {mcfg.block_size} tokens, more than GPT-2's 1024 positions; "
+            "lower them"
+        )
+
+
+def flags_message(message: str, cls: type) -> str:
+    """A top-level config's `field=value; fix` error as `--field value; fix`."""
+    return flag_message(message, cls, lambda name: flags.flag_names((name,))[0])
+
+
 def parse_args(argv=None, *, description: str = "", prog: str | None = None) -> TldrConfig:
     """The TldrConfig of `argv`; a bad value, or a flag that does nothing for the chosen algorithm /
     normalisation, exits with a one-line error before any work."""
@@ -308,6 +380,7 @@ def parse_args(argv=None, *, description: str = "", prog: str | None = None) -> 
     overrides = {tuple(dest.split(".")): value for dest, value in vars(parser.parse_args(argv)).items()}
     try:
         cfg = flags.replace_paths(TldrConfig(), overrides)
+        check_config(cfg)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
     inactive = inactive_flags(cfg, overrides)
@@ -348,6 +421,10 @@ class Setup:
     tokenizer_path: str
     mesh: jax.sharding.Mesh
 
+    def close(self) -> None:
+        """Remove the temporary copy of the tokenizer files."""
+        shutil.rmtree(self.tokenizer_path, ignore_errors=True)
+
 
 def model_config(cfg: TldrConfig) -> ModelConfig:
     """The GPT of --model with block_size P + S, the dropout and dtype flags applied."""
@@ -375,16 +452,25 @@ def init_source(cfg: TldrConfig) -> str | None:
 
 
 def load_tokenizer(cfg: TldrConfig) -> GPT2Tokenizer:
-    """GPT-2's BPE from --data.tokenizer_dir, the --init-from directory, the data dir or the hub."""
-    candidates = [cfg.data.tokenizer_dir, init_source(cfg)]
+    """GPT-2's BPE from --data.tokenizer_dir, the --init-from directory, the data dir or the hub.
+
+    A directory without tokenizer files is passed over (but --data.tokenizer_dir's); one with a bad or
+    half pair of files is an error naming the file, never a silent fall-back to another tokenizer.
+    """
+    given = cfg.data.tokenizer_dir
+    if given and not os.path.isdir(given):
+        raise FileNotFoundError(
+            f"--data.tokenizer_dir {given} is not a directory; pass the folder of vocab.json"
+        )
+    candidates = [given, init_source(cfg)]
     if os.environ.get(data.common.ENV_DATA_DIR):
         candidates.append(os.path.join(os.environ[data.common.ENV_DATA_DIR], "gpt2_tokenizer"))
     for path in candidates:
         if path and os.path.isdir(path):
             try:
-                return GPT2Tokenizer.from_dir(path)
+                return GPT2Tokenizer.from_dir(path)  # a TokenizerFileError (bad files) is never passed over
             except FileNotFoundError:
-                if path == cfg.data.tokenizer_dir:
+                if path == given:
                     raise
     try:
         from huggingface_hub import snapshot_download
@@ -398,10 +484,19 @@ def load_tokenizer(cfg: TldrConfig) -> GPT2Tokenizer:
 
 
 def make_setup(cfg: TldrConfig) -> Setup:
+    """The mesh, model config and tokenizer of `cfg`, after the checks that need no data: --out, the
+    device count, a local --init-from config.json. Call `Setup.close()` when done (or use `main`)."""
     if cfg.multihost:
         # Not parallel.initialize_distributed(): it asks jax.default_backend() first, which starts the
         # backend, after which jax.distributed.initialize() refuses to run (so it fails on TPU VMs).
         jax.distributed.initialize()
+    runner.check_output_dir(cfg.out, flag="--out")
+    n_devices = len(jax.devices())
+    if n_devices % cfg.mesh_fsdp:
+        raise ValueError(
+            f"--mesh-fsdp {cfg.mesh_fsdp} does not divide the {n_devices} devices; use a divisor of "
+            f"{n_devices}"
+        )
     mesh = parallel.make_mesh(fsdp=cfg.mesh_fsdp)
     n = parallel.batch_size_multiple(mesh)
     sizes = {
@@ -411,15 +506,59 @@ def make_setup(cfg: TldrConfig) -> Setup:
         "--rm.eval_batch_size": cfg.rm.eval_batch_size,
         "--ppo.batch_size": cfg.ppo.batch_size,
     }
-    bad = [f"{k}={v}" for k, v in sizes.items() if v % n]
+    bad = [f"{k} {v}" for k, v in sizes.items() if v % n]
     if bad:
         raise ValueError(
             f"{', '.join(bad)} not divisible by the {n} devices of the mesh; use multiples of {n}"
         )
+    source = init_source(cfg)
+    if source is not None and os.path.isdir(source):
+        try:
+            hf.check_compatible(model_config(cfg), hf.read_config(source))
+        except ValueError as err:
+            raise ValueError(f"--init-from {source}: {err}") from None
     tokenizer = load_tokenizer(cfg)
     tokenizer_path = tempfile.mkdtemp(prefix="tldr_tokenizer_")
-    tokenizer.save(tokenizer_path)
+    try:
+        tokenizer.save(tokenizer_path)
+    except BaseException:
+        shutil.rmtree(tokenizer_path, ignore_errors=True)
+        raise
     return Setup(cfg, model_config(cfg), tokenizer, tokenizer_path, mesh)
+
+
+class StageError(RuntimeError):
+    """An earlier stage's checkpoint is missing or unfinished (run or finish that stage first)."""
+
+
+def main(
+    run_stages,
+    argv=None,
+    *,
+    stages: Iterable[str] | None = None,
+    description: str = "",
+    prog: str | None = None,
+) -> int:
+    """An entry point: parse `argv`, set up, `run_stages(setup)` (an exit code, or a stage's result for 0)
+    holding --out (`guarded_out` for `stages`, default --stages).
+
+    A bad flag exits 2 from the parser; a refused --out (held by another run, checkpoints without
+    --resume, another config), device count, tokenizer, checkpoint or data file, or a non-finite loss is
+    one line on stderr and exit 1. The temporary tokenizer copy is removed whatever happens.
+    """
+    cfg = parse_args(argv, description=description, prog=prog)
+    setup = None
+    try:
+        setup = make_setup(cfg)
+        with guarded_out(cfg, cfg.stage_list if stages is None else stages):
+            code = run_stages(setup)
+        return code if isinstance(code, int) else 0  # a stage's run returns its StageResult
+    except (OSError, ValueError, StageError, runner.NonFiniteError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if setup is not None:
+            setup.close()
 
 
 def initial_params(setup: Setup, key: jax.Array) -> model.Params:
@@ -497,51 +636,129 @@ def encode_answers(tokenizer, texts: list[str], max_tokens: int) -> tuple[np.nda
     return data.pad_batch(seqs, max_tokens, pad_id=tokenizer.eos_id, side="right")
 
 
-def _split_rows(load, split: str, val_split: str, cfg: DataConfig) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows): two splits, or held-out rows carved out of one split."""
+_KINDS = {  # what `load_summaries` / `load_comparisons` read: loader, spec, file finder, split names
+    "pairs": (data.load_tldr, data.tldr.TLDR_SPEC, data.tldr.find_tldr_files, data.common.SPLIT_ALIASES),
+    "comparisons": (
+        data.load_comparisons,
+        data.tldr.COMPARISONS_SPEC,
+        data.tldr.find_comparison_files,
+        data.tldr.COMPARISON_SPLIT_ALIASES,
+    ),
+}
+
+
+def describe_split(kind: str, split: str, cfg: DataConfig) -> str:
+    """The files a split is read from, for messages: "the test split of /d/tldr/tldr_test500_dove.jsonl"."""
+    _, spec, find, aliases = _KINDS[kind]
+    split = data.common.canonical_split(split, aliases)
+    try:
+        folder = data.common.resolve_source_dir(spec, cfg.data_dir, cache_dir=cfg.cache_dir)
+        files = ", ".join(str(path) for path in data.tldr.split_files(find(folder), split))
+    except (OSError, ValueError):
+        files = spec.name
+    return f"the {split} split of {files}"
+
+
+def _split_rows(kind: str, split: str, val_split: str, cfg: DataConfig) -> tuple[list[dict], list[dict], str]:
+    """(train rows, held-out rows, where the train rows come from): two splits, or held-out rows carved
+    out of one split."""
+    load = _KINDS[kind][0]
+    where = describe_split(kind, split, cfg)
     rows = load(split, cfg.data_dir, cache_dir=cfg.cache_dir)
     if val_split:
         val_rows = load(val_split, cfg.data_dir, cache_dir=cfg.cache_dir)
     else:
         val_size = int(cfg.val_size) if cfg.val_size >= 1 else float(cfg.val_size)
+        n_val = val_size if isinstance(val_size, int) else int(round(val_size * len(rows)))
+        if n_val >= len(rows):
+            raise ValueError(
+                f"--data.val_size {cfg.val_size:g} carves {n_val} held-out rows out of the {len(rows)} rows "
+                f"of {where}, leaving none to train on; lower it (a count, or a fraction < 1)"
+            )
         train_idx, val_idx = data.train_val_split(len(rows), val_size, seed=cfg.seed)
         rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
     if cfg.max_val_rows:
         val_rows = val_rows[: cfg.max_val_rows]
-    return rows, val_rows
+    return rows, val_rows, where
 
 
-def _encode_summaries(tokenizer, rows: list[dict], cfg: DataConfig) -> Summaries:
+def _check_rows(n_rows: int, n_kept: int, cfg: DataConfig, where: str, need: tuple[int, str] | None):
+    """Refuse rows whose prompts do not fit, and fewer usable rows than one batch (`need`: its size and
+    flag), naming the files, the count and the flag."""
+    budget = f"--data.max_prompt_tokens {cfg.max_prompt_tokens}"
+    if n_rows and not n_kept:
+        raise ValueError(
+            f"{budget} is too small: not one of the {n_rows} prompts of {where} fits, even with its post cut "
+            "to a word (the SUBREDDIT / TITLE header and 'TL;DR:' alone need more tokens); raise it"
+        )
+    if need is not None and n_kept < need[0]:
+        size, flag = need
+        notes = []
+        if n_rows > n_kept:
+            notes.append(f"{n_rows - n_kept} of its {n_rows} prompts do not fit in {budget}")
+        if cfg.max_rows and n_rows == cfg.max_rows:
+            notes.append(f"--data.max_rows {cfg.max_rows}")
+        note = f" ({'; '.join(notes)})" if notes else ""
+        raise ValueError(
+            f"{where} has {n_kept} usable rows{note}, fewer than one {flag} {size} batch: lower {flag} or "
+            "use more data"
+        )
+
+
+def _encode_summaries(tokenizer, rows: list[dict], cfg: DataConfig, where: str, need=None) -> Summaries:
     prompt, prompt_mask, kept = encode_prompts(tokenizer, rows, cfg.max_prompt_tokens)
-    summary, summary_mask = encode_answers(
-        tokenizer, [rows[i]["summary"] for i in kept], cfg.max_summary_tokens
-    )
+    _check_rows(len(rows), len(kept), cfg, where, need)
+    texts = [rows[i]["summary"] for i in kept]
+    if texts and not any(texts):
+        raise ValueError(
+            f"every reference summary of {where} is empty ({len(texts)} rows): there is nothing to learn "
+            "from; fill the summary field"
+        )
+    summary, summary_mask = encode_answers(tokenizer, texts, cfg.max_summary_tokens)
     return Summaries(prompt, prompt_mask, summary, summary_mask)
 
 
-def _encode_comparisons(tokenizer, rows: list[dict], cfg: DataConfig) -> Comparisons:
+def _encode_comparisons(tokenizer, rows: list[dict], cfg: DataConfig, where: str, need=None) -> Comparisons:
     prompt, prompt_mask, kept = encode_prompts(tokenizer, rows, cfg.max_prompt_tokens)
+    _check_rows(len(rows), len(kept), cfg, where, need)
     texts = [t for i in kept for t in (rows[i]["chosen"], rows[i]["rejected"])]
     answers, answers_mask = encode_answers(tokenizer, texts, cfg.max_summary_tokens)
     s = cfg.max_summary_tokens
     return Comparisons(prompt, prompt_mask, answers.reshape(-1, 2, s), answers_mask.reshape(-1, 2, s))
 
 
-def load_summaries(setup: Setup) -> tuple[Summaries, Summaries]:
-    """(train, held-out) post/summary arrays."""
+def load_summaries(setup: Setup, need: tuple[int, str] | None = None) -> tuple[Summaries, Summaries]:
+    """(train, held-out) post/summary arrays.
+
+    Args:
+      setup: the run's setup.
+      need: (rows, flag): refuse fewer usable training rows than one batch of this flag.
+
+    Raises:
+      ValueError: a bad file (file:line and field), prompts that cannot fit --data.max_prompt_tokens, only
+        empty summaries, or fewer rows than `need`; one line naming the files and the count.
+    """
     cfg = setup.cfg.data
-    rows, val_rows = _split_rows(data.load_tldr, cfg.summary_split, cfg.summary_val_split, cfg)
-    return _encode_summaries(setup.tokenizer, rows, cfg), _encode_summaries(setup.tokenizer, val_rows, cfg)
+    rows, val_rows, where = _split_rows("pairs", cfg.summary_split, cfg.summary_val_split, cfg)
+    val_where = describe_split("pairs", cfg.summary_val_split, cfg) if cfg.summary_val_split else where
+    return (
+        _encode_summaries(setup.tokenizer, rows, cfg, where, need),
+        _encode_summaries(setup.tokenizer, val_rows, cfg, f"the held-out rows of {val_where}"),
+    )
 
 
-def load_comparisons(setup: Setup) -> tuple[Comparisons, Comparisons]:
-    """(train, held-out) comparison arrays."""
+def load_comparisons(setup: Setup, need: tuple[int, str] | None = None) -> tuple[Comparisons, Comparisons]:
+    """(train, held-out) comparison arrays; checked as in `load_summaries`."""
     cfg = setup.cfg.data
-    rows, val_rows = _split_rows(data.load_comparisons, cfg.comparison_split, cfg.comparison_val_split, cfg)
-    return _encode_comparisons(setup.tokenizer, rows, cfg), _encode_comparisons(
-        setup.tokenizer, val_rows, cfg
+    rows, val_rows, where = _split_rows("comparisons", cfg.comparison_split, cfg.comparison_val_split, cfg)
+    val_where = (
+        describe_split("comparisons", cfg.comparison_val_split, cfg) if cfg.comparison_val_split else where
+    )
+    return (
+        _encode_comparisons(setup.tokenizer, rows, cfg, where, need),
+        _encode_comparisons(setup.tokenizer, val_rows, cfg, f"the held-out rows of {val_where}"),
     )
 
 
@@ -655,7 +872,7 @@ def restore_finished(setup: Setup, stage: str, target: Any) -> tuple[Any, dict]:
     meta = checkpoint.restore_meta(out, stage)
     total = stage_steps(setup.cfg, stage)
     if meta["step"] < total:
-        raise RuntimeError(
+        raise StageError(
             f"the {stage} stage under {out} stopped at step {meta['step']} of {total}: "
             f"finish it with --stages {stage} --resume"
         )

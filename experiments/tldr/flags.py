@@ -4,7 +4,8 @@ A nested dataclass field becomes a dotted prefix: `TldrConfig.ppo.rl.kl_coef` is
 Top-level fields use dashes (`mesh_fsdp` is `--mesh-fsdp`; `--mesh_fsdp` works too). The help text of a
 flag is the field's line in its class's `Attributes:` docstring, followed by its default, so `--help`
 lists every field. Values parse by the field's annotation: int, float, str, bool (`--resume` alone means
-true) and `X | None` ("none" means None).
+true) and `X | None` ("none" means None). A refused value is one line on stderr (exit 2) naming the flag:
+a config's `field=value; fix` error becomes `--path.field value; fix`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from jaxrlhf.config import flag_message
 
 _ATTRIBUTE_LINE = re.compile(r"^  (\w+(?:, \w+)*):\s?(.*)$")  # "  name: text" or "  a, b: text"
 
@@ -124,18 +127,30 @@ def parse_config(
         parser.error(str(err))
 
 
-def replace_paths(config: Any, overrides: dict[tuple[str, ...], Any]) -> Any:
+def replace_paths(config: Any, overrides: dict[tuple[str, ...], Any], prefix: tuple[str, ...] = ()) -> Any:
     """`config` with every field at a path set, each dataclass rebuilt once with all of its new values:
-    fields that are validated together (e.g. rl.algo and rl.group_size) never meet half-set."""
+    fields that are validated together (e.g. rl.algo and rl.group_size) never meet half-set. A config's
+    `field=value; fix` ValueError is re-raised as `--flag value; fix` (`prefix`: the path of `config`)."""
     changes = {path[0]: value for path, value in overrides.items() if len(path) == 1}
     for head in sorted({path[0] for path in overrides if len(path) > 1}):
         sub = {path[1:]: value for path, value in overrides.items() if len(path) > 1 and path[0] == head}
-        changes[head] = replace_paths(getattr(config, head), sub)
-    return dataclasses.replace(config, **changes)
+        changes[head] = replace_paths(getattr(config, head), sub, (*prefix, head))
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError as err:
+        flag = lambda name: flag_names((*prefix, name))[0]  # noqa: E731
+        raise ValueError(flag_message(str(err), type(config), flag)) from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Errors as one line on stderr (exit 2): the usage of ~90 flags would bury them; --help lists them."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def make_parser(defaults: Any, *, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_config_flags(parser, defaults)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -223,7 +224,9 @@ def run(setup: common.Setup) -> runner.StageResult:
     mesh = setup.mesh
     policy_cfg = dataclasses.replace(setup.model_cfg, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
     frozen_cfg = dataclasses.replace(policy_cfg, param_dtype="bfloat16") if cfg.bf16 else policy_cfg
-    prompts, val = common.load_summaries(setup)
+    group_size = pcfg.rl.group_size or 1
+    flag = "--ppo.batch_size" if group_size == 1 else "--ppo.batch_size / --ppo.rl.group_size"
+    prompts, val = common.load_summaries(setup, need=(pcfg.batch_size // group_size, flag))
     root = jax.random.fold_in(jax.random.key(cfg.seed), 3)
     k_steps, k_eval, k_norm = jax.random.split(root, 3)
 
@@ -232,7 +235,7 @@ def run(setup: common.Setup) -> runner.StageResult:
         setup, "rm", common.state_target(setup, common.rm_state_init(setup))
     )
     if "reward_norm" not in rm_meta:
-        raise RuntimeError(
+        raise common.StageError(
             f"the rm checkpoint under {cfg.out} has no reward_norm: rerun --stages rm --resume"
         )
     reference = rm_meta["reward_norm"]  # statistics of reference-summary scores
@@ -386,12 +389,9 @@ def run(setup: common.Setup) -> runner.StageResult:
     return result
 
 
-def main(argv=None) -> None:
-    cfg = common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.ppo")
-    setup = common.make_setup(cfg)
-    with common.guarded_out(cfg, ["ppo"]):
-        run(setup)
+def main(argv=None) -> int:
+    return common.main(run, argv, stages=["ppo"], description=__doc__, prog="python -m experiments.tldr.ppo")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,6 +14,8 @@ Writes <out>/rm/<step>/, <out>/rm.jsonl and <out>/rm_summary.json.
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import numpy as np
 from etils import epath
@@ -46,7 +48,7 @@ def reward_normalisation(setup: common.Setup, params, summaries: common.Summarie
 def run(setup: common.Setup) -> runner.StageResult:
     cfg = setup.cfg
     mesh, mcfg = setup.mesh, setup.model_cfg
-    comparisons, val = common.load_comparisons(setup)
+    comparisons, val = common.load_comparisons(setup, need=(cfg.rm.batch_size, "--rm.batch_size"))
     root = jax.random.fold_in(jax.random.key(cfg.seed), 2)
     k_head, k_steps = jax.random.split(root)
 
@@ -122,12 +124,10 @@ def run(setup: common.Setup) -> runner.StageResult:
     return result
 
 
-def main(argv=None) -> None:
-    cfg = common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.reward_model")
-    setup = common.make_setup(cfg)
-    with common.guarded_out(cfg, ["rm"]):
-        run(setup)
+def main(argv=None) -> int:
+    prog = "python -m experiments.tldr.reward_model"
+    return common.main(run, argv, stages=["rm"], description=__doc__, prog=prog)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

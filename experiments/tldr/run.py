@@ -23,19 +23,22 @@ RUNNERS = {"sft": sft.run, "rm": reward_model.run, "ppo": ppo.run}
 
 
 def main(argv=None) -> int:
-    cfg = common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.run")
-    setup = common.make_setup(cfg)
-    with common.guarded_out(cfg, cfg.stage_list):
-        for stage in cfg.stage_list:
-            if cfg.resume and _complete(setup, stage):
-                _say(f"[tldr] {stage}: finished earlier, skipped")
-                continue
-            t0 = time.perf_counter()
-            result = RUNNERS[stage](setup)
-            _say(f"[tldr] {stage}: {result.summary} ({time.perf_counter() - t0:.1f} s)")
-            if not _complete(setup, stage):
-                _say(f"[tldr] {stage} stopped before its last step; continue with --resume")
-                return 0
+    """The pipeline; exit code 0, 2 for a bad flag, 1 for a refusal (one line on stderr: see common.main)."""
+    return common.main(run_stages, argv, description=__doc__, prog="python -m experiments.tldr.run")
+
+
+def run_stages(setup: common.Setup) -> int:
+    cfg = setup.cfg
+    for stage in cfg.stage_list:
+        if cfg.resume and _complete(setup, stage):
+            _say(f"[tldr] {stage}: finished earlier, skipped")
+            continue
+        t0 = time.perf_counter()
+        result = RUNNERS[stage](setup)
+        _say(f"[tldr] {stage}: {result.summary} ({time.perf_counter() - t0:.1f} s)")
+        if not _complete(setup, stage):
+            _say(f"[tldr] {stage} stopped before its last step; continue with --resume")
+            return 0
     return 0
 
 

@@ -10,6 +10,8 @@ every --sft.eval_every steps. Writes <out>/sft/<step>/ (checkpoints), <out>/sft.
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 from etils import epath
@@ -61,7 +63,7 @@ def make_sft_eval(cfg: ModelConfig, prompt_len: int):
 def run(setup: common.Setup) -> runner.StageResult:
     cfg = setup.cfg
     mesh, mcfg = setup.mesh, setup.model_cfg
-    data, val = common.load_summaries(setup)
+    data, val = common.load_summaries(setup, need=(cfg.sft.batch_size, "--sft.batch_size"))
     root = jax.random.fold_in(jax.random.key(cfg.seed), 1)
     k_init, k_steps = jax.random.split(root)
 
@@ -115,12 +117,9 @@ def run(setup: common.Setup) -> runner.StageResult:
     return result
 
 
-def main(argv=None) -> None:
-    cfg = common.parse_args(argv, description=__doc__, prog="python -m experiments.tldr.sft")
-    setup = common.make_setup(cfg)
-    with common.guarded_out(cfg, ["sft"]):
-        run(setup)
+def main(argv=None) -> int:
+    return common.main(run, argv, stages=["sft"], description=__doc__, prog="python -m experiments.tldr.sft")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,8 @@
     format_tldr_prompt(...)                                     TL;DR prompt in a token budget
     pad_batch, iterate_batches, train_val_split                 host-side batching
 
-Where the files come from (data_dir > $JAXRLHF_DATA_DIR > cache > checked download): `common`.
+Where the files come from (data_dir > $JAXRLHF_DATA_DIR > cache > checked download): `common`. A source
+file that does not parse is a `DataFormatError` (a ValueError) naming the file, the line and the field.
 """
 
 from jaxrlhf.data.batching import (
@@ -17,7 +18,7 @@ from jaxrlhf.data.batching import (
     pad_batch,
     train_val_split,
 )
-from jaxrlhf.data.common import ChecksumError, DataNotFoundError
+from jaxrlhf.data.common import ChecksumError, DataFormatError, DataNotFoundError
 from jaxrlhf.data.sst2 import load_sst2
 from jaxrlhf.data.tldr import load_comparisons, load_tldr
 from jaxrlhf.data.tldr_prompt import format_tldr_prompt
@@ -25,6 +26,7 @@ from jaxrlhf.data.tweets import load_tweets
 
 __all__ = [
     "ChecksumError",
+    "DataFormatError",
     "DataNotFoundError",
     "epoch_permutation",
     "format_tldr_prompt",

@@ -29,7 +29,7 @@ import os
 import pathlib
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,43 @@ class DataNotFoundError(FileNotFoundError):
 
 class ChecksumError(ValueError):
     """A downloaded file's sha256 differs from the pinned one."""
+
+
+class DataFormatError(ValueError):
+    """A source file that does not read as its data set; the message names the file, line and field."""
+
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number from 1, text) of each line of a UTF-8 text file, line endings kept (for csv).
+
+    A UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped and CRLF endings are kept as they are; a
+    UTF-16 file or a byte that is not UTF-8 (a Latin-1 / Windows-1252 export) is a `DataFormatError`
+    naming the file and the line. Streams: a large file is never held in memory whole.
+    """
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1:
+                if raw.startswith(_UTF16_BOMS):
+                    raise DataFormatError(
+                        f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+                    )
+                raw = raw.removeprefix(_UTF8_BOM)
+            if b"\x00" in raw:
+                raise DataFormatError(
+                    f"{path}:{number}: NUL bytes, as in a UTF-16 or binary file; save it as UTF-8 text"
+                )
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                column = len(raw[: err.start].decode("utf-8", "replace")) + 1
+                raise DataFormatError(
+                    f"{path}:{number}: byte 0x{raw[err.start]:02x} at column {column} is not UTF-8 (a "
+                    "Latin-1 or Windows-1252 file?); save the file as UTF-8"
+                ) from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -34,6 +34,10 @@ A file name's split is its first token that reads train, valid/validation/val/de
 (-> validation) or test/valid2 (-> test): "tldr_test500_dove.jsonl" is test,
 "comparisons929_vertex_small.jsonl" is train.
 
+Every line is one JSON object of the file's format. A line that is not JSON, a row without a field its
+format needs, or a field that is null (or not text) is a `common.DataFormatError` naming the file, the
+line and the field.
+
 Downloads (online only) are OpenAI's public blobs: tldr_3_filtered/{train,valid,test}.jsonl and
 comparisons/batch{3..22}.json (the Reddit batches; there is no batch21). Those blobs are not
 content-addressed and no trusted sha256 was available to pin, so they are not hash-checked.
@@ -85,25 +89,84 @@ def split_from_name(path: pathlib.Path) -> str | None:
     return None
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _read_jsonl(path: pathlib.Path) -> list[tuple[int, dict]]:
+    """(line number, row) of every non-blank line; a line that is not a JSON object names the file:line."""
+    rows = []
+    for number, text in common.read_lines(path):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise common.DataFormatError(
+                f"{path}:{number}: not valid JSON ({err.msg}: column {err.colno}); every line must be one "
+                "JSON object (a line cut short, or two lines run together?)"
+            ) from None
+        if not isinstance(row, dict):
+            raise common.DataFormatError(
+                f"{path}:{number}: a JSON {type(row).__name__}, expected one JSON object per line"
+            )
+        rows.append((number, row))
+    return rows
+
+
+_FORMATS = (
+    ("openai_tldr", {"post", "summary"}),
+    ("dove", {"instruction", "gold_response"}),
+    ("carper_tldr", {"prompt", "label"}),
+    ("openai_comparisons", {"info", "summaries", "choice"}),
+    ("vertex_comparisons", {"input_text", "candidate_0", "candidate_1", "choice"}),
+    ("carper_comparisons", {"prompt", "chosen", "rejected"}),
+)
+# The fields each format's rows must have (beyond the keys that identify it), for error messages.
+FORMAT_FIELDS = {
+    "openai_tldr": ("subreddit", "title", "post", "summary"),
+    "dove": ("instruction_id", "subreddit", "title", "instruction", "gold_response"),
+    "carper_tldr": ("prompt", "label"),
+    "openai_comparisons": ("info", "summaries", "choice"),
+    "vertex_comparisons": ("input_text", "candidate_0", "candidate_1", "choice"),
+    "carper_comparisons": ("prompt", "chosen", "rejected"),
+}
 
 
 def detect_format(row: dict) -> str:
     """A row's format from its keys: openai_tldr, carper_tldr, dove, openai_comparisons, ..."""
     keys = set(row)
-    for name, required in (
-        ("openai_tldr", {"post", "summary"}),
-        ("dove", {"instruction", "gold_response"}),
-        ("carper_tldr", {"prompt", "label"}),
-        ("openai_comparisons", {"info", "summaries", "choice"}),
-        ("vertex_comparisons", {"input_text", "candidate_0", "candidate_1", "choice"}),
-        ("carper_comparisons", {"prompt", "chosen", "rejected"}),
-    ):
+    for name, required in _FORMATS:
         if required <= keys:
             return name
-    raise ValueError(f"unknown TL;DR row format with keys {sorted(keys)}")
+    known = "; ".join(f"{name}: {', '.join(fields)}" for name, fields in FORMAT_FIELDS.items())
+    raise common.DataFormatError(
+        f"unknown TL;DR row format with keys {sorted(keys)}; expected the keys of {known}"
+    )
+
+
+class FieldError(common.DataFormatError):
+    """A row lacks a field its format needs, or the field is null / of the wrong type."""
+
+
+def _text(row: dict, name: str, where: str = "", *, nullable: bool = False) -> str:
+    """row[name] as a string; a missing, null (unless `nullable`: "") or non-text value is a FieldError
+    naming the field."""
+    label = f"{where}{name}"
+    if name not in row:
+        raise FieldError(f"no field {label!r}")
+    value = row[name]
+    if value is None and nullable:
+        return ""
+    if not isinstance(value, str):
+        shown = "null" if value is None else json.dumps(value)[:40]
+        raise FieldError(f"field {label!r} is {shown}; expected a string")
+    return value
+
+
+def _choice(row: dict) -> int:
+    if "choice" not in row:
+        raise FieldError("no field 'choice'")
+    choice = row["choice"]
+    if choice not in (0, 1) or isinstance(choice, bool):
+        raise FieldError(f"field 'choice' is {json.dumps(choice)[:40]}; expected 0 or 1")
+    return int(choice)
 
 
 def _clean_summary(text: str) -> str:
@@ -134,38 +197,84 @@ def _post_fields(id_: str, subreddit: str, title: str, post: str) -> dict[str, s
 
 
 def normalize_pair(row: dict, fmt: str) -> dict[str, str]:
-    """One post/summary row of format `fmt` -> {id, subreddit, title, post, summary}."""
+    """One post/summary row of format `fmt` -> {id, subreddit, title, post, summary}.
+
+    Raises:
+      FieldError: a field of the format is missing, null or not text.
+    """
     if fmt == "openai_tldr":
-        fields = _post_fields(row.get("id", ""), row["subreddit"], row["title"], row["post"])
-        return {**fields, "summary": _clean_summary(row["summary"])}
+        id_ = str(row.get("id") or "")
+        fields = _post_fields(
+            id_,
+            _text(row, "subreddit", nullable=True),
+            _text(row, "title", nullable=True),
+            _text(row, "post"),
+        )
+        return {**fields, "summary": _clean_summary(_text(row, "summary"))}
     if fmt == "dove":
-        fields = _post_fields(row["instruction_id"], row["subreddit"], row["title"], row["instruction"])
-        return {**fields, "summary": _clean_summary(row["gold_response"])}
+        fields = _post_fields(
+            _text(row, "instruction_id"),
+            _text(row, "subreddit", nullable=True),
+            _text(row, "title", nullable=True),
+            _text(row, "instruction"),
+        )
+        return {**fields, "summary": _clean_summary(_text(row, "gold_response"))}
     if fmt == "carper_tldr":
-        return {"id": "", **_parse_prompt(row["prompt"]), "summary": _clean_summary(row["label"])}
+        return {
+            "id": "",
+            **_parse_prompt(_text(row, "prompt")),
+            "summary": _clean_summary(_text(row, "label")),
+        }
     raise ValueError(f"{fmt} rows are comparisons, not post/summary pairs")
 
 
 def normalize_comparison(row: dict, fmt: str) -> dict[str, str] | None:
-    """A comparison row -> {id, subreddit, title, post, chosen, rejected}; None without a post."""
+    """A comparison row -> {id, subreddit, title, post, chosen, rejected}; None without a post.
+
+    Raises:
+      FieldError: a field of the format is missing, null or not text.
+    """
     if fmt == "openai_comparisons":
-        info = row["info"]
+        info = row.get("info")
+        if not isinstance(info, dict):
+            raise FieldError(f"field 'info' is {json.dumps(info)[:40]}; expected an object")
         if not info.get("post"):  # CNN/DM article batches
             return None
-        texts = [summary["text"] for summary in row["summaries"]]
-        choice = int(row["choice"])
-        fields = _post_fields(info.get("id", ""), info["subreddit"], info["title"], info["post"])
+        summaries = row.get("summaries")
+        if (
+            not isinstance(summaries, list)
+            or len(summaries) != 2
+            or not all(isinstance(x, dict) for x in summaries)
+        ):
+            raise FieldError(
+                f"field 'summaries' is {json.dumps(summaries)[:40]}; expected two {{\"text\": ...}}"
+            )
+        texts = [_text(summary, "text", f"summaries[{i}].") for i, summary in enumerate(summaries)]
+        choice = _choice(row)
+        fields = _post_fields(
+            str(info.get("id") or ""),
+            _text(info, "subreddit", "info.", nullable=True),
+            _text(info, "title", "info.", nullable=True),
+            _text(info, "post", "info."),
+        )
         chosen, rejected = texts[choice], texts[1 - choice]
     elif fmt == "vertex_comparisons":
-        choice = int(row["choice"])
-        fields = _post_fields("", "", "", row["input_text"])
-        chosen, rejected = row[f"candidate_{choice}"], row[f"candidate_{1 - choice}"]
+        choice = _choice(row)
+        fields = _post_fields("", "", "", _text(row, "input_text"))
+        chosen, rejected = _text(row, f"candidate_{choice}"), _text(row, f"candidate_{1 - choice}")
     elif fmt == "carper_comparisons":
-        fields = {"id": "", **_parse_prompt(row["prompt"])}
-        chosen, rejected = row["chosen"], row["rejected"]
+        fields = {"id": "", **_parse_prompt(_text(row, "prompt"))}
+        chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
     else:
         raise ValueError(f"{fmt} rows are post/summary pairs, not comparisons")
     return {**fields, "chosen": _clean_summary(chosen), "rejected": _clean_summary(rejected)}
+
+
+def _row_error(path: pathlib.Path, number: int, fmt: str, err: Exception) -> common.DataFormatError:
+    return common.DataFormatError(
+        f"{path}:{number}: {err} (the file's first row makes it {fmt}, whose rows have "
+        f"{', '.join(FORMAT_FIELDS[fmt])})"
+    )
 
 
 def find_tldr_files(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -183,38 +292,76 @@ def find_comparison_files(folder: pathlib.Path) -> list[pathlib.Path]:
     )
 
 
+def _file_format(path: pathlib.Path, rows: list[tuple[int, dict]]) -> str:
+    number, first = rows[0]
+    try:
+        return detect_format(first)
+    except common.DataFormatError as err:
+        raise common.DataFormatError(f"{path}:{number}: {err}") from None
+
+
 def read_pairs(files: list[pathlib.Path]) -> dict[str, list[dict[str, str]]]:
-    """Normalised post/summary rows from `files`, grouped by split (empty splits left out)."""
+    """Normalised post/summary rows from `files`, grouped by split (empty splits left out).
+
+    Raises:
+      common.DataFormatError: file:line and field of the first row that does not read.
+    """
     by_split: dict[str, list[dict[str, str]]] = {}
     for path in files:
         rows = _read_jsonl(path)
         if not rows:
             continue
-        fmt = detect_format(rows[0])
+        fmt = _file_format(path, rows)
         split = split_from_name(path) or "train"
-        by_split.setdefault(split, []).extend(normalize_pair(row, fmt) for row in rows)
+        out = by_split.setdefault(split, [])
+        for number, row in rows:
+            try:
+                out.append(normalize_pair(row, fmt))
+            except FieldError as err:
+                raise _row_error(path, number, fmt, err) from None
+            except ValueError as err:  # a comparison file among the pairs
+                raise common.DataFormatError(f"{path}:{number}: {err}") from None
     return by_split
 
 
 def read_comparisons(files: list[pathlib.Path]) -> dict[str, list[dict[str, str]]]:
-    """Normalised comparison rows from `files`, grouped by split (empty splits left out)."""
+    """Normalised comparison rows from `files`, grouped by split (empty splits left out).
+
+    Raises:
+      common.DataFormatError: file:line and field of the first row that does not read.
+    """
     by_split: dict[str, list[dict[str, str]]] = {}
     for path in files:
         rows = _read_jsonl(path)
         if not rows:
             continue
-        fmt = detect_format(rows[0])
-        for row in rows:
+        fmt = _file_format(path, rows)
+        for number, row in rows:
             if fmt == "openai_comparisons":
                 split = _OPENAI_COMPARISON_SPLITS.get(row.get("split", ""))
                 if split is None:
-                    raise ValueError(f"{path}: unknown comparison split {row.get('split')!r}")
+                    raise common.DataFormatError(
+                        f"{path}:{number}: field 'split' is {row.get('split')!r}; expected one of "
+                        f"{', '.join(_OPENAI_COMPARISON_SPLITS)}"
+                    )
             else:
                 split = split_from_name(path) or "train"
-            normalized = normalize_comparison(row, fmt)
+            try:
+                normalized = normalize_comparison(row, fmt)
+            except FieldError as err:
+                raise _row_error(path, number, fmt, err) from None
+            except ValueError as err:  # a post/summary file among the comparisons
+                raise common.DataFormatError(f"{path}:{number}: {err}") from None
             if normalized is not None:
                 by_split.setdefault(split, []).append(normalized)
     return by_split
+
+
+def split_files(files: list[pathlib.Path], split: str) -> list[pathlib.Path]:
+    """The files among `files` whose name gives `split` (a name with no split counts as train); all of
+    them if none does (OpenAI comparison batches carry their split per row)."""
+    named = [path for path in files if (split_from_name(path) or "train") == split]
+    return named or list(files)
 
 
 TLDR_SPEC = common.DataSpec(

@@ -5,6 +5,10 @@ Source files: `train.csv` (textID,text,selected_text,sentiment; 27,481 rows) and
 commit and checked against their sha256. The one train row with an empty text (textID fdb77c3752)
 is dropped, leaving 27,480. Texts are stripped of surrounding whitespace (the export leaves a
 leading space where an @mention was removed). Rows keep the csv order.
+
+The files are read strictly (`read_csv`): a UTF-8 byte-order mark and CRLF line ends are fine; a missing
+column, a truncated row, an unbalanced quote, an unknown sentiment or a file that is not UTF-8 is a
+`common.DataFormatError` naming the file, the line and the field.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import tensorflow_datasets as tfds
 from jaxrlhf.data import common
 
 SENTIMENTS = ("negative", "neutral", "positive")
+COLUMNS = ("textID", "text", "sentiment")  # train.csv adds selected_text (not read)
 
 _BASE_URL = (
     "https://raw.githubusercontent.com/panthonies/kaggle/"
@@ -77,18 +82,80 @@ class TweetsBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         source_dir = common.builder_source_dir(dl_manager, SPEC)
-        return {
-            "train": self._generate_examples(source_dir / "train.csv"),
-            "test": self._generate_examples(source_dir / "test.csv"),
-        }
+        # Both files are read (and checked) before TFDS starts writing either split.
+        rows = {split: read_csv(source_dir / f"{split}.csv") for split in ("train", "test")}
+        return {split: self._generate_examples(split_rows) for split, split_rows in rows.items()}
 
-    def _generate_examples(self, path: pathlib.Path):
-        with open(path, newline="", encoding="utf-8") as f:
-            for index, row in enumerate(csv.DictReader(f)):
-                text = row["text"].strip()
-                if not text:
-                    continue
-                yield index, {"text": text, "sentiment": row["sentiment"], "text_id": row["textID"]}
+    def _generate_examples(self, rows: list[dict[str, str]]):
+        for index, row in enumerate(rows):
+            if row["text"]:
+                yield index, row
+
+
+def read_csv(path: pathlib.Path) -> list[dict[str, str]]:
+    """Every row of a tweets csv as {"text" (stripped), "sentiment", "text_id"}, in file order.
+
+    Raises:
+      common.DataFormatError: one line naming the file and line (and the field) of the first row that
+        does not read: no header, a missing column, a row with too few / too many fields (truncated,
+        or an unquoted comma), an unbalanced quote, a sentiment outside SENTIMENTS, not UTF-8.
+    """
+    reader = csv.reader((text for _, text in common.read_lines(path)), strict=True)
+    expected = ",".join(COLUMNS)
+    try:
+        header = [name.strip() for name in next(reader)]
+    except StopIteration:
+        raise common.DataFormatError(f"{path} is empty; expected a header line {expected}") from None
+    except csv.Error as err:
+        raise common.DataFormatError(f"{path}:1: the header does not parse ({err})") from None
+    missing = [name for name in ("text", "sentiment") if name not in header]
+    if missing:
+        raise common.DataFormatError(
+            f"{path}:1: no {' or '.join(repr(m) for m in missing)} column (the header is "
+            f"{','.join(header)}); expected the columns {expected}"
+        )
+    rows = []
+    while True:
+        start = reader.line_num + 1  # the physical line the next record starts on
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            raise common.DataFormatError(
+                f"{path}:{start}: an unbalanced quote ({err}); quote a text that holds a comma or a quote, "
+                'doubling the quotes inside it ("say ""hi""")'
+            ) from None
+        if not fields:  # a blank line
+            continue
+        if len(fields) != len(header):
+            lines = reader.line_num - start + 1
+            if lines > 1:
+                why = (
+                    f"the record runs over {lines} lines, to line {reader.line_num}: a quote opened on "
+                    f"line {start} is closed too late (an unbalanced quote?)"
+                )
+            elif len(fields) < len(header):
+                why = "the row is truncated"
+            else:
+                why = "a comma in an unquoted text? quote the text"
+            raise common.DataFormatError(
+                f"{path}:{start}: {len(fields)} fields where the header {','.join(header)} has "
+                f"{len(header)}: {why}"
+            )
+        row = dict(zip(header, fields, strict=True))
+        sentiment = row["sentiment"].strip().lower()
+        if sentiment not in SENTIMENTS:
+            raise common.DataFormatError(
+                f"{path}:{start}: sentiment {row['sentiment']!r} is not one of {', '.join(SENTIMENTS)}"
+            )
+        rows.append({"text": row["text"].strip(), "sentiment": sentiment, "text_id": row.get("textID", "")})
+    return rows
+
+
+def source_file(split: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """The csv file `load_tweets(split, data_dir)` reads (after that call found or downloaded it)."""
+    return common.resolve_source_dir(SPEC, data_dir) / f"{common.canonical_split(split)}.csv"
 
 
 def load_tweets(
