@@ -112,9 +112,19 @@ def all_steps(run_dir: PathLike, stage: str) -> list[int]:
     return sorted(ocp.utils.checkpoint_steps(_stage_dir(run_dir, stage)))
 
 
+def _unfinished(run_dir: PathLike, stage: str, step: int, steps: Sequence[int]) -> bool:
+    """A step orbax finalised whose save was killed before its checksums were written: no checksum file
+    although an older step has one. It is not a checkpoint (`latest_step` skips it, `save` replaces it)."""
+    if (_step_dir(run_dir, stage, step) / _CHECKSUMS).exists():
+        return False
+    return any((_step_dir(run_dir, stage, s) / _CHECKSUMS).exists() for s in steps if s < step)
+
+
 def latest_step(run_dir: PathLike, stage: str) -> int | None:
-    """The newest finished step of `stage` under `run_dir`, or None if it has none."""
-    return max(all_steps(run_dir, stage), default=None)
+    """The newest finished step of `stage` under `run_dir` (a save killed before its checksums were
+    written does not count), or None if it has none."""
+    steps = all_steps(run_dir, stage)
+    return next((s for s in reversed(steps) if not _unfinished(run_dir, stage, s, steps)), None)
 
 
 def has_stage(run_dir: PathLike, stage: str) -> bool:
@@ -130,7 +140,7 @@ def _resolve_step(run_dir: PathLike, stage: str, step: int | None) -> int:
             f"no checkpoint for stage {stage!r} under {run_dir}: run the {stage} stage first (or check --out)"
         )
     if step is None:
-        return steps[-1]
+        return latest_step(run_dir, stage)
     if step not in steps:
         raise FileNotFoundError(
             f"checkpoint {_stage_dir(run_dir, stage)} has no step {step} "
@@ -427,11 +437,14 @@ def save(
     items = {_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
     if tokenizer is not None:
         items[_TOKENIZER] = ocp.args.JsonSave(_read_tokenizer_files(tokenizer))
-    exists = step in all_steps(run_dir, stage)
+    steps = all_steps(run_dir, stage)
+    exists = step in steps
+    # A save of this step killed before its checksums (no checkpoint, see `latest_step`) is replaced.
+    replace = exists and (overwrite or _unfinished(run_dir, stage, step, steps))
     if jax.process_count() > 1:
         # Process 0's answer for all: a fast process must not see the step a slow one just wrote.
-        exists = bool(ocp.multihost.broadcast_one_to_all(np.int32(exists)))
-    if exists and not overwrite:
+        exists, replace = (bool(x) for x in ocp.multihost.broadcast_one_to_all(np.int32([exists, replace])))
+    if exists and not replace:
         raise ValueError(
             f"checkpoint {step_dir} already exists: pass overwrite=True, resume from it, or use a fresh --out"
         )

@@ -389,3 +389,22 @@ def test_two_processes(tmp_path):
             p.kill()
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0 and out.rstrip().endswith("ok"), out[-3000:]
+
+
+def test_a_save_killed_before_its_checksums_is_not_a_checkpoint(tmp_path):
+    """The window between orbax finalising a step and its checksums.json: that step is skipped by
+    latest_step / restore(step=None) and replaced by the next save of the same step number."""
+    for step in (1, 2):
+        checkpoint.save(tmp_path, "s", step, {"x": jnp.full((3,), float(step))}, meta={"step": step})
+    (tmp_path / "s" / "2" / "checksums.json").unlink()  # as if killed right after orbax's rename
+    assert checkpoint.all_steps(tmp_path, "s") == [1, 2] and checkpoint.latest_step(tmp_path, "s") == 1
+    state, meta = checkpoint.restore(tmp_path, "s", {"x": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    assert meta["step"] == 1 and float(state["x"][0]) == 1.0
+    checkpoint.save(tmp_path, "s", 2, {"x": jnp.full((3,), 7.0)}, meta={"step": 2})  # the rerun's save
+    assert checkpoint.latest_step(tmp_path, "s") == 2
+    assert (
+        float(checkpoint.restore(tmp_path, "s", {"x": jax.ShapeDtypeStruct((3,), jnp.float32)})[0]["x"][0])
+        == 7.0
+    )
+    with pytest.raises(ValueError, match="already exists"):  # a finished step is still never replaced
+        checkpoint.save(tmp_path, "s", 2, {"x": jnp.zeros((3,))}, meta={"step": 2})

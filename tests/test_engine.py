@@ -1,5 +1,5 @@
-"""Engine end to end in subprocesses: SIGKILL + resume and SIGTERM + resume are bitwise exact; 2 processes
-x 4 devices (gloo) equal one process; a checkpoint from another config is refused."""
+"""Engine end to end in subprocesses: SIGKILL + resume is bitwise exact; SIGTERM saves at a step boundary
+and exits 143; 2 processes x 4 devices (gloo) equal one process; compile_s is JAX's compile time."""
 
 import json
 import os
@@ -53,29 +53,17 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     lines = (tmp_path / "b" / "pretrain.jsonl").read_text().splitlines()
     assert len(lines) == 12  # the metrics file reads like an uninterrupted run
     # SIGTERM (a preemption notice) during step 7: a checkpoint at the step boundary after it, one line,
-    # exit code 143; resuming from it ends bitwise equal too.
+    # exit code 143. (That resuming from it is bitwise exact: tests/test_faults.py, in-process.)
     term = _run("resume", str(tmp_path / "t"), str(tmp_path / "t.npz"), "--term-at", "7", check=False)
     assert term.returncode == 143, term.stderr[-3000:]
     last = term.stderr.strip().splitlines()[-1]
     assert last.startswith("SIGTERM: stopped pretrain at step 8 of 12") and "--resume" in last, last
     assert sorted(p.name for p in (tmp_path / "t" / "pretrain").iterdir() if p.name.isdigit()) == ["6", "8"]
-    _run("resume", str(tmp_path / "t"), str(tmp_path / "t.npz"), "--resume")
-    for x, y in zip(a, _leaves(tmp_path / "t.npz"), strict=True):
-        np.testing.assert_array_equal(x, y)
     assert [
         json.loads(x)["step"] for x in (tmp_path / "t" / "pretrain.jsonl").read_text().splitlines()
-    ] == list(range(1, 13))
-    # A checkpoint written by another config is refused, with a one-line error, and nothing is overwritten.
-    before = sorted(os.listdir(tmp_path / "b" / "pretrain"))
-    bad = _run(
-        "resume", str(tmp_path / "b"), str(tmp_path / "c.npz"), "--resume", "--width", "32", check=False
-    )
-    assert bad.returncode != 0
-    assert "width" in bad.stderr.strip().splitlines()[-1]
-    assert sorted(os.listdir(tmp_path / "b" / "pretrain")) == before
-    # Starting over a finished stage without --resume is refused too.
-    again = _run("resume", str(tmp_path / "b"), str(tmp_path / "d.npz"), check=False)
-    assert again.returncode != 0 and "--resume" in again.stderr.strip().splitlines()[-1]
+    ] == list(range(1, 9))
+    # (A checkpoint from another config, or a fresh run over checkpoints, is refused in one line before
+    # anything is written: tests/test_checkpoint.py and tests/test_faults.py, in-process.)
 
 
 def _free_port():

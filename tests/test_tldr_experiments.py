@@ -196,10 +196,9 @@ def test_value_model_starts_as_the_normalised_reward_model():
     tokens = jax.random.randint(jax.random.key(2), (3, 8), 0, 50)
     mask = np.arange(8)[None, :] < np.array([8, 5, 2])[:, None]
     value = ppo.value_from_reward_model(rm, norm)
-    expected = 4.0 * train.sequence_scores(rm, tokens, mask, cfg) - 1.2
-    np.testing.assert_allclose(
-        train.sequence_scores(value, tokens, mask, cfg), expected, rtol=1e-5, atol=1e-6
-    )
+    scores = jax.jit(train.sequence_scores, static_argnums=3)  # eager, the GPT is op-by-op and slow
+    expected = 4.0 * scores(rm, tokens, mask, cfg) - 1.2
+    np.testing.assert_allclose(scores(value, tokens, mask, cfg), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_ppo_iteration_sharded_equals_single_device():
