@@ -98,7 +98,7 @@ def _chi2_critical(df, z=3.719):  # Wilson-Hilferty, upper 1e-4 tail
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-@pytest.mark.parametrize("top_k,temperature", [(0, 1.0), (6, 0.8), (4, 1.5)])
+@pytest.mark.parametrize("top_k,temperature", [(0, 1.0), (4, 1.5)])
 def test_sampled_frequencies_match_softmax(params, top_k, temperature):
     n = 20000
     prompt = jnp.full((n, 3), 5, jnp.int32)

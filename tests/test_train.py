@@ -123,9 +123,10 @@ def _run_on(mesh, step, state, batch, n=2):
 
 # One step of each kind (LM, K-way RM, preference, RL; the pairwise RM, REBEL and PG steps are the same
 # programs with K = 2, another loss, no value model) on a data x fsdp mesh, both axes at once; and pure
-# data parallelism, the same program with the fsdp axis of size 1, for two of them.
+# data parallelism, the same program with the fsdp axis of size 1, for the RL step (the one with the most
+# batch-wide statistics: whitening, KL, minibatches).
 MESH_CASES = [(name, (2, 4)) for name in ("lm", "rm_kway", "dpo", "ppo")]
-MESH_CASES += [(name, (8, 1)) for name in ("lm", "ppo")]
+MESH_CASES += [(name, (8, 1)) for name in ("ppo",)]
 
 
 @pytest.mark.parametrize(
