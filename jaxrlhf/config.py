@@ -6,9 +6,12 @@ and hashed into compilation caches. Never mutate one; use `dataclasses.replace`.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import re
+import types
+import typing
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -267,3 +270,28 @@ def flag_message(message: str, cls: type, flag: Callable[[str], str]) -> str:
     if match and match[1] in {f.name for f in dataclasses.fields(cls)}:
         return f"{flag(match[1])} {match[2]}"
     return message
+
+
+def parse_bool(text: str) -> bool:
+    """A boolean flag value: 1/true/yes/on or 0/false/no/off (any case); anything else is refused."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def flag_parser(annotation) -> Callable[[str], object]:
+    """The command-line parser of a config field's annotation: int, float, str, bool (`parse_bool`), or
+    `X | None` ("none" / "null" give None). Shared by every pipeline's flags-from-dataclasses parser."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        parse = flag_parser(inner)
+        return lambda text: None if text.strip().lower() in ("none", "null") else parse(text)
+    if annotation is bool:
+        return parse_bool
+    if annotation in (int, float, str):
+        return annotation
+    raise TypeError(f"no flag parser for annotation {annotation!r}")

@@ -29,7 +29,6 @@ import pathlib
 import sys
 import tempfile
 import time
-import types
 import typing
 from typing import Any
 
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import checkpoint, model, parallel, preference, rewards, rl, rundir, runner, sampling, train
-from jaxrlhf.config import MODEL_PRESETS, ModelConfig, SampleConfig, check_at_least, flag_message
+from jaxrlhf.config import MODEL_PRESETS, ModelConfig, SampleConfig, check_at_least, flag_message, flag_parser
 from jaxrlhf.data import load_tweets, tweets
 from jaxrlhf.tokenizers import CharTokenizer
 
@@ -803,25 +802,6 @@ def _run(cfg: HappyConfig, args) -> dict:
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def _parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _value_parser(annotation):
-    """The flag parser of a field annotation: int, float, str, bool, or `X | None` ("none" is None)."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (types.UnionType, typing.Union) and type(None) in args:
-        (inner,) = [a for a in args if a is not type(None)]
-        parse = _value_parser(inner)
-        return lambda text: None if text.strip().lower() in ("none", "null") else parse(text)
-    return _parse_bool if annotation is bool else annotation
-
-
 def _add_fields(parser, cls, prefix, defaults):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -832,7 +812,7 @@ def _add_fields(parser, cls, prefix, defaults):
         # Only flags given on the command line reach the namespace, so "none" can set a field to None.
         parser.add_argument(
             f"--{prefix}{f.name}",
-            type=_value_parser(hints[f.name]),
+            type=flag_parser(hints[f.name]),
             default=argparse.SUPPRESS,
             help=f"(default: {value})",
         )

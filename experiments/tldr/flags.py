@@ -14,12 +14,11 @@ import argparse
 import dataclasses
 import inspect
 import re
-import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxrlhf.config import flag_message
+from jaxrlhf.config import flag_message, flag_parser
 
 _ATTRIBUTE_LINE = re.compile(r"^  (\w+(?:, \w+)*):\s?(.*)$")  # "  name: text" or "  a, b: text"
 
@@ -45,27 +44,9 @@ def attribute_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def _value_parser(annotation: Any) -> tuple[Callable[[str], Any], bool]:
-    """(parse function, is_bool) for a field annotation."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (types.UnionType, typing.Union) and type(None) in args:
-        (inner,) = [a for a in args if a is not type(None)]
-        parse, _ = _value_parser(inner)
-        return (lambda text: None if text.strip().lower() in ("none", "null") else parse(text)), False
-    if annotation is bool:
-        return _parse_bool, True
-    if annotation in (int, float, str):
-        return annotation, False
-    raise TypeError(f"no flag parser for annotation {annotation!r}")
+    """(parse function, is_bool) for a field annotation (jaxrlhf.config.flag_parser)."""
+    return flag_parser(annotation), annotation is bool
 
 
 def _leaf_fields(cls: type, prefix: tuple[str, ...] = ()):
