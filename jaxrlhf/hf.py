@@ -1,4 +1,9 @@
-"""GPT-2 weights <-> Hugging Face `transformers` checkpoints (config.json + safetensors).
+"""Hugging Face `transformers` checkpoints (config.json + safetensors) in and out.
+
+`load` / `save` take any supported causal LM, picked from config.json's `architectures`: GPT-2 (here) and
+Llama / Mistral / Qwen2 / Qwen3 (`jaxrlhf.hf_decoders`); `load_reward_model` reads a one-label
+`*ForSequenceClassification` checkpoint as a scalar model ({"gpt", "head"}) for `rewards.make_learned_reward`
+or a value model's initialisation. The rest of this module is GPT-2's mapping:
 
 Hugging Face's GPT-2 stores each block under `h.{i}.` and its dense layers as `Conv1D`, whose weight
 is already [D_in, D_out] (y = x @ W + b): they map onto our stacked [L, D_in, D_out] kernels with no
@@ -23,8 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from jaxrlhf import hf_decoders
 from jaxrlhf.config import ModelConfig
+from jaxrlhf.hf_decoders import set_leaf as _set
 from jaxrlhf.model import Params, init_params
+
+_GPT2 = ("GPT2LMHeadModel", "GPT2Model")
+CAUSAL_LM = (*_GPT2, *hf_decoders.ARCHITECTURES)
+REWARD_MODELS = ("GPT2ForSequenceClassification", *hf_decoders.SEQUENCE_CLASSIFICATION)
 
 # Activations that are GPT-2's tanh-approximate GELU (jax.nn.gelu(approximate=True)).
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -191,12 +202,6 @@ def hf_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return state
 
 
-def _set(tree: dict, path: tuple[str, ...], value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def _get(tree: dict, path: tuple[str, ...]):
     for key in path:
         tree = tree[key]
@@ -212,6 +217,144 @@ def _flatten(tree) -> dict[str, object]:
 # ------------------------------------------------------------------------------------- files, hub
 
 
+def architecture(hf_config: Mapping, where: str = "config.json") -> str:
+    """The transformers class a config.json describes: its `architectures[0]`, else by `model_type`."""
+    names = hf_config.get("architectures") or []
+    if names:
+        return str(names[0])
+    by_type = {"gpt2": "GPT2LMHeadModel", **{f: n for n, f in hf_decoders.ARCHITECTURES.items()}}
+    if hf_config.get("model_type") in by_type:
+        return by_type[hf_config["model_type"]]
+    raise ValueError(
+        f"{where}: model_type={hf_config.get('model_type')!r} and no architectures; supported: "
+        f"{', '.join(CAUSAL_LM + REWARD_MODELS)}"
+    )
+
+
+def _local(path_or_name: str | os.PathLike) -> str:
+    directory = os.fspath(path_or_name)
+    return directory if os.path.isdir(directory) else _download(directory)
+
+
+def _unsupported(arch: str, where: str) -> ValueError:
+    return ValueError(
+        f"{where}/config.json: architecture {arch!r} is not supported; supported causal LMs: "
+        f"{', '.join(CAUSAL_LM)}; reward models: {', '.join(REWARD_MODELS)}"
+    )
+
+
+def load(
+    path_or_name: str | os.PathLike, cfg: ModelConfig | None = None, *, shardings=None
+) -> tuple[Params, ModelConfig]:
+    """Load a causal LM checkpoint of any supported architecture (CAUSAL_LM).
+
+    Args:
+      path_or_name: a local directory (config.json + model.safetensors or sharded safetensors with their
+        index; GPT-2 also pytorch_model.bin), or a hub name (downloaded: online only).
+      cfg: None: config.json's architecture, params in the checkpoint's dtype (GPT-2: float32). Otherwise
+        it must describe the same architecture; its dtypes, dropout, block size and remat are kept.
+      shardings: optional tree of jax.sharding.Sharding like the params; Llama-style checkpoints go onto
+        it tensor by tensor (see `hf_decoders.load`).
+
+    Returns:
+      (params, cfg).
+
+    Raises:
+      ValueError / FileNotFoundError: one line: an unsupported architecture (listing the supported ones),
+        a reward model (use `load_reward_model`), a tensor whose shape does not match the config, files
+        that are missing, cut short or corrupt.
+    """
+    directory = _local(path_or_name)
+    hf_config = hf_decoders.read_json(os.path.join(directory, "config.json"))
+    arch = architecture(hf_config, directory)
+    if arch in REWARD_MODELS:
+        raise ValueError(
+            f"{directory} holds a {arch} (a reward model, no LM head): load it with hf.load_reward_model"
+        )
+    if arch in hf_decoders.ARCHITECTURES:
+        return hf_decoders.load(directory, cfg, shardings=shardings)
+    if arch not in _GPT2:
+        raise _unsupported(arch, directory)
+    params, cfg = load_gpt2(directory, cfg)
+    if shardings is not None:
+        params = jax.device_put(params, shardings)
+    return params, cfg
+
+
+def load_reward_model(
+    path_or_name: str | os.PathLike, cfg: ModelConfig | None = None, *, shardings=None
+) -> tuple[Params, ModelConfig]:
+    """A one-label `*ForSequenceClassification` checkpoint (REWARD_MODELS) as a scalar model.
+
+    transformers scores a sequence with `score.weight` [1, D] (no bias) on the final hidden state of its
+    last non-pad token; `rewards.learned_scores` reads the same state at the last real token of the mask,
+    so the scores agree whenever the mask marks the non-pad tokens.
+
+    Args:
+      path_or_name: a local directory or a hub name (see `load`).
+      cfg: as in `load`; the trunk's LM head is unused, so the config has tie_embeddings=True (no
+        lm_head leaf).
+      shardings: optional tree of shardings for the trunk ({"gpt": ...}'s params); the head is
+        replicated.
+
+    Returns:
+      ({"gpt": trunk params, "head": {"kernel": [D] float32, "bias": 0.0}}, cfg).
+
+    Raises:
+      ValueError: not a sequence-classification checkpoint, more than one label, or files / tensors as
+        in `load`.
+    """
+    directory = _local(path_or_name)
+    hf_config = hf_decoders.read_json(os.path.join(directory, "config.json"))
+    arch = architecture(hf_config, directory)
+    if arch in CAUSAL_LM:
+        raise ValueError(
+            f"{directory} holds a {arch}, a language model without a score head: load it with hf.load "
+            "(or train a reward model from it)"
+        )
+    if arch not in REWARD_MODELS:
+        raise _unsupported(arch, directory)
+    labels = len(hf_config.get("id2label") or {}) or int(hf_config.get("num_labels", 2))
+    if labels != 1:
+        raise ValueError(
+            f"{directory}/config.json: {arch} with {labels} labels; a reward model has one score "
+            "(num_labels=1)"
+        )
+    if arch.startswith("GPT2"):
+        state = _read_weights(directory)
+        score = state.pop("score.weight", None)
+        params, cfg = _gpt2_params(state, directory, cfg)
+        if shardings is not None:
+            params = jax.device_put(params, shardings)
+    else:
+        cfg = hf_decoders.resolve_config({**hf_config, "tie_word_embeddings": True}, cfg, directory)
+        tensors = hf_decoders.tensor_views(directory)
+        score = tensors[hf_decoders.SCORE]() if hf_decoders.SCORE in tensors else None
+        params = hf_decoders.load_params(tensors, cfg, directory, shardings=shardings)
+    if score is None:
+        raise ValueError(f"{directory} has no tensor 'score.weight' (the {arch} head); copy the weights again")
+    if score.shape != (1, cfg.n_embd):
+        raise ValueError(
+            f"{directory}: tensor 'score.weight' has shape {score.shape}; the config expects {(1, cfg.n_embd)}"
+        )
+    head = {"kernel": jnp.asarray(np.asarray(score[0], np.float32)), "bias": jnp.zeros((), jnp.float32)}
+    return {"gpt": params, "head": head}, cfg
+
+
+def save(params: Params, cfg: ModelConfig, out_dir: str | os.PathLike, **token_ids) -> None:
+    """Write a causal LM for `transformers.AutoModelForCausalLM.from_pretrained`: GPT2LMHeadModel for
+    learned positions (`save_gpt2`), else the Llama / Qwen2 / Qwen3 class of its layout
+    (`hf_decoders.save`; `architecture="MistralForCausalLM"` to name another). `token_ids`: bos_token_id,
+    eos_token_id, pad_token_id for config.json (GPT-2 takes eos_token_id only)."""
+    if cfg.position == "learned":
+        unknown = set(token_ids) - {"eos_token_id"}
+        if unknown:
+            raise ValueError(f"save: {sorted(unknown)} do not apply to GPT-2 (it takes eos_token_id only)")
+        save_gpt2(params, cfg, out_dir, eos_id=token_ids.get("eos_token_id"))
+    else:
+        hf_decoders.save(params, cfg, out_dir, **token_ids)
+
+
 def load_gpt2(path_or_name: str | os.PathLike, cfg: ModelConfig | None = None) -> tuple[Params, ModelConfig]:
     """Load a Hugging Face GPT-2 checkpoint.
 
@@ -225,41 +368,38 @@ def load_gpt2(path_or_name: str | os.PathLike, cfg: ModelConfig | None = None) -
     Returns:
       (params in cfg.param_dtype, cfg).
     """
-    directory = os.fspath(path_or_name)
-    if not os.path.isdir(directory):
-        directory = _download(directory)
+    directory = _local(path_or_name)
+    arch = architecture(hf_decoders.read_json(os.path.join(directory, "config.json")), directory)
+    if arch not in _GPT2:
+        raise ValueError(f"{directory} holds a {arch}, not GPT-2: load it with hf.load")
+    return _gpt2_params(_read_weights(directory), directory, cfg)
+
+
+def _gpt2_params(state, directory: str, cfg: ModelConfig | None) -> tuple[Params, ModelConfig]:
     file_cfg = read_config(directory)
     if cfg is None:
         cfg = file_cfg
     else:
         check_compatible(cfg, file_cfg)
-    return params_from_hf(_read_weights(directory), cfg), cfg
+    return params_from_hf(state, cfg), cfg
 
 
 def read_config(directory: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of the config.json in a local checkpoint directory.
+    """The ModelConfig of the config.json in a local checkpoint directory (any supported architecture).
 
     Raises:
       FileNotFoundError / ValueError: one line naming the file when it is missing, not JSON (cut short or
-        corrupt), or not a GPT-2 config.
+        corrupt), or not a supported architecture.
     """
     path = os.path.join(directory, "config.json")
+    hf_config = hf_decoders.read_json(path)
+    arch = architecture(hf_config, path)
+    if arch not in CAUSAL_LM + REWARD_MODELS:
+        raise _unsupported(arch, os.fspath(directory))
     try:
-        with open(path, encoding="utf-8") as f:
-            hf_config = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"no {path}: a Hugging Face GPT-2 directory holds config.json and model.safetensors"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        why = f"{err.msg}: line {err.lineno} column {err.colno}" if hasattr(err, "msg") else "not UTF-8"
-        raise ValueError(
-            f"{path}: not valid JSON ({why}): the file is truncated or corrupt; copy it again"
-        ) from None
-    if not isinstance(hf_config, dict):
-        raise ValueError(f"{path}: expected a JSON object (a Hugging Face config)")
-    try:
-        return config_from_hf(hf_config)
+        if arch in _GPT2 or arch.startswith("GPT2"):
+            return config_from_hf(hf_config)
+        return hf_decoders.config_from_hf(hf_config)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: {err}") from None
 

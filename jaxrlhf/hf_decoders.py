@@ -33,7 +33,11 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+# The same trunks with a one-label score head instead of the LM head (reward models).
+SEQUENCE_CLASSIFICATION = {name.replace("ForCausalLM", "ForSequenceClassification"): family
+                           for name, family in ARCHITECTURES.items()}  # fmt: skip
 _PREFIX = "model."
+SCORE = "score.weight"  # a *ForSequenceClassification's head: [num_labels, D], no bias
 
 
 def _rope(get) -> tuple[float, tuple | None]:
@@ -62,9 +66,10 @@ def config_from_hf(hf_config: Mapping) -> ModelConfig:
     get = hf_config.get
     by_type = {family: name for name, family in ARCHITECTURES.items()}
     architecture = (get("architectures") or [by_type.get(get("model_type"), get("model_type"))])[0]
-    family = ARCHITECTURES.get(architecture)
+    family = ARCHITECTURES.get(architecture, SEQUENCE_CLASSIFICATION.get(architecture))
     if family is None:
-        raise ValueError(f"architecture {architecture!r}; supported: {', '.join(ARCHITECTURES)}.")
+        supported = [*ARCHITECTURES, *SEQUENCE_CLASSIFICATION]
+        raise ValueError(f"architecture {architecture!r}; supported: {', '.join(supported)}.")
     window = get("sliding_window")
     max_len = int(get("max_position_embeddings", 4096))
     checks = [
@@ -151,21 +156,6 @@ def config_to_hf(cfg: ModelConfig, architecture: str = "LlamaForCausalLM", **tok
     return out
 
 
-def _block_names(cfg: ModelConfig) -> dict[tuple[str, ...], str]:
-    names = {
-        ("ln_1", "scale"): "input_layernorm.weight",
-        ("ln_2", "scale"): "post_attention_layernorm.weight",
-        ("mlp", "c_proj", "kernel"): "mlp.down_proj.weight",
-        ("attn", "c_proj", "kernel"): "self_attn.o_proj.weight",
-    }
-    if cfg.bias:
-        names[("attn", "c_proj", "bias")] = "self_attn.o_proj.bias"
-    if cfg.qk_norm:
-        names[("attn", "q_norm", "scale")] = "self_attn.q_norm.weight"
-        names[("attn", "k_norm", "scale")] = "self_attn.k_norm.weight"
-    return names
-
-
 def _leaf_builders(
     cfg: ModelConfig, has: Callable[[str], bool], dtype=np.float32
 ) -> dict[tuple[str, ...], Callable]:
@@ -247,7 +237,8 @@ def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], cfg: 
     return get
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def set_leaf(tree: dict, path: tuple[str, ...], value) -> None:
+    """tree[path[0]][path[1]]... = value, creating the dicts on the way."""
     for name in path[:-1]:
         tree = tree.setdefault(name, {})
     tree[path[-1]] = value
@@ -260,8 +251,72 @@ def params_from_hf(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> Params:
     get = _getter(lambda name: np.asarray(state[name], np.float32), state.__contains__, cfg, "the state dict")
     params: Params = {}
     for path, build in _leaf_builders(cfg, state.__contains__).items():
-        _set(params, path, build(get))
+        set_leaf(params, path, build(get))
     return params
+
+
+def read_json(path: str) -> dict:
+    """A JSON object file (config.json, an index); missing, cut-short or corrupt files are one-line errors
+    naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {path}: a Hugging Face model directory holds config.json and model.safetensors"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        why = f"{err.msg}: line {err.lineno} column {err.colno}" if hasattr(err, "msg") else "not UTF-8"
+        raise ValueError(
+            f"{path}: not valid JSON ({why}): the file is truncated or corrupt; copy it again"
+        ) from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return out
+
+
+def tensor_views(directory: str) -> dict[str, Callable[[], np.ndarray]]:
+    """name (without the `model.` prefix) -> a function reading that tensor, over every safetensors file of a
+    checkpoint directory (model.safetensors, or the shards its index names)."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no weight_map object: not a safetensors index; copy it again")
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(
+            f"no model.safetensors or model.safetensors.index.json in {directory}: save the model with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    tensors = {}
+    for file in files:
+        for name, view in _safetensors_views(os.path.join(directory, file)).items():
+            tensors[name[len(_PREFIX) :] if name.startswith(_PREFIX) else name] = view
+    return tensors
+
+
+_ARCH_FIELDS = ("vocab_size", "n_layer", "n_head", "kv_heads", "head_dim", "n_embd", "mlp_dim", "norm",
+                "position", "mlp", "bias", "has_qkv_bias", "qk_norm", "tie_embeddings")  # fmt: skip
+
+
+def resolve_config(hf_config: Mapping, cfg: ModelConfig | None, where: str) -> ModelConfig:
+    """The config to load a checkpoint into: config.json's, params in the checkpoint's dtype (cfg None), or
+    `cfg` after checking it describes the same architecture (its dtypes, dropout, block size and remat
+    are kept)."""
+    file_cfg = config_from_hf(hf_config)
+    if cfg is None:
+        stored = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+        return dataclasses.replace(
+            file_cfg, param_dtype=stored if stored in ("float32", "bfloat16") else "float32"
+        )
+    bad = [f"{n}={getattr(cfg, n)} vs {getattr(file_cfg, n)}" for n in _ARCH_FIELDS
+           if getattr(cfg, n) != getattr(file_cfg, n)]  # fmt: skip
+    if bad:
+        raise ValueError(f"cfg does not match {where}/config.json ({'; '.join(bad)}); pass cfg=None")
+    return cfg
 
 
 def load(
@@ -283,43 +338,20 @@ def load(
 
     Returns:
       (params as jax arrays in cfg.param_dtype, cfg).
+
+    Raises:
+      ValueError / FileNotFoundError: one line naming the file, or the tensor and both shapes.
     """
     directory = os.fspath(directory)
-    with open(os.path.join(directory, "config.json")) as f:
-        hf_config = json.load(f)
-    file_cfg = config_from_hf(hf_config)
-    if cfg is None:  # params in the checkpoint's dtype
-        stored = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
-        cfg = dataclasses.replace(
-            file_cfg, param_dtype=stored if stored in ("float32", "bfloat16") else "float32"
-        )
-    else:
-        arch = ("vocab_size", "n_layer", "n_head", "kv_heads", "head_dim", "n_embd", "mlp_dim", "norm",
-                "position", "mlp", "bias", "has_qkv_bias", "qk_norm", "tie_embeddings")  # fmt: skip
-        bad = [
-            f"{n}={getattr(cfg, n)} vs {getattr(file_cfg, n)}"
-            for n in arch
-            if getattr(cfg, n) != getattr(file_cfg, n)
-        ]
-        if bad:
-            raise ValueError(f"cfg does not match {directory}/config.json ({'; '.join(bad)}); pass cfg=None")
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
-    tensors = {}
-    for file in files:
-        for name, view in _safetensors_views(os.path.join(directory, file)).items():
-            tensors[name[len(_PREFIX) :] if name.startswith(_PREFIX) else name] = view
+    cfg = resolve_config(read_json(os.path.join(directory, "config.json")), cfg, directory)
+    return load_params(tensor_views(directory), cfg, directory, shardings=shardings), cfg
 
-    def read(name):
-        return tensors[name]()
 
-    get = _getter(read, tensors.__contains__, cfg, directory)
+def load_params(
+    tensors: Mapping[str, Callable[[], np.ndarray]], cfg: ModelConfig, where: str, *, shardings: Any = None
+) -> Params:
+    """Our params from `tensor_views`, leaf by leaf onto the devices (see `load`)."""
+    get = _getter(lambda name: tensors[name](), tensors.__contains__, cfg, where)
     params: Params = {}
     for path, build in _leaf_builders(cfg, tensors.__contains__, np.dtype(cfg.pdtype)).items():
         host = build(get)
@@ -332,8 +364,80 @@ def load(
             leaf = jax.device_put(host, sharding)
         jax.block_until_ready(leaf)
         del host  # the host copy goes before the next leaf is built
-        _set(params, path, leaf)
-    return params, cfg
+        set_leaf(params, path, leaf)
+    return params
+
+
+def architecture_for(cfg: ModelConfig) -> str:
+    """The transformers class whose layout `cfg` has: Qwen3 (qk-norm), Qwen2 (q / k / v biases only), else
+    Llama."""
+    if cfg.qk_norm:
+        return "Qwen3ForCausalLM"
+    if cfg.has_qkv_bias and not cfg.bias:
+        return "Qwen2ForCausalLM"
+    return "LlamaForCausalLM"
+
+
+def save(
+    params: Params,
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    *,
+    architecture: str | None = None,
+    max_shard_bytes: int = 2 << 30,
+    **token_ids,
+) -> None:
+    """Write config.json + safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Weights keep the params' dtype. Layers are converted and written a shard at a time (several
+    model-0000k-of-0000n.safetensors + an index once the model passes `max_shard_bytes`), so the host
+    never holds a converted copy of the whole model.
+
+    Args:
+      params: the decoder's params (jax or NumPy arrays, sharded or not).
+      cfg: their config.
+      out_dir: the directory to write (created).
+      architecture: a key of ARCHITECTURES; None: `architecture_for(cfg)`.
+      max_shard_bytes: the largest shard file.
+      **token_ids: bos_token_id / eos_token_id / pad_token_id for config.json.
+    """
+    architecture = architecture or architecture_for(cfg)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {architecture!r}; use one of {', '.join(ARCHITECTURES)}")
+    config = config_to_hf(cfg, architecture, **token_ids)
+    dtype = np.dtype(jax.tree.leaves(params)[0].dtype)
+    config["dtype"] = "bfloat16" if dtype == ml_dtypes.bfloat16 else "float32"
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for name, array in _export_tensors(params, cfg, dtype, tied_head=False):
+        if current and size + array.nbytes > max_shard_bytes:
+            shards.append(_write_shard(out_dir, len(shards), current))
+            current, size = {}, 0
+        current[name] = array
+        size += array.nbytes
+    shards.append(_write_shard(out_dir, len(shards), current))
+    final = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(shards) == 1:
+        final = ["model.safetensors"]
+    weight_map = {}
+    for (tmp, names), name in zip(shards, final, strict=True):
+        os.replace(tmp, os.path.join(out_dir, name))
+        weight_map.update(dict.fromkeys(names, name))
+    if len(shards) > 1:
+        total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in final)
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def _write_shard(out_dir: str, i: int, tensors: dict[str, np.ndarray]) -> tuple[str, list[str]]:
+    import safetensors.numpy
+
+    path = os.path.join(out_dir, f".shard-{i}.safetensors.tmp")
+    safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+    return path, list(tensors)
 
 
 _SAFETENSORS_DTYPES = {
@@ -352,8 +456,18 @@ def _safetensors_views(path: str) -> dict[str, Callable[[], np.ndarray]]:
     """
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+        try:
+            header = json.loads(f.read(size))
+            assert isinstance(header, dict)
+        except (ValueError, AssertionError, MemoryError, OverflowError):
+            raise ValueError(
+                f"{path}: not a readable safetensors file (its header is cut or corrupt): an interrupted "
+                "download? copy it again"
+            ) from None
     header.pop("__metadata__", None)
+    unknown = {info.get("dtype") for info in header.values()} - set(_SAFETENSORS_DTYPES)
+    if unknown:
+        raise ValueError(f"{path}: tensors of dtype {sorted(map(str, unknown))} are not supported")
     base = 8 + size
 
     def read(info):
@@ -370,32 +484,41 @@ def _safetensors_views(path: str) -> dict[str, Callable[[], np.ndarray]]:
 
 def hf_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The transformers state dict (float32 NumPy, `model.`-prefixed, plus lm_head.weight) of our params."""
-    p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    b = p["blocks"]
+    return dict(_export_tensors(params, cfg, np.dtype(np.float32)))
+
+
+def _export_tensors(params: Params, cfg: ModelConfig, dtype: np.dtype, tied_head: bool = True):
+    """Yield (transformers name, NumPy array of `dtype`), one layer's slices at a time; `tied_head` False
+    leaves out a tied lm_head.weight (as save_pretrained does)."""
+
+    def host(x, i=None):
+        return np.ascontiguousarray(np.asarray(x if i is None else x[i]).astype(dtype, copy=False))
+
+    b = params["blocks"]
     N, K, H, F = cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.mlp_dim
     splits = [N * H, (N + K) * H]
-    out = {"model.embed_tokens.weight": p["wte"], "model.norm.weight": p["ln_f"]["scale"]}
-    out["lm_head.weight"] = p["wte"] if cfg.tie_embeddings else p["lm_head"]
+    yield "model.embed_tokens.weight", host(params["wte"])
+    yield "model.norm.weight", host(params["ln_f"]["scale"])
+    if tied_head or not cfg.tie_embeddings:
+        yield "lm_head.weight", host(params["wte" if cfg.tie_embeddings else "lm_head"])
     for i in range(cfg.n_layer):
         pre = f"model.layers.{i}."
-        q, k, v = np.split(b["attn"]["c_attn"]["kernel"][i], splits, axis=-1)
+        q, k, v = np.split(host(b["attn"]["c_attn"]["kernel"], i), splits, axis=-1)
         for name, w in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-            out[pre + f"self_attn.{name}.weight"] = np.ascontiguousarray(w.T)
+            yield pre + f"self_attn.{name}.weight", np.ascontiguousarray(w.T)
         if cfg.has_qkv_bias:
-            for name, w in zip(
-                ("q_proj", "k_proj", "v_proj"), np.split(b["attn"]["c_attn"]["bias"][i], splits), strict=True
-            ):
-                out[pre + f"self_attn.{name}.bias"] = w
-        out[pre + "self_attn.o_proj.weight"] = np.ascontiguousarray(b["attn"]["c_proj"]["kernel"][i].T)
+            biases = np.split(host(b["attn"]["c_attn"]["bias"], i), splits)
+            for name, w in zip(("q_proj", "k_proj", "v_proj"), biases, strict=True):
+                yield pre + f"self_attn.{name}.bias", w
+        yield pre + "self_attn.o_proj.weight", np.ascontiguousarray(host(b["attn"]["c_proj"]["kernel"], i).T)
         if cfg.bias:
-            out[pre + "self_attn.o_proj.bias"] = b["attn"]["c_proj"]["bias"][i]
+            yield pre + "self_attn.o_proj.bias", host(b["attn"]["c_proj"]["bias"], i)
         if cfg.qk_norm:
-            out[pre + "self_attn.q_norm.weight"] = b["attn"]["q_norm"]["scale"][i]
-            out[pre + "self_attn.k_norm.weight"] = b["attn"]["k_norm"]["scale"][i]
-        gate, up = np.split(b["mlp"]["c_fc"]["kernel"][i], [F], axis=-1)
-        out[pre + "mlp.gate_proj.weight"] = np.ascontiguousarray(gate.T)
-        out[pre + "mlp.up_proj.weight"] = np.ascontiguousarray(up.T)
-        out[pre + "mlp.down_proj.weight"] = np.ascontiguousarray(b["mlp"]["c_proj"]["kernel"][i].T)
-        out[pre + "input_layernorm.weight"] = b["ln_1"]["scale"][i]
-        out[pre + "post_attention_layernorm.weight"] = b["ln_2"]["scale"][i]
-    return out
+            yield pre + "self_attn.q_norm.weight", host(b["attn"]["q_norm"]["scale"], i)
+            yield pre + "self_attn.k_norm.weight", host(b["attn"]["k_norm"]["scale"], i)
+        gate, up = np.split(host(b["mlp"]["c_fc"]["kernel"], i), [F], axis=-1)
+        yield pre + "mlp.gate_proj.weight", np.ascontiguousarray(gate.T)
+        yield pre + "mlp.up_proj.weight", np.ascontiguousarray(up.T)
+        yield pre + "mlp.down_proj.weight", np.ascontiguousarray(host(b["mlp"]["c_proj"]["kernel"], i).T)
+        yield pre + "input_layernorm.weight", host(b["ln_1"]["scale"], i)
+        yield pre + "post_attention_layernorm.weight", host(b["ln_2"]["scale"], i)

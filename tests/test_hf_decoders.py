@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from jaxrlhf import hf_decoders, model, ops  # noqa: E402
-from jaxrlhf.config import ModelConfig  # noqa: E402
+from jaxrlhf import hf, hf_decoders, model, ops, rewards, sampling  # noqa: E402
+from jaxrlhf.config import ModelConfig, SampleConfig  # noqa: E402
 
 T, LENGTHS = 10, (10, 6, 1, 3)
 COMMON = dict(
@@ -76,7 +76,10 @@ def _hf_logits(m, tokens, mask):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_logits_match_transformers(family):
+def test_logits_match_transformers_and_save_loads_back(family, tmp_path):
+    """Our forward on the converted weights equals transformers' on a batch with left- and right-padded
+    rows; `hf.save` writes a directory that `from_pretrained` loads with the same logits, and `hf.load`
+    reads it back to the same params (the architecture picked from config.json)."""
     m = _hf_model(family)
     cfg = hf_decoders.config_from_hf(m.config.to_dict())
     assert cfg.n_kv_head == FAMILIES[family][2]["num_key_value_heads"] and cfg.position == "rope"
@@ -85,15 +88,139 @@ def test_logits_match_transformers(family):
     tokens, mask = _batch()
     ours = np.asarray(jax.jit(model.logits_fn, static_argnums=3)(params, tokens, mask, cfg))
     theirs = _hf_logits(m, tokens, mask)
-    np.testing.assert_allclose(ours[mask], theirs[mask], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours[mask], theirs[mask], rtol=1e-5, atol=1e-5)
     assert np.abs(theirs[mask]).max() > 1.0  # logits far from uniform: the comparison has teeth
-    # Export: the state dict we write loads into a fresh transformers model with the same logits.
-    back = hf_decoders.hf_from_params(params, cfg)
-    config = type(m.config)(**hf_decoders.config_to_hf(cfg, type(m).__name__))
-    fresh = type(m)(config).eval()
-    missing, unexpected = fresh.load_state_dict({k: torch.tensor(v) for k, v in back.items()}, strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    # Export: one file, or (Llama) shards + index.
+    shard = 20_000 if family == "llama" else 2 << 30
+    hf_decoders.save(params, cfg, tmp_path, architecture=type(m).__name__, max_shard_bytes=shard)
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (family == "llama")
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(fresh) is type(m)
     np.testing.assert_allclose(_hf_logits(fresh, tokens, mask)[mask], theirs[mask], rtol=1e-5, atol=1e-5)
+    again, again_cfg = hf.load(tmp_path)
+    assert again_cfg == cfg
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_sampling_equals_transformers_generate(family):
+    """Left-padded prompts of different lengths, greedy: the same tokens as generate(do_sample=False),
+    rows that emit the end-of-text id stopping there and padded after it."""
+    m = _hf_model(family)
+    cfg = hf_decoders.config_from_hf(m.config.to_dict())
+    params = hf_decoders.params_from_hf({k: v.numpy() for k, v in m.state_dict().items()}, cfg)
+    P, R, pad = 6, 8, 0
+    rng = np.random.default_rng(1)
+    lengths = [6, 4, 1, 3]
+    prompt = rng.integers(1, COMMON["vocab_size"], (len(lengths), P)).astype(np.int32)
+    prompt_mask = np.arange(P)[None] >= P - np.array(lengths)[:, None]
+    prompt[~prompt_mask] = pad
+    # An end-of-text id the model does emit (row 0's first greedy token after step 0 that it has not
+    # emitted before), so stopping is compared too.
+    first = sampling.sample(params, prompt, prompt_mask, cfg, SampleConfig(max_new_tokens=R, temperature=0.0),
+                            key=jax.random.key(0))  # fmt: skip
+    row = np.asarray(first.response[0]).tolist()
+    stop = next(j for j in range(1, R) if row[j] not in row[:j])
+    eos = row[stop]
+    scfg = SampleConfig(max_new_tokens=R, temperature=0.0, eos_id=eos, pad_id=pad)
+    ours = sampling.sample(params, prompt, prompt_mask, cfg, scfg, key=jax.random.key(0))
+    with torch.no_grad():
+        out = m.generate(
+            input_ids=torch.tensor(prompt, dtype=torch.long),
+            attention_mask=torch.tensor(prompt_mask, dtype=torch.long),
+            do_sample=False, max_new_tokens=R, eos_token_id=eos, pad_token_id=pad,
+        ).numpy()[:, P:]  # fmt: skip
+    assert bool(ours.finished[0]) and int(ours.response_length[0]) == stop + 1
+    response = np.asarray(ours.response)
+    np.testing.assert_array_equal(response[:, : out.shape[1]], out)
+    assert np.all(response[:, out.shape[1] :] == pad)
+
+
+def _reward_model(family):
+    """A one-label sequence-classification model with randomised weights; pad id 0."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                         num_labels=1, pad_token_id=0, bos_token_id=None,
+                                         eos_token_id=None)  # fmt: skip
+        m = transformers.GPT2ForSequenceClassification(config)
+    else:
+        config_cls, _, extra = FAMILIES["llama"]
+        m = transformers.LlamaForSequenceClassification(
+            config_cls(**COMMON, **extra, num_labels=1, pad_token_id=0)
+        )
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            base = 1.0 if name.endswith(("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0
+            p.copy_(base + 0.2 * torch.randn_like(p))
+    return m.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_reward_model_scores_equal_transformers(family, tmp_path):
+    """An HF *ForSequenceClassification reward model scores prompt + response rollouts (prompt left-padded,
+    response right-padded, pad id 0) as transformers does, through `rewards.make_learned_reward`."""
+    m = _reward_model(family)
+    m.save_pretrained(tmp_path)
+    params, cfg = hf.load_reward_model(tmp_path)
+    rng = np.random.default_rng(2)
+    B, P, R = 4, 5, 4
+    prompt = rng.integers(1, 97, (B, P)).astype(np.int32)
+    prompt_mask = np.arange(P)[None] >= np.array([0, 2, 4, 1])[:, None]
+    response = rng.integers(1, 97, (B, R)).astype(np.int32)
+    response_mask = np.arange(R)[None] < np.array([4, 2, 1, 3])[:, None]
+    prompt[~prompt_mask], response[~response_mask] = 0, 0
+    rollout = sampling.Rollout(prompt, prompt_mask, response, response_mask, np.zeros((B, R), np.float32),
+                               np.ones(B, bool))  # fmt: skip
+    ours = np.asarray(jax.jit(rewards.make_learned_reward(params, cfg))(rollout))
+    tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        theirs = m(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(positions, dtype=torch.long),
+        ).logits.numpy()[:, 0]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert np.std(theirs) > 0.1  # the rows score apart
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    """Unsupported architectures (listing the supported ones), a reward model given to `load` and an LM to
+    `load_reward_model`, a multi-label classifier, and weights that do not match their config.json (the
+    tensor and both shapes named)."""
+    import json
+
+    m = _hf_model("qwen2")
+    m.save_pretrained(tmp_path / "lm")
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+
+    def variant(name, **changes):
+        (tmp_path / name).mkdir()
+        for f in (tmp_path / "lm").iterdir():
+            (tmp_path / name / f.name).symlink_to(f)
+        (tmp_path / name / "config.json").unlink()
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, **changes}))
+        return tmp_path / name
+
+    with pytest.raises(ValueError, match=r"'GemmaForCausalLM' is not supported; supported causal LMs: "
+                                         r"GPT2LMHeadModel, GPT2Model, LlamaForCausalLM, .*Qwen3ForCausalLM"):
+        hf.load(variant("gemma", architectures=["GemmaForCausalLM"]))
+    with pytest.raises(ValueError, match=r"a reward model, no LM head\): load it with hf.load_reward_model"):
+        hf.load(variant("rm", architectures=["Qwen2ForSequenceClassification"]))
+    with pytest.raises(ValueError, match="with 2 labels; a reward model has one score"):
+        hf.load_reward_model(variant("rm2", architectures=["Qwen2ForSequenceClassification"],
+                                     id2label={"0": "a", "1": "b"}))  # fmt: skip
+    with pytest.raises(ValueError, match="a language model without a score head: load it with hf.load"):
+        hf.load_reward_model(tmp_path / "lm")
+    with pytest.raises(ValueError, match="no tensor 'score.weight'"):
+        hf.load_reward_model(variant("rm1", architectures=["Qwen2ForSequenceClassification"], id2label={"0": "s"}))
+    with pytest.raises(ValueError, match=r"tensor 'layers.0.mlp.gate_proj.weight' has shape \(56, 32\); "
+                                         r"the config expects \(64, 32\)"):
+        hf.load(variant("wide", intermediate_size=64))
+    with pytest.raises(ValueError, match="holds a Qwen2ForCausalLM, not GPT-2: load it with hf.load"):
+        hf.load_gpt2(tmp_path / "lm")
 
 
 def test_llama3_rope_scaling_matters():

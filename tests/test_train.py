@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from jaxrlhf import losses, model, parallel, rl, runner, sampling, train
-from jaxrlhf.config import SampleConfig
+from jaxrlhf.config import ModelConfig, SampleConfig
 
 B, T = 8, 12
 
@@ -121,19 +121,27 @@ def _run_on(mesh, step, state, batch, n=2):
     return jax.device_get(state), losses_
 
 
-# One step of each kind (LM, K-way RM, preference, RL; the pairwise RM, REBEL and PG steps are the same
-# programs with K = 2, another loss, no value model) on a data x fsdp mesh, both axes at once; and pure
-# data parallelism, the same program with the fsdp axis of size 1, for the RL step (the one with the most
-# batch-wide statistics: whitening, KL, minibatches).
-MESH_CASES = [(name, (2, 4)) for name in ("lm", "rm_kway", "dpo", "ppo")]
-MESH_CASES += [(name, (8, 1)) for name in ("ppo",)]
+# One step of each kind on a data x fsdp mesh, both axes at once, and on pure data parallelism (the fsdp
+# axis of size 1): K-way RM, preference and RL on the GPT (the pairwise RM, REBEL and PG steps are the same
+# programs with K = 2, another loss, no value model; RL has the most batch-wide statistics: whitening, KL,
+# minibatches), the LM and pairwise RM steps on a Llama-style config (RMSNorm, RoPE, SwiGLU, GQA 4 / 2,
+# untied head, no biases).
+MESH_CASES = [(name, (2, 4), "gpt") for name in ("rm_kway", "dpo", "ppo")]
+MESH_CASES += [(name, (8, 1), "gpt") for name in ("ppo",)]
+MESH_CASES += [(name, shape, "llama") for name in ("lm", "rm_pairwise") for shape in ((8, 1), (2, 4))]
+LLAMA_CFG = ModelConfig.preset(
+    "tiny-llama", vocab_size=37, block_size=24, n_embd=16, intermediate_size=40, tie_embeddings=False
+)
 
 
 @pytest.mark.parametrize(
-    "name, shape", MESH_CASES, ids=[f"{n}-{'data8' if s == (8, 1) else 'data2xfsdp4'}" for n, s in MESH_CASES]
+    "name, shape, family",
+    MESH_CASES,
+    ids=[f"{f}-{n}-{'data8' if s == (8, 1) else 'data2xfsdp4'}" for n, s, f in MESH_CASES],
 )
-def test_step_same_on_one_and_eight_devices(name, shape, tiny_cfg):
-    cfg = dataclasses.replace(tiny_cfg, embd_pdrop=0.1, resid_pdrop=0.1)  # dropout keys too
+def test_step_same_on_one_and_eight_devices(name, shape, family, tiny_cfg):
+    base = tiny_cfg if family == "gpt" else LLAMA_CFG
+    cfg = dataclasses.replace(base, embd_pdrop=0.1, resid_pdrop=0.1)  # dropout keys too
     # Adam's eps is raised from 1e-8: with it, a gradient that is 0 in exact arithmetic (e.g. a key bias)
     # but 1e-10 of reduction-order noise would be scaled up to a full-lr step on one mesh and not the other.
     opt = train.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=4, weight_decay=0.1, eps=1e-4)
