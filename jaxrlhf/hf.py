@@ -332,10 +332,13 @@ def load_reward_model(
         score = tensors[hf_decoders.SCORE]() if hf_decoders.SCORE in tensors else None
         params = hf_decoders.load_params(tensors, cfg, directory, shardings=shardings)
     if score is None:
-        raise ValueError(f"{directory} has no tensor 'score.weight' (the {arch} head); copy the weights again")
+        raise ValueError(
+            f"{directory} has no tensor 'score.weight' (the {arch} head); copy the weights again"
+        )
     if score.shape != (1, cfg.n_embd):
         raise ValueError(
-            f"{directory}: tensor 'score.weight' has shape {score.shape}; the config expects {(1, cfg.n_embd)}"
+            f"{directory}: tensor 'score.weight' has shape {score.shape}; the config expects "
+            f"{(1, cfg.n_embd)}"
         )
     head = {"kernel": jnp.asarray(np.asarray(score[0], np.float32)), "bias": jnp.zeros((), jnp.float32)}
     return {"gpt": params, "head": head}, cfg

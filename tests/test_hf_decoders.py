@@ -204,8 +204,11 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
         (tmp_path / name / "config.json").write_text(json.dumps({**config, **changes}))
         return tmp_path / name
 
-    with pytest.raises(ValueError, match=r"'GemmaForCausalLM' is not supported; supported causal LMs: "
-                                         r"GPT2LMHeadModel, GPT2Model, LlamaForCausalLM, .*Qwen3ForCausalLM"):
+    with pytest.raises(
+        ValueError,
+        match=r"'GemmaForCausalLM' is not supported; supported causal LMs: "
+        r"GPT2LMHeadModel, GPT2Model, LlamaForCausalLM, .*Qwen3ForCausalLM",
+    ):
         hf.load(variant("gemma", architectures=["GemmaForCausalLM"]))
     with pytest.raises(ValueError, match=r"a reward model, no LM head\): load it with hf.load_reward_model"):
         hf.load(variant("rm", architectures=["Qwen2ForSequenceClassification"]))
@@ -215,9 +218,14 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="a language model without a score head: load it with hf.load"):
         hf.load_reward_model(tmp_path / "lm")
     with pytest.raises(ValueError, match="no tensor 'score.weight'"):
-        hf.load_reward_model(variant("rm1", architectures=["Qwen2ForSequenceClassification"], id2label={"0": "s"}))
-    with pytest.raises(ValueError, match=r"tensor 'layers.0.mlp.gate_proj.weight' has shape \(56, 32\); "
-                                         r"the config expects \(64, 32\)"):
+        hf.load_reward_model(
+            variant("rm1", architectures=["Qwen2ForSequenceClassification"], id2label={"0": "s"})
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'layers.0.mlp.gate_proj.weight' has shape \(56, 32\); "
+        r"the config expects \(64, 32\)",
+    ):
         hf.load(variant("wide", intermediate_size=64))
     with pytest.raises(ValueError, match="holds a Qwen2ForCausalLM, not GPT-2: load it with hf.load"):
         hf.load_gpt2(tmp_path / "lm")
