@@ -312,11 +312,22 @@ def resolve_config(hf_config: Mapping, cfg: ModelConfig | None, where: str) -> M
         return dataclasses.replace(
             file_cfg, param_dtype=stored if stored in ("float32", "bfloat16") else "float32"
         )
-    bad = [f"{n}={getattr(cfg, n)} vs {getattr(file_cfg, n)}" for n in _ARCH_FIELDS
-           if getattr(cfg, n) != getattr(file_cfg, n)]  # fmt: skip
+    check_architecture(cfg, file_cfg, where)
+    return cfg
+
+
+def architecture_differences(cfg: ModelConfig, file_cfg: ModelConfig) -> list[str]:
+    """["field=ours vs theirs", ...] for every architecture field where the two configs differ."""
+    return [f"{n}={getattr(cfg, n)} vs {getattr(file_cfg, n)}" for n in _ARCH_FIELDS
+            if getattr(cfg, n) != getattr(file_cfg, n)]  # fmt: skip
+
+
+def check_architecture(cfg: ModelConfig, file_cfg: ModelConfig, where: str) -> None:
+    """Raise a one-line ValueError naming every architecture field where `cfg` differs from the
+    config.json of `where` (`file_cfg`)."""
+    bad = architecture_differences(cfg, file_cfg)
     if bad:
         raise ValueError(f"cfg does not match {where}/config.json ({'; '.join(bad)}); pass cfg=None")
-    return cfg
 
 
 def load(

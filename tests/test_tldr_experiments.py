@@ -1,5 +1,6 @@
-"""experiments/tldr: the data layout, the flags, the summary-only SFT loss, and SFT -> RM -> PPO end to end
-(in subprocesses, on the shared TL;DR samples, with a tiny random GPT over the 50257 GPT-2 BPE ids)."""
+"""experiments/tldr: the data layout, the flags, the summary-only SFT loss, SFT from a local Hugging Face
+directory of another architecture, and SFT -> RM -> PPO end to end (in subprocesses, on the shared TL;DR
+samples, with a tiny random Llama over the 50257 GPT-2 BPE ids)."""
 
 import json
 import os
@@ -253,17 +254,62 @@ def test_ppo_iteration_sharded_equals_single_device():
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), sharded[3], single[3])
 
 
+def test_sft_starts_from_a_local_hugging_face_directory_of_another_architecture(
+    shared_data, tmp_path, capsys
+):
+    """--init-from a Qwen3 directory (qk-norm, head_dim != width / heads, GQA) written by transformers: the
+    architecture comes from its config.json, and SFT at learning rate 1e-12 ends on its weights. A
+    --model that contradicts the directory is refused before any work."""
+    import torch
+    import transformers
+
+    from experiments.tldr import run
+    from jaxrlhf import hf
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=50257, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "qwen3")
+    out = tmp_path / "run"
+    argv = [
+        "--init-from", str(tmp_path / "qwen3"), "--out", str(out), "--progress", "false", "--stages", "sft",
+        "--data.data_dir", str(shared_data / "tldr"), "--data.cache_dir", str(tmp_path / "cache"),
+        "--data.tokenizer_dir", str(shared_data / "gpt2_tokenizer"), "--data.summary_split", "test",
+        "--data.summary_val_split", "", "--data.val_size", "16", "--data.max_val_rows", "16",
+        "--data.max_prompt_tokens", "64", "--data.max_summary_tokens", "8",
+        "--sft.steps", "1", "--sft.batch_size", "8", "--sft.eval_batch_size", "16", "--sft.optim.lr", "1e-12",
+        "--sft.optim.warmup_steps", "0",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):
+        common.parse_args(["--model", "gpt2", *argv])
+    assert "--model gpt2 is not the architecture of --init-from" in capsys.readouterr().err
+    assert not out.exists()
+    assert run.main(argv) == 0
+    cfg = common.parse_args(argv)
+    mcfg = common.model_config(cfg)
+    assert mcfg.qk_norm and mcfg.head_dim == 16 and mcfg.kv_heads == 2 and mcfg.block_size == 72
+    state, _ = checkpoint.restore(out, "sft", jax.eval_shape(common.sft_state_init(common.Setup(
+        cfg, mcfg, None, "", parallel.single_device_mesh())), jax.random.key(0)))  # fmt: skip
+    weights, _ = hf.load(tmp_path / "qwen3", mcfg)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(weights), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-8)
+    assert np.isfinite(_records(out / "sft.jsonl")[0]["loss"])
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 SFT_STEPS, RM_STEPS, PPO_ITERATIONS, PPO_STOP = 60, 60, 16, 12
 
 
 def _pipeline_args(shared_data, out, cache):
-    """A tiny random GPT (2 layers, width 32, 50257 BPE ids) on P = 64 prompt and S = 16 summary tokens.
+    """tiny-llama (2 layers, width 64, RMSNorm, RoPE, SwiGLU, GQA 4 / 2) over the 50257 BPE ids, on P = 64
+    prompt and S = 16 summary tokens.
     SFT runs long enough for the policy to be far from uniform over the vocabulary (summary loss ~6):
     from a near-uniform policy no sampled token recurs and PPO has nothing to learn from."""
     tiny = [
-        "--model", "tiny", "--out", str(out), "--progress", "false",
+        "--model", "tiny-llama", "--out", str(out), "--progress", "false",
         "--data.data_dir", str(shared_data / "tldr"), "--data.cache_dir", str(cache),
         "--data.tokenizer_dir", str(shared_data / "gpt2_tokenizer"),
         "--data.summary_split", "test", "--data.summary_val_split", "", "--data.comparison_val_split", "",

@@ -12,7 +12,7 @@ fit are dropped), and an answer is " " + summary + <|endoftext|>, cut to S token
 kept, so the SFT model learns to stop and the reward model reads its score at that token.
 
 Stage handoff (checkpoints under --out, local or gs://):
-    sft: from the HF GPT-2 weights (--init-from) or a random init (--model tiny)
+    sft: from Hugging Face weights (--init-from: GPT-2, Llama, Mistral, Qwen) or a random init (--model tiny)
     rm:  trunk from sft, zero-init scalar head; saves the reward normalisation in its meta
     ppo: policy and frozen reference from sft, value model from rm (normalisation folded in)
 """
@@ -36,14 +36,17 @@ import numpy as np
 from etils import epath
 
 from experiments.tldr import flags
-from jaxrlhf import checkpoint, data, hf, model, parallel, rundir, runner, train
-from jaxrlhf.config import MODEL_PRESETS, ModelConfig, check_at_least, flag_message
+from jaxrlhf import checkpoint, data, hf, hf_decoders, model, parallel, rundir, runner, train
+from jaxrlhf import tokenizers as jaxrlhf_tokenizers
+from jaxrlhf.config import FAMILY_PRESETS, MODEL_PRESETS, ModelConfig, check_at_least, flag_message
 from jaxrlhf.rl import FIELD_ALGOS, RLConfig, inactive_fields
-from jaxrlhf.tokenizers import GPT2Tokenizer
+from jaxrlhf.tokenizers import GPT2Tokenizer, Tokenizer
 
 STAGES = ("sft", "rm", "ppo")
 REWARD_NORMS = ("reference_mean", "policy_gain_bias", "none")
 TINY = (2, 2, 32)  # n_layer, n_head, n_embd of --model tiny
+GPT2_SIZES = tuple(name for name in MODEL_PRESETS if name.startswith("gpt2"))  # hub weights of these names
+MODELS = ("tiny", *GPT2_SIZES, *FAMILY_PRESETS)
 # Fields that only change logging / checkpoint cadence: left out of the resume check.
 _CADENCE_FIELDS = ("eval_every", "ckpt_every", "log_every", "sample_every", "samples_logged")
 
@@ -58,8 +61,9 @@ class DataConfig:
     Attributes:
       data_dir: folder with the TL;DR files (None: $JAXRLHF_DATA_DIR, else OpenAI's blobs, online).
       cache_dir: where TFDS prepares them (None: $JAXRLHF_CACHE_DIR or ~/.cache/jaxrlhf).
-      tokenizer_dir: GPT-2 BPE files (vocab.json + merges.txt or encoder.json + vocab.bpe); None: the
-        --init-from directory, else $JAXRLHF_DATA_DIR/gpt2_tokenizer, else the hub's "gpt2" (online).
+      tokenizer_dir: a tokenizer directory (tokenizer.json, or GPT-2's vocab.json + merges.txt or
+        encoder.json + vocab.bpe); None: the --init-from directory, else $JAXRLHF_DATA_DIR/gpt2_tokenizer,
+        else the hub's "gpt2" (online).
       summary_split: post/summary split for SFT, the reward normalisation and the PPO prompts.
       summary_val_split: held-out post/summary split; "" carves `val_size` rows out of summary_split.
       comparison_split: human comparisons for the reward model.
@@ -251,10 +255,15 @@ class TldrConfig:
     """The whole TL;DR run: model, output, mesh, data and the three stages.
 
     Attributes:
-      model: "tiny" (random 2-layer width-32 GPT over the 50257 BPE ids) or a GPT-2 size: gpt2,
-        gpt2-medium, gpt2-large, gpt2-xl.
-      init_from: SFT's starting weights: a local Hugging Face GPT-2 directory or a hub name; "random"
-        for a random init. None: the hub weights named by --model (random for tiny).
+      model: the architecture: "tiny" (a random 2-layer width-32 GPT), a GPT-2 size (gpt2, gpt2-medium,
+        gpt2-large, gpt2-xl: the hub's weights unless --init-from), or an open model's shape
+        ("tiny-llama": a random 2-layer Llama with GQA; llama3.2-1b, qwen2.5-0.5b, ...: with --init-from
+        DIR or random). Random models take the tokenizer's vocabulary. None: the --init-from directory's
+        architecture, else gpt2.
+      init_from: SFT's starting weights: a local Hugging Face directory of any supported architecture
+        (GPT-2, Llama, Mistral, Qwen2, Qwen3; the architecture comes from its config.json) or a GPT-2 hub
+        name; "random" for a random init. None: the hub weights named by a GPT-2 --model (random for
+        tiny and tiny-llama).
       n_layer: override the preset's depth (random init only).
       n_head: override the preset's head count (random init only).
       n_embd: override the preset's width (random init only).
@@ -278,7 +287,7 @@ class TldrConfig:
       ppo: the PPO stage.
     """
 
-    model: str = "gpt2"
+    model: str | None = None
     init_from: str | None = None
     n_layer: int | None = None
     n_head: int | None = None
@@ -300,8 +309,8 @@ class TldrConfig:
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
 
     def __post_init__(self):
-        if self.model != "tiny" and self.model not in MODEL_PRESETS:
-            raise ValueError(f"--model {self.model!r}; use tiny or one of {sorted(MODEL_PRESETS)}")
+        if self.model is not None and self.model not in MODELS:
+            raise ValueError(f"--model {self.model!r}; use one of {', '.join(MODELS)}")
         unknown = set(self.stage_list) - set(STAGES)
         if unknown:
             raise ValueError(f"--stages has unknown {sorted(unknown)}; use a subset of {','.join(STAGES)}")
@@ -340,17 +349,28 @@ def inactive_flags(cfg: TldrConfig, given) -> list[str]:
 
 
 def check_config(cfg: TldrConfig) -> None:
-    """What the configs cannot check alone: the model they make, and the architecture flags against
-    pretrained weights (a local --init-from directory's config.json is checked in `make_setup`).
+    """What the configs cannot check alone: the model they make (a local --init-from directory's
+    config.json included), and the architecture flags against pretrained weights.
 
     Raises:
       ValueError: one line naming the flags and the fix.
     """
+    source = init_source(cfg)
+    if source is None and cfg.init_from is None and cfg.model in FAMILY_PRESETS and cfg.model != "tiny-llama":
+        raise ValueError(
+            f"--model {cfg.model} has no weights to download here: pass --init-from DIR (a local Hugging "
+            "Face directory of the model) or --init-from random"
+        )
+    if source is not None and not os.path.isdir(source) and source not in GPT2_SIZES:
+        # A hub name other than GPT-2's: its architecture would be known only after a download.
+        raise ValueError(
+            f"--init-from {source} is not a local directory; download the model (config.json, safetensors, "
+            "tokenizer files) and pass its directory (hub names: GPT-2 sizes only)"
+        )
     try:
         mcfg = model_config(cfg)
     except ValueError as err:
         raise ValueError(flags_message(str(err), ModelConfig)) from None
-    source = init_source(cfg)
     if source is None:
         return
     fixed = [flags.flag_names((name,))[0] for name in ("n_layer", "n_head", "n_embd") if getattr(cfg, name)]
@@ -360,7 +380,7 @@ def check_config(cfg: TldrConfig) -> None:
             f"{', '.join(fixed)} {verb} for a random init only (--model tiny or --init-from random); the "
             f"weights of {source} fix the architecture: drop {pronoun}"
         )
-    if source in MODEL_PRESETS and mcfg.block_size > 1024:
+    if source in GPT2_SIZES and mcfg.block_size > 1024:
         raise ValueError(
             f"--data.max_prompt_tokens {cfg.data.max_prompt_tokens} + --data.max_summary_tokens "
             f"{cfg.data.max_summary_tokens} = {mcfg.block_size} tokens, more than GPT-2's 1024 positions; "
@@ -417,7 +437,7 @@ class Setup:
 
     cfg: TldrConfig
     model_cfg: ModelConfig
-    tokenizer: GPT2Tokenizer
+    tokenizer: Tokenizer
     tokenizer_path: str
     mesh: jax.sharding.Mesh
 
@@ -426,33 +446,69 @@ class Setup:
         shutil.rmtree(self.tokenizer_path, ignore_errors=True)
 
 
-def model_config(cfg: TldrConfig) -> ModelConfig:
-    """The GPT of --model with block_size P + S, the dropout and dtype flags applied."""
+def model_config(cfg: TldrConfig, vocab_size: int = 50257) -> ModelConfig:
+    """The model of --model / --init-from with block_size P + S, the dropout and dtype flags applied.
+
+    A local --init-from directory gives the architecture (its config.json; --model, when given, must
+    agree); a random init takes `vocab_size` (the tokenizer's) and the --n-layer / --n-head / --n-embd
+    overrides. Params are float32 (the optimizer's); --bf16 sets the compute dtype.
+    """
     length = cfg.data.max_prompt_tokens + cfg.data.max_summary_tokens
-    n_layer, n_head, n_embd = TINY if cfg.model == "tiny" else MODEL_PRESETS[cfg.model]
-    return ModelConfig(
-        vocab_size=50257,
+    common = dict(
         block_size=length,
-        n_layer=cfg.n_layer or n_layer,
-        n_head=cfg.n_head or n_head,
-        n_embd=cfg.n_embd or n_embd,
         embd_pdrop=cfg.dropout,
         resid_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout,
+        param_dtype="float32",
         compute_dtype="bfloat16" if cfg.bf16 else "float32",
         remat=cfg.remat,
     )
+    source = init_source(cfg)
+    if source is not None and os.path.isdir(source):
+        try:
+            file_cfg = hf.read_config(source)
+        except ValueError as err:
+            raise ValueError(f"--init-from {source}: {err}") from None
+        if cfg.model is not None:  # a named shape must be the directory's
+            bad = hf_decoders.architecture_differences(_preset(cfg, file_cfg.vocab_size), file_cfg)
+            if bad:
+                raise ValueError(
+                    f"--model {cfg.model} is not the architecture of --init-from {source} "
+                    f"({'; '.join(bad)}); drop --model (the directory's config.json gives it)"
+                )
+        if file_cfg.position == "learned" and length > file_cfg.block_size:
+            raise ValueError(
+                f"--data.max_prompt_tokens {cfg.data.max_prompt_tokens} + --data.max_summary_tokens "
+                f"{cfg.data.max_summary_tokens} = {length} tokens, more than the {file_cfg.block_size} "
+                f"positions of {source}; lower them"
+            )
+        return dataclasses.replace(file_cfg, **common)
+    preset = _preset(cfg, vocab_size)
+    sizes = {name: getattr(cfg, name) for name in ("n_layer", "n_head", "n_embd") if getattr(cfg, name)}
+    return dataclasses.replace(preset, **sizes, **common)
+
+
+def _preset(cfg: TldrConfig, vocab_size: int) -> ModelConfig:
+    name = cfg.model or "gpt2"
+    if name == "tiny":
+        n_layer, n_head, n_embd = TINY
+        return ModelConfig(
+            vocab_size=vocab_size, block_size=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd
+        )
+    return ModelConfig.preset(name, vocab_size=vocab_size)
 
 
 def init_source(cfg: TldrConfig) -> str | None:
     """Where SFT's weights come from: a directory or hub name, or None for a random init."""
     if cfg.init_from is None:
-        return None if cfg.model == "tiny" else cfg.model
+        name = cfg.model or "gpt2"
+        return name if name in GPT2_SIZES else None
     return None if cfg.init_from == "random" else cfg.init_from
 
 
-def load_tokenizer(cfg: TldrConfig) -> GPT2Tokenizer:
-    """GPT-2's BPE from --data.tokenizer_dir, the --init-from directory, the data dir or the hub.
+def load_tokenizer(cfg: TldrConfig) -> Tokenizer:
+    """The tokenizer from --data.tokenizer_dir, the --init-from directory, the data dir's GPT-2 BPE or the
+    hub's "gpt2" (see `tokenizers.load_tokenizer`: tokenizer.json, or GPT-2's BPE files).
 
     A directory without tokenizer files is passed over (but --data.tokenizer_dir's); one with a bad or
     half pair of files is an error naming the file, never a silent fall-back to another tokenizer.
@@ -460,15 +516,16 @@ def load_tokenizer(cfg: TldrConfig) -> GPT2Tokenizer:
     given = cfg.data.tokenizer_dir
     if given and not os.path.isdir(given):
         raise FileNotFoundError(
-            f"--data.tokenizer_dir {given} is not a directory; pass the folder of vocab.json"
+            f"--data.tokenizer_dir {given} is not a directory; pass the folder of tokenizer.json or "
+            "vocab.json"
         )
     candidates = [given, init_source(cfg)]
     if os.environ.get(data.common.ENV_DATA_DIR):
         candidates.append(os.path.join(os.environ[data.common.ENV_DATA_DIR], "gpt2_tokenizer"))
     for path in candidates:
         if path and os.path.isdir(path):
-            try:
-                return GPT2Tokenizer.from_dir(path)  # a TokenizerFileError (bad files) is never passed over
+            try:  # a TokenizerFileError (bad files) is never passed over
+                return jaxrlhf_tokenizers.load_tokenizer(path)
             except FileNotFoundError:
                 if path == given:
                     raise
@@ -511,20 +568,21 @@ def make_setup(cfg: TldrConfig) -> Setup:
         raise ValueError(
             f"{', '.join(bad)} not divisible by the {n} devices of the mesh; use multiples of {n}"
         )
-    source = init_source(cfg)
-    if source is not None and os.path.isdir(source):
-        try:
-            hf.check_compatible(model_config(cfg), hf.read_config(source))
-        except ValueError as err:
-            raise ValueError(f"--init-from {source}: {err}") from None
     tokenizer = load_tokenizer(cfg)
+    model_cfg = model_config(cfg, tokenizer.vocab_size)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocab_size "
+            f"{model_cfg.vocab_size} (--init-from {init_source(cfg)}); pass the model's own tokenizer "
+            "(--data.tokenizer_dir)"
+        )
     tokenizer_path = tempfile.mkdtemp(prefix="tldr_tokenizer_")
     try:
         tokenizer.save(tokenizer_path)
     except BaseException:
         shutil.rmtree(tokenizer_path, ignore_errors=True)
         raise
-    return Setup(cfg, model_config(cfg), tokenizer, tokenizer_path, mesh)
+    return Setup(cfg, model_cfg, tokenizer, tokenizer_path, mesh)
 
 
 class StageError(RuntimeError):
@@ -562,11 +620,12 @@ def main(
 
 
 def initial_params(setup: Setup, key: jax.Array) -> model.Params:
-    """SFT's starting GPT params: Hugging Face weights (--init-from) or a random init."""
+    """SFT's starting params: Hugging Face weights (--init-from, any supported architecture) or a random
+    init."""
     source = init_source(setup.cfg)
     if source is None:
         return model.init_params(key, setup.model_cfg)
-    params, _ = hf.load_gpt2(source, setup.model_cfg)
+    params, _ = hf.load(source, setup.model_cfg)
     return params
 
 
