@@ -153,6 +153,7 @@ def compile_template(template: str) -> jinja2.Template:
         ) from None
 
 
+@functools.lru_cache(maxsize=16)
 def template_roles(template: str) -> tuple[str, ...]:
     """The roles a template compares messages against (`role == 'user'`, `['role'] != "system"`), sorted."""
     return tuple(sorted(set(_ROLE_LITERAL.findall(template))))

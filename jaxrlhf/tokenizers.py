@@ -420,6 +420,8 @@ class HFTokenizer(Tokenizer):
     Attributes:
       config: tokenizer_config.json as read (chat_template.jinja, when present, as its chat_template).
       generation_config: generation_config.json as read ({} when absent).
+      special_tokens: the named special tokens the config sets ({"bos_token": "<|begin_of_text|>", ...}),
+        what the chat template sees as `bos_token`, `eos_token`, ...
     """
 
     def __init__(
@@ -454,6 +456,7 @@ class HFTokenizer(Tokenizer):
         gen_file = f"{HF_GENERATION_FILE} in {source}"
 
         flagged = self._add_config_tokens(cfg_file)
+        tokenizer = self._tok  # a copy, if the config added tokens
         self.special_tokens = {}  # name -> content, the named special tokens the template sees
         for name in chat.SPECIAL_TOKEN_NAMES:
             value = self.config.get(name)
@@ -517,7 +520,12 @@ class HFTokenizer(Tokenizer):
         decoder = self.config.get("added_tokens_decoder") or {}
         if not isinstance(decoder, Mapping):
             raise TokenizerFileError(f"{cfg_file}: added_tokens_decoder must map ids to token dicts")
+        if not all(str(k).isdigit() for k in decoder):
+            raise TokenizerFileError(
+                f"{cfg_file}: added_tokens_decoder keys must be token ids, not {list(decoder)[:3]}"
+            )
         special = set()
+        copied = False
         for key, spec in sorted(decoder.items(), key=lambda kv: int(kv[0])):
             want = int(key)
             spec = spec if isinstance(spec, Mapping) else {"content": spec}
@@ -526,6 +534,8 @@ class HFTokenizer(Tokenizer):
                 raise TokenizerFileError(f"{cfg_file}: added_tokens_decoder[{key}] has no string content")
             have = self._tok.token_to_id(content)
             if have is None:
+                if not copied:  # never change the caller's tokenizer
+                    self._tok, copied = hf_tokenizers.Tokenizer.from_str(self._tok.to_str()), True
                 token = hf_tokenizers.AddedToken(
                     content,
                     special=bool(spec.get("special", False)),
@@ -747,13 +757,15 @@ def _read_json(path: str) -> dict:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load what `save` wrote: a CharTokenizer .json file or directory, a Hugging Face directory
-    (tokenizer.json, preferred when GPT-2 files sit beside it), or a GPT-2 directory.
+    """Load what `save` wrote: a CharTokenizer .json file or directory, a Hugging Face directory (or its
+    tokenizer.json; preferred when GPT-2 files sit beside it), or a GPT-2 directory.
 
     Raises:
       FileNotFoundError: nothing at `path`, or a directory with none of those files (the message lists them).
       TokenizerFileError: a tokenizer file that is truncated, corrupt or inconsistent.
     """
+    if os.path.isfile(path) and os.path.basename(path) == HF_TOKENIZER_FILE:
+        return HFTokenizer.from_dir(os.path.dirname(os.path.abspath(path)))
     if os.path.isfile(path) or os.path.isfile(os.path.join(path, CHAR_TOKENIZER_FILE)):
         return CharTokenizer.load(path)
     if os.path.isfile(os.path.join(path, HF_TOKENIZER_FILE)):

@@ -190,6 +190,24 @@ def test_eos_falls_back_to_generation_config_and_config_forms(tmp_path, base_tok
     assert HFTokenizer.from_dir(d).chat_template == "J"
 
 
+def test_config_added_tokens_join_the_vocabulary_as_in_transformers(tmp_path, base_tokenizer):
+    # A token that tokenizer_config.json's added_tokens_decoder lists but tokenizer.json lacks is added at
+    # its id (transformers does the same), and counts as special when marked so.
+    n = base_tokenizer.get_vocab_size(with_added_tokens=True)
+    added = {
+        str(n): {"content": "<|tool|>", "special": True},
+        str(n + 1): {"content": "<note>", "special": False},
+    }
+    d = write_dir(tmp_path / "added", base_tokenizer, "llama", added_tokens_decoder=added)
+    tok, ref = HFTokenizer.from_dir(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    text = "a<|tool|>b <note> c"
+    assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
+    assert tok.encode("<|tool|><note>") == [n, n + 1]
+    assert tok.vocab_size == len(ref) == n + 2
+    assert n in tok.special_ids and n + 1 not in tok.special_ids
+    assert base_tokenizer.token_to_id("<|tool|>") is None  # the caller's tokenizer is not changed
+
+
 def test_batches_pad_with_pad_id_and_keep_masks(model_dirs):
     qwen = HFTokenizer.from_dir(model_dirs["qwen2.5"])
     texts = ["Hello", "The quick brown fox"]
@@ -445,6 +463,7 @@ def test_load_tokenizer_dispatch_and_missing_files(tmp_path, base_tokenizer):
     base_tokenizer.model.save(str(d))  # vocab.json + merges.txt beside tokenizer.json
     assert {"vocab.json", "merges.txt"} <= {p.name for p in d.iterdir()}
     assert isinstance(load_tokenizer(d), HFTokenizer)
+    assert load_tokenizer(d / "tokenizer.json").encode_many(CORPUS) == load_tokenizer(d).encode_many(CORPUS)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(
