@@ -220,6 +220,9 @@ class SampleConfig:
       top_k: keep only the k most likely tokens (0 = off).
       top_p: nucleus sampling, keep the smallest set with mass >= top_p (1.0 = off).
       eos_id: end-of-text id; a sequence stops after emitting it (None = never stops early).
+      stop_ids: more ids a sequence stops after, e.g. a chat model's end-of-turn (`HFTokenizer.stop_ids`:
+        Llama 3 Instruct ends a turn with <|eot_id|> and a text with <|end_of_text|>). Stored sorted and
+        deduplicated.
       pad_id: id written into response slots after a sequence has stopped.
     """
 
@@ -228,9 +231,16 @@ class SampleConfig:
     top_k: int = 0
     top_p: float = 1.0
     eos_id: int | None = None
+    stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
 
     def __post_init__(self):
+        ids = self.stop_ids
+        if isinstance(ids, int | str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"stop_ids={ids!r}; pass a tuple of token ids (ints), e.g. tokenizer.stop_ids.")
+        if any(i < 0 for i in ids):
+            raise ValueError(f"stop_ids={ids!r}; token ids are >= 0.")
+        object.__setattr__(self, "stop_ids", tuple(sorted(set(ids))))  # hashable, one spelling per set
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}; it must be >= 1.")
         if self.temperature < 0 or not math.isfinite(self.temperature):
@@ -243,6 +253,11 @@ class SampleConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def stops(self) -> tuple[int, ...]:
+        """Every id a sequence stops after: eos_id (when set) and stop_ids, sorted."""
+        return tuple(sorted({*self.stop_ids, *(() if self.eos_id is None else (self.eos_id,))}))
 
 
 # ----------------------------------------------------------------------------------------- validation

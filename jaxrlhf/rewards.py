@@ -55,10 +55,10 @@ def make_text_reward(
     """A host reward that decodes each response and scores its text.
 
     The text of a row is its response tokens where `response_mask` is True, up to and excluding the
-    first end-of-text id (`tokenizer.eos_id`); the prompt is not scored.
+    first stop id (`tokenizer.stop_ids`: its EOS, and a chat model's end-of-turn); the prompt is not scored.
 
     Args:
-      tokenizer: decodes response ids (its `eos_id` should be the sampler's `eos_id`).
+      tokenizer: decodes response ids (its `stop_ids` should be the sampler's `SampleConfig.stops`).
       score_texts: B texts -> [B] scores, e.g. `vader_scores`.
 
     Returns:
@@ -152,7 +152,7 @@ def no_eos_penalty(scores: jax.Array, finished: jax.Array, penalty: float) -> ja
 
     Args:
       scores: [B] sequence scores.
-      finished: [B] bool, True where the response emitted end-of-text (`Rollout.finished`).
+      finished: [B] bool, True where the response emitted a stop id (`Rollout.finished`: eos_id or stop_ids).
       penalty: the score an unfinished response gets (e.g. -1.0 for VADER's [-1, 1] range).
 
     Returns:

@@ -100,7 +100,8 @@ class RLConfig:
       whiten_rewards: standardise the per-token rewards (score and KL terms) over the batch's real tokens
         and add their mean back, (r - mean) / std + mean (lm-human-preferences' whiten_rewards with
         shift_mean=False; ppo / pg, before GAE).
-      no_eos_penalty: score given to a response that never emits end-of-text (None = keep the score).
+      no_eos_penalty: score given to a response that never emits a stop id (`Rollout.finished`: the
+        sampler's eos_id or stop_ids; None = keep the score).
       dropout: run the policy and value with the model config's dropout in the update. Off by default:
         old and reference logprobs are computed without dropout, so with it the ratio differs from 1
         before any update (lm-human-preferences, TRL and the REBEL code all update without dropout).

@@ -1,9 +1,9 @@
 """Autoregressive sampling: one `lax.while_loop` over a KV cache.
 
 `sample(params, prompt, prompt_mask, model_cfg, sample_cfg, *, key)` encodes a left-padded prompt once
-(prefill), then draws one token per step for every row until each row has emitted the end-of-text id or the
-response budget R is spent, exiting early when every row is done. Shapes are static: a second call with the
-same shapes reuses the compiled program.
+(prefill), then draws one token per step for every row until each row has emitted a stop id (`eos_id` or one
+of `stop_ids`, e.g. a chat model's end-of-turn) or the response budget R is spent, exiting early when every
+row is done. Shapes are static: a second call with the same shapes reuses the compiled program.
 
 The returned `logprobs` are those of the sampled tokens under the tempered policy, log_softmax(logits / T)
 before top-k / top-p filtering (`policy_logits`), i.e. exactly what a teacher-forced forward of the same
@@ -33,10 +33,10 @@ class Rollout:
       prompt: [B, P] int32 prompt ids (left-padded).
       prompt_mask: [B, P] bool.
       response: [B, R] int32 sampled ids; `pad_id` after a row stopped.
-      response_mask: [B, R] bool, True up to and including the first end-of-text token.
+      response_mask: [B, R] bool, True up to and including the first stop token (eos_id or stop_ids).
       logprobs: [B, R] float32 log pi_T(response_t | prefix) of the tempered, unfiltered policy
         (`policy_logits`; temperature 1 when greedy); 0 where masked.
-      finished: [B] bool, True where the row emitted end-of-text.
+      finished: [B] bool, True where the row emitted a stop token (eos_id or one of stop_ids).
     """
 
     prompt: jax.Array
@@ -132,6 +132,12 @@ def _check_static(prompt, prompt_mask, model_cfg: ModelConfig, cfg: SampleConfig
             raise ValueError(
                 f"{name}={value} is outside the vocabulary [0, {V}){never}; use the tokenizer's id"
             )
+    outside = [i for i in cfg.stop_ids if i >= V]
+    if outside:
+        raise ValueError(
+            f"stop_ids has {outside[0]}, outside the vocabulary [0, {V}) (a sequence would never stop on "
+            "it); use the tokenizer's ids (tokenizer.stop_ids)"
+        )
     if len(prompt.shape) != 2 or tuple(prompt_mask.shape) != tuple(prompt.shape):
         raise ValueError(
             f"prompt {tuple(prompt.shape)} and prompt_mask {tuple(prompt_mask.shape)} must both be [B, P]"
@@ -189,7 +195,9 @@ def _sample_impl(params, prompt, prompt_mask, model_cfg: ModelConfig, cfg: Sampl
         live = ~s.done
         token = jnp.where(live, token, cfg.pad_id)
         logprob = jnp.where(live, ops.token_logprobs(tempered, token), 0.0)
-        done = s.done if cfg.eos_id is None else s.done | (token == cfg.eos_id)
+        done = s.done
+        for stop in cfg.stops:  # eos_id and stop_ids; one compare each (no stops: never done early)
+            done = done | (token == stop)
         response = jax.lax.dynamic_update_slice(s.response, token[:, None], (0, s.step))
         response_mask = jax.lax.dynamic_update_slice(s.response_mask, live[:, None], (0, s.step))
         logprobs = jax.lax.dynamic_update_slice(s.logprobs, logprob[:, None], (0, s.step))
@@ -242,15 +250,16 @@ def sample(
       prompt: [B, P] int ids, left-padded.
       prompt_mask: [B, P] bool, True = real token.
       model_cfg: the model config (static).
-      cfg: sampling config (static): temperature (0 = greedy), top_k, top_p, eos_id, pad_id.
+      cfg: sampling config (static): temperature (0 = greedy), top_k, top_p, eos_id, stop_ids, pad_id.
       key: PRNG key; the same key gives the same rollout.
 
     Returns:
       Rollout with response / response_mask / logprobs of shape [B, R].
 
     Raises:
-      ValueError: an empty batch, prompt ids (real tokens of a concrete prompt) or eos_id / pad_id outside
-        the vocabulary, params that do not match model_cfg, or a prompt that is not left-padded.
+      ValueError: an empty batch, prompt ids (real tokens of a concrete prompt) or eos_id / stop_ids /
+        pad_id outside the vocabulary, params that do not match model_cfg, or a prompt that is not
+        left-padded.
     """
     _check_static(prompt, prompt_mask, model_cfg, cfg)
     model.check_params(params, model_cfg)

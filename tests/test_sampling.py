@@ -208,3 +208,46 @@ def test_bad_prompts_are_clear_errors(params):
         )
     with pytest.raises(ValueError, match="top_p"):
         SampleConfig(max_new_tokens=4, top_p=0.0)
+
+
+def test_stop_ids_end_rows_like_eos(params):
+    prompt, mask = _prompt()
+    greedy = SampleConfig(max_new_tokens=12, temperature=0.0)
+    free = sampling.sample(params, prompt, mask, CFG, greedy, key=jax.random.key(0))
+    stop = int(free.response[0, 2])
+    as_eos = sampling.sample(
+        params, prompt, mask, CFG, dataclasses.replace(greedy, eos_id=stop), key=jax.random.key(0)
+    )
+    as_stop = sampling.sample(
+        params, prompt, mask, CFG, dataclasses.replace(greedy, stop_ids=(stop,)), key=jax.random.key(0)
+    )
+    for name in ("response", "response_mask", "logprobs", "finished"):
+        np.testing.assert_array_equal(getattr(as_stop, name), getattr(as_eos, name), err_msg=name)
+    # eos_id and stop_ids together: each row stops after the first of either; rows with neither run on.
+    other = int(free.response[1, 4])
+    both = dataclasses.replace(greedy, eos_id=other, stop_ids=(stop, CFG.vocab_size - 1), pad_id=0)
+    r = sampling.sample(params, prompt, mask, CFG, both, key=jax.random.key(0))
+    for b in range(prompt.shape[0]):
+        row = np.asarray(free.response[b])
+        hits = np.flatnonzero(np.isin(row, [stop, other, CFG.vocab_size - 1]))
+        end = hits[0] + 1 if hits.size else len(row)
+        np.testing.assert_array_equal(r.response[b, :end], row[:end])
+        np.testing.assert_array_equal(r.logprobs[b, :end], free.logprobs[b, :end])
+        assert bool(r.response_mask[b, :end].all()) and not bool(r.response_mask[b, end:].any())
+        assert bool((r.response[b, end:] == 0).all()) and bool((r.logprobs[b, end:] == 0).all())
+        assert bool(r.finished[b]) == bool(hits.size)
+    assert int(r.response_length[0]) <= 3 and int(r.response_length[1]) <= 5
+
+
+def test_stop_ids_are_checked(params):
+    cfg = SampleConfig(max_new_tokens=4, eos_id=3, stop_ids=[7, 2, 7])
+    assert cfg.stop_ids == (2, 7) and cfg.stops == (2, 3, 7) and hash(cfg) == hash(dataclasses.replace(cfg))
+    assert SampleConfig(max_new_tokens=4).stops == ()
+    for bad in ((1.5,), (True,), 5, (-1,)):
+        with pytest.raises(ValueError, match="stop_ids"):
+            SampleConfig(max_new_tokens=4, stop_ids=bad)
+    prompt, mask = _prompt()
+    with pytest.raises(ValueError, match=r"stop_ids has 23, outside the vocabulary \[0, 23\)"):
+        sampling.sample(
+            params, prompt, mask, CFG, SampleConfig(max_new_tokens=4, stop_ids=(3, 23)), key=jax.random.key(0)
+        )
