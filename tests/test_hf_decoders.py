@@ -350,3 +350,20 @@ def test_load_sharded_checkpoint_directory_onto_a_mesh(tmp_path):
     np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="cfg does not match"):
         hf_decoders.load(tmp_path / "bf16", ModelConfig(**{**cfg.__dict__, "n_kv_head": 4}))
+
+
+def test_bf16_compute_keeps_float32_logits_and_scores():
+    """bfloat16 matmuls on the Llama family (RoPE and norms in float32): logits and scalar-head scores stay
+    float32 and near transformers' float32 logits; the float32 forward is much nearer (the dtype acts)."""
+    m = _hf_model("llama")
+    cfg = hf_decoders.config_from_hf(m.config.to_dict())
+    params = hf_decoders.params_from_hf({k: v.numpy() for k, v in m.state_dict().items()}, cfg)
+    tokens, mask = _batch()
+    bf16 = ModelConfig(**{**cfg.__dict__, "compute_dtype": "bfloat16"})
+    logits = jax.jit(model.logits_fn, static_argnums=3)(params, tokens, mask, bf16)
+    assert logits.dtype == jnp.float32
+    theirs = _hf_logits(m, tokens, mask)[mask]
+    err = np.abs(np.asarray(logits)[mask] - theirs).max()
+    assert 1e-3 < err < 0.05 * np.abs(theirs).max(), err
+    scalar = {"gpt": params, "head": model.init_scalar_head(jax.random.key(0), cfg, scale=1.0)}
+    assert jax.jit(model.scalar_fn, static_argnums=3)(scalar, tokens, mask, bf16).dtype == jnp.float32

@@ -252,7 +252,8 @@ def run(setup: common.Setup) -> runner.StageResult:
         top_k=pcfg.top_k,
         top_p=pcfg.top_p,
         eos_id=setup.tokenizer.eos_id,
-        pad_id=setup.tokenizer.eos_id,
+        stop_ids=setup.tokenizer.stop_ids,  # e.g. an instruct model's end of turn too
+        pad_id=setup.tokenizer.pad_id,
     )
     # The step run_stage resumes from: the newest good checkpoint (it sets damaged newer ones aside).
     resume_from = checkpoint.latest_good_step(cfg.out, "ppo")[0] if cfg.resume else None
