@@ -47,8 +47,8 @@ class Case:
     def __init__(self, name: str, cfg: ModelConfig, batch: int):
         self.name, self.cfg, self.batch = name, cfg, batch
         tx = train.make_optimizer(train.OptimConfig())
-        self.params = model.init_params(jax.random.key(0), cfg)
-        self.state = train.init_train_state(self.params, tx)
+        self.params = model.init_params(jax.random.key(0), cfg)  # the sampler's (the step donates its own)
+        self.state = train.init_train_state(jax.tree.map(jnp.copy, self.params), tx)
         tokens = jax.random.randint(jax.random.key(1), (batch, SEQ + 1), 0, cfg.vocab_size, jnp.int32)
         mask = jnp.ones(tokens.shape, bool)
         self.batch_data = train.LMBatch(tokens, mask, mask)
