@@ -262,6 +262,59 @@ def _update(state, tx, loss_fn, batch, key):
     return state, {**metrics, **opt_metrics}
 
 
+def run_epochs(update: Callable, state, batch, *, key, epochs: int, minibatches: int):
+    """`epochs` passes over a fixed batch, each `minibatches` updates on a fresh shuffle, in one `lax.scan`.
+
+    The multi-pass loop of PPO (`rl.make_rl_step`) and REBEL (`make_rebel_step`): every leaf of `batch`
+    has the batch on axis 0, which must be divisible by `minibatches`.
+
+    Args:
+      update: update(state, minibatch, key) -> (state, metrics), the metrics a flat dict of scalars.
+      state: the train state at the start of the first pass.
+      batch: a pytree of [B, ...] arrays.
+      key: PRNG key of the shuffles (and of the updates' keys). None only with minibatches = 1: every pass
+        is then the whole batch in order, and `update` gets a None key.
+      epochs: passes over the batch.
+      minibatches: updates per pass.
+
+    Returns:
+      (state, metrics) with every metric stacked to [epochs, minibatches].
+    """
+    b = jax.tree.leaves(batch)[0].shape[0]
+    if b % minibatches:
+        raise ValueError(f"batch {b} is not divisible by minibatches={minibatches}; change one.")
+    if key is None:
+        if minibatches > 1:
+            raise ValueError(f"minibatches={minibatches} shuffles the batch every pass: pass a key.")
+
+        def whole_batch(state, _):
+            state, metrics = update(state, batch, None)
+            return state, jax.tree.map(lambda x: x[None], metrics)  # [1] per pass
+
+        return jax.lax.scan(whole_batch, state, None, length=epochs)
+    mb_size = b // minibatches
+
+    def one_epoch(state, epoch_key):
+        perm = jax.random.permutation(epoch_key, b).reshape(minibatches, mb_size)
+
+        def one_minibatch(state, xs):
+            idx, mb_key = xs
+            return update(state, jax.tree.map(lambda x: x[idx], batch), mb_key)
+
+        keys = jax.random.split(jax.random.fold_in(epoch_key, 1), minibatches)
+        return jax.lax.scan(one_minibatch, state, (perm, keys))
+
+    return jax.lax.scan(one_epoch, state, jax.random.split(key, epochs))
+
+
+def mean_metrics(metrics: dict) -> dict:
+    """Stacked per-update metrics -> their means; "finite" is the minimum (0 if any update was skipped)."""
+    out = jax.tree.map(jnp.mean, metrics)
+    if "finite" in metrics:
+        out["finite"] = jnp.min(metrics["finite"])
+    return out
+
+
 # ------------------------------------------------------------------------------------------ steps
 
 
