@@ -435,11 +435,40 @@ def make_dpo_step(
 
 
 def make_rebel_step(
-    cfg: ModelConfig, tx: optax.GradientTransformation, *, eta: float = 1.0, dropout: bool = False
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    *,
+    eta: float = 1.0,
+    epochs: int = 4,
+    minibatches: int = 1,
+    dropout: bool = False,
 ) -> StepFn:
-    """REBEL: regress (1/eta)[log pi/pi_t (y) - log pi/pi_t (y')] onto r(y) - r(y') (Gao et al. 2024).
+    """REBEL's update on one fixed pair set (Gao et al. 2024, "REBEL: Reinforcement Learning via Regressing
+    Relative Rewards", Algorithm 1): regress (1/eta)[log pi/pi_t (y) - log pi/pi_t (y')] onto r(y) - r(y')
+    (`losses.rebel_loss`, the paper's scale) with `epochs` passes over the pairs, each `minibatches`
+    updates on a fresh shuffle, in one `lax.scan` (`run_epochs`).
 
-    `dropout`: as in `make_dpo_step` (off by default, so pi = pi_t exactly before the first update)."""
+    The batch's `ref_logprobs` must be pi_t's: the sequence logprobs of the policy that sampled the pairs,
+    i.e. of `state.params` as this step receives them, computed once per pair set (e.g.
+    `preference.rollout_logprobs(state.params, rollout, cfg)`), never the SFT reference. The first update
+    then sees a zero predicted difference; later ones see log pi/pi_t move, so the passes converge to the
+    regression's minimiser, where log pi/pi_t (y) - log pi/pi_t (y') = eta (r(y) - r(y')) on every pair:
+    pi_{t+1} proportional to pi_t exp(eta r), and a larger eta moves further from pi_t. Defaults are the
+    REBEL authors' (ZhaolinGao/REBEL `src/tldr/rebel.py`: eta 1, `noptepochs` 4, one optimizer step per
+    pass over the whole local batch). With epochs = minibatches = 1 the step is one gradient step at
+    pi = pi_t, where eta only scales a gradient that Adam normalises away.
+
+    An update on a minibatch without a real pair (`pair_mask` all False) is skipped, so that Adam's
+    momentum does not move the policy on no data. `key` shuffles the pairs (required for minibatches > 1)
+    and drives dropout. `dropout`: as in `make_dpo_step` (off by default, so pi = pi_t exactly at the first
+    update).
+
+    Metrics: the means over the epochs x minibatches updates, "finite" their minimum, and "initial_loss" /
+    "final_loss": the mean loss of the first / last pass (each minibatch's loss before its update).
+    """
+    for name, value in (("epochs", epochs), ("minibatches", minibatches)):
+        if value < 1:
+            raise ValueError(f"{name}={value}; it must be >= 1.")
 
     def loss_fn(params, batch: PrefBatch, key):
         lp = pair_logprobs(params, batch, cfg, key=key if dropout else None)
@@ -454,7 +483,15 @@ def make_rebel_step(
             pair_mask=batch.pair_mask,
         )
 
+    def update(state: TrainState, mb: PrefBatch, key):
+        new_state, metrics = _update(state, tx, loss_fn, mb, key)
+        has_pairs = jnp.any(mb.pair_mask)
+        new_state = jax.tree.map(lambda n, o: jnp.where(has_pairs, n, o), new_state, state)
+        return new_state, metrics
+
     def step(state: TrainState, batch: PrefBatch, *, key=None):
-        return _update(state, tx, loss_fn, batch, key)
+        state, metrics = run_epochs(update, state, batch, key=key, epochs=epochs, minibatches=minibatches)
+        initial, final = jnp.mean(metrics["loss"][0]), jnp.mean(metrics["loss"][-1])
+        return state, {**mean_metrics(metrics), "initial_loss": initial, "final_loss": final}
 
     return step
