@@ -420,6 +420,16 @@ def test_rebel_passes_reach_pi_t_exp_eta_r():
     assert kl[4.0] > 2 * kl[1.0] > 0, kl
 
 
+def test_rebel_rewards_add_the_kl_to_sft_and_the_no_eos_penalty():
+    """The REBEL authors' reward, by hand: score (penalty if unfinished) - kl_coef (log pi_t - log pi_sft)."""
+    scores = np.float32([0.5, -0.2, 0.9])
+    finished = np.array([True, False, True])
+    pi_t, sft = np.float32([-3.0, -4.0, -2.0]), np.float32([-5.0, -4.5, -1.0])
+    got = preference.rebel_rewards(scores, finished, pi_t, sft, kl_coef=0.1, no_eos_penalty=-1.0)
+    np.testing.assert_allclose(got, [0.5 - 0.1 * 2.0, -1.0 - 0.1 * 0.5, 0.9 + 0.1 * 1.0], **TOL)
+    np.testing.assert_allclose(preference.rebel_rewards(scores, finished, pi_t, sft), scores)
+
+
 # ------------------------------------------------------------------------------------------ sharding
 
 
