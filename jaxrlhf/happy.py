@@ -87,13 +87,14 @@ class RLStageConfig:
     Attributes:
       iters: RL iterations (rollout + update).
       batch_size: tweets sampled per iteration.
-      lr: Adam learning rate (constant).
+      lr: Adam learning rate (constant); None = the algorithm's default (`rl_settings`): 3e-4, and 3e-5
+        for rebel, whose passes fit each pair set (at 3e-4 they overshoot it and garble the tweets).
       kl_coef: beta of the per-token KL penalty to the SFT model (ppo, pg, grpo, rloo); for rebel the
         weight of the sequence KL of pi_t to the SFT model in the reward, as in the REBEL authors' code
         (`preference.rebel_rewards`; their default is 0.05 too).
       kl_target: adaptive-controller KL target per sequence (None: fixed beta; ppo, pg, grpo, rloo).
       epochs: passes over each rollout (ppo, grpo, rloo) or each fixed pair set (rebel); None = the
-        algorithm's default, `default_epochs`: 1 for ppo / grpo / rloo (HappyGPT's time-to-quality
+        algorithm's default (`rl_settings`): 1 for ppo / grpo / rloo (HappyGPT's time-to-quality
         setting), 4 for rebel (the REBEL authors' `noptepochs`).
       minibatches: updates per pass (ppo, grpo, rloo, rebel; it must divide the rows, or rebel's pairs).
       clip_eps: PPO ratio clip.
@@ -114,7 +115,7 @@ class RLStageConfig:
 
     iters: int = 200
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float | None = None
     kl_coef: float = 0.05
     kl_target: float | None = None
     epochs: int | None = None
@@ -149,7 +150,7 @@ class RLStageConfig:
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam={self.lam}; use a GAE lambda in [0, 1]")
         for name in ("lr", "clip_eps", "eta", "dpo_beta"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)}; it must be > 0")
 
 
@@ -350,7 +351,8 @@ def _rm_meta(cfg: HappyConfig, rl_mcfg: ModelConfig) -> dict:
 
 
 def _rl_meta(cfg: HappyConfig, rl_mcfg: ModelConfig) -> dict:
-    return {"config": _stage_meta(cfg, rl_mcfg, cfg.rl, algo=cfg.algo, reward=cfg.reward), "stage": "rl"}
+    stage = rl_settings(cfg)  # the values the stage runs with, whatever set them
+    return {"config": _stage_meta(cfg, rl_mcfg, stage, algo=cfg.algo, reward=cfg.reward), "stage": "rl"}
 
 
 def model_config(cfg: HappyConfig, vocab_size: int) -> ModelConfig:
@@ -407,19 +409,23 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-REBEL_EPOCHS = 4  # the REBEL authors' noptepochs (ZhaolinGao/REBEL src/tldr/rebel.py)
+# The RL stage's fields whose default depends on --algo (None in RLStageConfig), and their values.
+RL_DEFAULTS = dict(lr=3e-4, epochs=1)
+RL_ALGO_DEFAULTS = {
+    # the REBEL authors' 4 passes (ZhaolinGao/REBEL src/tldr/rebel.py noptepochs); the lr measured (README)
+    "rebel": dict(lr=3e-5, epochs=4),
+}
 
 
-def default_epochs(cfg: HappyConfig) -> int:
-    """--rl.epochs, or when not given the algorithm's default: 4 for rebel, 1 for ppo / grpo / rloo."""
-    if cfg.rl.epochs is not None:
-        return cfg.rl.epochs
-    return REBEL_EPOCHS if cfg.algo == "rebel" else 1
+def rl_settings(cfg: HappyConfig) -> RLStageConfig:
+    """The RL stage's config with every field --algo sets left unset (None) filled in (`RL_DEFAULTS`)."""
+    defaults = {**RL_DEFAULTS, **RL_ALGO_DEFAULTS.get(cfg.algo, {})}
+    return dataclasses.replace(cfg.rl, **{k: v for k, v in defaults.items() if getattr(cfg.rl, k) is None})
 
 
 def _rl_config(cfg: HappyConfig) -> rl.RLConfig:
     """The library RLConfig of --algo ppo / pg / grpo / rloo and the --rl.* flags."""
-    rc = cfg.rl
+    rc = rl_settings(cfg)
     group = cfg.algo in ("grpo", "rloo")
     return rl.RLConfig(
         algo=cfg.algo,
@@ -428,7 +434,7 @@ def _rl_config(cfg: HappyConfig) -> rl.RLConfig:
         lam=rc.lam,
         clip_eps=rc.clip_eps,
         vf_coef=rc.vf_coef,
-        epochs=default_epochs(cfg),
+        epochs=rc.epochs,
         minibatches=rc.minibatches,
         # GRPO as in DeepSeekMath: group-standardised advantages and a k3 KL loss term; RLOO as in
         # Ahmadian et al. / TRL: leave-one-out baseline, k1 in the sequence reward.
@@ -445,7 +451,7 @@ def _rl_config(cfg: HappyConfig) -> rl.RLConfig:
 def _rl_stage(
     cfg: HappyConfig, mcfg, sft_params, tokenizer, mesh, args, tok_path, reward_host, reward_jax, ptx_data
 ):
-    rc = cfg.rl
+    rc = rl_settings(cfg)
     optim = train.OptimConfig(lr=rc.lr, weight_decay=0.0, grad_clip=1.0)
     tx = train.make_optimizer(optim)
     scfg = SampleConfig(
@@ -507,9 +513,7 @@ def _rl_stage(
         pprompt = jnp.full((n_prompts, 1), tokenizer.eos_id, jnp.int32)
         pmask = jnp.ones((n_prompts, 1), bool)
         if cfg.algo == "rebel":
-            step = train.make_rebel_step(
-                mcfg, tx, eta=rc.eta, epochs=default_epochs(cfg), minibatches=rc.minibatches
-            )
+            step = train.make_rebel_step(mcfg, tx, eta=rc.eta, epochs=rc.epochs, minibatches=rc.minibatches)
         else:
             loss_type = "ipo" if cfg.algo == "ipo" else "sigmoid"
             step = train.make_dpo_step(
@@ -843,12 +847,16 @@ def _add_fields(parser, cls, prefix, defaults):
         if dataclasses.is_dataclass(value):
             _add_fields(parser, type(value), f"{prefix}{f.name}.", value)
             continue
+        shown = value
+        if cls is RLStageConfig and f.name in RL_DEFAULTS and value is None:
+            by_algo = ", ".join(f"{a} {d[f.name]}" for a, d in RL_ALGO_DEFAULTS.items() if f.name in d)
+            shown = f"{RL_DEFAULTS[f.name]}; {by_algo}"
         # Only flags given on the command line reach the namespace, so "none" can set a field to None.
         parser.add_argument(
             f"--{prefix}{f.name}",
             type=flag_parser(hints[f.name]),
             default=argparse.SUPPRESS,
-            help=f"(default: {value})",
+            help=f"(default: {shown})",
         )
 
 

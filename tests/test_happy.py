@@ -140,8 +140,8 @@ def test_happy_refuses_flags_the_algorithm_ignores(algo, flag, capsys):
     cfg, _ = happy.parse_args(["--algo", "ppo", "--rl.epochs=2", "--rl.kl_coef=0.2"])  # where they act
     assert cfg.rl.epochs == 2 and cfg.rl.kl_coef == 0.2
     rebel = ["--rl.epochs=3", "--rl.minibatches=2", "--rl.kl_coef=0.1", "--rl.no_eos_penalty=-1"]
-    cfg, _ = happy.parse_args(["--algo", "rebel", *rebel])
-    got = (happy.default_epochs(cfg), cfg.rl.minibatches, cfg.rl.kl_coef, cfg.rl.no_eos_penalty)
-    assert got == (3, 2, 0.1, -1)
-    # Unset, --rl.epochs is the algorithm's default: the REBEL authors' 4 passes, HappyGPT's 1 for PPO.
-    assert [happy.default_epochs(happy.parse_args(["--algo", a])[0]) for a in ("rebel", "ppo")] == [4, 1]
+    rc = happy.rl_settings(happy.parse_args(["--algo", "rebel", *rebel])[0])
+    assert (rc.epochs, rc.minibatches, rc.kl_coef, rc.no_eos_penalty, rc.lr) == (3, 2, 0.1, -1, 3e-5)
+    # Unset, --rl.epochs / --rl.lr are the algorithm's: REBEL's authors' 4 passes, HappyGPT's 1 for PPO.
+    settings = [happy.rl_settings(happy.parse_args(["--algo", a])[0]) for a in ("rebel", "ppo")]
+    assert [(rc.epochs, rc.lr) for rc in settings] == [(4, 3e-5), (1, 3e-4)]
