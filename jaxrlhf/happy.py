@@ -548,7 +548,8 @@ def _rl_stage(
                 np.asarray(rollout.response), np.asarray(rollout.response_mask), np.asarray(pair_rewards), n
             )
             batch = preference.build_pref_batch(rollout, sel, np.asarray(base), num_pairs=n_prompts)
-            # With no pair (every prompt's answers tied or identical) the step's loss and gradient are 0.
+            # With no pair (every prompt's answers tied or identical) the loss and gradient are 0 (REBEL skips
+            # the update; DPO / IPO still take an Adam step on momentum alone).
             state, metrics = jstep(state, batch, k_step)
             rmask = rollout.response_mask
             kl_tok = float(jnp.sum(pol - ref_lp) / jnp.maximum(jnp.sum(rmask), 1))
