@@ -343,7 +343,7 @@ def test_rebel_passes_move_toward_eta_times_the_reward_difference(pipeline, tiny
     the regression loss falls from its value at pi = pi_t (mean (r(y) - r(y'))^2, the prediction being 0)
     and every pair's predicted difference moves toward its reward difference, both from loop-reference
     logprobs. And eta acts: the updates for eta 1 and 100 differ (cosine 0.56 measured; one pass at
-    pi = pi_t gives cosine 1, Adam normalising the 1/eta away)."""
+    pi = pi_t gives 0.999, Adam normalising the 1/eta away)."""
     batch = preference.build_pref_batch(
         pipeline["rollout"], pipeline["selection"], pipeline["ref_logprobs"], num_pairs=6
     )
