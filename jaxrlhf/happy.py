@@ -87,11 +87,16 @@ class RLStageConfig:
     Attributes:
       iters: RL iterations (rollout + update).
       batch_size: tweets sampled per iteration.
-      lr: Adam learning rate (constant).
-      kl_coef: beta of the per-token KL penalty to the SFT model.
-      kl_target: adaptive-controller KL target per sequence (None: fixed beta).
-      epochs: PPO passes per rollout.
-      minibatches: PPO minibatches per pass.
+      lr: Adam learning rate (constant); None = the algorithm's default (`rl_settings`): 3e-4, and 3e-5
+        for rebel, whose passes fit each pair set (at 3e-4 they overshoot it and garble the tweets).
+      kl_coef: beta of the per-token KL penalty to the SFT model (ppo, pg, grpo, rloo); for rebel the
+        weight of the sequence KL of pi_t to the SFT model in the reward, as in the REBEL authors' code
+        (`preference.rebel_rewards`; their default is 0.05 too).
+      kl_target: adaptive-controller KL target per sequence (None: fixed beta; ppo, pg, grpo, rloo).
+      epochs: passes over each rollout (ppo, grpo, rloo) or each fixed pair set (rebel); None = the
+        algorithm's default (`rl_settings`): 1 for ppo / grpo / rloo (HappyGPT's time-to-quality
+        setting), 4 for rebel (the REBEL authors' `noptepochs`).
+      minibatches: updates per pass (ppo, grpo, rloo, rebel; it must divide the rows, or rebel's pairs).
       clip_eps: PPO ratio clip.
       vf_coef: value-loss weight.
       lam: GAE lambda.
@@ -104,14 +109,16 @@ class RLStageConfig:
       average_logprobs: DPO / IPO on each answer's per-token mean logprob instead of its sum (TRL's IPO).
       ptx_coef: PPO-ptx's gamma (InstructGPT eq. 2): each update also minimises gamma x the next-token
         loss of `batch_size` pretraining tweets; 0 = off.
+      no_eos_penalty: the reward of a tweet that never emitted "⏎" within the block (None: keep its
+        score); ppo, pg, grpo, rloo and rebel (the REBEL authors' fixed penalty, -1 on TL;DR).
     """
 
     iters: int = 200
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float | None = None
     kl_coef: float = 0.05
     kl_target: float | None = None
-    epochs: int = 1
+    epochs: int | None = None
     minibatches: int = 1
     clip_eps: float = 0.2
     vf_coef: float = 0.1
@@ -123,9 +130,12 @@ class RLStageConfig:
     dpo_beta: float = 0.1
     average_logprobs: bool = False
     ptx_coef: float = 0.0
+    no_eos_penalty: float | None = None
 
     def __post_init__(self):
         check_at_least(self, 1, "iters", "batch_size", "epochs", "minibatches")
+        if self.no_eos_penalty is not None and not math.isfinite(self.no_eos_penalty):
+            raise ValueError(f"no_eos_penalty={self.no_eos_penalty}; use a finite reward, or none (off)")
         check_at_least(self, 0, "kl_coef", "vf_coef", "ptx_coef")
         if self.pairs_n < 2:
             raise ValueError(f"pairs_n={self.pairs_n}; a group or a pair needs at least 2 answers per prompt")
@@ -140,7 +150,7 @@ class RLStageConfig:
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam={self.lam}; use a GAE lambda in [0, 1]")
         for name in ("lr", "clip_eps", "eta", "dpo_beta"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)}; it must be > 0")
 
 
@@ -341,7 +351,8 @@ def _rm_meta(cfg: HappyConfig, rl_mcfg: ModelConfig) -> dict:
 
 
 def _rl_meta(cfg: HappyConfig, rl_mcfg: ModelConfig) -> dict:
-    return {"config": _stage_meta(cfg, rl_mcfg, cfg.rl, algo=cfg.algo, reward=cfg.reward), "stage": "rl"}
+    stage = rl_settings(cfg)  # the values the stage runs with, whatever set them
+    return {"config": _stage_meta(cfg, rl_mcfg, stage, algo=cfg.algo, reward=cfg.reward), "stage": "rl"}
 
 
 def model_config(cfg: HappyConfig, vocab_size: int) -> ModelConfig:
@@ -398,9 +409,23 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
+# The RL stage's fields whose default depends on --algo (None in RLStageConfig), and their values.
+RL_DEFAULTS = dict(lr=3e-4, epochs=1)
+RL_ALGO_DEFAULTS = {
+    # the REBEL authors' 4 passes (ZhaolinGao/REBEL src/tldr/rebel.py noptepochs); the lr measured (README)
+    "rebel": dict(lr=3e-5, epochs=4),
+}
+
+
+def rl_settings(cfg: HappyConfig) -> RLStageConfig:
+    """The RL stage's config with every field --algo sets left unset (None) filled in (`RL_DEFAULTS`)."""
+    defaults = {**RL_DEFAULTS, **RL_ALGO_DEFAULTS.get(cfg.algo, {})}
+    return dataclasses.replace(cfg.rl, **{k: v for k, v in defaults.items() if getattr(cfg.rl, k) is None})
+
+
 def _rl_config(cfg: HappyConfig) -> rl.RLConfig:
     """The library RLConfig of --algo ppo / pg / grpo / rloo and the --rl.* flags."""
-    rc = cfg.rl
+    rc = rl_settings(cfg)
     group = cfg.algo in ("grpo", "rloo")
     return rl.RLConfig(
         algo=cfg.algo,
@@ -419,13 +444,14 @@ def _rl_config(cfg: HappyConfig) -> rl.RLConfig:
         loss_agg="seq_mean_token_mean" if cfg.algo == "grpo" else "token_mean",
         whiten_advantages=not group,
         ptx_coef=rc.ptx_coef,
+        no_eos_penalty=rc.no_eos_penalty,
     )
 
 
 def _rl_stage(
     cfg: HappyConfig, mcfg, sft_params, tokenizer, mesh, args, tok_path, reward_host, reward_jax, ptx_data
 ):
-    rc = cfg.rl
+    rc = rl_settings(cfg)
     optim = train.OptimConfig(lr=rc.lr, weight_decay=0.0, grad_clip=1.0)
     tx = train.make_optimizer(optim)
     scfg = SampleConfig(
@@ -487,7 +513,7 @@ def _rl_stage(
         pprompt = jnp.full((n_prompts, 1), tokenizer.eos_id, jnp.int32)
         pmask = jnp.ones((n_prompts, 1), bool)
         if cfg.algo == "rebel":
-            step = train.make_rebel_step(mcfg, tx, eta=rc.eta)
+            step = train.make_rebel_step(mcfg, tx, eta=rc.eta, epochs=rc.epochs, minibatches=rc.minibatches)
         else:
             loss_type = "ipo" if cfg.algo == "ipo" else "sigmoid"
             step = train.make_dpo_step(
@@ -502,15 +528,28 @@ def _rl_stage(
             k_gen, k_step = jax.random.split(key)
             rollout = gen(state.params, k_gen)
             scores = reward_host(rollout) if reward_jax is None else np.asarray(reward_jax(rollout))
-            # REBEL regresses against pi_t (the policy that sampled); DPO against the frozen SFT model.
-            base = logp(state.params if cfg.algo == "rebel" else ref, rollout)
-            pol = logp(state.params, rollout)
+            pol = logp(state.params, rollout)  # pi_t, the policy that sampled
             ref_lp = logp(ref, rollout)
+            # REBEL regresses against pi_t, on its authors' reward (score, no-EOS penalty, KL to SFT);
+            # DPO / IPO against the frozen SFT model, on pairs picked by the score.
+            if cfg.algo == "rebel":
+                base = pol
+                pair_rewards = preference.rebel_rewards(
+                    scores,
+                    rollout.finished,
+                    pol,
+                    ref_lp,
+                    kl_coef=rc.kl_coef,
+                    no_eos_penalty=rc.no_eos_penalty,
+                )
+            else:
+                base, pair_rewards = ref_lp, scores
             sel = preference.select_pairs(
-                np.asarray(rollout.response), np.asarray(rollout.response_mask), np.asarray(scores), n
+                np.asarray(rollout.response), np.asarray(rollout.response_mask), np.asarray(pair_rewards), n
             )
             batch = preference.build_pref_batch(rollout, sel, np.asarray(base), num_pairs=n_prompts)
-            # With no pair (every prompt's answers tied or identical) the step's loss and gradient are 0.
+            # With no pair (every prompt's answers tied or identical) the loss and gradient are 0 (REBEL skips
+            # the update; DPO / IPO still take an Adam step on momentum alone).
             state, metrics = jstep(state, batch, k_step)
             rmask = rollout.response_mask
             kl_tok = float(jnp.sum(pol - ref_lp) / jnp.maximum(jnp.sum(rmask), 1))
@@ -809,12 +848,16 @@ def _add_fields(parser, cls, prefix, defaults):
         if dataclasses.is_dataclass(value):
             _add_fields(parser, type(value), f"{prefix}{f.name}.", value)
             continue
+        shown = value
+        if cls is RLStageConfig and f.name in RL_DEFAULTS and value is None:
+            by_algo = ", ".join(f"{a} {d[f.name]}" for a, d in RL_ALGO_DEFAULTS.items() if f.name in d)
+            shown = f"{RL_DEFAULTS[f.name]}; {by_algo}"
         # Only flags given on the command line reach the namespace, so "none" can set a field to None.
         parser.add_argument(
             f"--{prefix}{f.name}",
             type=flag_parser(hints[f.name]),
             default=argparse.SUPPRESS,
-            help=f"(default: {value})",
+            help=f"(default: {shown})",
         )
 
 
@@ -835,10 +878,10 @@ def _apply(cfg, overrides: dict, prefix=""):
 
 # RL flags that act only for some algorithms; given for another, they are refused rather than ignored.
 _ALGO_FLAGS = {
-    "rl.kl_coef": ("ppo", "pg", "grpo", "rloo"),
+    "rl.kl_coef": ("ppo", "pg", "grpo", "rloo", "rebel"),
     "rl.kl_target": ("ppo", "pg", "grpo", "rloo"),
-    "rl.epochs": ("ppo", "grpo", "rloo"),
-    "rl.minibatches": ("ppo", "grpo", "rloo"),
+    "rl.epochs": ("ppo", "grpo", "rloo", "rebel"),
+    "rl.minibatches": ("ppo", "grpo", "rloo", "rebel"),
     "rl.clip_eps": ("ppo", "grpo", "rloo"),
     "rl.vf_coef": ("ppo",),
     "rl.lam": ("ppo",),
@@ -847,6 +890,7 @@ _ALGO_FLAGS = {
     "rl.dpo_beta": ("dpo", "ipo"),
     "rl.average_logprobs": ("dpo", "ipo"),
     "rl.ptx_coef": ("ppo", "pg", "grpo", "rloo"),
+    "rl.no_eos_penalty": ("ppo", "pg", "grpo", "rloo", "rebel"),
 }
 
 
@@ -878,6 +922,12 @@ def check_config(cfg: HappyConfig, given) -> None:
     if cfg.algo in ("ppo", "grpo", "rloo") and rc.batch_size % rc.minibatches:
         raise ConfigError(
             f"--rl.batch_size {rc.batch_size} must be a multiple of --rl.minibatches {rc.minibatches}"
+        )
+    pairs = max(rc.batch_size // rc.pairs_n, 1)  # one pair per prompt at most
+    if cfg.algo == "rebel" and pairs % rc.minibatches:
+        raise ConfigError(
+            f"--rl.minibatches {rc.minibatches} must divide the {pairs} pairs of an iteration "
+            f"(--rl.batch_size {rc.batch_size} / --rl.pairs_n {rc.pairs_n}, one pair per prompt)"
         )
     if cfg.algo in PAIR_ALGOS and rc.temperature == 0:
         raise ConfigError(

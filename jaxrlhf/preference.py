@@ -6,9 +6,10 @@ Rewards", Algorithm 1) and online DPO:
   rollout   = generate_answers(policy, prompt, prompt_mask, cfg, sample_cfg, n, key=k)  (device, [B*n])
   rewards   = reward_fn(rollout)                                                        ([B*n])
   ref       = rollout_logprobs(ref_params, rollout, cfg)  # REBEL: ref_params = the policy pi_t itself
+  rewards   = rebel_rewards(rewards, ...)                 # REBEL, optional: KL to SFT, no-EOS penalty
   selection = select_pairs(rollout.response, rollout.response_mask, rewards, n)        (host NumPy)
   batch     = build_pref_batch(rollout, selection, ref)   # train.PrefBatch, [B] pairs, padded
-  state, metrics = rebel_step(state, batch)               # or dpo_step
+  state, metrics = rebel_step(state, batch, key=k)        # several passes over the pairs; or dpo_step
 
 Row i * n + j of the rollout is answer j of prompt i. Pair selection is data dependent, so it runs on the
 host; everything with a model in it (sampling, logprobs, the step) has static shapes: the batch always
@@ -95,6 +96,42 @@ def sampler_logprobs(rollout: sampling.Rollout) -> jax.Array:
     not bit-identical to the training forward. Prefer `rollout_logprobs` for REBEL's pi_t.
     """
     return jnp.sum(jnp.where(rollout.response_mask, rollout.logprobs, 0.0), axis=-1)
+
+
+def rebel_rewards(
+    scores: jax.Array,
+    finished: jax.Array,
+    policy_logprobs: jax.Array,
+    sft_logprobs: jax.Array,
+    *,
+    kl_coef: float = 0.0,
+    no_eos_penalty: float | None = None,
+) -> jax.Array:
+    """The REBEL authors' reward (ZhaolinGao/REBEL `src/tldr/rebel.py`): the score, replaced by a fixed
+    `no_eos_penalty` for an answer that never emitted end-of-text, minus kl_coef x its sequence KL to the
+    SFT reference, log pi_t(y) - log pi_sft(y) (the k1 estimate at the sampled answer).
+
+      r(y) = (score(y) if finished(y) else no_eos_penalty) - kl_coef [log pi_t(y) - log pi_sft(y)]
+
+    Their defaults: kl_coef 0.05; penalty -1 on TL;DR, -4 on UltraFeedback and Nectar.
+
+    Args:
+      scores: [B*n] sequence scores.
+      finished: [B*n] bool, True where the answer emitted end-of-text (`Rollout.finished`).
+      policy_logprobs: [B*n] sequence logprobs under pi_t, the policy that sampled (the same values as
+        the PrefBatch's `ref_logprobs`, e.g. `rollout_logprobs(state.params, rollout, cfg)`).
+      sft_logprobs: [B*n] sequence logprobs under the frozen SFT reference.
+      kl_coef: weight of the KL term (0 = none).
+      no_eos_penalty: the score of an unfinished answer; None = keep its score.
+
+    Returns:
+      [B*n] float32 rewards, to select pairs on and regress onto.
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    if no_eos_penalty is not None:  # the rule of `rewards.no_eos_penalty`
+        scores = jnp.where(jnp.asarray(finished, bool), scores, jnp.float32(no_eos_penalty))
+    kl = jnp.asarray(policy_logprobs, jnp.float32) - jnp.asarray(sft_logprobs, jnp.float32)
+    return scores - kl_coef * kl
 
 
 # ------------------------------------------------------------------------------------------ pairing

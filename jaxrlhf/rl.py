@@ -444,23 +444,11 @@ def make_rl_step(
             state, metrics = update(state, exp, ptx, jax.random.fold_in(key, 0))
         else:
             _check_minibatches(b, rl)
-            mb_size = b // rl.minibatches
-
-            def one_epoch(state, epoch_key):
-                perm = jax.random.permutation(epoch_key, b).reshape(rl.minibatches, mb_size)
-
-                def one_minibatch(state, xs):
-                    idx, mb_key = xs
-                    mb = jax.tree.map(lambda x: x[idx], exp)
-                    return update(state, mb, ptx, mb_key)
-
-                keys = jax.random.split(jax.random.fold_in(epoch_key, 1), rl.minibatches)
-                return jax.lax.scan(one_minibatch, state, (perm, keys))
-
-            state, metrics = jax.lax.scan(one_epoch, state, jax.random.split(key, rl.epochs))
-            finite = jnp.min(metrics["finite"])
-            metrics = jax.tree.map(jnp.mean, metrics)
-            metrics["finite"] = finite
+            state, metrics = train.run_epochs(
+                lambda s, mb, k: update(s, mb, ptx, k), state, exp, key=key, epochs=rl.epochs,
+                minibatches=rl.minibatches,
+            )  # fmt: skip
+            metrics = train.mean_metrics(metrics)
         seq_kl = jnp.mean(jnp.sum(exp.kl, axis=-1))
         state = state.replace(kl=losses.update_kl_controller(state.kl, seq_kl, b))
         return state, metrics

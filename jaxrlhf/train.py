@@ -262,6 +262,59 @@ def _update(state, tx, loss_fn, batch, key):
     return state, {**metrics, **opt_metrics}
 
 
+def run_epochs(update: Callable, state, batch, *, key, epochs: int, minibatches: int):
+    """`epochs` passes over a fixed batch, each `minibatches` updates on a fresh shuffle, in one `lax.scan`.
+
+    The multi-pass loop of PPO (`rl.make_rl_step`) and REBEL (`make_rebel_step`): every leaf of `batch`
+    has the batch on axis 0, which must be divisible by `minibatches`.
+
+    Args:
+      update: update(state, minibatch, key) -> (state, metrics), the metrics a flat dict of scalars.
+      state: the train state at the start of the first pass.
+      batch: a pytree of [B, ...] arrays.
+      key: PRNG key of the shuffles (and of the updates' keys). None only with minibatches = 1: every pass
+        is then the whole batch in order, and `update` gets a None key.
+      epochs: passes over the batch.
+      minibatches: updates per pass.
+
+    Returns:
+      (state, metrics) with every metric stacked to [epochs, minibatches].
+    """
+    b = jax.tree.leaves(batch)[0].shape[0]
+    if b % minibatches:
+        raise ValueError(f"batch {b} is not divisible by minibatches={minibatches}; change one.")
+    if key is None:
+        if minibatches > 1:
+            raise ValueError(f"minibatches={minibatches} shuffles the batch every pass: pass a key.")
+
+        def whole_batch(state, _):
+            state, metrics = update(state, batch, None)
+            return state, jax.tree.map(lambda x: x[None], metrics)  # [1] per pass
+
+        return jax.lax.scan(whole_batch, state, None, length=epochs)
+    mb_size = b // minibatches
+
+    def one_epoch(state, epoch_key):
+        perm = jax.random.permutation(epoch_key, b).reshape(minibatches, mb_size)
+
+        def one_minibatch(state, xs):
+            idx, mb_key = xs
+            return update(state, jax.tree.map(lambda x: x[idx], batch), mb_key)
+
+        keys = jax.random.split(jax.random.fold_in(epoch_key, 1), minibatches)
+        return jax.lax.scan(one_minibatch, state, (perm, keys))
+
+    return jax.lax.scan(one_epoch, state, jax.random.split(key, epochs))
+
+
+def mean_metrics(metrics: dict) -> dict:
+    """Stacked per-update metrics -> their means; "finite" is the minimum (0 if any update was skipped)."""
+    out = jax.tree.map(jnp.mean, metrics)
+    if "finite" in metrics:
+        out["finite"] = jnp.min(metrics["finite"])
+    return out
+
+
 # ------------------------------------------------------------------------------------------ steps
 
 
@@ -382,11 +435,40 @@ def make_dpo_step(
 
 
 def make_rebel_step(
-    cfg: ModelConfig, tx: optax.GradientTransformation, *, eta: float = 1.0, dropout: bool = False
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    *,
+    eta: float = 1.0,
+    epochs: int = 4,
+    minibatches: int = 1,
+    dropout: bool = False,
 ) -> StepFn:
-    """REBEL: regress (1/eta)[log pi/pi_t (y) - log pi/pi_t (y')] onto r(y) - r(y') (Gao et al. 2024).
+    """REBEL's update on one fixed pair set (Gao et al. 2024, "REBEL: Reinforcement Learning via Regressing
+    Relative Rewards", Algorithm 1): regress (1/eta)[log pi/pi_t (y) - log pi/pi_t (y')] onto r(y) - r(y')
+    (`losses.rebel_loss`, the paper's scale) with `epochs` passes over the pairs, each `minibatches`
+    updates on a fresh shuffle, in one `lax.scan` (`run_epochs`).
 
-    `dropout`: as in `make_dpo_step` (off by default, so pi = pi_t exactly before the first update)."""
+    The batch's `ref_logprobs` must be pi_t's: the sequence logprobs of the policy that sampled the pairs,
+    i.e. of `state.params` as this step receives them, computed once per pair set (e.g.
+    `preference.rollout_logprobs(state.params, rollout, cfg)`), never the SFT reference. The first update
+    then sees a zero predicted difference; later ones see log pi/pi_t move, so the passes converge to the
+    regression's minimiser, where log pi/pi_t (y) - log pi/pi_t (y') = eta (r(y) - r(y')) on every pair:
+    pi_{t+1} proportional to pi_t exp(eta r), and a larger eta moves further from pi_t. Defaults are the
+    REBEL authors' (ZhaolinGao/REBEL `src/tldr/rebel.py`: eta 1, `noptepochs` 4, one optimizer step per
+    pass over the whole local batch). With epochs = minibatches = 1 the step is one gradient step at
+    pi = pi_t, where eta only scales a gradient that Adam normalises away.
+
+    An update on a minibatch without a real pair (`pair_mask` all False) is skipped, so that Adam's
+    momentum does not move the policy on no data. `key` shuffles the pairs (required for minibatches > 1)
+    and drives dropout. `dropout`: as in `make_dpo_step` (off by default, so pi = pi_t exactly at the first
+    update).
+
+    Metrics: the means over the epochs x minibatches updates, "finite" their minimum, and "initial_loss" /
+    "final_loss": the mean loss of the first / last pass (each minibatch's loss before its update).
+    """
+    for name, value in (("epochs", epochs), ("minibatches", minibatches)):
+        if value < 1:
+            raise ValueError(f"{name}={value}; it must be >= 1.")
 
     def loss_fn(params, batch: PrefBatch, key):
         lp = pair_logprobs(params, batch, cfg, key=key if dropout else None)
@@ -401,7 +483,15 @@ def make_rebel_step(
             pair_mask=batch.pair_mask,
         )
 
+    def update(state: TrainState, mb: PrefBatch, key):
+        new_state, metrics = _update(state, tx, loss_fn, mb, key)
+        has_pairs = jnp.any(mb.pair_mask)
+        new_state = jax.tree.map(lambda n, o: jnp.where(has_pairs, n, o), new_state, state)
+        return new_state, metrics
+
     def step(state: TrainState, batch: PrefBatch, *, key=None):
-        return _update(state, tx, loss_fn, batch, key)
+        state, metrics = run_epochs(update, state, batch, key=key, epochs=epochs, minibatches=minibatches)
+        initial, final = jnp.mean(metrics["loss"][0]), jnp.mean(metrics["loss"][-1])
+        return state, {**mean_metrics(metrics), "initial_loss": initial, "final_loss": final}
 
     return step

@@ -288,6 +288,12 @@ PIPELINE_CASES = [
         2,
     ),
     Case(
+        "happy_rebel_minibatches",
+        happy_case("--algo", "rebel", "--rl.minibatches", "3"),
+        ("--rl.minibatches 3 must divide the 4 pairs of an iteration", "--rl.pairs_n 4"),
+        2,
+    ),
+    Case(
         "happy_kl_target",
         happy_case("--rl.kl_target", "0"),
         ("--rl.kl_target 0.0", "positive KL", "or none"),

@@ -127,8 +127,9 @@ def test_happy_rejects_unknown_choices(flag, tmp_path):
 @pytest.mark.parametrize(
     "algo,flag",
     [("pg", "--rl.epochs=2"), ("pg", "--rl.minibatches=2"), ("pg", "--rl.lam=0.9"),
-     ("rebel", "--rl.kl_coef=0.1"), ("dpo", "--rl.clip_eps=0.1"), ("rebel", "--rl.dpo_beta=0.2"),
-     ("ppo", "--rl.eta=2"), ("ppo", "--rl.pairs_n=2"), ("rebel", "--rl.average_logprobs=true")],
+     ("rebel", "--rl.kl_target=1"), ("dpo", "--rl.clip_eps=0.1"), ("rebel", "--rl.dpo_beta=0.2"),
+     ("ppo", "--rl.eta=2"), ("ppo", "--rl.pairs_n=2"), ("rebel", "--rl.average_logprobs=true"),
+     ("dpo", "--rl.epochs=2"), ("dpo", "--rl.kl_coef=0.1"), ("ipo", "--rl.no_eos_penalty=-1")],
 )  # fmt: skip
 def test_happy_refuses_flags_the_algorithm_ignores(algo, flag, capsys):
     with pytest.raises(SystemExit) as e:
@@ -138,3 +139,9 @@ def test_happy_refuses_flags_the_algorithm_ignores(algo, flag, capsys):
     assert flag.split("=")[0] in last and f"--algo {algo}" in last
     cfg, _ = happy.parse_args(["--algo", "ppo", "--rl.epochs=2", "--rl.kl_coef=0.2"])  # where they act
     assert cfg.rl.epochs == 2 and cfg.rl.kl_coef == 0.2
+    rebel = ["--rl.epochs=3", "--rl.minibatches=2", "--rl.kl_coef=0.1", "--rl.no_eos_penalty=-1"]
+    rc = happy.rl_settings(happy.parse_args(["--algo", "rebel", *rebel])[0])
+    assert (rc.epochs, rc.minibatches, rc.kl_coef, rc.no_eos_penalty, rc.lr) == (3, 2, 0.1, -1, 3e-5)
+    # Unset, --rl.epochs / --rl.lr are the algorithm's: REBEL's authors' 4 passes, HappyGPT's 1 for PPO.
+    settings = [happy.rl_settings(happy.parse_args(["--algo", a])[0]) for a in ("rebel", "ppo")]
+    assert [(rc.epochs, rc.lr) for rc in settings] == [(4, 3e-5), (1, 3e-4)]

@@ -292,7 +292,7 @@ def test_preference_steps_start_at_the_reference_despite_dropout(tiny_cfg, algo)
     if algo == "dpo":
         step = train.make_dpo_step(cfg, tx, beta=0.1)
     else:
-        step = train.make_rebel_step(cfg, tx, eta=1.0)
+        step = train.make_rebel_step(cfg, tx, eta=1.0, epochs=1)  # the first update
     state = train.init_train_state(params, tx)
     _, metrics = jax.jit(lambda s, x, k: step(s, x, key=k))(state, batch, jax.random.key(7))
     if algo == "dpo":

@@ -39,6 +39,17 @@ def rebel_loss(
     pi_0 ("ref") is the policy that sampled the pair (REBEL's pi_t) and y, y' are two answers to one
     prompt. Gao et al. 2024, "REBEL: Reinforcement Learning via Regressing Relative Rewards", eq. 1.
 
+    Its minimiser over a fixed set of pairs has log pi/pi_0 (y) - log pi/pi_0 (y') = eta (r(y) - r(y')),
+    i.e. pi proportional to pi_0 exp(eta r): a larger eta moves further from pi_0. At pi = pi_0 the
+    prediction is 0 and eta only scales the gradient, so the update must make several passes over the
+    pairs (`train.make_rebel_step`) for eta to act.
+
+    Scale: this is the paper's form. The REBEL authors' code (ZhaolinGao/REBEL, `src/tldr/rebel.py` and
+    `src/ultrafeedback/rebel.py`) minimises mean_b ( [log pi/pi_0 (y_b) - log pi/pi_0 (y'_b)] - eta (r(y_b)
+    - r(y'_b)) )^2, which is eta^2 x L: the same minimiser, and gradients eta^2 times these. Adam's step
+    is invariant to that constant up to its eps, but gradient-norm clipping and SGD are not: to match
+    the authors' runs at eta != 1, multiply this loss (or the SGD learning rate) by eta^2.
+
     Args:
       logprobs_chosen, ref_logprobs_chosen: [B, R] token logprobs (summed under `mask_chosen`) or
         [B] sequence logprobs of y under pi and pi_0.
