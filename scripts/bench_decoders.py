@@ -56,7 +56,9 @@ class Case:
         t0 = time.perf_counter()
         self.step = step.lower(self.state, self.batch_data).compile()
         self.train_compile_s = time.perf_counter() - t0
-        self.prompt = jax.random.randint(jax.random.key(2), (SAMPLE_BATCH, PROMPT), 0, cfg.vocab_size, jnp.int32)
+        self.prompt = jax.random.randint(
+            jax.random.key(2), (SAMPLE_BATCH, PROMPT), 0, cfg.vocab_size, jnp.int32
+        )
         self.scfg = SampleConfig(max_new_tokens=NEW, temperature=1.0, top_k=50)
         t0 = time.perf_counter()
         self.sample(0)
@@ -130,7 +132,10 @@ def main():
         "models": results,
         "ratios": ratio,
         "configs": {
-            name: {k: getattr(cfg, k) for k in ("n_layer", "n_head", "kv_heads", "n_embd", "mlp_dim", "vocab_size")}
+            name: {
+                k: getattr(cfg, k)
+                for k in ("n_layer", "n_head", "kv_heads", "n_embd", "mlp_dim", "vocab_size")
+            }
             for name, cfg in CONFIGS.items()
         },
         "matmul_peak_gflops_f32_2048": peak,
