@@ -17,6 +17,7 @@ import pytest
 
 from jaxrlhf.data import (
     ChecksumError,
+    DataFormatError,
     DataNotFoundError,
     batching,
     common,
@@ -26,11 +27,13 @@ from jaxrlhf.data import (
     load_sst2,
     load_tldr,
     load_tweets,
+    load_ultrafeedback,
     pad_batch,
     sst2,
     tldr,
     train_val_split,
     tweets,
+    ultrafeedback,
 )
 
 _real_urlopen = urllib.request.urlopen
@@ -413,3 +416,56 @@ def test_train_val_split():
     np.testing.assert_array_equal(val, again_val)
     np.testing.assert_array_equal(train, again_train)
     assert not np.array_equal(val, train_val_split(100, 10, seed=4)[1])
+
+
+# ------------------------------------------------------------------------------ UltraFeedback
+
+
+def test_ultrafeedback_rows_as_provenance_describes(shared_data, cache):
+    """The 1,000 + 200 shared rows, with the facts PROVENANCE.md records (ties, an empty reply, identical
+    pairs, CRLF inside replies kept, no chosen below rejected, disjoint prompts)."""
+    train = load_ultrafeedback("train", shared_data, cache_dir=cache)
+    val = load_ultrafeedback("eval", shared_data, cache_dir=cache)
+    assert len(train) == 1_000 and len(val) == 200
+    assert sum(r["score_chosen"] == r["score_rejected"] for r in train) == 111
+    assert sum(r["score_chosen"] == r["score_rejected"] for r in val) == 25
+    assert not any(r["score_chosen"] < r["score_rejected"] for r in train + val)
+    assert [r["source_index"] for r in train if r["chosen"] == ""] == [28230]
+    assert sorted(r["source_index"] for r in train if r["chosen"] == r["rejected"]) == [
+        14571,
+        16242,
+        35635,
+        44516,
+    ]
+    assert sum("\r\n" in r["prompt"] + r["chosen"] + r["rejected"] for r in train) == 8  # kept
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+    for rows, name in ((train, "train_clean.jsonl"), (val, "eval_clean.jsonl")):  # every row as in the file
+        raw = [json.loads(x) for x in (shared_data / "ultrafeedback" / name).read_text().splitlines()]
+        assert [(r["prompt"], r["chosen"], r["rejected"], r["source_index"]) for r in rows] == [
+            (x["prompt"], x["chosen"], x["rejected"], x["source_index"]) for x in raw
+        ]
+        assert [r["score_chosen"] - r["score_rejected"] for r in rows] == [
+            x["metadata"]["score_chosen"] - x["metadata"]["score_rejected"] for x in raw
+        ]
+
+
+def test_ultrafeedback_pinned_download_and_bad_rows(shared_data, tmp_path, monkeypatch):
+    """The pinned sha256 are the shared files' (served here from file:// URLs); a row without its
+    rejected reply is an error naming the file, the line and the field."""
+    downloads = {
+        name: (_file_url(shared_data / "ultrafeedback" / name), sha)
+        for name, (_, sha) in ultrafeedback.DOWNLOADS.items()
+    }
+    monkeypatch.setattr(ultrafeedback, "SPEC", dataclasses.replace(ultrafeedback.SPEC, downloads=downloads))
+    assert len(load_ultrafeedback("validation", cache_dir=tmp_path / "cache")) == 200
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    lines = (shared_data / "ultrafeedback" / "eval_clean.jsonl").read_text().splitlines()
+    row = json.loads(lines[2])
+    del row["rejected"]
+    (bad / "eval_clean.jsonl").write_text("\n".join([*lines[:2], json.dumps(row), *lines[3:]]) + "\n")
+    (bad / "train_clean.jsonl").write_text(lines[0] + "\n")
+    with pytest.raises(
+        DataFormatError, match=r"eval_clean.jsonl:3: field 'rejected' must be text \(missing\)"
+    ):
+        load_ultrafeedback("validation", bad, cache_dir=tmp_path / "cache2")

@@ -4,6 +4,7 @@
     load_tldr(split, data_dir=None, *, cache_dir=None)          TL;DR post/summary pairs
     load_comparisons(split, data_dir=None, *, cache_dir=None)   TL;DR chosen/rejected pairs
     load_sst2(split, data_dir=None, *, cache_dir=None)          GLUE SST-2: sentence, label
+    load_ultrafeedback(split, data_dir=None, *, cache_dir=None) UltraFeedback: prompt, chosen, rejected
     format_tldr_prompt(...)                                     TL;DR prompt in a token budget
     pad_batch, iterate_batches, train_val_split                 host-side batching
 
@@ -23,6 +24,7 @@ from jaxrlhf.data.sst2 import load_sst2
 from jaxrlhf.data.tldr import load_comparisons, load_tldr
 from jaxrlhf.data.tldr_prompt import format_tldr_prompt
 from jaxrlhf.data.tweets import load_tweets
+from jaxrlhf.data.ultrafeedback import load_ultrafeedback
 
 __all__ = [
     "ChecksumError",
@@ -35,6 +37,7 @@ __all__ = [
     "load_sst2",
     "load_tldr",
     "load_tweets",
+    "load_ultrafeedback",
     "num_batches",
     "pad_batch",
     "train_val_split",
