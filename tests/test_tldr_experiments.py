@@ -48,6 +48,17 @@ def test_prompts_and_summaries_in_the_instructgpt_layout(tokenizer, shared_data,
         row = rows[i]
         assert text.startswith(f"SUBREDDIT: r/{row['subreddit']}\nTITLE: {row['title']}\nPOST: ")
         assert text.endswith("\nTL;DR:") and len(tokenizer.encode(text)) <= p
+
+    # A tokenizer with a beginning-of-text id (Llama's) starts every prompt with it, within the budget.
+    class WithBos:
+        bos_id, pad_id = 50256, tokenizer.pad_id  # an id no prompt text makes
+        encode, encode_many = tokenizer.encode, tokenizer.encode_many
+
+    with_bos, bos_mask, bos_kept = common.encode_prompts(WithBos(), rows, p)
+    assert bos_kept == kept and bos_mask.shape == (len(kept), p)
+    for ids, mask in zip(with_bos, bos_mask, strict=True):
+        real = ids[mask].tolist()
+        assert real[0] == 50256 and 50256 not in real[1:] and tokenizer.decode(real[1:]).endswith("\nTL;DR:")
     cut = tokenizer.decode(prompt[-1][prompt_mask[-1]])
     assert "Sentence number 0 is here." in cut and "Sentence number 199" not in cut, "post cut to fit"
     assert cut.split("POST: ")[1].removesuffix("\nTL;DR:").endswith("here."), "cut at a sentence end"

@@ -672,18 +672,24 @@ class Comparisons(NamedTuple):
 
 def encode_prompts(tokenizer, rows: list[dict], max_tokens: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Prompts of `rows` in the TL;DR format, left-padded: (ids [N, P], mask [N, P], kept row indices).
-    Rows whose prompt cannot fit even with the post cut to one word are dropped."""
+    A tokenizer with a beginning-of-text id (Llama's, from its tokenizer_config.json) starts each prompt
+    with it, as the model was trained; GPT-2's has none. Rows whose prompt cannot fit even with the post
+    cut to one word are dropped."""
+    bos = getattr(tokenizer, "bos_id", None)
+    start = [] if bos is None else [bos]
     texts, kept = [], []
     for i, row in enumerate(rows):
         try:
             text = data.format_tldr_prompt(
-                row["subreddit"], row["title"], row["post"], max_tokens, lambda s: len(tokenizer.encode(s))
-            )
+                row["subreddit"], row["title"], row["post"], max_tokens - len(start),
+                lambda s: len(tokenizer.encode(s)),
+            )  # fmt: skip
         except ValueError:
             continue
         texts.append(text)
         kept.append(i)
-    ids, mask = tokenizer.encode_batch(texts, max_tokens, pad="left")
+    seqs = [start + ids for ids in tokenizer.encode_many(texts)]
+    ids, mask = data.pad_batch(seqs, max_tokens, pad_id=tokenizer.pad_id, side="left")
     return ids, mask, kept
 
 
