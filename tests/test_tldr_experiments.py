@@ -18,10 +18,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from experiments.tldr import common, flags, ppo, sft  # noqa: E402
-from jaxrlhf import checkpoint, model, parallel, rl, train  # noqa: E402
+from experiments.tldr import common  # noqa: E402
+from jaxrlhf import checkpoint, flags, model, parallel, rl, train  # noqa: E402
 from jaxrlhf.config import ModelConfig, SampleConfig  # noqa: E402
 from jaxrlhf.data import load_tldr  # noqa: E402
+from jaxrlhf.pipeline import handoff, lm, reward  # noqa: E402
+from jaxrlhf.pipeline import policy as policy_stage  # noqa: E402
 from jaxrlhf.tokenizers import GPT2Tokenizer  # noqa: E402
 
 
@@ -53,7 +55,7 @@ def test_prompts_and_summaries_in_the_instructgpt_layout(tokenizer, shared_data,
     assert cut.split("POST: ")[1].removesuffix("\nTL;DR:").endswith("here."), "cut at a sentence end"
 
     summaries = [rows[i]["summary"] for i in kept]
-    answer, answer_mask = common.encode_answers(tokenizer, summaries, s)
+    answer, answer_mask = handoff.encode_answers(tokenizer, summaries, s)
     for ids, mask, text in zip(answer, answer_mask, summaries, strict=True):
         real = ids[mask].tolist()
         assert real[-1] == tokenizer.eos_id and real.count(tokenizer.eos_id) == 1
@@ -62,10 +64,10 @@ def test_prompts_and_summaries_in_the_instructgpt_layout(tokenizer, shared_data,
         assert real[:-1] == expected, "' ' + summary, cut to S - 1 tokens, then <|endoftext|>"
     assert answer_mask[-1].all(), "the 100-word summary fills the budget and still ends in EOS"
 
-    data = common.Summaries(prompt, prompt_mask, answer, answer_mask)
+    data = handoff.PromptAnswers(prompt, prompt_mask, answer, answer_mask)
     idx = np.array([3, 0, 5])
     valid = np.array([True, True, False])
-    batch = common.lm_batch(data, idx, valid)
+    batch = handoff.lm_batch(data, idx, valid)
     np.testing.assert_array_equal(batch.tokens, np.concatenate([prompt[idx], answer[idx]], axis=1))
     np.testing.assert_array_equal(batch.mask, np.concatenate([prompt_mask[idx], answer_mask[idx]], axis=1))
     assert not batch.loss_mask[:, :p].any(), "no loss on prompt tokens"
@@ -73,15 +75,15 @@ def test_prompts_and_summaries_in_the_instructgpt_layout(tokenizer, shared_data,
 
 
 def test_eval_rows_cover_every_row_once_in_fixed_shapes():
-    batches = common.eval_rows(10, 4)
+    batches = handoff.eval_rows(10, 4)
     assert [len(idx) for idx, _ in batches] == [4, 4, 4]
     covered = np.concatenate([idx[valid] for idx, valid in batches])
     np.testing.assert_array_equal(covered, np.arange(10))
 
 
 def test_train_rows_depend_only_on_the_step():
-    a = [common.train_rows(10, 4, step, seed=3) for step in range(6)]
-    b = [common.train_rows(10, 4, step, seed=3) for step in range(6)]
+    a = [handoff.train_rows(10, 4, step, seed=3) for step in range(6)]
+    b = [handoff.train_rows(10, 4, step, seed=3) for step in range(6)]
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     assert len(np.unique(np.concatenate(a[:2]))) == 8, "batches of one epoch do not repeat rows"
@@ -116,7 +118,7 @@ def test_flags_set_nested_fields_and_refuse_bad_values(capsys):
     )
     assert cfg.ppo.rl.kl_coef == 0.2 and cfg.ppo.rl.kl_target == 6.0 and cfg.ppo.rl.epochs == 4
     assert cfg.resume is True and cfg.bf16 is False and cfg.mesh_fsdp == 2
-    assert cfg.sft.optim.lr == 1e-4 and cfg.rm.optim.lr == common.RMConfig().optim.lr
+    assert cfg.sft.optim.lr == 1e-4 and cfg.rm.optim.lr == reward.RewardStageConfig().optim.lr
     assert cfg.data.summary_val_split == "" and cfg.init_from is None
     grpo = common.parse_args(
         ["--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "4", "--ppo.rl.ptx_coef", "0.5"]
@@ -172,14 +174,14 @@ def test_summary_only_sft_step_matches_the_library_lm_step():
     )
     tx = train.make_optimizer(train.OptimConfig(lr=1e-2))
     state = train.init_train_state(params, tx)
-    new, metrics = jax.jit(sft.make_sft_step(cfg, tx, p))(state, batch)
+    new, metrics = jax.jit(lm.make_sft_step(cfg, tx, p))(state, batch)
     ref_new, ref_metrics = jax.jit(train.make_lm_step(cfg, tx))(state, batch)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
     jax.tree.map(
         lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), new.params, ref_new.params
     )
-    nll, n = jax.jit(sft.make_sft_eval(cfg, p))(params, batch)
+    nll, n = jax.jit(lm.make_sft_eval(cfg, p))(params, batch)
     ref_nll, ref_n = jax.jit(train.make_lm_eval(cfg))(params, batch)
     np.testing.assert_allclose(nll, ref_nll, rtol=1e-5)
     assert float(n) == float(ref_n) == 9.0
@@ -196,7 +198,7 @@ def test_value_model_starts_as_the_normalised_reward_model():
     norm = {"gain": 4.0, "bias": -1.2}
     tokens = jax.random.randint(jax.random.key(2), (3, 8), 0, 50)
     mask = np.arange(8)[None, :] < np.array([8, 5, 2])[:, None]
-    value = ppo.value_from_reward_model(rm, norm)
+    value = policy_stage.value_from_reward_model(rm, norm)
     scores = jax.jit(train.sequence_scores, static_argnums=3)  # eager, the GPT is op-by-op and slow
     expected = 4.0 * scores(rm, tokens, mask, cfg) - 1.2
     np.testing.assert_allclose(scores(value, tokens, mask, cfg), expected, rtol=1e-5, atol=1e-6)
@@ -219,12 +221,12 @@ def test_ppo_iteration_sharded_equals_single_device():
     def run(mesh):
         # SGD: Adam turns rounding-level differences of near-zero gradients into lr-sized steps.
         tx = optax.sgd(0.05)
-        params = rl.init_rl_params(policy, ppo.value_from_reward_model(rm, norm), rl_cfg)
+        params = rl.init_rl_params(policy, policy_stage.value_from_reward_model(rm, norm), rl_cfg)
         state = parallel.put(rl.init_rl_state(params, tx, rl_cfg), mesh)
         ref_params, rm_params = parallel.put(policy, mesh), parallel.put(rm, mesh)
-        iteration, evaluate = ppo.jit_programs(
-            ppo.make_iteration(cfg, sample_cfg, tx, rl_cfg, norm, cfg),
-            ppo.make_evaluate(cfg, sample_cfg, cfg),
+        iteration, evaluate = policy_stage.jit_programs(
+            policy_stage.make_iteration(cfg, sample_cfg, tx, rl_cfg, norm, cfg),
+            policy_stage.make_evaluate(cfg, sample_cfg, cfg),
             mesh,
             state,
             ref_params,
