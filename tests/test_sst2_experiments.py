@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:  # experiments/ is not an installed package: impor
     sys.path.insert(0, str(REPO))
 
 from experiments.sst2 import common  # noqa: E402
-from jaxrlhf import checkpoint, losses  # noqa: E402
+from jaxrlhf import checkpoint, flags, losses  # noqa: E402
 from jaxrlhf.pipeline.handoff import PromptAnswers  # noqa: E402
 
 # ---------------------------------------------------------------------------------- the RM loss
@@ -86,6 +86,32 @@ def test_ppo_prompts_are_sentence_openings_and_the_rest_is_the_answer():
     np.testing.assert_array_equal(split.prompt_mask, [[1, 1, 1, 1], [0, 0, 1, 1]])
     np.testing.assert_array_equal(split.answer[split.answer_mask], [4, 5, eos, eos])  # what is left
     np.testing.assert_array_equal(split.answer_mask.sum(1), [3, 1])
+
+
+# ---------------------------------------------------------------------------------------- flags
+
+
+def test_flags_list_every_field_and_refuse_what_does_nothing(capsys):
+    text = flags.make_parser(common.Sst2Config()).format_help()
+    for path in flags.leaf_paths(common.Sst2Config):
+        assert flags.flag_names(path)[0] in text, path
+    cfg = common.parse_args(["--model", "tiny", "--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "4"])
+    assert cfg.ppo.rl.group_size == 4
+    assert common.model_config(cfg).block_size == 1 + 4 + 48
+    for bad, why in (
+        (
+            ["--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "4", "--ppo.value_lr", "1e-5"],
+            "--ppo.value_lr does",
+        ),
+        (["--model", "gpt3"], "--model 'gpt3'; use one of"),
+        (["--stages", "sft,dpo"], "--stages has unknown ['dpo']"),
+        (["--data.max_tokens", "1"], "--data.max_tokens 1; it must be >= 2"),
+        (["--model", "gpt2", "--n-layer", "3"], "--n-layer acts for a random init only"),
+    ):
+        with pytest.raises(SystemExit):
+            common.parse_args(bad)
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, (bad, err)
 
 
 # ---------------------------------------------------------------------------------- end to end

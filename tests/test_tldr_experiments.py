@@ -22,8 +22,12 @@ from experiments.tldr import common  # noqa: E402
 from jaxrlhf import checkpoint, flags, model, parallel, rl, train  # noqa: E402
 from jaxrlhf.config import ModelConfig, SampleConfig  # noqa: E402
 from jaxrlhf.data import load_tldr  # noqa: E402
-from jaxrlhf.pipeline import handoff, lm, reward  # noqa: E402
-from jaxrlhf.pipeline import policy as policy_stage  # noqa: E402
+from jaxrlhf.pipeline import (  # noqa: E402
+    handoff,
+    lm,
+    reward,
+    rl_programs,  # noqa: E402
+)
 from jaxrlhf.tokenizers import GPT2Tokenizer  # noqa: E402
 
 
@@ -198,7 +202,7 @@ def test_value_model_starts_as_the_normalised_reward_model():
     norm = {"gain": 4.0, "bias": -1.2}
     tokens = jax.random.randint(jax.random.key(2), (3, 8), 0, 50)
     mask = np.arange(8)[None, :] < np.array([8, 5, 2])[:, None]
-    value = policy_stage.value_from_reward_model(rm, norm)
+    value = rl_programs.value_from_reward_model(rm, norm)
     scores = jax.jit(train.sequence_scores, static_argnums=3)  # eager, the GPT is op-by-op and slow
     expected = 4.0 * scores(rm, tokens, mask, cfg) - 1.2
     np.testing.assert_allclose(scores(value, tokens, mask, cfg), expected, rtol=1e-5, atol=1e-6)
@@ -221,12 +225,12 @@ def test_ppo_iteration_sharded_equals_single_device():
     def run(mesh):
         # SGD: Adam turns rounding-level differences of near-zero gradients into lr-sized steps.
         tx = optax.sgd(0.05)
-        params = rl.init_rl_params(policy, policy_stage.value_from_reward_model(rm, norm), rl_cfg)
+        params = rl.init_rl_params(policy, rl_programs.value_from_reward_model(rm, norm), rl_cfg)
         state = parallel.put(rl.init_rl_state(params, tx, rl_cfg), mesh)
         ref_params, rm_params = parallel.put(policy, mesh), parallel.put(rm, mesh)
-        iteration, evaluate = policy_stage.jit_programs(
-            policy_stage.make_iteration(cfg, sample_cfg, tx, rl_cfg, norm, cfg),
-            policy_stage.make_evaluate(cfg, sample_cfg, cfg),
+        iteration, evaluate = rl_programs.jit_programs(
+            rl_programs.make_iteration(cfg, sample_cfg, tx, rl_cfg, norm, cfg),
+            rl_programs.make_evaluate(cfg, sample_cfg, cfg),
             mesh,
             state,
             ref_params,
