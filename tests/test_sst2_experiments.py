@@ -1,6 +1,7 @@
 """experiments/sst2 on the stage layer: the binary reward-model loss against NumPy and a known optimum, the
-data layout of the PPO prompts, and SFT -> RM -> PPO end to end in a subprocess (a tiny random GPT over
-the 50257 GPT-2 BPE ids, on the first rows of the shared SST-2 files), then `--resume` as a no-op."""
+data layout of the PPO prompts, the flags, and SFT -> RM -> PPO end to end in a subprocess (a tiny random
+GPT over the 50257 GPT-2 BPE ids, on the first rows of the shared SST-2 files), GRPO + PPO-ptx + Ziegler's
+normalisation from the same SFT and RM, then `--resume` as a no-op."""
 
 import json
 import os
@@ -116,7 +117,7 @@ def test_flags_list_every_field_and_refuse_what_does_nothing(capsys):
 
 # ---------------------------------------------------------------------------------- end to end
 
-SFT_STEPS, RM_STEPS, PPO_ITERATIONS = 30, 150, 16
+SFT_STEPS, RM_STEPS, PPO_ITERATIONS = 30, 150, 12
 
 
 def _sample_data(shared_data, folder: pathlib.Path) -> pathlib.Path:
@@ -140,15 +141,17 @@ def _args(shared_data, data_dir, out, cache):
         "--sft.log_every", 1, "--sft.optim.lr", 1e-2, "--sft.optim.warmup_steps", 0,
         "--rm.steps", RM_STEPS, "--rm.batch_size", 64, "--rm.eval_batch_size", 64, "--rm.eval_every", 75,
         "--rm.log_every", 10, "--rm.optim.lr", 1e-2, "--rm.optim.warmup_steps", 0, "--rm.norm_rows", 64,
-        "--ppo.iterations", PPO_ITERATIONS, "--ppo.batch_size", 32, "--ppo.eval_every", 8,
-        "--ppo.eval_batches", 1, "--ppo.sample_every", 8, "--ppo.optim.lr", 2e-3,
+        "--ppo.iterations", PPO_ITERATIONS, "--ppo.batch_size", 32, "--ppo.eval_every", 6,
+        "--ppo.eval_batches", 1, "--ppo.sample_every", 6, "--ppo.optim.lr", 2e-3,
         "--ppo.optim.schedule", "constant", "--ppo.rl.epochs", 2, "--ppo.rl.minibatches", 2,
     ]  # fmt: skip
     return [str(a) for a in args]
 
 
-def _run(args):
+def _run(args, cache=None):
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "HF_HUB_OFFLINE": "1", "JAXRLHF_DATA_DIR": ""}
+    if cache is not None:  # a persistent XLA cache shared by two calls: the PPO evaluator compiles once
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.sst2.run", *args],
         cwd=REPO,
@@ -175,7 +178,7 @@ def test_sft_rm_ppo_end_to_end_then_resume_is_a_no_op(shared_data, tmp_path):
     data_dir = _sample_data(shared_data, tmp_path / "sst2")
     # --out relative to the repository root, where the command runs, as a user's `--out runs/sst2`.
     args = _args(shared_data, data_dir, os.path.relpath(out, REPO), tmp_path / "cache")
-    _run(args)
+    _run(args, cache=tmp_path / "xla")
 
     # SFT: the LM loss on every sentence token falls; held-out loss on validation sentences.
     sft_log = _records(out / "sft.jsonl")
@@ -206,12 +209,52 @@ def test_sft_rm_ppo_end_to_end_then_resume_is_a_no_op(shared_data, tmp_path):
     kls += [final[f"eval/{s}_{k}"] for s in ("val", "train") for k in ("kl", "kl_per_token")]
     assert np.all(np.isfinite(kls)) and final["eval/val_kl"] > 0, kls
     samples = _records(out / "ppo_samples.jsonl")
-    assert sorted({s["iteration"] for s in samples if s["split"] == "val"}) == [0, 8, 16]
+    assert sorted({s["iteration"] for s in samples if s["split"] == "val"}) == [0, 6, 12]
     assert all(
         s["prompt"].startswith("<|endoftext|>") and isinstance(s["continuation"], str) for s in samples
     )
     for stage, steps in (("sft", SFT_STEPS), ("rm", RM_STEPS), ("ppo", PPO_ITERATIONS)):
         assert checkpoint.latest_step(out, stage) == steps
+
+    # The other RL wiring of the shared stage (jaxrlhf.pipeline.policy; TL;DR runs the same code) from the
+    # same SFT and RM: GRPO (4 continuations of each of 8 prompts), PPO-ptx on the rest of the training
+    # sentences, and Ziegler's normalisation on samples of the initial policy.
+    grpo_out = tmp_path / "grpo"
+    grpo_out.mkdir()
+    for stage in ("sft", "rm"):
+        (grpo_out / stage).symlink_to(out / stage)
+    grpo_args = [a if a != os.path.relpath(out, REPO) else str(grpo_out) for a in args]
+    grpo_args += [
+        "--stages",
+        "ppo",
+        "--ppo.iterations",
+        "4",
+        "--ppo.eval_every",
+        "4",
+        "--ppo.rl.algo",
+        "grpo",
+    ]
+    grpo_args += [
+        "--ppo.rl.group_size",
+        "4",
+        "--ppo.rl.ptx_coef",
+        "0.5",
+        "--ppo.reward_norm",
+        "policy_gain_bias",
+    ]
+    grpo_args += ["--ppo.norm_prompts", "64"]
+    _run(grpo_args, cache=tmp_path / "xla")
+    grpo_log = _records(grpo_out / "ppo.jsonl")
+    assert [r["step"] for r in grpo_log] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["ptx_loss"]) and 0.0 < r["ptx_loss"] < np.log(50257) for r in grpo_log)
+    assert "value_loss" not in grpo_log[0] and "explained_variance" not in grpo_log[0]
+    grpo_summary = json.loads((grpo_out / "ppo_summary.json").read_text())
+    norm = grpo_summary["reward_norm"]
+    assert norm["kind"] == "policy_gain_bias" and norm["policy_samples"] == 64
+    np.testing.assert_allclose(norm["gain"], 1.0 / norm["policy_std"], rtol=1e-4)
+    np.testing.assert_allclose(norm["bias"], -norm["policy_mean"] / norm["policy_std"], rtol=1e-4, atol=1e-6)
+    # Other samples of the same initial policy (other prompts, other keys) score about 0 after it.
+    assert abs(grpo_summary["initial_eval"]["train_rm_score"]) < 0.6, grpo_summary["initial_eval"]
 
     # --resume on the finished run: every stage skipped, not a byte of --out changed.
     before = _snapshot(out)
