@@ -18,10 +18,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from experiments.tldr import common, flags, ppo, sft  # noqa: E402
-from jaxrlhf import checkpoint, model, parallel, rl, train  # noqa: E402
+from experiments.tldr import common  # noqa: E402
+from jaxrlhf import checkpoint, flags, model, parallel, rl, train  # noqa: E402
 from jaxrlhf.config import ModelConfig, SampleConfig  # noqa: E402
 from jaxrlhf.data import load_tldr  # noqa: E402
+from jaxrlhf.pipeline import (  # noqa: E402
+    handoff,
+    lm,
+    reward,
+    rl_programs,  # noqa: E402
+)
 from jaxrlhf.tokenizers import GPT2Tokenizer  # noqa: E402
 
 
@@ -64,7 +70,7 @@ def test_prompts_and_summaries_in_the_instructgpt_layout(tokenizer, shared_data,
     assert cut.split("POST: ")[1].removesuffix("\nTL;DR:").endswith("here."), "cut at a sentence end"
 
     summaries = [rows[i]["summary"] for i in kept]
-    answer, answer_mask = common.encode_answers(tokenizer, summaries, s)
+    answer, answer_mask = handoff.encode_answers(tokenizer, summaries, s)
     for ids, mask, text in zip(answer, answer_mask, summaries, strict=True):
         real = ids[mask].tolist()
         assert real[-1] == tokenizer.eos_id and real.count(tokenizer.eos_id) == 1
@@ -73,10 +79,10 @@ def test_prompts_and_summaries_in_the_instructgpt_layout(tokenizer, shared_data,
         assert real[:-1] == expected, "' ' + summary, cut to S - 1 tokens, then <|endoftext|>"
     assert answer_mask[-1].all(), "the 100-word summary fills the budget and still ends in EOS"
 
-    data = common.Summaries(prompt, prompt_mask, answer, answer_mask)
+    data = handoff.PromptAnswers(prompt, prompt_mask, answer, answer_mask)
     idx = np.array([3, 0, 5])
     valid = np.array([True, True, False])
-    batch = common.lm_batch(data, idx, valid)
+    batch = handoff.lm_batch(data, idx, valid)
     np.testing.assert_array_equal(batch.tokens, np.concatenate([prompt[idx], answer[idx]], axis=1))
     np.testing.assert_array_equal(batch.mask, np.concatenate([prompt_mask[idx], answer_mask[idx]], axis=1))
     assert not batch.loss_mask[:, :p].any(), "no loss on prompt tokens"
@@ -84,15 +90,15 @@ def test_prompts_and_summaries_in_the_instructgpt_layout(tokenizer, shared_data,
 
 
 def test_eval_rows_cover_every_row_once_in_fixed_shapes():
-    batches = common.eval_rows(10, 4)
+    batches = handoff.eval_rows(10, 4)
     assert [len(idx) for idx, _ in batches] == [4, 4, 4]
     covered = np.concatenate([idx[valid] for idx, valid in batches])
     np.testing.assert_array_equal(covered, np.arange(10))
 
 
 def test_train_rows_depend_only_on_the_step():
-    a = [common.train_rows(10, 4, step, seed=3) for step in range(6)]
-    b = [common.train_rows(10, 4, step, seed=3) for step in range(6)]
+    a = [handoff.train_rows(10, 4, step, seed=3) for step in range(6)]
+    b = [handoff.train_rows(10, 4, step, seed=3) for step in range(6)]
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     assert len(np.unique(np.concatenate(a[:2]))) == 8, "batches of one epoch do not repeat rows"
@@ -127,7 +133,7 @@ def test_flags_set_nested_fields_and_refuse_bad_values(capsys):
     )
     assert cfg.ppo.rl.kl_coef == 0.2 and cfg.ppo.rl.kl_target == 6.0 and cfg.ppo.rl.epochs == 4
     assert cfg.resume is True and cfg.bf16 is False and cfg.mesh_fsdp == 2
-    assert cfg.sft.optim.lr == 1e-4 and cfg.rm.optim.lr == common.RMConfig().optim.lr
+    assert cfg.sft.optim.lr == 1e-4 and cfg.rm.optim.lr == reward.RewardStageConfig().optim.lr
     assert cfg.data.summary_val_split == "" and cfg.init_from is None
     grpo = common.parse_args(
         ["--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "4", "--ppo.rl.ptx_coef", "0.5"]
@@ -183,14 +189,14 @@ def test_summary_only_sft_step_matches_the_library_lm_step():
     )
     tx = train.make_optimizer(train.OptimConfig(lr=1e-2))
     state = train.init_train_state(params, tx)
-    new, metrics = jax.jit(sft.make_sft_step(cfg, tx, p))(state, batch)
+    new, metrics = jax.jit(lm.make_sft_step(cfg, tx, p))(state, batch)
     ref_new, ref_metrics = jax.jit(train.make_lm_step(cfg, tx))(state, batch)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
     jax.tree.map(
         lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), new.params, ref_new.params
     )
-    nll, n = jax.jit(sft.make_sft_eval(cfg, p))(params, batch)
+    nll, n = jax.jit(lm.make_sft_eval(cfg, p))(params, batch)
     ref_nll, ref_n = jax.jit(train.make_lm_eval(cfg))(params, batch)
     np.testing.assert_allclose(nll, ref_nll, rtol=1e-5)
     assert float(n) == float(ref_n) == 9.0
@@ -207,7 +213,7 @@ def test_value_model_starts_as_the_normalised_reward_model():
     norm = {"gain": 4.0, "bias": -1.2}
     tokens = jax.random.randint(jax.random.key(2), (3, 8), 0, 50)
     mask = np.arange(8)[None, :] < np.array([8, 5, 2])[:, None]
-    value = ppo.value_from_reward_model(rm, norm)
+    value = rl_programs.value_from_reward_model(rm, norm)
     scores = jax.jit(train.sequence_scores, static_argnums=3)  # eager, the GPT is op-by-op and slow
     expected = 4.0 * scores(rm, tokens, mask, cfg) - 1.2
     np.testing.assert_allclose(scores(value, tokens, mask, cfg), expected, rtol=1e-5, atol=1e-6)
@@ -230,12 +236,12 @@ def test_ppo_iteration_sharded_equals_single_device():
     def run(mesh):
         # SGD: Adam turns rounding-level differences of near-zero gradients into lr-sized steps.
         tx = optax.sgd(0.05)
-        params = rl.init_rl_params(policy, ppo.value_from_reward_model(rm, norm), rl_cfg)
+        params = rl.init_rl_params(policy, rl_programs.value_from_reward_model(rm, norm), rl_cfg)
         state = parallel.put(rl.init_rl_state(params, tx, rl_cfg), mesh)
         ref_params, rm_params = parallel.put(policy, mesh), parallel.put(rm, mesh)
-        iteration, evaluate = ppo.jit_programs(
-            ppo.make_iteration(cfg, sample_cfg, tx, rl_cfg, norm, cfg),
-            ppo.make_evaluate(cfg, sample_cfg, cfg),
+        iteration, evaluate = rl_programs.jit_programs(
+            rl_programs.make_iteration(cfg, sample_cfg, tx, rl_cfg, norm, cfg),
+            rl_programs.make_evaluate(cfg, sample_cfg, cfg),
             mesh,
             state,
             ref_params,
@@ -415,42 +421,3 @@ def test_sft_rm_ppo_end_to_end_with_resume(shared_data, tmp_path):
     for stage, steps in (("sft", SFT_STEPS), ("rm", RM_STEPS), ("ppo", PPO_ITERATIONS)):
         assert checkpoint.latest_step(out, stage) == steps
         assert (out / f"{stage}_summary.json").exists()
-
-    # The other RL wiring of the stage from the same SFT and RM: GRPO (4 summaries of each of 4 prompts),
-    # PPO-ptx, and Ziegler's normalisation on samples of the initial policy.
-    grpo_out = tmp_path / "grpo"
-    grpo_out.mkdir()
-    for stage in ("sft", "rm"):
-        (grpo_out / stage).symlink_to(out / stage)
-    grpo_args = [a if a != str(os.path.relpath(out, REPO)) else str(grpo_out) for a in args]
-    grpo_args += [
-        "--stages",
-        "ppo",
-        "--ppo.iterations",
-        "4",
-        "--ppo.eval_every",
-        "4",
-        "--ppo.rl.algo",
-        "grpo",
-    ]
-    grpo_args += [
-        "--ppo.rl.group_size",
-        "4",
-        "--ppo.rl.ptx_coef",
-        "0.5",
-        "--ppo.reward_norm",
-        "policy_gain_bias",
-    ]
-    grpo_args += ["--ppo.norm_prompts", "48"]
-    _run_pipeline(grpo_args, devices=1, cache=xla_cache)
-    grpo_log = _records(grpo_out / "ppo.jsonl")
-    assert [r["step"] for r in grpo_log] == [1, 2, 3, 4]
-    assert all(np.isfinite(r["ptx_loss"]) and 0.0 < r["ptx_loss"] < np.log(50257) for r in grpo_log)
-    assert "value_loss" not in grpo_log[0] and "explained_variance" not in grpo_log[0]
-    grpo_summary = json.loads((grpo_out / "ppo_summary.json").read_text())
-    norm = grpo_summary["reward_norm"]
-    assert norm["kind"] == "policy_gain_bias" and norm["policy_samples"] == 48
-    np.testing.assert_allclose(norm["gain"], 1.0 / norm["policy_std"], rtol=1e-4)
-    np.testing.assert_allclose(norm["bias"], -norm["policy_mean"] / norm["policy_std"], rtol=1e-4, atol=1e-6)
-    # Other samples of the same initial policy (other prompts, other keys) score about 0 after it.
-    assert abs(grpo_summary["initial_eval"]["train_rm_score"]) < 0.6, grpo_summary["initial_eval"]

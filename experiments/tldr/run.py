@@ -14,10 +14,9 @@ Every field of the config is a flag (--help); see common.py for the data layout 
 from __future__ import annotations
 
 import sys
-import time
 
 from experiments.tldr import common, ppo, reward_model, sft
-from jaxrlhf import checkpoint
+from jaxrlhf.pipeline import recipe
 
 RUNNERS = {"sft": sft.run, "rm": reward_model.run, "ppo": ppo.run}
 
@@ -29,29 +28,9 @@ def main(argv=None) -> int:
 
 def run_stages(setup: common.Setup) -> int:
     cfg = setup.cfg
-    for stage in cfg.stage_list:
-        if cfg.resume and _complete(setup, stage):
-            _say(f"[tldr] {stage}: finished earlier, skipped")
-            continue
-        t0 = time.perf_counter()
-        result = RUNNERS[stage](setup)
-        _say(f"[tldr] {stage}: {result.summary} ({time.perf_counter() - t0:.1f} s)")
-        if not _complete(setup, stage):
-            _say(f"[tldr] {stage} stopped before its last step; continue with --resume")
-            return 0
-    return 0
-
-
-def _complete(setup: common.Setup, stage: str) -> bool:
-    """The stage reached its last step (and, for rm, stored the reward normalisation)."""
-    if not common.stage_finished(setup, stage):
-        return False
-    return stage != "rm" or "reward_norm" in checkpoint.restore_meta(setup.cfg.out, "rm")
-
-
-def _say(text: str) -> None:
-    if common.main_process():
-        print(text, file=sys.stderr, flush=True)
+    return recipe.run_stages(
+        setup, cfg.stage_list, RUNNERS, common.stage_finished, resume=cfg.resume, tag="tldr"
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ for what was measured, and for `check_vma=False`, where the gradients must be pm
 
 The functions live in one module per family and are all re-exported here:
   lm          sequence_logprobs, sft_loss
-  reward      pairwise_rm_loss, kway_rm_loss, reward_gain_bias, reward_centring_loss
+  reward      pairwise_rm_loss, binary_rm_loss, kway_rm_loss, reward_gain_bias, reward_centring_loss
   kl          kl_penalty, shaped_rewards, kl_loss, KLControllerState, init/update_kl_controller
   advantages  compute_gae, whiten_advantages, rloo_advantages, grpo_advantages
   policy      AGGREGATIONS, RATIO_LEVELS, aggregate, pg_loss, ppo_policy_loss, value_loss, entropy_bonus
@@ -61,7 +61,13 @@ from jaxrlhf.losses.policy import (
     value_loss,
 )
 from jaxrlhf.losses.preference import dpo_loss, rebel_loss
-from jaxrlhf.losses.reward import kway_rm_loss, pairwise_rm_loss, reward_centring_loss, reward_gain_bias
+from jaxrlhf.losses.reward import (
+    binary_rm_loss,
+    kway_rm_loss,
+    pairwise_rm_loss,
+    reward_centring_loss,
+    reward_gain_bias,
+)
 
 __all__ = [
     "AGGREGATIONS",
@@ -77,6 +83,7 @@ __all__ = [
     "kl_penalty",
     "kway_rm_loss",
     "pairwise_rm_loss",
+    "binary_rm_loss",
     "pg_loss",
     "ppo_policy_loss",
     "rebel_loss",

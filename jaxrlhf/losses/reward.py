@@ -1,4 +1,5 @@
-"""Reward-model losses: Bradley-Terry pairs, InstructGPT K-way ranking, normalisation and centring."""
+"""Reward-model losses: Bradley-Terry pairs, InstructGPT K-way ranking, binary labels, normalisation and
+centring."""
 
 from __future__ import annotations
 
@@ -41,6 +42,39 @@ def pairwise_rm_loss(
         diff = diff - _float(margin)
     loss = ops.masked_mean(-jax.nn.log_sigmoid(_zero_padding(mask, diff)), mask, axis_name=axis_name)
     return loss, {"loss": loss, **_preference_metrics(chosen, rejected, mask, axis_name)}
+
+
+def binary_rm_loss(
+    scores: jax.Array, labels: jax.Array, mask: jax.Array | None = None, *, axis_name: ops.AxisName = None
+) -> tuple[jax.Array, dict]:
+    """Logistic loss of a reward model's score as the logit of a binary label (e.g. positive sentiment).
+
+    L = mean_b -[y_b log sigmoid(s_b) + (1 - y_b) log sigmoid(-s_b)] = mean_b softplus(-(2 y_b - 1) s_b):
+    the score is the log-odds of the positive class (logistic regression on the trunk's last state; the
+    sentiment classifier of Ziegler et al. 2019 and of TRL's sentiment example, read as a reward).
+
+    Args:
+      scores: [B] scores (logits of the positive class).
+      labels: [B] 1 = positive, 0 = negative (int, bool or float).
+      mask: optional [B] bool, True = real row.
+      axis_name: mesh axis (or axes) the rows are split over inside `jax.shard_map`.
+
+    Returns:
+      (loss, metrics) with "loss", "accuracy" (score > 0 on positives, <= 0 on negatives),
+      "positive_score" and "negative_score" (mean scores of each class).
+    """
+    s = _float(scores)
+    y = _float(labels) > 0.5  # [B] bool
+    sign = jnp.where(y, 1.0, -1.0).astype(s.dtype)
+    loss = ops.masked_mean(jax.nn.softplus(-sign * _zero_padding(mask, s)), mask, axis_name=axis_name)
+    real = jnp.ones_like(y) if mask is None else mask
+    correct = ((s > 0) == y).astype(s.dtype)
+    return loss, {
+        "loss": loss,
+        "accuracy": ops.masked_mean(correct, real, axis_name=axis_name),
+        "positive_score": ops.masked_mean(s, real & y, axis_name=axis_name),
+        "negative_score": ops.masked_mean(s, real & ~y, axis_name=axis_name),
+    }
 
 
 def kway_rm_loss(

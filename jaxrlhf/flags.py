@@ -62,6 +62,7 @@ def _leaf_fields(cls: type, prefix: tuple[str, ...] = ()):
 
 
 def _get(config: Any, path: tuple[str, ...]) -> Any:
+    """The value at a field path of a config."""
     for name in path:
         config = getattr(config, name)
     return config
@@ -131,11 +132,51 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def make_parser(defaults: Any, *, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
+    """A one-line-error parser with a flag per leaf field of the dataclass instance `defaults`."""
     parser = OneLineParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_config_flags(parser, defaults)
     return parser
+
+
+def parse_checked(
+    defaults: Any,
+    argv: Sequence[str] | None = None,
+    *,
+    check: Callable[[Any], None] | None = None,
+    inactive: Callable[[Any, list[tuple[str, ...]]], str] | None = None,
+    description: str = "",
+    prog: str | None = None,
+) -> Any:
+    """Parse flags into a copy of `defaults`, then meet the checks a config cannot make alone.
+
+    Args:
+      defaults: the dataclass instance the flags override.
+      argv: the command line (None: sys.argv[1:]).
+      check: cfg -> None, raising a one-line ValueError (e.g. the model the flags make).
+      inactive: (cfg, the field paths given on the command line, in order) -> "" or a one-line error
+        naming the flags that would do nothing with the rest of the config.
+      description, prog: of `--help`.
+
+    Returns:
+      The config.
+
+    Raises:
+      SystemExit: exit 2 with one line on stderr for a bad value or a refused combination.
+    """
+    parser = make_parser(defaults, description=description, prog=prog)
+    overrides = {tuple(dest.split(".")): value for dest, value in vars(parser.parse_args(argv)).items()}
+    try:
+        cfg = replace_paths(defaults, overrides)
+        if check is not None:
+            check(cfg)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    message = inactive(cfg, list(overrides)) if inactive is not None else ""
+    if message:
+        parser.error(message)
+    return cfg
 
 
 def leaf_paths(config_cls: type) -> list[tuple[str, ...]]:

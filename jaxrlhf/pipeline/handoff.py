@@ -1,0 +1,205 @@
+"""Between and inside stages: what a stage run is (`StageRun`), the checkpoint handoff from an earlier
+stage, rows as fixed-shape token arrays, batch selection, sharded host batches and jitted evaluation.
+
+Row layout (every stage): a prompt is left-padded to P tokens and an answer right-padded to S, so a row
+is [prompt | answer] of T = P + S tokens, exactly the layout of an RL rollout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from jaxrlhf import checkpoint, data, parallel, train
+from jaxrlhf.pipeline.setup import Setup, StageError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageRun:
+    """Where and how one stage runs (what `runner.run_stage` needs beyond the stage's own config).
+
+    Attributes:
+      stage: its name: checkpoints under <out>/<stage>/, metrics in <out>/<stage>.jsonl, the summary in
+        <out>/<stage>_summary.json.
+      out: the run directory (--out).
+      resume: continue from the stage's newest good checkpoint.
+      meta: what must match to resume (`{"config": ...}`), saved with every checkpoint.
+      root_key: the stage's root PRNG key.
+      data_seed: fixes the batch order.
+      progress: tqdm bars.
+      stop_after: stop after this many steps of this invocation (None: to the end).
+    """
+
+    stage: str
+    out: str
+    resume: bool
+    meta: dict
+    root_key: jax.Array
+    data_seed: int
+    progress: bool = True
+    stop_after: int | None = None
+
+    @property
+    def out_path(self) -> epath.Path:
+        return epath.Path(self.out)
+
+
+# --------------------------------------------------------------------------------------------- rows
+
+
+class PromptAnswers(NamedTuple):
+    """Prompts with one answer each, as token arrays (SFT data, RL prompts, reference rows).
+
+    Attributes:
+      prompt: [N, P] int32, left-padded.   prompt_mask: [N, P] bool.
+      answer: [N, S] int32, right-padded.   answer_mask: [N, S] bool.
+    """
+
+    prompt: np.ndarray
+    prompt_mask: np.ndarray
+    answer: np.ndarray
+    answer_mask: np.ndarray
+
+
+def encode_answers(tokenizer, texts: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """ " " + text + end-of-text, cut to `max_tokens` keeping the end-of-text, right-padded. [N, S]."""
+    seqs = [
+        ids[: max_tokens - 1] + [tokenizer.eos_id] for ids in tokenizer.encode_many(" " + t for t in texts)
+    ]
+    return data.pad_batch(seqs, max_tokens, pad_id=tokenizer.eos_id, side="right")
+
+
+def lm_batch(rows: tuple, idx: np.ndarray, valid: np.ndarray | None = None) -> train.LMBatch:
+    """[prompt | answer] rows `idx` of a (prompt, prompt_mask, answer, answer_mask) tuple (e.g.
+    `PromptAnswers`) with the loss on answer tokens (and only on `valid` rows)."""
+    prompt, prompt_mask, answer, answer_mask = rows[:4]
+    loss_mask = np.concatenate([np.zeros_like(prompt_mask[idx]), answer_mask[idx]], axis=1)
+    if valid is not None:
+        loss_mask &= valid[:, None]
+    return train.LMBatch(
+        tokens=np.concatenate([prompt[idx], answer[idx]], axis=1),
+        mask=np.concatenate([prompt_mask[idx], answer_mask[idx]], axis=1),
+        loss_mask=loss_mask,
+    )
+
+
+def subset(rows: tuple, idx: np.ndarray) -> tuple:
+    """Rows `idx` of every array of a NamedTuple of row arrays, as the same NamedTuple."""
+    return type(rows)(*(x[idx] for x in rows))
+
+
+# ----------------------------------------------------------------------------------------- batching
+
+
+def train_rows(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Global row indices of `step`'s batch: epochs of (seed, epoch)-fixed permutations, so the data
+    position is the step number and a resumed run reads the same batches.
+
+    Raises:
+      ValueError: fewer rows than one batch.
+    """
+    per_epoch = n_rows // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{n_rows} rows are fewer than one batch of {batch_size}; lower the batch size")
+    epoch, b = divmod(step, per_epoch)
+    return data.epoch_permutation(n_rows, seed=seed, epoch=epoch)[b * batch_size : (b + 1) * batch_size]
+
+
+def eval_rows(n_rows: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every row once in fixed-size batches: (indices [B], valid [B]); the last batch is padded with
+    row 0 marked invalid, so one compiled program evaluates the whole set."""
+    batches = []
+    for start in range(0, n_rows, batch_size):
+        idx = np.arange(start, start + batch_size)
+        valid = idx < n_rows
+        batches.append((np.where(valid, idx, 0), valid))
+    return batches
+
+
+def local(batch: Any) -> Any:
+    """This process's contiguous share of a global host batch (every process holds all the data)."""
+    n, i = jax.process_count(), jax.process_index()
+    return jax.tree.map(lambda x: x[i * (len(x) // n) : (i + 1) * (len(x) // n)], batch)
+
+
+def put_batch(batch: Any, mesh) -> Any:
+    """A global host batch split over the mesh's data devices."""
+    return parallel.shard_batch(local(batch), mesh)
+
+
+def jit_eval(fn, mesh, params) -> Any:
+    """jax.jit of `fn(params, batch) -> outputs` with params sharded like a train state and the
+    batch split over the mesh; outputs replicated."""
+    return jax.jit(
+        fn,
+        in_shardings=(parallel.tree_shardings(params, mesh), parallel.batch_sharding(mesh)),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+
+def evaluate_sums(evaluate, params, rows: tuple, make_batch, batch_size: int, mesh) -> tuple[float, float]:
+    """Sum of `evaluate(params, batch) -> (total, count)` over every row of `rows` once, in fixed-size
+    batches `make_batch(rows, idx, valid)` (padding rows marked invalid)."""
+    total, count = 0.0, 0.0
+    for idx, valid in eval_rows(len(rows[0]), batch_size):
+        batch_total, batch_count = evaluate(params, put_batch(make_batch(rows, idx, valid), mesh))
+        total, count = total + float(batch_total), count + float(batch_count)
+    return total, count
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+
+
+def state_target(setup: Setup, init_fn) -> Any:
+    """Abstract sharded target of the state `init_fn(key)` builds, to restore a checkpoint into."""
+    shapes = jax.eval_shape(init_fn, jax.random.key(0))
+    return checkpoint.abstract_like(shapes, parallel.tree_shardings(shapes, setup.mesh))
+
+
+def stage_finished(out: str, stage: str, steps: int) -> bool:
+    """Whether `stage`'s newest good checkpoint under `out` is at its last step `steps` (a damaged last
+    step does not count: `--resume` falls back past it)."""
+    step, _ = checkpoint.latest_good_step(out, stage)
+    return step is not None and step >= steps
+
+
+def restore_finished(out: str, stage: str, steps: int, target: Any) -> tuple[Any, dict]:
+    """The final state + meta of an earlier stage of `steps` steps.
+
+    Raises:
+      FileNotFoundError: no checkpoint of `stage` under `out`.
+      StageError: the stage stopped before its last step.
+    """
+    if not checkpoint.has_stage(out, stage):
+        raise FileNotFoundError(f"no {stage} checkpoint under {out}: run the {stage} stage first")
+    meta = checkpoint.restore_meta(out, stage)
+    if meta["step"] < steps:
+        raise StageError(
+            f"the {stage} stage under {out} stopped at step {meta['step']} of {steps}: "
+            f"finish it with --stages {stage} --resume"
+        )
+    return checkpoint.restore(out, stage, target)
+
+
+def main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def write_json(path: epath.Path, record: dict) -> None:
+    """`record` as indented JSON at `path` (local or gs://), from process 0 only."""
+    if main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def to_bf16(params: Any) -> Any:
+    """Float leaves cast to bfloat16 (frozen models under --bf16: half the memory)."""
+    return jax.tree.map(
+        lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )
