@@ -26,10 +26,13 @@ def _env():
     return env
 
 
-def _run(*args, check=True):
-    proc = subprocess.run(
-        [sys.executable, JOB, *args], env=_env(), capture_output=True, text=True, timeout=300
-    )
+def _run(*args, check=True, cache=None):
+    env = _env()
+    if (
+        cache is not None
+    ):  # a persistent XLA cache shared by the calls of one test: each program compiles once
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    proc = subprocess.run([sys.executable, JOB, *args], env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"job {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -41,11 +44,14 @@ def _leaves(path):
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    _run("resume", str(tmp_path / "a"), str(tmp_path / "a.npz"))
-    killed = _run("resume", str(tmp_path / "b"), str(tmp_path / "b.npz"), "--kill-at", "7", check=False)
+    xla = tmp_path / "xla"
+    _run("resume", str(tmp_path / "a"), str(tmp_path / "a.npz"), cache=xla)
+    killed = _run(
+        "resume", str(tmp_path / "b"), str(tmp_path / "b.npz"), "--kill-at", "7", check=False, cache=xla
+    )
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (tmp_path / "b" / "pretrain").iterdir() if p.name.isdigit()) == ["3", "6"]
-    _run("resume", str(tmp_path / "b"), str(tmp_path / "b.npz"), "--resume")
+    _run("resume", str(tmp_path / "b"), str(tmp_path / "b.npz"), "--resume", cache=xla)
     a, b = _leaves(tmp_path / "a.npz"), _leaves(tmp_path / "b.npz")
     assert len(a) == len(b) > 0
     for x, y in zip(a, b, strict=True):
@@ -54,7 +60,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert len(lines) == 12  # the metrics file reads like an uninterrupted run
     # SIGTERM (a preemption notice) during step 7: a checkpoint at the step boundary after it, one line,
     # exit code 143. (That resuming from it is bitwise exact: tests/test_faults.py, in-process.)
-    term = _run("resume", str(tmp_path / "t"), str(tmp_path / "t.npz"), "--term-at", "7", check=False)
+    term = _run(
+        "resume", str(tmp_path / "t"), str(tmp_path / "t.npz"), "--term-at", "7", check=False, cache=xla
+    )
     assert term.returncode == 143, term.stderr[-3000:]
     last = term.stderr.strip().splitlines()[-1]
     assert last.startswith("SIGTERM: stopped pretrain at step 8 of 12") and "--resume" in last, last

@@ -228,9 +228,9 @@ def test_sft_rm_ppo_end_to_end_then_resume_is_a_no_op(shared_data, tmp_path):
         "--stages",
         "ppo",
         "--ppo.iterations",
-        "4",
+        "2",
         "--ppo.eval_every",
-        "4",
+        "2",
         "--ppo.rl.algo",
         "grpo",
     ]
@@ -245,7 +245,7 @@ def test_sft_rm_ppo_end_to_end_then_resume_is_a_no_op(shared_data, tmp_path):
     grpo_args += ["--ppo.norm_prompts", "64"]
     _run(grpo_args, cache=tmp_path / "xla")
     grpo_log = _records(grpo_out / "ppo.jsonl")
-    assert [r["step"] for r in grpo_log] == [1, 2, 3, 4]
+    assert [r["step"] for r in grpo_log] == [1, 2]
     assert all(np.isfinite(r["ptx_loss"]) and 0.0 < r["ptx_loss"] < np.log(50257) for r in grpo_log)
     assert "value_loss" not in grpo_log[0] and "explained_variance" not in grpo_log[0]
     grpo_summary = json.loads((grpo_out / "ppo_summary.json").read_text())
