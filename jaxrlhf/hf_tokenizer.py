@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 import tokenizers as hf_tokenizers
 
 from jaxrlhf import chat
-from jaxrlhf.tokenizers import HF_TOKENIZER_FILE, Tokenizer, TokenizerFileError, pad_batch
+from jaxrlhf.tokenizers import HF_TOKENIZER_FILE, HFBackedTokenizer, TokenizerFileError, pad_batch
 
 HF_CONFIG_FILE = "tokenizer_config.json"
 HF_GENERATION_FILE = "generation_config.json"
 HF_TEMPLATE_FILE = "chat_template.jinja"
 
 
-class HFTokenizer(Tokenizer):
+class HFTokenizer(HFBackedTokenizer):
     """Any Hugging Face `tokenizers` tokenizer (tokenizer.json), with its tokenizer_config.json and
     generation_config.json: the special tokens, the chat template and the ids that end a response.
 
@@ -257,15 +257,6 @@ class HFTokenizer(Tokenizer):
             f"HFTokenizer({self._source}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, "
             f"stop_ids={self.stop_ids}, chat_template={self.chat_template is not None})"
         )
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_many(self, texts: Iterable[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def _decode_ids(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=False)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write path/tokenizer.json, path/tokenizer_config.json and (when not empty)

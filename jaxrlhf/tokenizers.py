@@ -251,7 +251,24 @@ def _char_file(path: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------------------- GPT-2 BPE
 
 
-class GPT2Tokenizer(Tokenizer):
+class HFBackedTokenizer(Tokenizer):
+    """The text <-> ids half of a tokenizer run by a Hugging Face `tokenizers.Tokenizer` in `self._tok`
+    (GPT-2's BPE here, any tokenizer.json in `jaxrlhf.hf_tokenizer`): no special tokens added on encode,
+    none skipped on decode."""
+
+    _tok: hf_tokenizers.Tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_many(self, texts: Iterable[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+class GPT2Tokenizer(HFBackedTokenizer):
     """GPT-2's byte-level BPE (50,257 ids; `<|endoftext|>` = 50256 is recognised inside text).
 
     Built with Hugging Face `tokenizers` from a vocabulary and a merge list, which come in two file
@@ -315,15 +332,6 @@ class GPT2Tokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"GPT2Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_many(self, texts: Iterable[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def _decode_ids(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=False)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write path/vocab.json and path/merges.txt (Hugging Face format)."""
