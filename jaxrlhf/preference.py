@@ -147,6 +147,7 @@ class PairSelection(NamedTuple):
       chosen_reward: [M] float32.
       rejected_reward: [M] float32.
       num_prompts: B, the number of prompts in the rollout.
+      num_unfinished: answers dropped for not emitting a stop token (cut at the length budget).
       num_too_long: answers dropped for exceeding `max_answer_tokens`.
       num_too_short: answers dropped for having fewer than `min_answer_tokens`.
       num_duplicate: answers dropped as a repeat of an earlier answer to the same prompt.
@@ -160,6 +161,7 @@ class PairSelection(NamedTuple):
     chosen_reward: np.ndarray
     rejected_reward: np.ndarray
     num_prompts: int
+    num_unfinished: int
     num_too_long: int
     num_too_short: int
     num_duplicate: int
@@ -178,6 +180,7 @@ class PairSelection(NamedTuple):
             "pairs": float(self.num_pairs),
             "no_pairs": float(self.num_pairs == 0),
             "pair_fraction": self.num_pairs / max(self.num_prompts, 1),
+            "dropped_unfinished": float(self.num_unfinished),
             "dropped_too_long": float(self.num_too_long),
             "dropped_too_short": float(self.num_too_short),
             "dropped_duplicate": float(self.num_duplicate),
@@ -195,10 +198,13 @@ def select_pairs(
     *,
     max_answer_tokens: int | None = None,
     min_answer_tokens: int = 1,
+    finished: np.ndarray | None = None,
 ) -> PairSelection:
     """Pick a (best, worst) answer pair per prompt, on the host.
 
     For prompt i (rows i * n .. i * n + n - 1), in this order:
+      0. with `finished`, an answer that never emitted a stop token is dropped (`num_unfinished`): it was
+         cut at the sampler's budget, so it is longer than any length limit;
       1. the length of an answer is the number of True entries of its mask row (with
          `Rollout.response_mask` that counts the end-of-text token); answers longer than
          `max_answer_tokens` or shorter than `min_answer_tokens` are dropped;
@@ -215,6 +221,7 @@ def select_pairs(
       n: answers per prompt.
       max_answer_tokens: longest allowed answer; None = no limit.
       min_answer_tokens: shortest allowed answer.
+      finished: optional [B*n] bool, True where the answer emitted a stop token (`Rollout.finished`).
 
     Returns:
       PairSelection (pairs in increasing prompt order).
@@ -240,14 +247,20 @@ def select_pairs(
     if max_answer_tokens is not None and max_answer_tokens < min_answer_tokens:
         raise ValueError(f"max_answer_tokens={max_answer_tokens} < min_answer_tokens={min_answer_tokens}.")
 
+    unfinished = np.zeros(rows, bool) if finished is None else ~np.asarray(finished, bool).reshape(rows)
     lengths = answer_mask.sum(axis=-1)
     too_long = lengths > max_answer_tokens if max_answer_tokens is not None else np.zeros(rows, bool)
     too_short = lengths < min_answer_tokens
-    counts = dict(num_too_long=0, num_too_short=0, num_duplicate=0, num_too_few=0, num_tied=0)
+    counts = dict(
+        num_unfinished=0, num_too_long=0, num_too_short=0, num_duplicate=0, num_too_few=0, num_tied=0
+    )
     prompt_index, chosen_index, rejected_index = [], [], []
     for i in range(rows // n):
         kept, seen = [], set()
         for row in range(i * n, (i + 1) * n):
+            if unfinished[row]:
+                counts["num_unfinished"] += 1
+                continue
             if too_long[row]:
                 counts["num_too_long"] += 1
                 continue
