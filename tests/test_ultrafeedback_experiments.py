@@ -25,8 +25,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from experiments.ultrafeedback import common, encoding, stages  # noqa: E402
-from jaxrlhf import data, model, ops, train  # noqa: E402
+from experiments.ultrafeedback import common, encoding, rebel, run, stages  # noqa: E402
+from jaxrlhf import data, flags, model, ops, train  # noqa: E402
 from jaxrlhf.hf_tokenizer import HFTokenizer  # noqa: E402
 from jaxrlhf.pipeline import online, pairs  # noqa: E402
 
@@ -41,6 +41,47 @@ def base_dir(shared_data, tmp_path_factory) -> pathlib.Path:
     """The tiny Llama "instruct" model directory of scripts/tiny_chat_model.py (see the module doc)."""
     out = tmp_path_factory.mktemp("uf")
     return tiny_chat_model.build(out / "base", shared_data / "ultrafeedback", cache_dir=out / "cache")
+
+
+# ------------------------------------------------------------------------------------------- flags
+
+
+def test_flags_list_every_field_and_refuse_what_does_nothing(shared_data, tmp_path, capsys):
+    text = flags.make_parser(common.UfConfig()).format_help()
+    for path in flags.leaf_paths(common.UfConfig):
+        assert flags.flag_names(path)[0] in text, path
+    cfg = common.parse_args(["--model", "tiny-llama", "--iterations", "3", "--stop-after", "rebel_3:2"])
+    assert common.instance_names(cfg)[-4:] == ["generate_3", "score_3", "filter_3", "rebel_3"]
+    assert common.stop_after_for(cfg, "rebel_3") == 2 and common.stop_after_for(cfg, "rebel_2") is None
+    for bad, why in (
+        (["--rebel.algo", "ppo"], "--rebel.algo 'ppo'; use one of rebel, dpo, ipo"),
+        (["--score.reward", "hf"], "pass a directory with reward 'hf'"),
+        (["--stop-after", "generate:1"], "use STAGE:N with a stage of this run, e.g. rebel_1:3"),
+        (["--iteration", "3"], "--iteration 3; use 0 (all) or one of 1..iterations 2"),
+        (["--rebel.beta", "0.5"], "--rebel.beta does nothing with --rebel.algo rebel"),
+        (["--rebel.algo", "dpo", "--rebel.eta", "2"], "--rebel.eta does nothing with --rebel.algo dpo"),
+        (
+            ["--score.reward", "vader"],
+            "--stages rm trains a reward model that --score.reward vader does not use",
+        ),
+        (["--filter.max_answer_tokens", "2000"], "the sampler's budget; lower it"),
+        (["--generate.answers", "1"], "--generate.answers 1; it must be >= 2"),
+        (["--generate.temperature", "0"], "sample with a temperature > 0"),
+    ):
+        with pytest.raises(SystemExit):
+            common.parse_args(["--model", "tiny-llama", *bad])
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, (bad, err)
+    # A stage's own command runs that stage only; a tokenizer without a chat template is refused before
+    # anything is written.
+    out = tmp_path / "out"
+    assert rebel.main(["--model", "tiny-llama", "--out", str(out), "--stages", "rm"]) == 2
+    assert "runs the rebel stage only: drop --stages" in capsys.readouterr().err
+    code = run.main(["--model", "tiny-llama", "--out", str(out), "--data.tokenizer_dir",
+                     str(shared_data / "gpt2_tokenizer")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "has no chat template" in err, err
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------ filter
