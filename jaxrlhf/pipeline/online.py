@@ -218,6 +218,12 @@ def sync(tag: str) -> None:
         multihost_utils.sync_global_devices(tag)
 
 
+def _bar(total: int, done_: int, name: str, progress: bool) -> tqdm:
+    """A shard bar, on process 0 only."""
+    return tqdm(total=total, initial=done_, desc=name, disable=not progress or not handoff.main_process(),
+                dynamic_ncols=True)  # fmt: skip
+
+
 def make_generate(setup: Setup, params, sample_cfg: SampleConfig, n: int, reference=None):
     """jit of (params, reference, prompt, prompt_mask, key) -> rollout of B * n rows, the policy's and the
     reference's teacher-forced answer logprobs [B * n] (the reference's only with `reference`)."""
@@ -285,8 +291,7 @@ def run_generate(
     special[list(getattr(tokenizer, "special_ids", ()) or ())] = True
     position = {int(i): j for j, i in enumerate(prompts.index)}
     todo = [k for k in range(n_shards) if not shard_path(root, k).exists()]
-    bar = tqdm(total=n_shards, initial=n_shards - len(todo), desc=root.name, disable=not progress,
-               dynamic_ncols=True)  # fmt: skip
+    bar = _bar(n_shards, n_shards - len(todo), root.name, progress)
     t0, written = time.perf_counter(), 0
     for k in todo:
         if stop_after is not None and written >= stop_after:
@@ -372,8 +377,7 @@ def run_score(
     """
     start_data_stage(root, meta)
     todo = [k for k in range(n_shards) if not shard_path(root, k).exists()]
-    bar = tqdm(total=n_shards, initial=n_shards - len(todo), desc=root.name, disable=not progress,
-               dynamic_ncols=True)  # fmt: skip
+    bar = _bar(n_shards, n_shards - len(todo), root.name, progress)
     written = 0
     for k in todo:
         if stop_after is not None and written >= stop_after:
