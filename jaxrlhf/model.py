@@ -185,9 +185,9 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     else x as it is (no mesh, one device, inside `shard_map`, or a batch that does not divide).
 
     Why: FSDP splits each weight's largest dimension over 'fsdp' (`parallel.leaf_sharding`), and left
-    alone XLA's sharding propagation may follow the weights instead of the batch: for Llama-3.1-8B on 8
-    CPU devices it gathered the activations and ran every row's attention on every device (38 GiB of
-    temporaries per device instead of 19 for one REBEL step; scripts/memory_plan.py --xla).
+    alone XLA's sharding propagation may follow the weights instead of the batch. For one REBEL step of
+    Llama-3.1-8B on 8 CPU devices it gathered the activations and ran every row's attention on every
+    device: XLA:CPU planned 38 GiB of temporaries per device, 19 with this constraint.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or mesh.manual_axes:

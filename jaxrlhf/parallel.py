@@ -13,6 +13,10 @@ global statistics (psum of sums and counts), where `pmean` of per-device means w
 responses like a shard of long ones; tests/test_losses_shard_map.py checks shard_map == GSPMD == 1 device.
 `shard_map` is used here where the work really is per device and needs no global reduction: `per_device`
 below (e.g. host-side scoring of each device's rows).
+
+FSDP gathers weights, not activations: a step is traced `on_mesh`, and the model pins every block's input
+and output to the batch split (`model.constrain_batch`); otherwise XLA may follow the weights' split and
+replicate the activations (for an 8B model, every row's attention on every device).
 """
 
 from __future__ import annotations

@@ -224,15 +224,18 @@ def test_mu_dtype_is_validated_and_is_a_flag(capsys):
         ValueError, match=r"^mu_dtype='float16'; use none \(the params' dtype\) or one of float32"
     ):
         train.OptimConfig(mu_dtype="float16")
-    from experiments.sst2 import common  # every stage's optim is a flag: --<stage>.optim.mu_dtype
+    from experiments.ultrafeedback import common  # every stage's optim is a flag: --<stage>.optim.mu_dtype
 
-    assert common.parse_args(["--rm.optim.mu_dtype", "bfloat16"]).rm.optim.mu_dtype == "bfloat16"
-    assert common.parse_args(["--rm.optim.mu_dtype", "none"]).rm.optim.mu_dtype is None
+    def parse(*argv):
+        return common.parse_args(["--model", "tiny-llama", *argv]).rebel.optim.mu_dtype
+
+    assert parse("--rebel.optim.mu_dtype", "bfloat16") == "bfloat16"
+    assert parse("--rebel.optim.mu_dtype", "none") is None and parse() is None
     with pytest.raises(SystemExit) as exit_info:
-        common.parse_args(["--rm.optim.mu_dtype", "float16"])
+        parse("--rebel.optim.mu_dtype", "float16")
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert "--rm.optim.mu_dtype 'float16'; use none" in err
+    assert "--rebel.optim.mu_dtype 'float16'; use none" in err
 
 
 def test_weight_decay_only_on_matrices(tiny_cfg):
