@@ -36,12 +36,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxrlhf import layers, ops
 from jaxrlhf.config import ModelConfig
 from jaxrlhf.layers import gelu_new  # noqa: F401  (re-exported: model.gelu_new)
 
 Params = dict
+BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is split over (parallel.make_mesh)
 _UNROLL_MAX_LAYERS = 12  # deeper models keep a rolled layer scan (compile time grows with unrolling)
 
 
@@ -177,6 +179,25 @@ def check_params(params: Params, cfg: ModelConfig, what: str = "params") -> None
 # ------------------------------------------------------------------------------------------- layers
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """x with its batch axis 0 split over the mesh axes ('data', 'fsdp') when traced under such a mesh
+    (`jax.sharding.use_abstract_mesh`, as `parallel.jit_step` traces a step) and B divides over them;
+    else x as it is (no mesh, one device, inside `shard_map`, or a batch that does not divide).
+
+    Why: FSDP splits each weight's largest dimension over 'fsdp' (`parallel.leaf_sharding`), and left
+    alone XLA's sharding propagation may follow the weights instead of the batch. For one REBEL step of
+    Llama-3.1-8B on 8 CPU devices it gathered the activations and ran every row's attention on every
+    device: XLA:CPU planned 38 GiB of temporaries per device, 19 with this constraint.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or mesh.manual_axes:
+        return x
+    n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if n == 1 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
 def _attend(q, k, v, mask, cfg: ModelConfig, key):
     """Softmax attention with heads folded into the batch, so both products are plain 3-D batched matmuls.
 
@@ -234,6 +255,7 @@ def _block(p, x, mask, cfg: ModelConfig, key, kv=None, write_index=None, rope=No
     Returns:
       (x [B, T, D], kv).
     """
+    x = constrain_batch(x)
     B, T, D = x.shape
     dt = cfg.dtype
     keys = jax.random.split(key, 3) if key is not None else (None, None, None)
@@ -251,7 +273,7 @@ def _block(p, x, mask, cfg: ModelConfig, key, kv=None, write_index=None, rope=No
     x = x + layers.dropout(y, cfg.resid_pdrop, keys[1])
     h = layers.mlp(layers.norm(x, p["ln_2"], cfg), p["mlp"], cfg)
     x = x + layers.dropout(h, cfg.resid_pdrop, keys[2])
-    return x, kv
+    return constrain_batch(x), kv
 
 
 def _embed(params: Params, tokens, positions, cfg: ModelConfig, key):
@@ -343,6 +365,49 @@ def lm_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     flat = hidden.reshape(-1, hidden.shape[-1]).astype(cfg.dtype)
     logits = jax.lax.dot_general(flat, wte, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return logits.reshape(*hidden.shape[:-1], wte.shape[0])
+
+
+LOGPROB_CHUNK = 256  # positions per LM-head call in `lm_token_logprobs`
+
+
+def lm_token_logprobs(
+    params: Params, hidden: jax.Array, targets: jax.Array, cfg: ModelConfig, *, chunk: int = LOGPROB_CHUNK
+) -> jax.Array:
+    """log softmax(lm_logits(hidden))[targets] in float32, without the [B, T, V] logits at once.
+
+    `ops.token_logprobs(lm_logits(params, hidden, cfg), targets)` for T <= chunk. Longer rows run the LM
+    head on n = ceil(T / chunk) slices of ceil(T / n) positions in a `lax.map`, each under
+    `jax.checkpoint`: forward and backward then hold one slice's [B, T / n, V] float32 logits (and their
+    gradient) instead of the whole row's, for one more LM-head matmul in the backward pass. At V = 128256
+    and T = 2k the full logits are 1 GiB per row, more than an 8B model's activations under remat.
+
+    Args:
+      params: GPT params (the LM head: wte, or lm_head when untied).
+      hidden: [B, T, D] final hidden states (`forward`), already shifted so hidden[:, t] predicts
+        targets[:, t] (see ops).
+      targets: [B, T] int ids.
+      cfg: the model config.
+      chunk: the most positions per LM-head call.
+
+    Returns:
+      [B, T] float32 log-probabilities.
+    """
+    B, T, D = hidden.shape
+    if T <= chunk:
+        return ops.token_logprobs(lm_logits(params, hidden, cfg), targets)
+    n = -(-T // chunk)
+    size = -(-T // n)
+    pad = n * size - T
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, size, D).swapaxes(0, 1)
+    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, size).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_slice(xs):
+        h, t = xs  # [B, size, D], [B, size]
+        return ops.token_logprobs(lm_logits(params, constrain_batch(h), cfg), t)  # [B, size]
+
+    logprobs = jax.lax.map(one_slice, (hidden, targets))  # [n, B, size]
+    return logprobs.swapaxes(0, 1).reshape(B, n * size)[:, :T]
 
 
 def scalar_head(head: Params, hidden: jax.Array) -> jax.Array:

@@ -13,10 +13,15 @@ global statistics (psum of sums and counts), where `pmean` of per-device means w
 responses like a shard of long ones; tests/test_losses_shard_map.py checks shard_map == GSPMD == 1 device.
 `shard_map` is used here where the work really is per device and needs no global reduction: `per_device`
 below (e.g. host-side scoring of each device's rows).
+
+FSDP gathers weights, not activations: a step is traced `on_mesh`, and the model pins every block's input
+and output to the batch split (`model.constrain_batch`); otherwise XLA may follow the weights' split and
+replicate the activations (for an 8B model, every row's attention on every device).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -29,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+from jaxrlhf.model import BATCH_AXES  # the model pins activations to the same axes (constrain_batch)
 
 
 def initialize_distributed(
@@ -150,11 +155,24 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` traced with `mesh` as the abstract mesh, so that the model keeps its activations split over
+    the batch axes (`model.constrain_batch`) whatever the weights' FSDP sharding; for `jax.jit`."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
 def jit_step(step: Callable, mesh: Mesh, state: Any, *, donate: bool = True) -> Callable:
     """Compile `step(state, batch, *, key) -> (state, metrics)` once for `mesh`.
 
     Returns `f(state, batch, key) -> (state, metrics)` with the state sharded by `tree_shardings`, the
-    batch split over the mesh, the key and metrics replicated, and the input state donated.
+    batch split over the mesh, the key and metrics replicated, and the input state donated. The step is
+    traced `on_mesh`: activations stay split over the batch, the weights are gathered (FSDP).
     """
     state_sh = tree_shardings(state, mesh)
 
@@ -162,7 +180,7 @@ def jit_step(step: Callable, mesh: Mesh, state: Any, *, donate: bool = True) -> 
         return step(state, batch, key=key)
 
     return jax.jit(
-        fn,
+        on_mesh(fn, mesh),
         in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh)),
         out_shardings=(state_sh, replicated(mesh)),
         donate_argnums=(0,) if donate else (),

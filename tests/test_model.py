@@ -177,3 +177,52 @@ def test_gelu_new_value_and_grad_match_numpy_reference():
     # ~3e-6, the same error as autodiff of jax.nn.gelu.
     np.testing.assert_allclose(np.asarray(g), dref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(y), np.asarray(jax.nn.gelu(x, approximate=True)), atol=1e-6)
+
+
+def test_lm_token_logprobs_in_slices_match_a_loop_reference():
+    # 37 positions in slices of at most 8: 5 slices of 8, the last 3 positions padding.
+    cfg = ModelConfig.preset("tiny-llama", vocab_size=97, block_size=64, tie_embeddings=False)
+    params = model.init_params(jax.random.key(0), cfg)
+    hidden = jax.random.normal(jax.random.key(1), (3, 37, cfg.n_embd), jnp.float32)
+    targets = jax.random.randint(jax.random.key(2), (3, 37), 0, cfg.vocab_size)
+    sliced = jax.jit(lambda p, h: model.lm_token_logprobs(p, h, targets, cfg, chunk=8))
+    got = np.asarray(sliced(params, hidden))
+    head, h, t = (
+        np.asarray(params["lm_head"], np.float64),
+        np.asarray(hidden, np.float64),
+        np.asarray(targets),
+    )
+    want = np.zeros(t.shape)
+    for b in range(t.shape[0]):
+        for i in range(t.shape[1]):
+            z = head @ h[b, i]
+            want[b, i] = z[t[b, i]] - z.max() - np.log(np.sum(np.exp(z - z.max())))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    whole = jax.jit(lambda p, h: model.lm_token_logprobs(p, h, targets, cfg, chunk=37))  # one slice
+    np.testing.assert_allclose(np.asarray(whole(params, hidden)), want, rtol=1e-5, atol=1e-5)
+    # Gradients (params and hidden) as autodiff of the full [B, T, V] logits gives them.
+    weights = jax.random.normal(jax.random.key(3), targets.shape)
+
+    def loss(fn):
+        return jax.jit(jax.grad(lambda p, h: jnp.sum(weights * fn(p, h)), argnums=(0, 1)))
+
+    full = loss(lambda p, h: ops.token_logprobs(model.lm_logits(p, h, cfg), targets))(params, hidden)
+    for a, b in zip(jax.tree.leaves(loss(sliced)(params, hidden)), jax.tree.leaves(full), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_lm_token_logprobs_never_holds_the_whole_logits():
+    # XLA's own buffer assignment of the gradient program: the full path holds [B, T, V] float32 logits
+    # (and more); the sliced one at most a few [B, T / n, V] slices.
+    cfg = ModelConfig.preset("tiny-llama", vocab_size=4096, block_size=512, n_embd=16)
+    params = jax.eval_shape(lambda k: model.init_params(k, cfg), jax.random.key(0))
+    hidden = jax.ShapeDtypeStruct((2, 512, 16), jnp.float32)
+    targets = jnp.zeros((2, 512), jnp.int32)
+    logits_bytes = 2 * 512 * 4096 * 4
+
+    def temp_bytes(chunk):
+        grad = jax.grad(lambda p, h: jnp.sum(model.lm_token_logprobs(p, h, targets, cfg, chunk=chunk)))
+        return jax.jit(grad).lower(params, hidden).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(512) > logits_bytes  # one slice: the whole logits (the measure sees them)
+    assert temp_bytes(64) < logits_bytes / 2

@@ -163,6 +163,81 @@ def test_fsdp_shards_params():
     assert parallel.leaf_sharding((3,), mesh).spec == jax.sharding.PartitionSpec()
 
 
+def test_jit_step_keeps_activations_split_over_the_batch(tiny_cfg):
+    # Traced on_mesh, every block's input and output is pinned to the ('data', 'fsdp') batch split; a plain
+    # jit of the same step leaves XLA free to follow the FSDP-split weights instead (see constrain_batch).
+    step, state, batch = lm_case(tiny_cfg, train.make_optimizer(train.OptimConfig(lr=1e-2)))
+    mesh = parallel.make_mesh(2, 4)
+    text = parallel.jit_step(step, mesh, state).lower(state, batch, jax.random.key(0)).as_text()
+    assert text.count("sharding_constraint") >= 2 * tiny_cfg.n_layer and '[{"data", "fsdp"}' in text
+    assert "sharding_constraint" not in jax.jit(step).lower(state, batch).as_text()
+    x = jnp.ones((8, 3))
+    assert model.constrain_batch(x) is x  # no mesh
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        odd = jnp.ones((6, 3))
+        assert model.constrain_batch(odd) is odd  # 6 rows do not split over 8 devices
+    inside = parallel.per_device(lambda x: model.constrain_batch(x) * 1.0, mesh)  # manual axes: as it is
+    np.testing.assert_array_equal(jax.jit(inside)(x), x)
+
+
+def _adam_state(opt_state) -> optax.ScaleByAdamState:
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    (adam,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
+    return adam
+
+
+def test_mu_dtype_bfloat16_stores_the_first_moment_in_bf16_and_still_trains(tiny_cfg):
+    opt = dict(lr=3e-3, warmup_steps=0, weight_decay=0.0)
+    runs = {}
+    for mu_dtype in (None, "bfloat16"):
+        step, state, batch = lm_case(
+            tiny_cfg, train.make_optimizer(train.OptimConfig(**opt, mu_dtype=mu_dtype))
+        )
+        adam = _adam_state(state.opt_state)
+        mu, nu, params = jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu), jax.tree.leaves(state.params)
+        assert [x.shape for x in mu] == [x.shape for x in nu] == [x.shape for x in params]
+        assert {x.dtype for x in nu} == {jnp.dtype(jnp.float32)}
+        assert {x.dtype for x in mu} == {jnp.dtype(mu_dtype or jnp.float32)}
+        jitted, history = jax.jit(step), []
+        for _ in range(6):
+            state, metrics = jitted(state, batch)
+            history.append((state.params, float(metrics["loss"])))
+        runs[mu_dtype] = history
+        assert {x.dtype for x in jax.tree.leaves(_adam_state(state.opt_state).mu)} == {
+            jnp.dtype(mu_dtype or jnp.float32)
+        }
+    (first32, _), (first16, _) = runs[None][0], runs["bfloat16"][0]
+    # Update 1 is computed from the float32 moment before it is stored: identical. Later ones read the
+    # rounded moment: the bf16 state acts, and training goes on as with float32.
+    for a, b in zip(jax.tree.leaves(first32), jax.tree.leaves(first16), strict=True):
+        np.testing.assert_array_equal(a, b)
+    last32, last16 = runs[None][-1][0], runs["bfloat16"][-1][0]
+    pairs = zip(jax.tree.leaves(last32), jax.tree.leaves(last16), strict=True)
+    assert any(not np.array_equal(a, b) for a, b in pairs)
+    losses = [loss for _, loss in runs["bfloat16"]]
+    assert losses[-1] < losses[0] - 0.05
+    assert losses[-1] == pytest.approx(runs[None][-1][1], abs=1e-2)
+
+
+def test_mu_dtype_is_validated_and_is_a_flag(capsys):
+    with pytest.raises(
+        ValueError, match=r"^mu_dtype='float16'; use none \(the params' dtype\) or one of float32"
+    ):
+        train.OptimConfig(mu_dtype="float16")
+    from experiments.ultrafeedback import common  # every stage's optim is a flag: --<stage>.optim.mu_dtype
+
+    def parse(*argv):
+        return common.parse_args(["--model", "tiny-llama", *argv]).rebel.optim.mu_dtype
+
+    assert parse("--rebel.optim.mu_dtype", "bfloat16") == "bfloat16"
+    assert parse("--rebel.optim.mu_dtype", "none") is None and parse() is None
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--rebel.optim.mu_dtype", "float16")
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "--rebel.optim.mu_dtype 'float16'; use none" in err
+
+
 def test_weight_decay_only_on_matrices(tiny_cfg):
     params = model.init_params(jax.random.key(0), tiny_cfg)
     mask = train.decay_mask(params)

@@ -135,9 +135,9 @@ def put_batch(batch: Any, mesh) -> Any:
 
 def jit_eval(fn, mesh, params) -> Any:
     """jax.jit of `fn(params, batch) -> outputs` with params sharded like a train state and the
-    batch split over the mesh; outputs replicated."""
+    batch split over the mesh (its activations too: `parallel.on_mesh`); outputs replicated."""
     return jax.jit(
-        fn,
+        parallel.on_mesh(fn, mesh),
         in_shardings=(parallel.tree_shardings(params, mesh), parallel.batch_sharding(mesh)),
         out_shardings=parallel.replicated(mesh),
     )
