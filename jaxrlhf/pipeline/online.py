@@ -239,7 +239,7 @@ def make_generate(setup: Setup, params, sample_cfg: SampleConfig, n: int, refere
     ref_shardings = None if reference is None else parallel.tree_shardings(reference, mesh)
     batch = parallel.batch_sharding(mesh)
     return jax.jit(
-        gen,
+        parallel.on_mesh(gen, mesh),  # activations split over the batch, weights gathered (FSDP)
         in_shardings=(shardings, ref_shardings, batch, batch, parallel.replicated(mesh)),
         out_shardings=parallel.replicated(mesh),
     )
