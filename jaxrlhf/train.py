@@ -325,6 +325,34 @@ def run_epochs(update: Callable, state, batch, *, key, epochs: int, minibatches:
     return jax.lax.scan(one_epoch, state, jax.random.split(key, epochs))
 
 
+def skip_without_pairs(update: Callable) -> Callable:
+    """`update(state, minibatch: PrefBatch, key) -> (state, metrics)` that leaves the state unchanged on a
+    minibatch without a real pair (`pair_mask` all False), so that Adam's momentum does not move the
+    policy on no data."""
+
+    def guarded(state, mb: PrefBatch, key):
+        new_state, metrics = update(state, mb, key)
+        has_pairs = jnp.any(mb.pair_mask)
+        return jax.tree.map(lambda n, o: jnp.where(has_pairs, n, o), new_state, state), metrics
+
+    return guarded
+
+
+def pair_passes_step(update: Callable, *, epochs: int, minibatches: int) -> StepFn:
+    """step(state, PrefBatch, *, key) making `epochs` passes of `minibatches` updates over a fixed pair set
+    (`run_epochs`), an update skipped on a minibatch without a real pair (`skip_without_pairs`). Metrics:
+    the means over the updates, "finite" their minimum, and "initial_loss" / "final_loss": the mean loss
+    of the first / last pass (each minibatch's loss before its update)."""
+    update = skip_without_pairs(update)
+
+    def step(state: TrainState, batch: PrefBatch, *, key=None):
+        state, metrics = run_epochs(update, state, batch, key=key, epochs=epochs, minibatches=minibatches)
+        initial, final = jnp.mean(metrics["loss"][0]), jnp.mean(metrics["loss"][-1])
+        return state, {**mean_metrics(metrics), "initial_loss": initial, "final_loss": final}
+
+    return step
+
+
 def mean_metrics(metrics: dict) -> dict:
     """Stacked per-update metrics -> their means; "finite" is the minimum (0 if any update was skipped)."""
     out = jax.tree.map(jnp.mean, metrics)
@@ -501,15 +529,5 @@ def make_rebel_step(
             pair_mask=batch.pair_mask,
         )
 
-    def update(state: TrainState, mb: PrefBatch, key):
-        new_state, metrics = _update(state, tx, loss_fn, mb, key)
-        has_pairs = jnp.any(mb.pair_mask)
-        new_state = jax.tree.map(lambda n, o: jnp.where(has_pairs, n, o), new_state, state)
-        return new_state, metrics
-
-    def step(state: TrainState, batch: PrefBatch, *, key=None):
-        state, metrics = run_epochs(update, state, batch, key=key, epochs=epochs, minibatches=minibatches)
-        initial, final = jnp.mean(metrics["loss"][0]), jnp.mean(metrics["loss"][-1])
-        return state, {**mean_metrics(metrics), "initial_loss": initial, "final_loss": final}
-
-    return step
+    update = lambda state, mb, key: _update(state, tx, loss_fn, mb, key)  # noqa: E731
+    return pair_passes_step(update, epochs=epochs, minibatches=minibatches)

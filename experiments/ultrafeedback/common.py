@@ -337,10 +337,8 @@ def stage_run(cfg: UfConfig, name: str) -> StageRun:
 
 
 def stop_after_for(cfg: UfConfig, name: str) -> int | None:
-    if not cfg.stop_after:
-        return None
-    stage, _, n = cfg.stop_after.partition(":")
-    return int(n) if stage == name else None
+    """Steps (or shards) stage instance `name` may run in this invocation under --stop-after."""
+    return recipe.stop_after_for(cfg.stop_after, name)
 
 
 def pairs_of(cfg: UfConfig, t: int) -> int:

@@ -4,10 +4,12 @@ a `.summary`."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from experiments.ultrafeedback import common, encoding
-from jaxrlhf import hf, parallel, preference, rewards, runner, train
+from jaxrlhf import data, hf, parallel, preference, rewards, runner, train
 from jaxrlhf import tokenizers as jaxrlhf_tokenizers
 from jaxrlhf.pipeline import handoff, online, pairs, recipe, reward
 from jaxrlhf.pipeline.setup import Setup
@@ -15,10 +17,6 @@ from jaxrlhf.pipeline.setup import Setup
 
 def _result(summary: dict | None) -> runner.StageResult:
     return runner.StageResult(state=None, history=[], summary=summary or {"stopped": True})
-
-
-def _data_stop(cfg, name: str) -> int | None:
-    return common.stop_after_for(cfg, name)
 
 
 def check_data_stages(setup: Setup, names) -> None:
@@ -86,10 +84,11 @@ def run_generate(setup: Setup, t: int) -> runner.StageResult:
         )
     params, source = policy_params(setup, t)
     reference = common.base_params(setup) if needs_reference(cfg) and t > 1 else None
+    run = common.stage_run(cfg, name)
     summary = online.run_generate(
         setup, cfg.generate, root=common.iter_dir(cfg, t) / "generate", meta=common.stage_meta(cfg, name),
         prompts=prompts, params=params, reference=reference, sample_cfg=common.sample_config(setup),
-        key=common.stage_run(cfg, name).root_key, progress=cfg.progress, stop_after=_data_stop(cfg, name),
+        key=run.root_key, progress=cfg.progress, stop_after=run.stop_after,
         summary={"iteration": t, "policy": source, **counts},
     )  # fmt: skip
     return _result(summary)
@@ -98,28 +97,27 @@ def run_generate(setup: Setup, t: int) -> runner.StageResult:
 # ------------------------------------------------------------------------------------------- score
 
 
-def _rows_scorer(setup: Setup, params, mcfg):
-    """scorer(arrays, texts) of a scalar model on the written [prompt | answer] rows, batched and sharded."""
+def _score_rows(setup: Setup, params, mcfg):
+    """(tokens [N, T], mask) -> [N] scores of a scalar model, batched and sharded."""
     mesh, b = setup.mesh, setup.cfg.score.batch_size
 
     def score(params, batch):
         return train.sequence_scores(params, batch[0], batch[1], mcfg)
 
     fn = handoff.jit_eval(score, mesh, params)
+    return lambda tokens, mask: handoff.evaluate_rows(fn, params, (tokens, mask), b, mesh)
+
+
+def _rows_scorer(setup: Setup, params, mcfg):
+    """scorer(arrays, texts) of a scalar model on the written [prompt | answer] rows."""
+    score = _score_rows(setup, params, mcfg)
 
     def scorer(arrays, texts):
         tokens = np.concatenate([arrays["prompt"], arrays["response"]], axis=1)
         mask = np.concatenate([arrays["prompt_mask"], arrays["response_mask"]], axis=1)
-        return _batched(fn, params, tokens, mask, b, mesh)
+        return score(tokens, mask)
 
     return scorer
-
-
-def _batched(fn, params, tokens, mask, b, mesh) -> np.ndarray:
-    out = []
-    for idx, valid in handoff.eval_rows(len(tokens), b):
-        out.append(np.asarray(fn(params, handoff.put_batch((tokens[idx], mask[idx]), mesh)))[valid])
-    return np.concatenate(out)
 
 
 def same_tokenizer(a, b) -> bool:
@@ -151,8 +149,6 @@ def hf_scorer(setup: Setup):
         raise ValueError(f"--score.reward_model {path}: {err}") from None
     params, rm_cfg = hf.load_reward_model(path)
     if cfg.bf16:
-        import dataclasses
-
         rm_cfg = dataclasses.replace(rm_cfg, compute_dtype="bfloat16")
     params = parallel.put(params, setup.mesh)
     if same_tokenizer(setup.tokenizer, rm_tok):
@@ -162,12 +158,7 @@ def hf_scorer(setup: Setup):
             f"--score.reward_model {path}: its tokenizer is not the policy's and has no chat template to "
             "re-render the answers with; give it its tokenizer_config.json with chat_template"
         )
-    mesh, b = setup.mesh, cfg.score.batch_size
-
-    def score(params, batch):
-        return train.sequence_scores(params, batch[0], batch[1], rm_cfg)
-
-    fn = handoff.jit_eval(score, mesh, params)
+    score = _score_rows(setup, params, rm_cfg)
 
     def scorer(arrays, texts):
         convs = [
@@ -177,10 +168,8 @@ def hf_scorer(setup: Setup):
         ]
         seqs = [rm_tok.apply_chat_template(c, date_string=cfg.data.date_string).ids for c in convs]
         width = -(-max(len(s) for s in seqs) // 64) * 64  # few shapes: few compiles
-        from jaxrlhf import data
-
         tokens, mask = data.pad_batch(seqs, width, pad_id=rm_tok.pad_id, side="right")
-        return _batched(fn, params, tokens.astype(np.int32), mask, b, mesh)
+        return score(tokens.astype(np.int32), mask)
 
     return scorer, True
 
@@ -217,7 +206,7 @@ def run_score(setup: Setup, t: int) -> runner.StageResult:
     summary = online.run_score(
         root=common.iter_dir(cfg, t) / "score", answers_root=common.iter_dir(cfg, t) / "generate",
         n_shards=answers["shards"], meta=common.stage_meta(cfg, name), scorer=scorer, progress=cfg.progress,
-        stop_after=_data_stop(cfg, name), summary={"iteration": t, **info},
+        stop_after=common.stop_after_for(cfg, name), summary={"iteration": t, **info},
     )  # fmt: skip
     return _result(summary)
 

@@ -90,8 +90,9 @@ def lm_batch(rows: tuple, idx: np.ndarray, valid: np.ndarray | None = None) -> t
 
 
 def subset(rows: tuple, idx: np.ndarray) -> tuple:
-    """Rows `idx` of every array of a NamedTuple of row arrays, as the same NamedTuple."""
-    return type(rows)(*(x[idx] for x in rows))
+    """Rows `idx` of every array of a tuple or NamedTuple of row arrays, as the same type."""
+    picked = [x[idx] for x in rows]
+    return tuple(picked) if type(rows) is tuple else type(rows)(*picked)
 
 
 # ----------------------------------------------------------------------------------------- batching
@@ -141,6 +142,15 @@ def jit_eval(fn, mesh, params) -> Any:
         in_shardings=(parallel.tree_shardings(params, mesh), parallel.batch_sharding(mesh)),
         out_shardings=parallel.replicated(mesh),
     )
+
+
+def evaluate_rows(evaluate, params, rows: tuple, batch_size: int, mesh, make_batch=subset) -> np.ndarray:
+    """`evaluate(params, batch) -> [B] per-row outputs` over every row of `rows` once, in fixed-size
+    batches `make_batch(rows, idx)` (the last padded with row 0, its outputs dropped): [N]."""
+    out = []
+    for idx, valid in eval_rows(len(rows[0]), batch_size):
+        out.append(np.asarray(evaluate(params, put_batch(make_batch(rows, idx), mesh)))[valid])
+    return np.concatenate(out)
 
 
 def evaluate_sums(evaluate, params, rows: tuple, make_batch, batch_size: int, mesh) -> tuple[float, float]:

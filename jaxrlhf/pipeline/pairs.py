@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import model, parallel, preference, runner, train
@@ -155,7 +153,7 @@ class PairStageConfig:
 
 def make_pair_step(setup: Setup, pcfg: PairStageConfig, tx):
     """step(state, PrefBatch, *, key) of `pcfg.algo`: REBEL's `train.make_rebel_step`, or DPO / IPO updates
-    in the same epochs x minibatches passes (`train.run_epochs`)."""
+    in the same epochs x minibatches passes (`train.pair_passes_step`)."""
     mcfg = setup.model_cfg
     if pcfg.algo == "rebel":
         return train.make_rebel_step(mcfg, tx, eta=pcfg.eta, epochs=pcfg.epochs, minibatches=pcfg.minibatches)
@@ -163,20 +161,9 @@ def make_pair_step(setup: Setup, pcfg: PairStageConfig, tx):
     dpo = train.make_dpo_step(
         mcfg, tx, beta=pcfg.beta, loss_type=loss_type, average_logprobs=pcfg.algo == "ipo"
     )
-
-    def update(state, mb, key):
-        new_state, metrics = dpo(state, mb, key=key)
-        has_pairs = jnp.any(mb.pair_mask)  # no update on padding alone (Adam's momentum would move)
-        return jax.tree.map(lambda n, o: jnp.where(has_pairs, n, o), new_state, state), metrics
-
-    def step(state, batch, *, key=None):
-        state, metrics = train.run_epochs(
-            update, state, batch, key=key, epochs=pcfg.epochs, minibatches=pcfg.minibatches
-        )
-        initial, final = jnp.mean(metrics["loss"][0]), jnp.mean(metrics["loss"][-1])
-        return state, {**train.mean_metrics(metrics), "initial_loss": initial, "final_loss": final}
-
-    return step
+    return train.pair_passes_step(
+        lambda state, mb, key: dpo(state, mb, key=key), epochs=pcfg.epochs, minibatches=pcfg.minibatches
+    )
 
 
 def pair_state_init(setup: Setup, pcfg: PairStageConfig, n_pairs: int):
@@ -194,12 +181,9 @@ def log_ratio_gaps(setup: Setup, params, pairs: train.PrefBatch, batch_size: int
         ratio = lp - batch.ref_logprobs
         return ratio[:, 0] - ratio[:, 1]
 
-    fn = handoff.jit_eval(gap, setup.mesh, params)
-    out = []
-    for idx, valid in handoff.eval_rows(len(pairs.pair_mask), batch_size):
-        batch = handoff.subset(pairs, idx)
-        out.append(np.asarray(fn(params, handoff.put_batch(batch, setup.mesh)))[valid])
-    return np.concatenate(out)
+    return handoff.evaluate_rows(
+        handoff.jit_eval(gap, setup.mesh, params), params, pairs, batch_size, setup.mesh
+    )
 
 
 def run_pair_stage(

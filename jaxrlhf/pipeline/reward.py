@@ -180,11 +180,7 @@ def reference_stats(setup: Setup, params, rows: PromptAnswers, n: int, batch_siz
         return train.sequence_scores(params, batch.tokens, batch.mask, setup.model_cfg)  # [B]
 
     score = handoff.jit_eval(score, mesh, params)
-    scores = []
-    for idx, valid in handoff.eval_rows(n, batch_size):
-        batch_scores = np.asarray(score(params, handoff.put_batch(handoff.lm_batch(picked, idx), mesh)))
-        scores.append(batch_scores[valid])
-    scores = np.concatenate(scores)
+    scores = handoff.evaluate_rows(score, params, picked, batch_size, mesh, make_batch=handoff.lm_batch)
     std = float(scores.std())
     return {"mean": float(scores.mean()), "std": std if std > 1e-6 else 1.0, "rows": int(n)}
 
