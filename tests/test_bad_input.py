@@ -279,6 +279,12 @@ PIPELINE_CASES = [
         2,
     ),
     Case(
+        "happy_muon_lr_with_adamw",
+        happy_case("--sft.muon_lr", "0.01"),
+        ("--sft.muon_lr 0.01", "does nothing with optimizer 'adamw'"),
+        2,
+    ),
+    Case(
         "happy_batch_zero", happy_case("--sft.batch_size", "0"), ("--sft.batch_size 0", "it must be >= 1"), 2
     ),
     Case(

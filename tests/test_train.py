@@ -378,3 +378,58 @@ def test_per_model_optimizer_keeps_the_policy_independent_of_the_value():
     assert not np.allclose(run(joint, 0.0), run(joint, 1e3))  # what the split optimizer prevents
     with pytest.raises(ValueError, match="no optimizer for params"):
         train.make_per_model_optimizer({"policy": optim}).init(params)
+
+
+def test_muon_orthogonalises_each_layers_matrix_and_leaves_the_rest_to_adam(tiny_cfg):
+    """Independent properties of Muon's first update: on every kernel (one matrix per stacked layer) the
+    update's singular values are nearly equal, where the gradient's spread widely; layers do not mix;
+    the non-matrix leaves move by Adam's first step, about lr against the gradient's sign."""
+    lr, muon_lr = 1e-3, 0.02
+    cfg = train.OptimConfig(optimizer="muon", lr=lr, muon_lr=muon_lr, weight_decay=0.0, grad_clip=0.0)
+    tx = train.make_optimizer(cfg)
+    params = model.init_params(jax.random.key(0), tiny_cfg)
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    grads = jax.tree.map(
+        lambda x: jax.random.normal(next(keys), x.shape) * jnp.geomspace(0.01, 10.0, x.shape[-1]), params
+    )
+    updates, _ = tx.update(grads, tx.init(params), params)
+    kernel = params["blocks"]["mlp"]["c_fc"]["kernel"]
+    assert kernel.ndim == 3  # [layer, in, out]
+    for layer in range(kernel.shape[0]):
+        g = np.asarray(grads["blocks"]["mlp"]["c_fc"]["kernel"][layer])
+        u = np.asarray(updates["blocks"]["mlp"]["c_fc"]["kernel"][layer])
+        sg, su = np.linalg.svd(g, compute_uv=False), np.linalg.svd(u, compute_uv=False)
+        assert sg.max() / sg.min() > 10 and su.max() / su.min() < 1.8, (sg, su)  # NS: ~[0.7, 1.1]
+        assert np.sum(u * g) < 0  # a descent direction
+    # Layer 1's gradient alone changed: layer 0's update is the same.
+    grads2 = jax.tree.map(lambda x: x, grads)
+    grads2["blocks"]["mlp"]["c_fc"]["kernel"] = grads["blocks"]["mlp"]["c_fc"]["kernel"].at[1].mul(-3.0)
+    updates2, _ = tx.update(grads2, tx.init(params), params)
+    u1, u2 = (u["blocks"]["mlp"]["c_fc"]["kernel"] for u in (updates, updates2))
+    np.testing.assert_allclose(u1[0], u2[0], rtol=1e-5, atol=1e-8)
+    assert not np.allclose(u1[1], u2[1])
+    # Embeddings, biases, layer norms: Adam's first step (Nesterov's, as optax.contrib.muon has it) is
+    # a sign step: one size for every element, lr to 2 lr, against the gradient.
+    for name in ("wte",):
+        g, u = np.asarray(grads[name]), np.asarray(updates[name])
+        assert np.all(np.sign(u) == -np.sign(g)) and np.allclose(np.abs(u), np.abs(u).max(), rtol=0.02)
+        assert lr <= np.abs(u).max() <= 2 * lr
+    b, gb = (
+        np.asarray(updates["blocks"]["mlp"]["c_fc"]["bias"]),
+        np.asarray(grads["blocks"]["mlp"]["c_fc"]["bias"]),
+    )
+    assert np.all(np.sign(b) == -np.sign(gb)) and np.allclose(np.abs(b), np.abs(u).max(), rtol=0.02)
+    # And it trains.
+    step, state, batch = lm_case(tiny_cfg, tx)
+    jitted, losses_ = jax.jit(step), []
+    for _ in range(6):
+        state, metrics = jitted(state, batch)
+        losses_.append(float(metrics["loss"]))
+    assert losses_[-1] < losses_[0] - 0.05, losses_
+
+
+def test_muon_flags_are_validated():
+    with pytest.raises(ValueError, match=r"^optimizer='sgd'; use 'adamw' or 'muon'$"):
+        train.OptimConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match=r"^muon_lr=0.01; it does nothing with optimizer 'adamw'"):
+        train.OptimConfig(muon_lr=0.01)

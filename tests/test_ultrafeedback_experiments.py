@@ -1,8 +1,9 @@
 """experiments/ultrafeedback: the filter's counts against a hand count, the chat-templated prompt layout, the
 pair update's wiring, a Hugging Face reward model with another tokenizer (re-tokenized, against
 transformers), and the whole pipeline end to end (rm, then 2 iterations of generate -> score -> filter ->
-rebel) on a tiny Llama "instruct" model over the shared UltraFeedback sample, then the same run stopped in
-the middle of every kind of stage and resumed, which must end with the same result.
+rebel) on a tiny Llama "instruct" model over the shared UltraFeedback sample, then the same run's rm and
+first iteration stopped in the middle of every kind of stage and resumed, which must end with the same
+result.
 
 The base model is the local Hugging Face directory of scripts/tiny_chat_model.py, built here: a byte-level
 BPE of 1,024 ids trained on the sample's text plus Llama 3's special tokens and the real Llama 3.2 chat
@@ -389,11 +390,11 @@ def test_pipeline_end_to_end_then_killed_in_every_stage_and_resumed(base_dir, sh
     finally:
         setup.close()
 
-    # The same run, stopped in the middle of each kind of stage and resumed: rm after 12 steps (its
-    # checkpoint is at 10), generate and score after one shard of two, a cut .tmp left by the filter,
-    # rebel after one step.
+    # The same run's first iteration, stopped in the middle of each kind of stage and resumed: rm after
+    # 12 steps (its checkpoint is at 10), generate and score after one shard of two, a cut .tmp left by
+    # the filter, rebel after one step. (Iteration 2 resumes through the same code.)
     b = tmp_path / "b"
-    args = _args(base_dir, shared_data, b, tmp_path)
+    args = [*_args(base_dir, shared_data, b, tmp_path), "--iterations", "1"]
     for stop in ("rm:12", "generate_1:1", "score_1:1", "rebel_1:1"):
         proc = _run([*args, "--stop-after", stop] + (["--resume"] if stop != "rm:12" else []), cache)
         assert "stopped before its last step; continue with --resume" in proc.stderr, proc.stderr[-2000:]
@@ -401,7 +402,8 @@ def test_pipeline_end_to_end_then_killed_in_every_stage_and_resumed(base_dir, sh
             (b / "iter_1" / "filter").mkdir(parents=True, exist_ok=True)
             (b / "iter_1" / "filter" / "pairs.npz.tmp").write_bytes(b"cut")
     _run([*args, "--resume"], cache)
-    a_files, b_files = _data_files(out), _data_files(b)
+    a_files = {k: v for k, v in _data_files(out).items() if k.startswith("iter_1")}
+    b_files = _data_files(b)
     assert a_files.keys() == b_files.keys()
     for name, value in a_files.items():
         if isinstance(value, dict) and value and isinstance(next(iter(value.values())), np.ndarray):
@@ -409,20 +411,19 @@ def test_pipeline_end_to_end_then_killed_in_every_stage_and_resumed(base_dir, sh
                 np.testing.assert_array_equal(value[k], b_files[name][k], err_msg=f"{name}:{k}")
         else:
             assert value == b_files[name], name
-    for t in (1, 2):
-        sa = json.loads((out / f"rebel_{t}_summary.json").read_text())
-        sb = json.loads((b / f"rebel_{t}_summary.json").read_text())
-        assert sa["regression"] == sb["regression"], t  # computed from the final weights
+    sa = json.loads((out / "rebel_1_summary.json").read_text())
+    sb = json.loads((b / "rebel_1_summary.json").read_text())
+    assert sa["regression"] == sb["regression"]  # computed from the final weights
     # Rerunning a finished run is a no-op; a fresh run over it is refused before anything is written.
     proc = _run([*args, "--resume"], cache)
-    assert proc.stderr.count("finished earlier, skipped") == 9
+    assert proc.stderr.count("finished earlier, skipped") == 5
     proc = _run(args, cache, check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "--resume" in proc.stderr, proc.stderr
 
     # An iteration whose answers all tie leaves no pair: one line, nothing trained.
     c = tmp_path / "c"
     shutil.copytree(
-        b, c, ignore=shutil.ignore_patterns("filter*", "rebel_1*", "rebel_2*", "iter_2", "*.lock")
+        b, c, ignore=shutil.ignore_patterns("filter*", "rebel_1*", "*.lock")
     )
     for k in range(2):
         np.savez(c / "iter_1" / "score" / f"shard_{k:05d}.npz", scores=np.zeros(32, np.float32))
