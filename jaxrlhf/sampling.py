@@ -94,6 +94,12 @@ def sortable_keys(x: jax.Array) -> jax.Array:
     return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
+def _from_sortable_keys(keys: jax.Array) -> jax.Array:
+    """The float32 values of `sortable_keys` (-0.0 comes back as 0.0)."""
+    bits = jnp.where(keys < 0, keys ^ jnp.int32(0x7FFFFFFF), keys)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _truncate_rows(logits: jax.Array, cfg: SampleConfig) -> jax.Array:  # [B, V] -> [B, V]
     """Top-k keeps every entry >= the k-th largest value (ties with it are all kept, so more than k may
     survive); top-p the smallest set of largest entries whose mass reaches top_p. NaN logits are not
@@ -102,9 +108,9 @@ def _truncate_rows(logits: jax.Array, cfg: SampleConfig) -> jax.Array:  # [B, V]
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         if logits.shape[-1] <= 512:
             # Small vocabularies: the k-th largest value from one sort of order-preserving int32 keys.
-            # XLA:CPU sorts int32 with a plain comparator, several times faster than a float sort (NaN
-            # ordering) or top_k (a full float sort) at this size, and 0.6x the op time of counting the
-            # larger entries of each one ([B, V, V]), which it replaces.
+            # XLA:CPU sorts int32 with a plain comparator: at [32, 100] in a 32-step loop it took 45 us a
+            # step against 363 for a float sort (a NaN-aware comparator), 326 for top_k (a full float
+            # sort) and 132 for counting the larger entries of each one ([B, V, V], the filter before).
             key = sortable_keys(logits)  # [B, V]
             kth = jnp.sort(key, axis=-1)[:, -cfg.top_k][:, None]  # [B, 1]
             logits = jnp.where(key >= kth, logits, neg)
@@ -112,7 +118,8 @@ def _truncate_rows(logits: jax.Array, cfg: SampleConfig) -> jax.Array:  # [B, V]
             kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]  # [B, 1]
             logits = jnp.where(logits < kth, neg, logits)
     if cfg.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+        # The int32-key sort again (same values as a float sort, faster); [B, V] descending.
+        sorted_logits = _from_sortable_keys(jnp.sort(sortable_keys(logits), axis=-1)[:, ::-1])
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         # The smallest prefix with mass >= top_p: keep a token while the mass before it is < top_p.

@@ -333,3 +333,26 @@ def test_pad_id_equal_to_eos_keeps_mask(params):
     for b in range(prompt.shape[0]):
         hits = np.flatnonzero(np.asarray(free.response[b]) == eos)
         assert int(padded_eos.response_length[b]) == (hits[0] + 1 if hits.size else 12)
+
+
+def test_top_p_filter_equals_float_sort_filter():
+    """Top-p sorts int32 keys; the result must equal, bit for bit, the same filter on a float sort."""
+    rng = np.random.default_rng(2)
+    logits = np.concatenate(
+        [rng.standard_normal((8, 50)) * 3, np.round(rng.standard_normal((8, 50)))]  # with ties
+    ).astype(np.float32)
+    logits[-1, :10] = -0.0
+
+    def float_sort_top_p(x, top_p):
+        sorted_logits = jnp.sort(x, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        threshold = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), -1, keepdims=True)
+        return jnp.where(x < threshold, jnp.finfo(jnp.float32).min, x)
+
+    for top_p in (0.05, 0.5, 0.9, 0.999):
+        cfg = SampleConfig(max_new_tokens=1, top_p=top_p)
+        got = jax.jit(lambda x, c=cfg: sampling.truncate_logits(x, c))(logits)
+        want = jax.jit(float_sort_top_p, static_argnums=1)(logits, top_p)
+        np.testing.assert_array_equal(got, want, err_msg=f"top_p={top_p}")
+        assert 0 < int(jnp.sum(got > jnp.finfo(jnp.float32).min)) < logits.size or top_p > 0.99
