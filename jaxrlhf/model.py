@@ -324,6 +324,8 @@ def decoding_params(params: Params, batch: int) -> Params:
     Why: XLA:CPU fuses a [Dout] bias add into the elementwise op after the matmul (GELU's tanh, the
     residual add) as a broadcast, and at decode sizes it then split those small fusions over threads,
     which cost more than they saved; a bias of the activations' own shape is a plain elementwise add.
+    gpt-micro sampling 32 x 32: GELU fusions 35 -> 4-9 ms of op time per call; the whole call 0.92x (ratio
+    of minimum times in one run, 40 alternating calls), with identical rollouts.
     Prefill (T > 1 tokens per row) takes the unstacked params, not these.
     """
     params = unstack_blocks(params)

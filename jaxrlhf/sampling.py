@@ -10,6 +10,11 @@ before top-k / top-p filtering (`policy_logits`), i.e. exactly what a teacher-fo
 sequence gives at the same temperature, which is what RL losses optimise (as lm-human-preferences and TRL
 do). With top-k / top-p the tokens are drawn from the filtered distribution, so an update on these logprobs
 is slightly off-policy; `rl` reports how far (the KL between the two) and can use the filtered ones instead.
+
+XLA:CPU runs a decode step as ~140 small ops, so its cost at small sizes is as much per-op overhead as
+matmul time (`scripts/bench_sampling.py` counts the ops and splits the time). Hence: top-k / top-p from a
+sort of int32 keys, decode-time params with the biases already broadcast (`model.decoding_params`), and a
+response mask derived after the loop rather than written each step.
 """
 
 from __future__ import annotations

@@ -5,12 +5,14 @@ Cases, random init, float32:
     from a 1-token prompt;
   GPT-2-124M shape (vocab 50257): 8 sequences x 64 new tokens from an 8-token prompt (skip: --skip_gpt2).
 
-For each case it reports ms per call and per new token after compile (median of >= 20 calls,
-block_until_ready), the first-call (compile) time, and checks that a second call with the same shapes and
-a new key compiles nothing (the jit cache size and a jax.monitoring count of backend compiles). From the
-compiled program it counts the HLO ops of one decode step (the while body; bitcasts, tuples, parameters
-and constants left out), and a jax.profiler trace of a few calls splits the op time into matmuls (dots and
-the fusions holding one), reductions, sorts, cache updates, copies and elementwise ops.
+For each case it reports ms per call and per new token after compile (median of >= 20 calls, of
+--gpt2_calls for GPT-2 whose calls take seconds; block_until_ready), the first-call (compile) time, and
+checks that a second call with the same shapes and a new key compiles nothing (the jit cache size and a
+jax.monitoring count of backend compiles). From the compiled program it counts the HLO ops of one decode
+step (the while body; bitcasts, tuples, parameters and constants left out), and a jax.profiler trace of a
+few calls splits the op time into matmuls (dots and the fusions holding one), reductions, sorts, cache
+updates, copies and elementwise ops. A loop that runs only the decode step's matmuls (same shapes, nothing
+else) gives the floor the dots alone set.
 
 With `--baseline REF` (e.g. `--baseline main`) the sampler of git revision REF (its jaxrlhf/sampling.py,
 model.py, layers.py and ops.py, loaded as a second package in this process) runs on the same params and
@@ -18,6 +20,7 @@ keys: calls alternate old / new so machine drift hits both, the report gives new
 checks the two rollouts are bitwise identical.
 
   python scripts/bench_sampling.py --out bench_sampling.json [--calls 20] [--skip_gpt2] [--baseline main]
+      [--gpt2_calls 6] [--profile_calls 3]
 """
 
 from __future__ import annotations
@@ -362,11 +365,25 @@ def _summary(r: dict) -> str:
     return " | ".join(parts)
 
 
+def write(path: str, runs: list, baseline: str | None) -> None:
+    out = {
+        "runs": runs,
+        "baseline": baseline,
+        "jax": jax.__version__,
+        "device": str(jax.devices()[0].device_kind),
+        "loadavg": os.getloadavg(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_sampling.json")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--skip_gpt2", action="store_true")
+    ap.add_argument("--gpt2_calls", type=int, default=6, help="timed calls of the GPT-2 case (seconds each)")
     ap.add_argument(
         "--baseline", default=None, help="git revision whose sampler to compare against, e.g. main"
     )
@@ -380,23 +397,16 @@ def main():
     micro_sample = SampleConfig(max_new_tokens=32, top_k=30)
     runs.append(bench("gpt-micro", micro, micro_sample, 32, 1, calls, compiles, baseline, args.profile_calls))
     print(_summary(runs[-1]))
+    write(args.out, runs, args.baseline)  # after each case: the GPT-2 case takes minutes
     if not args.skip_gpt2:
         gpt2 = ModelConfig.preset("gpt2", embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
         gpt2_sample = SampleConfig(max_new_tokens=64)
+        gpt2_calls, gpt2_profile = max(args.gpt2_calls, 2), min(args.profile_calls, 1)
         runs.append(
-            bench("gpt2-124M-shape", gpt2, gpt2_sample, 8, 8, calls, compiles, baseline, args.profile_calls)
+            bench("gpt2-124M-shape", gpt2, gpt2_sample, 8, 8, gpt2_calls, compiles, baseline, gpt2_profile)
         )
         print(_summary(runs[-1]))
-    out = {
-        "runs": runs,
-        "baseline": args.baseline,
-        "jax": jax.__version__,
-        "device": str(jax.devices()[0].device_kind),
-        "loadavg": os.getloadavg(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write(args.out, runs, args.baseline)
     print(f"wrote {args.out}")
 
 
