@@ -10,6 +10,11 @@ before top-k / top-p filtering (`policy_logits`), i.e. exactly what a teacher-fo
 sequence gives at the same temperature, which is what RL losses optimise (as lm-human-preferences and TRL
 do). With top-k / top-p the tokens are drawn from the filtered distribution, so an update on these logprobs
 is slightly off-policy; `rl` reports how far (the KL between the two) and can use the filtered ones instead.
+
+XLA:CPU runs a decode step as ~140 small ops, so its cost at small sizes is as much per-op overhead as
+matmul time (`scripts/bench_sampling.py` counts the ops and splits the time). Hence: top-k / top-p from a
+sort of int32 keys, decode-time params with the biases already broadcast (`model.decoding_params`), and a
+response mask derived after the loop rather than written each step.
 """
 
 from __future__ import annotations
@@ -84,21 +89,42 @@ def truncate_logits(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
     return _truncate_rows(logits.astype(jnp.float32).reshape(-1, shape[-1]), cfg).reshape(shape)
 
 
+def sortable_keys(x: jax.Array) -> jax.Array:
+    """int32 keys ordered as the float32 values x (not NaN), -0.0 equal to 0.0: a >= b iff key(a) >= key(b).
+
+    The float's bits read as int32 order the non-negative values; flipping the magnitude bits of the
+    negative ones reverses their order below zero.
+    """
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x).astype(jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _from_sortable_keys(keys: jax.Array) -> jax.Array:
+    """The float32 values of `sortable_keys` (-0.0 comes back as 0.0)."""
+    bits = jnp.where(keys < 0, keys ^ jnp.int32(0x7FFFFFFF), keys)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _truncate_rows(logits: jax.Array, cfg: SampleConfig) -> jax.Array:  # [B, V] -> [B, V]
+    """Top-k keeps every entry >= the k-th largest value (ties with it are all kept, so more than k may
+    survive); top-p the smallest set of largest entries whose mass reaches top_p. NaN logits are not
+    ordered (a NaN row samples garbage either way)."""
     neg = jnp.finfo(jnp.float32).min
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         if logits.shape[-1] <= 512:
-            # Small vocabularies: rank by counting larger entries, one fused op. XLA:CPU's top_k is a full
-            # sort, several times slower at this size. Ties with the k-th value are kept, as with top_k.
-            # Counting in float32 (exact up to 2^24) fuses better than an int32 count (0.85x the op time).
-            larger = (logits[:, None, :] > logits[:, :, None]).astype(jnp.float32)  # [B, V, V]
-            n_larger = jnp.sum(larger, axis=-1)  # [B, V]
-            logits = jnp.where(n_larger < cfg.top_k, logits, neg)
+            # Small vocabularies: the k-th largest value from one sort of order-preserving int32 keys.
+            # XLA:CPU sorts int32 with a plain comparator: at [32, 100] in a 32-step loop it took 45 us a
+            # step against 363 for a float sort (a NaN-aware comparator), 326 for top_k (a full float
+            # sort) and 132 for counting the larger entries of each one ([B, V, V], the filter before).
+            key = sortable_keys(logits)  # [B, V]
+            kth = jnp.sort(key, axis=-1)[:, -cfg.top_k][:, None]  # [B, 1]
+            logits = jnp.where(key >= kth, logits, neg)
         else:
             kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]  # [B, 1]
             logits = jnp.where(logits < kth, neg, logits)
     if cfg.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+        # The int32-key sort again (same values as a float sort, faster); [B, V] descending.
+        sorted_logits = _from_sortable_keys(jnp.sort(sortable_keys(logits), axis=-1)[:, ::-1])
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         # The smallest prefix with mass >= top_p: keep a token while the mass before it is < top_p.
@@ -115,7 +141,6 @@ class _LoopState(flax.struct.PyTreeNode):
     step: jax.Array  # [] int32
     done: jax.Array  # [B] bool
     response: jax.Array  # [B, R]
-    response_mask: jax.Array  # [B, R]
     logprobs: jax.Array  # [B, R]
     logits: jax.Array  # [B, V] next-token logits
     cache: model.KVCache
@@ -172,6 +197,8 @@ def _sample_impl(params, prompt, prompt_mask, model_cfg: ModelConfig, cfg: Sampl
     hidden, cache = model.prefill(params, prompt, prompt_mask, model_cfg, P + R)
     logits = model.lm_logits(params, hidden[:, -1], model_cfg)  # [B, V]
 
+    step_params = model.decoding_params(params, B)
+
     def cond(s: _LoopState):
         return (s.step < R) & ~jnp.all(s.done)
 
@@ -199,24 +226,29 @@ def _sample_impl(params, prompt, prompt_mask, model_cfg: ModelConfig, cfg: Sampl
         for stop in cfg.stops:  # eos_id and stop_ids; one compare each (no stops: never done early)
             done = done | (token == stop)
         response = jax.lax.dynamic_update_slice(s.response, token[:, None], (0, s.step))
-        response_mask = jax.lax.dynamic_update_slice(s.response_mask, live[:, None], (0, s.step))
         logprobs = jax.lax.dynamic_update_slice(s.logprobs, logprob[:, None], (0, s.step))
-        hidden, cache = model.decode_step(params, token, s.cache, model_cfg, live)
-        logits = model.lm_logits(params, hidden, model_cfg)
-        return _LoopState(s.step + 1, done, response, response_mask, logprobs, logits, cache, key)
+        hidden, cache = model.decode_step(step_params, token, s.cache, model_cfg, live)
+        logits = model.lm_logits(step_params, hidden, model_cfg)
+        return _LoopState(s.step + 1, done, response, logprobs, logits, cache, key)
 
     init = _LoopState(
         step=jnp.zeros((), jnp.int32),
         done=jnp.zeros((B,), bool),
         response=jnp.full((B, R), cfg.pad_id, jnp.int32),
-        response_mask=jnp.zeros((B, R), bool),
         logprobs=jnp.zeros((B, R), jnp.float32),
         logits=logits,
         cache=cache,
         key=key,
     )
     out = jax.lax.while_loop(cond, body, init)
-    return Rollout(prompt, prompt_mask, out.response, out.response_mask, out.logprobs, out.done)
+    # A row is live at step t iff it emitted no stop before t: derived once here rather than written each
+    # step (one op fewer per step). Steps an early exit skipped all come after every row's stop.
+    is_stop = jnp.zeros((B, R), bool)
+    for stop in cfg.stops:
+        is_stop = is_stop | (out.response == stop)
+    stops_before = jnp.cumsum(is_stop, axis=-1, dtype=jnp.int32) - is_stop  # [B, R]
+    response_mask = stops_before == 0
+    return Rollout(prompt, prompt_mask, out.response, response_mask, out.logprobs, out.done)
 
 
 _sample_jit = jax.jit(_sample_impl, static_argnums=(3, 4))
@@ -226,8 +258,11 @@ def check_left_padded(prompt_mask) -> None:
     """Raise a one-line error unless every row of a concrete mask is left-padded and non-empty."""
     if isinstance(prompt_mask, jax.core.Tracer):
         return
-    m = jnp.asarray(prompt_mask, bool)
-    if not bool(jnp.all(m[:, -1])) or bool(jnp.any(m[:, :-1] & ~m[:, 1:])):
+    # On the host when the mask is all here: a few jnp ops would cost a dispatch and a sync each call.
+    fully_here = getattr(prompt_mask, "is_fully_addressable", True)
+    xp = np if fully_here else jnp
+    m = np.asarray(prompt_mask, bool) if fully_here else jnp.asarray(prompt_mask, bool)
+    if not bool(xp.all(m[:, -1])) or bool(xp.any(m[:, :-1] & ~m[:, 1:])):
         raise ValueError(
             "prompt_mask must be left-padded with a real last token in every row; pad prompts on the "
             "left (e.g. CharTokenizer.encode_batch(..., pad='left'))."

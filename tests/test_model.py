@@ -89,6 +89,22 @@ def test_kv_cache_equals_full_forward(setup):
     np.testing.assert_array_equal(cache.positions, mask.sum(-1))
 
 
+def test_decoding_params_give_the_same_decode_step(setup):
+    cfg, params, tokens = setup
+    mask = jnp.ones(tokens.shape, bool).at[1, :3].set(False)
+    P, B = 6, tokens.shape[0]
+    _, cache = jax.jit(model.prefill, static_argnums=(3, 4))(params, tokens[:, :P], mask[:, :P], cfg, 11)
+    step_params = model.decoding_params(params, B)
+    biases = [x for x in jax.tree.leaves(step_params["blocks"]) if x.ndim == 2 and x.shape[0] == B]
+    assert len(biases) == 4 * cfg.n_layer  # c_attn, attn c_proj, c_fc, mlp c_proj: [B, Dout] each
+    decode = jax.jit(model.decode_step, static_argnums=3)
+    h_ref, cache_ref = decode(params, tokens[:, P], cache, cfg)
+    h, cache_new = decode(step_params, tokens[:, P], cache, cfg)
+    np.testing.assert_array_equal(h, h_ref)  # the same elementwise adds: bit for bit
+    for a, b in zip(jax.tree.leaves(cache_new), jax.tree.leaves(cache_ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_sequence_too_long_is_a_clear_error(setup):
     cfg, params, _ = setup
     tokens = jnp.zeros((1, cfg.block_size + 1), jnp.int32)

@@ -251,3 +251,108 @@ def test_stop_ids_are_checked(params):
         sampling.sample(
             params, prompt, mask, CFG, SampleConfig(max_new_tokens=4, stop_ids=(3, 23)), key=jax.random.key(0)
         )
+
+
+def _top_k_reference(logits, k):
+    """Plain loop: keep the entries of each row with fewer than k strictly larger entries (all ties with
+    the k-th largest value), the rest get finfo.min."""
+    out = np.full(logits.shape, np.finfo(np.float32).min, np.float32)
+    for b in range(logits.shape[0]):
+        for v in range(logits.shape[1]):
+            if sum(1 for w in logits[b] if w > logits[b, v]) < k:
+                out[b, v] = logits[b, v]
+    return out
+
+
+def test_top_k_filter_matches_loop_reference_with_ties():
+    rng = np.random.default_rng(0)
+    V = 40
+    normal = rng.standard_normal((6, V)).astype(np.float32)
+    ties = np.round(rng.standard_normal((6, V)) * 2).astype(np.float32)  # few distinct values
+    special = ties.copy()
+    special[:, :4] = [0.0, -0.0, np.finfo(np.float32).min, np.finfo(np.float32).max]
+    special[0] = -0.0  # a row of signed zeros: all tie
+    special[1, 5:] = np.finfo(np.float32).min  # fewer than k entries left by an earlier filter
+    logits = np.concatenate([normal, ties, special])
+    for k in (1, 2, 5, 17, V - 1):
+        cfg = SampleConfig(max_new_tokens=1, top_k=k)
+        got = np.asarray(jax.jit(lambda x, c=cfg: sampling.truncate_logits(x, c))(logits))
+        np.testing.assert_array_equal(got, _top_k_reference(logits, k), err_msg=f"k={k}")
+        assert (np.sum(got == logits, -1) >= k).all()  # at least k kept in every row
+
+
+def test_sortable_keys_order_like_floats():
+    rng = np.random.default_rng(1)
+    x = np.concatenate(
+        [
+            rng.standard_normal(200) * 10.0 ** rng.integers(-30, 30, 200),  # no subnormals (XLA:CPU flushes)
+            np.array([0.0, -0.0, 1.5, -1.5, np.inf, -np.inf], np.float32),
+            np.array([np.finfo(np.float32).min, np.finfo(np.float32).max], np.float32),
+        ]
+    ).astype(np.float32)
+    keys = np.asarray(jax.jit(sampling.sortable_keys)(x)).astype(np.int64)
+    np.testing.assert_array_equal(keys[:, None] >= keys[None, :], x[:, None] >= x[None, :])
+    np.testing.assert_array_equal(keys[:, None] == keys[None, :], x[:, None] == x[None, :])
+
+
+def test_top_k_rollout_bitwise_equal_to_counting_filter(params, monkeypatch):
+    """The sort-of-keys top-k gives the same rollout, bit for bit, as the earlier filter that counted the
+    larger entries of each one ([B, V, V])."""
+    prompt, mask = _prompt(batch=8)
+    cfg = SampleConfig(max_new_tokens=8, top_k=4, temperature=0.9)
+    new = sampling.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(9))
+
+    def counting(logits, cfg):
+        larger = (logits[:, None, :] > logits[:, :, None]).astype(jnp.float32)  # [B, V, V]
+        return jnp.where(jnp.sum(larger, -1) < cfg.top_k, logits, jnp.finfo(jnp.float32).min)
+
+    monkeypatch.setattr(sampling, "_truncate_rows", counting)
+    fresh = jax.jit(sampling._sample_impl, static_argnums=(3, 4))  # traces the patched filter
+    old = fresh(params, prompt, mask, CFG, cfg, jax.random.key(9))
+    for name in ("response", "response_mask", "logprobs", "finished"):
+        np.testing.assert_array_equal(getattr(new, name), getattr(old, name), err_msg=name)
+
+
+def test_pad_id_equal_to_eos_keeps_mask(params):
+    """Rows pad with eos after they stop (GPT-2's pad = eos): the mask still ends at the first eos."""
+    prompt, mask = _prompt()
+    greedy = SampleConfig(max_new_tokens=12, temperature=0.0)
+    free = sampling.sample(params, prompt, mask, CFG, greedy, key=jax.random.key(0))
+    eos = int(free.response[0, 2])
+    padded_0 = sampling.sample(
+        params, prompt, mask, CFG, dataclasses.replace(greedy, eos_id=eos, pad_id=0), key=jax.random.key(0)
+    )
+    padded_eos = sampling.sample(
+        params, prompt, mask, CFG, dataclasses.replace(greedy, eos_id=eos, pad_id=eos), key=jax.random.key(0)
+    )
+    np.testing.assert_array_equal(padded_eos.response_mask, padded_0.response_mask)
+    np.testing.assert_array_equal(padded_eos.finished, padded_0.finished)
+    np.testing.assert_array_equal(
+        padded_eos.response, jnp.where(padded_0.response_mask, padded_0.response, eos)
+    )
+    for b in range(prompt.shape[0]):
+        hits = np.flatnonzero(np.asarray(free.response[b]) == eos)
+        assert int(padded_eos.response_length[b]) == (hits[0] + 1 if hits.size else 12)
+
+
+def test_top_p_filter_equals_float_sort_filter():
+    """Top-p sorts int32 keys; the result must equal, bit for bit, the same filter on a float sort."""
+    rng = np.random.default_rng(2)
+    logits = np.concatenate(
+        [rng.standard_normal((8, 50)) * 3, np.round(rng.standard_normal((8, 50)))]  # with ties
+    ).astype(np.float32)
+    logits[-1, :10] = -0.0
+
+    def float_sort_top_p(x, top_p):
+        sorted_logits = jnp.sort(x, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        threshold = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), -1, keepdims=True)
+        return jnp.where(x < threshold, jnp.finfo(jnp.float32).min, x)
+
+    for top_p in (0.05, 0.5, 0.9, 0.999):
+        cfg = SampleConfig(max_new_tokens=1, top_p=top_p)
+        got = jax.jit(lambda x, c=cfg: sampling.truncate_logits(x, c))(logits)
+        want = jax.jit(float_sort_top_p, static_argnums=1)(logits, top_p)
+        np.testing.assert_array_equal(got, want, err_msg=f"top_p={top_p}")
+        assert 0 < int(jnp.sum(got > jnp.finfo(jnp.float32).min)) < logits.size or top_p > 0.99
