@@ -720,9 +720,12 @@ def _fmt(x, spec=".3f") -> str:
 def run(cfg: HappyConfig, args) -> dict:
     """The whole pipeline over `args.out`, holding its lock; returns the summary.
 
-    Freed heap goes back to the OS after every XLA compilation (`memory.trim_after_compiles`): glibc
-    would otherwise keep each compile's peak resident, and the run's peak RSS with it.
+    Host memory: glibc's malloc arenas are capped at 2 (`memory.limit_malloc_arenas`; threads that
+    JAX started before stay as they are) and freed heap goes back to the OS after every XLA
+    compilation (`memory.trim_after_compiles`); glibc would otherwise keep each compile's and each
+    thread's peak resident, and the run's peak RSS with them. Neither changes a result.
     """
+    memory.limit_malloc_arenas()
     with rundir.lock(args.out), memory.trim_after_compiles():
         return _run(cfg, args)
 
@@ -818,6 +821,12 @@ def _run(cfg: HappyConfig, args) -> dict:
             plot(out, "sft", _series(runner.read_metrics(out / "sft.jsonl"), "loss", "eval/loss"))
         sft.summary.update(mem.summary())
 
+        # Pretraining's and SFT's programs (steps, evaluator, sampler) are done with: dropped here, the
+        # RL stage's compiles (its update's compile is the run's largest, ~0.4 GB) start from a lower RSS.
+        # Programs compile to the same code again, so this changes no result; the sampler is compiled
+        # again for the samples after RL (or read back from --compile-cache).
+        jax.clear_caches()
+        memory.malloc_trim()
         rl_mcfg = _rl_model_cfg(mcfg)
         reward_host = rewards.make_text_reward(tokenizer, rewards.vader_scores)
         reward_jax = None
@@ -1044,6 +1053,7 @@ def parse_args(argv=None) -> tuple[HappyConfig, argparse.Namespace]:
 def main(argv=None) -> int:
     """The command: 0 when the pipeline finished, 2 for a refused flag or device count, 1 for any other
     refusal (--out, the data, a non-finite loss, a stage without pairs); each a line on stderr."""
+    memory.limit_malloc_arenas()  # before JAX starts its threads (see run)
     cfg, args = parse_args(argv)
     try:
         check_devices(cfg, len(jax.devices()))

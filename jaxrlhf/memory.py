@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import os
 import sys
 import threading
 
@@ -90,6 +91,23 @@ def malloc_trim() -> bool:
     """
     libc = _libc()
     return bool(libc and libc.malloc_trim(0))
+
+
+_M_ARENA_MAX = -8  # glibc malloc.h
+
+
+def limit_malloc_arenas(n: int = 2) -> bool:
+    """Cap glibc's malloc arenas at `n` for the rest of the process (`mallopt(M_ARENA_MAX, n)`), unless
+    $MALLOC_ARENA_MAX already sets it. Returns whether the cap was set.
+
+    glibc gives each thread that allocates its own arena, up to 8 per core, and an arena's freed
+    memory serves only that arena: XLA's compile and Eigen threads each keep their own high-water mark.
+    Call it before the threads start (before the first JAX computation); arenas that exist stay.
+    """
+    libc = _libc()
+    if libc is None or os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    return bool(libc.mallopt(_M_ARENA_MAX, n))
 
 
 @dataclasses.dataclass
