@@ -726,12 +726,15 @@ def run(cfg: HappyConfig, args) -> dict:
     thread's peak resident, and the run's peak RSS with them. Neither changes a result.
     """
     memory.limit_malloc_arenas()
-    with rundir.lock(args.out), memory.trim_after_compiles():
-        return _run(cfg, args)
-
-
-def _run(cfg: HappyConfig, args) -> dict:
     setup_mem = memory.Tracker()  # the data, the tokenizer and the encoded rows, until pretraining
+    try:
+        with rundir.lock(args.out), memory.trim_after_compiles():
+            return _run(cfg, args, setup_mem)
+    finally:
+        setup_mem.stop()  # no sampler thread outlives a refused or failed run
+
+
+def _run(cfg: HappyConfig, args, setup_mem: memory.Tracker) -> dict:
     out = checkpoint.resolve(args.out)  # an epath, local or gs://, like the checkpoints
     t_start = time.perf_counter()
     if getattr(args, "compile_cache", None):
