@@ -36,7 +36,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf import checkpoint, model, parallel, preference, rewards, rl, rundir, runner, sampling, train
+from jaxrlhf import (
+    checkpoint,
+    memory,
+    model,
+    parallel,
+    preference,
+    rewards,
+    rl,
+    rundir,
+    runner,
+    sampling,
+    train,
+)
 from jaxrlhf.config import MODEL_PRESETS, ModelConfig, SampleConfig, check_at_least, flag_message, flag_parser
 from jaxrlhf.data import load_tweets, tweets
 from jaxrlhf.tokenizers import CharTokenizer
@@ -717,12 +729,23 @@ def _fmt(x, spec=".3f") -> str:
 
 
 def run(cfg: HappyConfig, args) -> dict:
-    """The whole pipeline over `args.out`, holding its lock; returns the summary."""
-    with rundir.lock(args.out):
-        return _run(cfg, args)
+    """The whole pipeline over `args.out`, holding its lock; returns the summary.
+
+    Host memory: glibc's malloc arenas are capped at 2 (`memory.limit_malloc_arenas`; threads that
+    JAX started before stay as they are) and freed heap goes back to the OS after every XLA
+    compilation (`memory.trim_after_compiles`); glibc would otherwise keep each compile's and each
+    thread's peak resident, and the run's peak RSS with them. Neither changes a result.
+    """
+    memory.limit_malloc_arenas()
+    setup_mem = memory.Tracker()  # the data, the tokenizer and the encoded rows, until pretraining
+    try:
+        with rundir.lock(args.out), memory.trim_after_compiles():
+            return _run(cfg, args, setup_mem)
+    finally:
+        setup_mem.stop()  # no sampler thread outlives a refused or failed run
 
 
-def _run(cfg: HappyConfig, args) -> dict:
+def _run(cfg: HappyConfig, args, setup_mem: memory.Tracker) -> dict:
     out = checkpoint.resolve(args.out)  # an epath, local or gs://, like the checkpoints
     t_start = time.perf_counter()
     if getattr(args, "compile_cache", None):
@@ -786,48 +809,67 @@ def _run(cfg: HappyConfig, args) -> dict:
             samples_file.flush()
             return texts, scores
 
-        # Pretrain -> SFT -> RL; each stage starts from the last one's final checkpoint.
-        init = model.init_params(jax.random.key(cfg.seed), mcfg)
-        pre = _lm_stage("pretrain", cfg, cfg.pretrain, mcfg, init, all_train, all_test, mesh, args, tok_path)
-        say(f"pretrain: val loss {pre.summary['val_loss']:.4f} ({pre.summary['wall_s']:.1f} s)")
-        show("after pretraining", pre.state.params, jax.random.key(100))
-        # Curves from the metrics files: whole stages, also when this call resumed them.
-        pre_history = runner.read_metrics(out / "pretrain.jsonl")
-        plot(out, "pretrain", _series(pre_history, "loss", "eval/loss"))
+        # Pretrain -> SFT -> RL; each stage starts from the last one's final checkpoint. Each stage's
+        # summary records its host memory (from its start to the next one's: its evaluation, samples
+        # and plot included).
+        summary["memory"] = {"setup": setup_mem.stop().summary()}
+        with memory.track() as mem:
+            init = model.init_params(jax.random.key(cfg.seed), mcfg)
+            pre = _lm_stage(
+                "pretrain", cfg, cfg.pretrain, mcfg, init, all_train, all_test, mesh, args, tok_path
+            )
+            say(f"pretrain: val loss {pre.summary['val_loss']:.4f} ({pre.summary['wall_s']:.1f} s)")
+            show("after pretraining", pre.state.params, jax.random.key(100))
+            # Curves from the metrics files: whole stages, also when this call resumed them.
+            pre_history = runner.read_metrics(out / "pretrain.jsonl")
+            plot(out, "pretrain", _series(pre_history, "loss", "eval/loss"))
+        pre.summary.update(mem.summary())
 
-        sft_cfg = dataclasses.replace(mcfg)
-        sft = _lm_stage(
-            "sft", cfg, cfg.sft, sft_cfg, pre.state.params, pos_train, pos_test, mesh, args, tok_path
-        )
-        say(f"sft: val loss {sft.summary['val_loss']:.4f} ({sft.summary['wall_s']:.1f} s)")
-        before, before_scores = show("after SFT (before RL)", sft.state.params, jax.random.key(101))
-        plot(out, "sft", _series(runner.read_metrics(out / "sft.jsonl"), "loss", "eval/loss"))
+        with memory.track() as mem:
+            sft_cfg = dataclasses.replace(mcfg)
+            sft = _lm_stage(
+                "sft", cfg, cfg.sft, sft_cfg, pre.state.params, pos_train, pos_test, mesh, args, tok_path
+            )
+            say(f"sft: val loss {sft.summary['val_loss']:.4f} ({sft.summary['wall_s']:.1f} s)")
+            before, before_scores = show("after SFT (before RL)", sft.state.params, jax.random.key(101))
+            plot(out, "sft", _series(runner.read_metrics(out / "sft.jsonl"), "loss", "eval/loss"))
+        sft.summary.update(mem.summary())
 
+        # Pretraining's and SFT's programs (steps, evaluator, sampler) are done with: dropped here, the
+        # RL stage's compiles (its update's compile is the run's largest, ~0.4 GB) start from a lower RSS.
+        # Programs compile to the same code again, so this changes no result; the sampler is compiled
+        # again for the samples after RL (or read back from --compile-cache).
+        jax.clear_caches()
+        memory.malloc_trim()
         rl_mcfg = _rl_model_cfg(mcfg)
         reward_host = rewards.make_text_reward(tokenizer, rewards.vader_scores)
         reward_jax = None
         if cfg.reward == "learned":
-            rm_params, acc = train_reward_model(
-                cfg, rl_mcfg, pre.state.params, tokenizer, train_rows, test_rows, mesh, args, tok_path
-            )
+            with memory.track() as mem:
+                rm_params, acc = train_reward_model(
+                    cfg, rl_mcfg, pre.state.params, tokenizer, train_rows, test_rows, mesh, args, tok_path
+                )
+            summary["memory"]["reward_model"] = mem.summary()
             summary["reward_model_accuracy"] = acc
             say(f"reward model: held-out accuracy {acc:.3f} (positive vs negative test tweets)")
             reward_jax = rewards.make_learned_reward(rm_params, rl_mcfg)
-        res, policy = _rl_stage(
-            cfg,
-            rl_mcfg,
-            sft.state.params,
-            tokenizer,
-            mesh,
-            args,
-            tok_path,
-            reward_host,
-            reward_jax,
-            all_train,
-        )
-        after, after_scores = show("after RL", policy, jax.random.key(102))
-    rl_history = runner.read_metrics(out / "rl.jsonl")
-    plot(out, "rl", _series(rl_history, "reward", "kl_per_token", "clipfrac", "value_loss", "loss"))
+        with memory.track() as mem:
+            res, policy = _rl_stage(
+                cfg,
+                rl_mcfg,
+                sft.state.params,
+                tokenizer,
+                mesh,
+                args,
+                tok_path,
+                reward_host,
+                reward_jax,
+                all_train,
+            )
+            after, after_scores = show("after RL", policy, jax.random.key(102))
+            rl_history = runner.read_metrics(out / "rl.jsonl")
+            plot(out, "rl", _series(rl_history, "reward", "kl_per_token", "clipfrac", "value_loss", "loss"))
+        res.summary.update(mem.summary())
     last = rl_history[-min(10, len(rl_history)) :]
     summary["stages"] = {"pretrain": pre.summary, "sft": sft.summary, "rl": res.summary}
     summary["rl"] = {
@@ -840,6 +882,7 @@ def _run(cfg: HappyConfig, args) -> dict:
         "distinct2_after": distinct_n(after),
     }
     summary["wall_s"] = round(time.perf_counter() - t_start, 2)
+    summary["memory"]["end"] = memory.snapshot()  # peak_rss_mb: the whole run's
     summary_path.write_text(json.dumps(summary, indent=2))
     say(
         f"\nHappyGPT done in {summary['wall_s']:.0f} s: pretrain val {pre.summary['val_loss']:.3f}, "
@@ -1024,6 +1067,7 @@ def parse_args(argv=None) -> tuple[HappyConfig, argparse.Namespace]:
 def main(argv=None) -> int:
     """The command: 0 when the pipeline finished, 2 for a refused flag or device count, 1 for any other
     refusal (--out, the data, a non-finite loss, a stage without pairs); each a line on stderr."""
+    memory.limit_malloc_arenas()  # before JAX starts its threads (see run)
     cfg, args = parse_args(argv)
     try:
         check_devices(cfg, len(jax.devices()))

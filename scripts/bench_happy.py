@@ -4,8 +4,9 @@
 
 Writes JSON: per stage wall / compile / steady step time, iterations/s, tokens/s, achieved GFLOP/s and MFU
 (model FLOPs: 6 N per trained token plus attention, PaLM appendix B), the quality reached (validation
-losses, RL reward and KL, distinct-2 before/after RL), total wall time and peak RSS. Extra arguments go to
-`python -m jaxrlhf.happy` (e.g. --algo pg).
+losses, RL reward and KL, distinct-2 before/after RL), total wall time, peak RSS, and per stage its host
+memory (rss_start_mb / rss_peak_mb / rss_end_mb, see jaxrlhf.memory; also under "rss_per_stage_mb").
+Extra arguments go to `python -m jaxrlhf.happy` (e.g. --algo pg).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import json
 import pathlib
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -31,7 +31,7 @@ def main() -> int:
     p.add_argument("--run-dir", default=None, help="where the run's outputs go (default: a temp dir)")
     args, extra = p.parse_known_args()
 
-    from jaxrlhf import happy
+    from jaxrlhf import happy, memory
 
     peak_before = matmul_peak_gflops()[0] * 1e9
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="bench_happy_")
@@ -58,7 +58,12 @@ def main() -> int:
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "matmul_peak_gflops_before_after": [round(peak_before / 1e9, 1), round(peak_after / 1e9, 1)],
         "wall_s_total": round(wall, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # VmHWM (memory.peak_rss_mb): ru_maxrss would carry a parent's peak across fork + exec.
+        "peak_rss_mb": memory.snapshot()["peak_rss_mb"],
+        "rss_per_stage_mb": {
+            name: {k: stages[name].get(f"rss_{k}_mb") for k in ("start", "peak", "end")} for name in stages
+        },
+        "memory": summary.get("memory"),
         "stages": stages,
         "quality": {
             "pretrain_val_loss": stages["pretrain"].get("val_loss"),

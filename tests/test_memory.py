@@ -1,0 +1,93 @@
+"""jaxrlhf.memory: RSS readings against /proc and getrusage, a tracked block's peak, malloc_trim."""
+
+import resource
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxrlhf import memory
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+
+
+@linux
+def test_rss_and_peak_match_the_kernel():
+    now, peak = memory.rss_mb(), memory.peak_rss_mb()
+    assert 1 < now <= peak
+    # ru_maxrss can only be higher (it keeps a parent's peak across exec), never lower than VmHWM.
+    assert peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + 1
+
+
+@linux
+def test_track_sees_a_block_that_raises_the_peak():
+    mb = int(memory.peak_rss_mb() - memory.rss_mb()) + 200  # above the process's earlier peak
+    with memory.track() as mem:
+        block = np.ones(mb * 2**20 // 8)  # touched pages: resident
+        del block
+    assert mem.scope == "exact"
+    assert mem.peak >= mem.start + mb * 0.9
+    assert mem.end < mem.peak - mb * 0.5  # freed: a large NumPy array is unmapped at once
+    s = mem.summary()
+    assert s["rss_peak_mb"] == round(mem.peak, 1) and s["rss_peak_scope"] == "exact"
+    assert s["rss_process_peak_mb"] >= s["rss_peak_mb"]
+
+
+@linux
+def test_track_samples_a_block_under_an_earlier_peak():
+    with memory.track() as mem:
+        block = np.ones(40 * 2**20 // 8)  # 40 MB, well under the previous test's peak
+        time.sleep(0.2)  # several sampler ticks
+        del block
+    assert mem.scope == "sampled"
+    assert mem.start + 30 <= mem.peak < mem.process_peak
+
+
+def test_track_degrades_without_proc(monkeypatch):
+    monkeypatch.setattr(memory, "_STATUS", "/nonexistent/status")
+    assert memory.rss_mb() is None
+    with memory.track() as mem:
+        pass
+    assert mem.start is None and mem.end is None and mem.scope == "process"
+    assert mem.peak is None or mem.peak > 1  # ru_maxrss where there is `resource`
+
+
+def test_malloc_trim_is_safe():
+    assert memory.malloc_trim() in (True, False)
+
+
+def test_tracker_stop_is_idempotent():
+    tracker = memory.Tracker()
+    first = tracker.stop()
+    assert tracker.stop() is first
+    assert set(first.summary()) == {
+        "rss_start_mb", "rss_peak_mb", "rss_end_mb", "rss_process_peak_mb", "rss_peak_scope"
+    }  # fmt: skip
+
+
+def test_trim_after_compiles_trims_once_per_compile_and_changes_no_result(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.arange(12.0).reshape(3, 4)
+
+    def fn(x, c):
+        return jnp.tanh(x @ x.T + c).sum(0)
+
+    expected = np.asarray(jax.jit(fn)(x, 0.5))
+    same = jax.jit(lambda x, c: fn(x, c))  # another function: traced and compiled again
+    calls = []
+    monkeypatch.setattr(memory, "malloc_trim", lambda: calls.append(1) or True)
+    if memory._libc() is None:
+        pytest.skip("no glibc: trim_after_compiles does nothing")
+    with memory.trim_after_compiles():
+        got = np.asarray(same(x, 0.5))
+        n_compiled = len(calls)
+        again = np.asarray(same(x, 0.5))
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(again, expected)
+    assert n_compiled >= 1  # at least this program's compile
+    assert len(calls) == n_compiled + 1  # the cached call compiled nothing; one trim at the end
+    jax.jit(lambda x: x * 3)(x).block_until_ready()  # after the block: the listener is gone
+    assert len(calls) == n_compiled + 1
