@@ -906,6 +906,8 @@ def _add_fields(parser, cls, prefix, defaults):
         if cls is RLStageConfig and f.name in RL_DEFAULTS and value is None:
             by_algo = ", ".join(f"{a} {d[f.name]}" for a, d in RL_ALGO_DEFAULTS.items() if f.name in d)
             shown = f"{RL_DEFAULTS[f.name]}; {by_algo}"
+        if f.name == "muon_lr" and value is None:
+            shown = "none: 0.02 when the stage's optimizer is muon"
         # Only flags given on the command line reach the namespace, so "none" can set a field to None.
         parser.add_argument(
             f"--{prefix}{f.name}",
