@@ -23,8 +23,6 @@ import time
 
 import jax
 import numpy as np
-import optax
-import optax.contrib
 
 from jaxrlhf import happy, model, parallel, train
 from jaxrlhf.tokenizers import CharTokenizer
@@ -32,34 +30,26 @@ from jaxrlhf.tokenizers import CharTokenizer
 TARGET = 1.66  # issue #16's pretraining target (minRLHF's level)
 
 
-def _adamw(lr, steps, warmup=50, min_lr_ratio=0.1, b2=0.95):
+def _adamw(lr, steps, warmup=50):
+    """HappyGPT's pretraining optimizer as main had it: AdamW, cosine to 0.1 x lr, decay 0.1."""
     return train.make_optimizer(
-        train.OptimConfig(
-            lr=lr, warmup_steps=warmup, total_steps=steps, min_lr_ratio=min_lr_ratio, weight_decay=0.1, b2=b2
-        )
+        train.OptimConfig(lr=lr, warmup_steps=warmup, total_steps=steps, min_lr_ratio=0.1, weight_decay=0.1)
     )
 
 
 def _muon(lr, adam_lr, steps, warmup=50):
-    """Muon (optax.contrib) on the stacked [layer, in, out] kernels, AdamW on the rest; one schedule."""
-    sched = lambda peak: train.learning_rate_schedule(  # noqa: E731
-        train.OptimConfig(lr=peak, warmup_steps=warmup, total_steps=steps, min_lr_ratio=0.1)
-    )
-    dims = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
-        lambda path, leaf: (
-            optax.contrib.MuonDimensionNumbers(1, 2) if getattr(path[-1], "key", None) == "kernel" else None
-        ),
-        params,
-    )
-    return optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.contrib.muon(
-            sched(lr),
-            adam_learning_rate=sched(adam_lr),
-            adam_b2=0.95,
+    """Muon at `lr` on the kernels, AdamW at `adam_lr` on the rest, one schedule, no decay (the default
+    `--pretrain.optimizer muon` at lr 0.02 / 4e-3)."""
+    return train.make_optimizer(
+        train.OptimConfig(
+            optimizer="muon",
+            muon_lr=lr,
+            lr=adam_lr,
+            warmup_steps=warmup,
+            total_steps=steps,
+            min_lr_ratio=0.1,
             weight_decay=0.0,
-            muon_weight_dimension_numbers=dims,
-        ),
+        )
     )
 
 
