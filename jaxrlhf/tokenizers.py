@@ -411,6 +411,16 @@ def _read_bpe(vocab_path, merges_path) -> tuple[dict[str, int], list[tuple[str, 
 # ----------------------------------------------------------------------------- Hugging Face tokenizer.json
 
 
+def _is_char_file(path: str | os.PathLike) -> bool:
+    """Whether a .json file is a CharTokenizer's (HappyGPT names its run's copy tokenizer.json too)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return False  # the Hugging Face reader names the problem
+    return isinstance(spec, dict) and spec.get("kind") == "char"
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load what `save` wrote: a CharTokenizer .json file or directory, a Hugging Face directory (or its
     tokenizer.json; preferred when GPT-2 files sit beside it), or a GPT-2 directory.
@@ -421,11 +431,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """
     from jaxrlhf.hf_tokenizer import HFTokenizer  # noqa: PLC0415 (it builds on this module)
 
-    if os.path.isfile(path) and os.path.basename(path) == HF_TOKENIZER_FILE:
+    if os.path.isfile(path) and os.path.basename(path) == HF_TOKENIZER_FILE and not _is_char_file(path):
         return HFTokenizer.from_dir(os.path.dirname(os.path.abspath(path)))
     if os.path.isfile(path) or os.path.isfile(os.path.join(path, CHAR_TOKENIZER_FILE)):
         return CharTokenizer.load(path)
     if os.path.isfile(os.path.join(path, HF_TOKENIZER_FILE)):
+        if _is_char_file(os.path.join(path, HF_TOKENIZER_FILE)):
+            return CharTokenizer.load(os.path.join(path, HF_TOKENIZER_FILE))
         return HFTokenizer.from_dir(path)
     if os.path.isdir(path):
         if any(os.path.isfile(os.path.join(path, n)) for n in (*_HF_FILES, *_OPENAI_FILES)):

@@ -33,6 +33,7 @@ def main() -> int:
 
     from jaxrlhf import happy, memory
 
+    memory.lean_cpu_compiles()  # as `python -m jaxrlhf.happy` does, before the first computation
     peak_before = matmul_peak_gflops()[0] * 1e9
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="bench_happy_")
     if pathlib.Path(run_dir).exists() and args.run_dir:

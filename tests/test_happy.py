@@ -78,6 +78,7 @@ def test_happy_quick_kill_resume(tmp_path, shared_data):
     assert done.stdout.strip().splitlines()[-1].endswith("outputs in runs/happy"), done.stdout[-500:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"]["pretrain"]["steps"] == 0  # pretraining was not redone
+    assert "--xla_cpu_use_fusion_emitters=false" in summary["memory"]["xla_flags"]  # lean_cpu_compiles
     assert 0 < summary["stages"]["sft"]["steps"] < 10  # SFT continued from its checkpoint
     assert (out / "pretrain.jsonl").read_text() == pretrain_metrics
     for name in ("pretrain", "sft", "rl"):

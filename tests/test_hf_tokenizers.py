@@ -17,7 +17,7 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from jaxrlhf import chat
-from jaxrlhf.tokenizers import GPT2Tokenizer, HFTokenizer, TokenizerFileError, load_tokenizer
+from jaxrlhf.tokenizers import CharTokenizer, GPT2Tokenizer, HFTokenizer, TokenizerFileError, load_tokenizer
 
 TEMPLATES = pathlib.Path(__file__).parent / "fixtures" / "chat_templates"
 SHA256 = {
@@ -456,6 +456,18 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path, base_tokenizer)
     )
     with pytest.raises(TokenizerFileError, match=r"gives '<\|eot_id\|>' id 3 but tokenizer.json gives it"):
         HFTokenizer.from_dir(d)
+
+
+def test_load_tokenizer_reads_a_char_tokenizer_named_tokenizer_json(tmp_path):
+    # HappyGPT writes its CharTokenizer to <out>/tokenizer.json, Hugging Face's file name.
+    tok = CharTokenizer.from_corpus(["hello world", "happy"], eos="\n", unk="?")
+    tok.save(tmp_path / "tokenizer.json")
+    for where in (tmp_path / "tokenizer.json", tmp_path):
+        got = load_tokenizer(where)
+        assert isinstance(got, CharTokenizer) and got.encode("hello") == tok.encode("hello")
+    (tmp_path / "tokenizer.json").write_text('{"kind": "char", "chars"')  # cut short: still named
+    with pytest.raises(TokenizerFileError, match="tokenizer.json"):
+        load_tokenizer(tmp_path / "tokenizer.json")
 
 
 def test_load_tokenizer_dispatch_and_missing_files(tmp_path, base_tokenizer):

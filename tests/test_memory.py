@@ -1,6 +1,8 @@
 """jaxrlhf.memory: RSS readings against /proc and getrusage, a tracked block's peak, malloc_trim."""
 
+import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -91,3 +93,47 @@ def test_trim_after_compiles_trims_once_per_compile_and_changes_no_result(monkey
     assert len(calls) == n_compiled + 1  # the cached call compiled nothing; one trim at the end
     jax.jit(lambda x: x * 3)(x).block_until_ready()  # after the block: the listener is gone
     assert len(calls) == n_compiled + 1
+
+
+def _lean_in_fresh_process(code: str, xla_flags: str | None) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split("|")
+
+
+_LEAN = (
+    "import os, jax, jax.numpy as jnp; from jaxrlhf import memory; a = memory.lean_cpu_compiles(); "
+    "x = float(jnp.ones(3).sum()); b = memory.lean_cpu_compiles(); "
+    "print(a, b, x, sep='|', end='|'); print(os.environ.get('XLA_FLAGS', ''), end='')"
+)
+
+
+def test_lean_cpu_compiles_before_jax_starts_and_never_over_the_users_flag():
+    # Before the first computation: the flag is set, XLA accepts it (an unknown one aborts the process)
+    # and the computation runs; once JAX has started, a second call changes nothing.
+    a, b, x, flags = _lean_in_fresh_process(_LEAN, "--xla_cpu_enable_fast_math=false")
+    assert (a, b, x) == ("True", "False", "3.0")
+    assert flags == "--xla_cpu_enable_fast_math=false --xla_cpu_use_fusion_emitters=false"
+    # The user's own setting of the flag wins.
+    a, _, _, flags = _lean_in_fresh_process(_LEAN, "--xla_cpu_use_fusion_emitters=true")
+    assert a == "False" and flags == "--xla_cpu_use_fusion_emitters=true"
+    # Too late: JAX already computed, so XLA would never read it.
+    late = "import jax; jax.numpy.ones(1).block_until_ready(); from jaxrlhf import memory; "
+    late += "print(memory.lean_cpu_compiles(), end='|')"
+    assert _lean_in_fresh_process(late, None)[0] == "False"
+
+
+def test_lean_cpu_compiles_skips_a_flag_this_xla_lacks(monkeypatch):
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)  # as if JAX had not started
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(memory, "_LEAN_FLAG", "xla_cpu_no_such_flag_in_any_build")
+    assert not memory.lean_cpu_compiles()  # XLA would abort on it
+    assert "XLA_FLAGS" not in os.environ
+    monkeypatch.setattr(memory, "_LEAN_FLAG", "xla_cpu_use_fusion_emitters")
+    assert memory.lean_cpu_compiles()  # the same call with the flag this XLA has
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=false"
