@@ -422,9 +422,7 @@ def test_pipeline_end_to_end_then_killed_in_every_stage_and_resumed(base_dir, sh
 
     # An iteration whose answers all tie leaves no pair: one line, nothing trained.
     c = tmp_path / "c"
-    shutil.copytree(
-        b, c, ignore=shutil.ignore_patterns("filter*", "rebel_1*", "*.lock")
-    )
+    shutil.copytree(b, c, ignore=shutil.ignore_patterns("filter*", "rebel_1*", "*.lock"))
     for k in range(2):
         np.savez(c / "iter_1" / "score" / f"shard_{k:05d}.npz", scores=np.zeros(32, np.float32))
     proc = _run([*_args(base_dir, shared_data, c, tmp_path), "--resume", "--stages", "filter,rebel",
