@@ -2,9 +2,10 @@
 
     python scripts/bench_memory_floor.py --out bench_memory_floor.json [--steps 20]
 
-Each case is a fresh Python process (with glibc's arenas capped at 2, as `python -m jaxrlhf.happy` runs)
-that imports jax and jaxrlhf's model code, makes gpt-micro's params and optimizer state, compiles ONE
-program and runs it `--steps` times, recording RSS and the peak so far (VmHWM) after each phase:
+Each case is a fresh Python process (with glibc's arenas capped at 2 and the heap trimmed after every
+compile, as `python -m jaxrlhf.happy` runs) that imports jax and jaxrlhf's model code, makes gpt-micro's
+params and optimizer state, compiles ONE program and runs it `--steps` times, recording RSS and the
+peak so far (VmHWM) after each phase:
   pretrain-adamw   the pretraining / SFT step (64 x 32 tokens), AdamW
   pretrain-muon    the same step with Muon (HappyGPT's pretraining default)
   ppo-learn        the PPO iteration's experience + update (policy and value, 32 tweets; rl.make_learn)
@@ -12,7 +13,7 @@ program and runs it `--steps` times, recording RSS and the peak so far (VmHWM) a
 each with a cold persistent compile cache (a first run) and a warm one (the same program read back from
 the cache, as a second run or a --resume does), and each with XLA:CPU's default fusion emitters and with
 its classic ones (`memory.lean_cpu_compiles`, what `python -m jaxrlhf.happy` uses). No data set is
-loaded; the inputs are random (the sampler's tweets run to the full 31 tokens).
+loaded; the inputs are random (so the sampler's early exit may stop before 31 tokens).
 """
 
 from __future__ import annotations
@@ -99,18 +100,20 @@ def child(case: str, cache: str, steps: int, lean: bool) -> dict:
         run = lambda s, k: (sample(s, k), s)[1]  # noqa: E731
     jax.block_until_ready(state)
     mark("params + optimizer state")
-    t0 = time.perf_counter()
-    state = jax.block_until_ready(run(state, jax.random.key(3)))
-    compile_s = time.perf_counter() - t0
-    mark("compile + first run")
-    memory.malloc_trim()
-    mark("after malloc_trim")
-    t0 = time.perf_counter()
-    for i in range(steps):
-        state = run(state, jax.random.key(4 + i))
-    jax.block_until_ready(state)
-    ms = 1e3 * (time.perf_counter() - t0) / max(steps, 1)
-    mark(f"{steps} more runs")
+    # As in `python -m jaxrlhf.happy`: freed heap goes back to the OS after every compile.
+    with memory.trim_after_compiles():
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(run(state, jax.random.key(3)))
+        compile_s = time.perf_counter() - t0
+        mark("compile + first run")
+        memory.malloc_trim()
+        mark("after malloc_trim")
+        t0 = time.perf_counter()
+        for i in range(steps):
+            state = run(state, jax.random.key(4 + i))
+        jax.block_until_ready(state)
+        ms = 1e3 * (time.perf_counter() - t0) / max(steps, 1)
+        mark(f"{steps} more runs")
     return {"phases": phases, "first_run_s": compile_s, "ms_per_run": ms, "peak_mb": _status()[1]}
 
 
