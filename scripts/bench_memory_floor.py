@@ -31,23 +31,24 @@ CASES = ("pretrain-adamw", "pretrain-muon", "ppo-learn", "sampler")
 
 
 def _status() -> tuple[int, int]:
-    text = pathlib.Path("/proc/self/status").read_text()
-    kb = lambda field: int(text.split(f"{field}:")[1].split()[0])  # noqa: E731
-    return kb("VmRSS") // 1024, kb("VmHWM") // 1024
+    """(RSS, peak RSS) in whole MB (jaxrlhf.memory's readers: importing it imports no jax)."""
+    from jaxrlhf import memory  # noqa: PLC0415
+
+    return int(memory.rss_mb()), int(memory.peak_rss_mb())
 
 
 def child(case: str, cache: str, steps: int, lean: bool) -> dict:
     phases = {}
-    if lean:
-        from jaxrlhf import memory  # noqa: PLC0415
-
-        assert memory.lean_cpu_compiles(), "the lean flag was not set"
 
     def mark(name):
         rss, peak = _status()
         phases[name] = {"rss_mb": rss, "peak_mb": peak}
 
     mark("python")
+    if lean:  # before JAX's first computation (it imports jax)
+        from jaxrlhf import memory  # noqa: PLC0415
+
+        assert memory.lean_cpu_compiles(), "the lean flag was not set"
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415

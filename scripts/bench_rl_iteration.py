@@ -16,7 +16,7 @@ every one from a fresh copy of the same state with the same key (so all sample t
   fused_rm_args    the same, the reward model's params passed as arguments, not closed over as constants
 Each part of the split paths is timed on its own; `fused - learned_split` is what fusing costs or saves.
 A jax.profiler trace of `--profile_calls` iterations of each path splits op time (summed over XLA:CPU's
-threads) by category and by region: the sampler's while loops, and the rest (reward, experience, update).
+threads) by category and by region: inside while loops (the sampler's; any loop XLA kept), and the rest.
 The fused program's outputs are checked against the split path's (same key: equal up to rounding).
 """
 
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import json
 import os
 import pathlib
@@ -40,7 +38,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_sampling  # noqa: E402  (its HLO parsing)
+import bench_sampling  # noqa: E402  (its HLO parsing and trace reader)
 
 from jaxrlhf import checkpoint, happy, model, rewards, rl, sampling, tokenizers, train  # noqa: E402
 from jaxrlhf.config import SampleConfig  # noqa: E402
@@ -60,8 +58,8 @@ def load_sft(run_dir: str):
 
 
 def while_regions(hlo: str) -> dict[str, str]:
-    """Instruction name -> "sampler loop" for every op inside a while loop's body (the decode loop, its
-    nested loops), else "rest"."""
+    """Instruction name -> "in loops" for every op inside a while loop's body (the sampler's decode loop
+    and the loops nested in it; also any other loop XLA kept, such as a PPO epochs scan), else "rest"."""
     comps = bench_sampling._computations(hlo)
     bodies = set()
     for lines in comps.values():
@@ -79,7 +77,7 @@ def while_regions(hlo: str) -> dict[str, str]:
                         bodies.add(callee)
                         changed = True
     return {
-        ln.split("=")[0].strip().lstrip("%"): ("sampler loop" if comp in bodies else "rest")
+        ln.split("=")[0].strip().lstrip("%"): ("in loops" if comp in bodies else "rest")
         for comp, lines in comps.items()
         for ln in lines
     }
@@ -91,15 +89,7 @@ def profile(calls: list, hlos: list[str], n: int) -> dict:
     for tag, hlo in enumerate(hlos):
         categories.update({(tag, k): v for k, v in bench_sampling.op_categories(hlo).items()})
         regions.update({(tag, k): v for k, v in while_regions(hlo).items()})
-    with tempfile.TemporaryDirectory() as logdir:
-        with jax.profiler.trace(logdir, create_perfetto_trace=True):
-            for i in range(n):
-                for call in calls:
-                    call(1000 + i)
-        (path,) = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
-        with gzip.open(path) as f:
-            events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
+    events = bench_sampling.trace_events(lambda: [call(1000 + i) for i in range(n) for call in calls])
     by_cat, by_region, by_op = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") != "X":

@@ -163,6 +163,17 @@ def _step_names(hlo: str) -> set[str]:
 # ------------------------------------------------------------------------------------- profiling
 
 
+def trace_events(run) -> list[dict]:
+    """The events of a jax.profiler trace of `run()` (Perfetto's JSON: "X" events carry op names)."""
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            run()
+        (path,) = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)
+    return events["traceEvents"] if isinstance(events, dict) else events
+
+
 def profile(call, hlo: str, n_calls: int) -> dict:
     """Op time per call from a jax.profiler trace of `n_calls` calls, by category (`op_categories`).
 
@@ -171,14 +182,7 @@ def profile(call, hlo: str, n_calls: int) -> dict:
     can exceed the wall time, and the wall time also holds the gaps between ops (dispatch, waiting).
     """
     categories, step = op_categories(hlo), _step_names(hlo)
-    with tempfile.TemporaryDirectory() as logdir:
-        with jax.profiler.trace(logdir, create_perfetto_trace=True):
-            for i in range(n_calls):
-                call(1000 + i)
-        (path,) = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
-        with gzip.open(path) as f:
-            events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
+    events = trace_events(lambda: [call(1000 + i) for i in range(n_calls)])
     by_category, by_op, n_step, in_step = collections.Counter(), collections.Counter(), 0, 0.0
     for e in events:
         name = e.get("name", "")
