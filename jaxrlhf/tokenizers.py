@@ -411,9 +411,15 @@ def _read_bpe(vocab_path, merges_path) -> tuple[dict[str, int], list[tuple[str, 
 # ----------------------------------------------------------------------------- Hugging Face tokenizer.json
 
 
+_CHAR_FILE_MAX_BYTES = 2**20  # one entry per character: kilobytes; a Hugging Face tokenizer.json is MBs
+
+
 def _is_char_file(path: str | os.PathLike) -> bool:
-    """Whether a .json file is a CharTokenizer's (HappyGPT names its run's copy tokenizer.json too)."""
+    """Whether a .json file is a CharTokenizer's (HappyGPT names its run's copy tokenizer.json too).
+    Files too large to be one are not parsed here (the Hugging Face reader parses them once)."""
     try:
+        if os.path.getsize(path) > _CHAR_FILE_MAX_BYTES:
+            return False
         with open(path, encoding="utf-8") as f:
             spec = json.load(f)
     except (OSError, ValueError):
