@@ -143,7 +143,7 @@ def lean_cpu_compiles() -> bool:
     `scripts/bench_memory_floor.py`): compiling takes 110-280 MB less memory (alone in a process, the
     pretraining step peaks at 449 MB instead of 585, the PPO update at 527 instead of 810), the compiled
     code runs as fast (0.99-1.02x in one process) and gives the same results up to rounding (the
-    pretraining step's bit for bit). The PPO update compiles ~25% slower. Only CPU programs are affected.
+    pretraining step's bit for bit). The PPO update compiles 20-45% slower. Only CPU programs are affected.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if _LEAN_FLAG in flags:
