@@ -750,6 +750,16 @@ def run(cfg: HappyConfig, args) -> dict:
         setup_mem.stop()  # no sampler thread outlives a refused or failed run
 
 
+def _drop_programs() -> None:
+    """Frees every compiled program between stages, so that each stage's compiles start from the RSS of
+    the params and data alone: held together, a stage's programs and the next one's set the run's peak.
+    Programs compile to the same code again, so no result changes; the few a later stage shares (the
+    evaluator, the sampler of the samples) compile again there, or are read back from --compile-cache.
+    """
+    jax.clear_caches()
+    memory.malloc_trim()
+
+
 def _run(cfg: HappyConfig, args, setup_mem: memory.Tracker) -> dict:
     out = checkpoint.resolve(args.out)  # an epath, local or gs://, like the checkpoints
     t_start = time.perf_counter()
@@ -829,6 +839,7 @@ def _run(cfg: HappyConfig, args, setup_mem: memory.Tracker) -> dict:
             pre_history = runner.read_metrics(out / "pretrain.jsonl")
             plot(out, "pretrain", _series(pre_history, "loss", "eval/loss"))
         pre.summary.update(mem.summary())
+        _drop_programs()
 
         with memory.track() as mem:
             sft_cfg = dataclasses.replace(mcfg)
@@ -840,12 +851,7 @@ def _run(cfg: HappyConfig, args, setup_mem: memory.Tracker) -> dict:
             plot(out, "sft", _series(runner.read_metrics(out / "sft.jsonl"), "loss", "eval/loss"))
         sft.summary.update(mem.summary())
 
-        # Pretraining's and SFT's programs (steps, evaluator, sampler) are done with: dropped here, the
-        # RL stage's compiles (its update's compile is the run's largest, ~0.4 GB) start from a lower RSS.
-        # Programs compile to the same code again, so this changes no result; the sampler is compiled
-        # again for the samples after RL (or read back from --compile-cache).
-        jax.clear_caches()
-        memory.malloc_trim()
+        _drop_programs()
         rl_mcfg = _rl_model_cfg(mcfg)
         reward_host = rewards.make_text_reward(tokenizer, rewards.vader_scores)
         reward_jax = None

@@ -441,3 +441,96 @@ def test_whiten_rewards_scales_the_rewards_to_unit_variance(tiny_cfg):
     assert abs(std - 1.0) > 0.1  # the test would not notice a no-op otherwise
     with pytest.raises(ValueError, match="whiten_rewards acts for ppo and pg"):
         rl.RLConfig(algo="grpo", group_size=4, whiten_rewards=True)
+
+
+def test_ppo_update_is_the_policy_gradient_plus_the_critic_regression(tiny_cfg):
+    """One SGD step of PPO at ratio 1 moves the policy by lr x the advantage-weighted score function
+    (-mean_t A_t grad log pi(y_t)) and the critic by lr x vf_coef x the squared error's gradient
+    (0.5 mean_t (V_t - G_t)^2), both written here from the model's outputs; so the two updates, which the
+    update computes one after the other to hold one model's activations at a time, are neither mixed
+    nor lost. The critic's weight moves the critic alone."""
+    lr, n, r = 0.05, 8, 4
+    policy = model.init_params(jax.random.key(0), tiny_cfg)
+    value = {
+        "gpt": model.init_params(jax.random.key(1), tiny_cfg),
+        "head": model.init_scalar_head(jax.random.key(2), tiny_cfg),
+    }
+    rmask = jnp.arange(r)[None, :] < jnp.array([4, 3, 1, 4, 2, 4, 3, 2])[:, None]
+    rollout = sampling.Rollout(
+        prompt=jnp.full((n, 1), PROMPT_TOKEN, jnp.int32),
+        prompt_mask=jnp.ones((n, 1), bool),
+        response=jax.random.randint(jax.random.key(3), (n, r), 1, tiny_cfg.vocab_size),
+        response_mask=rmask,
+        logprobs=jnp.zeros((n, r)),
+        finished=jnp.ones((n,), bool),
+    )
+    tokens = jnp.concatenate([rollout.prompt, rollout.response], 1)
+    full = jnp.ones_like(tokens, bool)
+    scores = jax.random.normal(jax.random.key(4), (n,))
+    scfg = SampleConfig(max_new_tokens=r, temperature=1.0)
+    tx = optax.sgd(lr)
+
+    def policy_objective(p, advantages):
+        logp = jax.nn.log_softmax(model.logits_fn(p, tokens[:, :-1], full[:, :-1], tiny_cfg), -1)
+        logp = jnp.take_along_axis(logp, rollout.response[..., None], -1)[..., 0]
+        return -jnp.sum(jnp.where(rmask, advantages * logp, 0.0)) / jnp.sum(rmask)
+
+    def critic_error(v, returns):
+        values = model.scalar_fn(v, tokens, full, tiny_cfg)[:, -r - 1 : -1]
+        return 0.5 * jnp.sum(jnp.where(rmask, (values - returns) ** 2, 0.0)) / jnp.sum(rmask)
+
+    def moved(new, old):
+        return jax.tree.map(jnp.subtract, new, old)
+
+    policies = []
+    for vf_coef in (0.1, 1.0):
+        rlc = rl.RLConfig(algo="ppo", kl_coef=0.05, vf_coef=vf_coef, epochs=1, minibatches=1)
+        state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), tx, rlc)
+        exp, _ = rl.make_experience(state, policy, rollout, scores, tiny_cfg, rlc, sample_cfg=scfg)
+        new, metrics = jax.jit(rl.make_learn(tiny_cfg, tx, rlc, sample_cfg=scfg))(
+            state, policy, rollout, scores, key=jax.random.key(5)
+        )
+        assert float(metrics["finite"]) == 1.0 and float(metrics["clipfrac"]) == 0.0
+        g_policy = jax.grad(policy_objective)(policy, exp.advantages)
+        g_value = jax.grad(critic_error)(value, exp.returns)
+        want_policy = jax.tree.map(lambda g: -lr * g, g_policy)
+        want_value = jax.tree.map(lambda g, c=vf_coef: -lr * c * g, g_value)
+        assert _relative_error(moved(new.params["policy"], policy), want_policy) < 1e-4
+        assert _relative_error(moved(new.params["value"], value), want_value) < 1e-4
+        policies.append(new.params["policy"])
+    jax.tree.map(np.testing.assert_array_equal, *policies)
+
+
+def test_ppo_update_holds_one_models_activations_at_a_time(tiny_cfg):
+    """The PPO update's XLA temporaries are about the larger of the policy's and the critic's gradient
+    programs alone, not their sum: the critic's forward and backward wait for the policy's gradient (on
+    gpt-micro's HappyGPT update 48 MB instead of 99, `scripts/bench_memory_floor.py`)."""
+    cfg = dataclasses.replace(tiny_cfg, n_embd=64, n_head=4)
+    n, r = 32, 16
+    policy = model.init_params(jax.random.key(0), cfg)
+    value = {
+        "gpt": model.init_params(jax.random.key(1), cfg),
+        "head": model.init_scalar_head(jax.random.key(2), cfg),
+    }
+    rollout = sampling.Rollout(
+        prompt=jnp.full((n, 1), PROMPT_TOKEN, jnp.int32),
+        prompt_mask=jnp.ones((n, 1), bool),
+        response=jax.random.randint(jax.random.key(3), (n, r), 1, cfg.vocab_size),
+        response_mask=jnp.ones((n, r), bool),
+        logprobs=jnp.zeros((n, r)),
+        finished=jnp.ones((n,), bool),
+    )
+    scfg = SampleConfig(max_new_tokens=r, temperature=1.0)
+    rlc = rl.RLConfig(algo="ppo")
+    tx = optax.adam(1e-3)
+    state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), tx, rlc)
+    exp, _ = rl.make_experience(state, policy, rollout, jnp.zeros(n), cfg, rlc, sample_cfg=scfg)
+
+    def temp_mb(f, *args):
+        return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes / 1e6
+
+    step = rl.make_rl_step(cfg, tx, rlc, sample_cfg=scfg)
+    both = temp_mb(lambda s: step(s, exp, key=jax.random.key(0)), state)
+    pol = temp_mb(jax.grad(lambda p: rl._policy_loss(p, exp, None, 0.05, cfg, rlc, scfg, None)[0]), policy)
+    val = temp_mb(jax.grad(lambda v: rl._value_loss(v, exp, cfg, rlc, None)[0]), value)
+    assert both < 0.8 * (pol + val), (both, pol, val)
