@@ -504,7 +504,7 @@ def test_ppo_update_is_the_policy_gradient_plus_the_critic_regression(tiny_cfg):
 def test_ppo_update_holds_one_models_activations_at_a_time(tiny_cfg):
     """The PPO update's XLA temporaries are about the larger of the policy's and the critic's gradient
     programs alone, not their sum: the critic's forward and backward wait for the policy's gradient (on
-    gpt-micro's HappyGPT update 48 MB instead of 99, `scripts/bench_memory_floor.py`)."""
+    gpt-micro's HappyGPT update `memory_analysis()` gives 48 MB instead of 99)."""
     cfg = dataclasses.replace(tiny_cfg, n_embd=64, n_head=4)
     n, r = 32, 16
     policy = model.init_params(jax.random.key(0), cfg)
