@@ -24,6 +24,7 @@ import functools
 import os
 import sys
 import threading
+import time
 
 _STATUS = "/proc/self/status"
 
@@ -91,6 +92,35 @@ def malloc_trim() -> bool:
     """
     libc = _libc()
     return bool(libc and libc.malloc_trim(0))
+
+
+class PeriodicTrim:
+    """`malloc_trim` between the steps of a loop: call it after every step; it trims at most once every
+    `interval_s` seconds, and never more than `max_share` of the time since its last trim.
+
+    A step frees what it allocated (outputs, host copies, the reward's text), but glibc keeps freed
+    heap pages for reuse, and pieces still in use pin the pages around them, so a long stage's RSS
+    creeps up between compiles. Measured on HappyGPT's PPO stage (resumed alone in a process): without
+    it the stage's peak rose from 619 to 667 MB over 200 iterations; trimmed every 10 iterations, 639;
+    every iteration, 632. On HappyGPT's 64-row LM step (one process, alternated): once a second costs
+    nothing measurable (95.2 vs 95.5 ms median), every step 1.03x; one trim takes ~0.3 ms there.
+    """
+
+    def __init__(self, interval_s: float = 1.0, max_share: float = 0.01):
+        self._interval_s = interval_s
+        self._max_share = max_share
+        self._last = time.perf_counter()
+        self._cost = 0.0  # the last trim's duration
+
+    def __call__(self) -> bool:
+        """Trim if the interval has passed; returns whether it trimmed."""
+        now = time.perf_counter()
+        if now - self._last < max(self._interval_s, self._cost / self._max_share):
+            return False
+        malloc_trim()
+        self._last = time.perf_counter()
+        self._cost = self._last - now
+        return True
 
 
 _M_ARENA_MAX = -8  # glibc malloc.h

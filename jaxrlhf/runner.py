@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxrlhf import checkpoint, rundir
+from jaxrlhf import checkpoint, memory, rundir
 
 PathLike = str | os.PathLike
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM'd process
@@ -301,6 +301,7 @@ def run_stage(
             run_dir, stage, step, state, meta={**meta, "step": step}, keep=keep, tokenizer=tokenizer
         )
 
+    trim = memory.PeriodicTrim()  # freed heap back to the OS about once a second (jaxrlhf.memory)
     end = n_steps if stop_after is None else min(n_steps, start + stop_after)
     stopped_at = None  # the step a SIGTERM stopped the stage at (saved there)
     try:
@@ -330,6 +331,7 @@ def run_stage(
                     history.append(record)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:4]}, refresh=False)
                 bar.update(1)
+                trim()
                 stop = _stop_requested(sigterm)
                 if ((ckpt_every and (step + 1) % ckpt_every == 0) or stop) and not last:
                     save(step + 1)

@@ -226,6 +226,51 @@ def test_nonfinite_state_is_refused_and_nothing_written(tmp_path, bad):
     assert checkpoint.latest_step(tmp_path, "rl") is None
 
 
+def test_nonfinite_check_is_one_program_per_device_set_and_names_the_right_leaf():
+    # Leaves of 8 shapes on 3 device sets: op by op (isfinite, then all) that is 16 compiled programs,
+    # ~1 MB of host memory each on XLA:CPU; grouped, one per device set.
+    mesh = jax.make_mesh((8,), ("data",))
+    split = NamedSharding(mesh, P("data"))
+    dev1 = SingleDeviceSharding(jax.devices()[1])
+    tree = {
+        "a": {f"w{n}": jnp.ones((8, n), jnp.float32) for n in range(1, 6)},
+        "b": jax.device_put(jnp.ones((16, 3), jnp.bfloat16), split),
+        "c": jax.device_put(jnp.ones((5,), jnp.float32), dev1),
+        "d": jax.device_put(jnp.ones((2, 2), jnp.float32), dev1),
+        "n": np.ones(3, np.float32),
+        "key": jax.random.key(0),
+    }
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.clear_caches()
+        assert checkpoint._nonfinite_leaf(tree) is None
+        device_sets = {
+            frozenset(x.sharding.device_set)
+            for x in jax.tree.leaves(tree)
+            if isinstance(x, jax.Array) and x.ndim
+        }
+        assert len(device_sets) == 3 and len(compiles) <= 3
+        # A NaN is found on whichever device set it lives, and named by its own path.
+        for path, sharding in (("d", dev1), ("a.w4", None), ("b", split)):
+            *parents, name = path.split(".")
+            bad = jax.tree.map(lambda x: x, tree)  # new containers, the same leaves
+            owner = bad[parents[0]] if parents else bad
+            host = np.array(owner[name], np.float32)
+            host[0, ...] = np.nan
+            owner[name] = jax.device_put(host.astype(owner[name].dtype), sharding)
+            assert checkpoint._nonfinite_leaf(bad) == path
+        bad = {**tree, "n": np.array([1.0, np.inf], np.float32)}
+        assert checkpoint._nonfinite_leaf(bad) == "n"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_existing_step_needs_overwrite(tmp_path):
     checkpoint.save(tmp_path, "sft", 3, {"x": jnp.zeros(2)})
     with pytest.raises(ValueError, match=r"sft/3 already exists: pass overwrite=True"):

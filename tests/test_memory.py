@@ -137,3 +137,25 @@ def test_lean_cpu_compiles_skips_a_flag_this_xla_lacks(monkeypatch):
     monkeypatch.setattr(memory, "_LEAN_FLAG", "xla_cpu_use_fusion_emitters")
     assert memory.lean_cpu_compiles()  # the same call with the flag this XLA has
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=false"
+
+
+def test_periodic_trim_keeps_its_interval_and_its_share_of_the_time(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "malloc_trim", lambda: calls.append(time.perf_counter()) or True)
+    trim = memory.PeriodicTrim(interval_s=0.05, max_share=1.0)
+    assert not trim()  # the interval counts from its creation
+    time.sleep(0.06)
+    assert trim() and not trim()  # once, then not again within the interval
+    t_end = time.perf_counter() + 0.5
+    while time.perf_counter() < t_end:
+        trim()
+    assert 3 <= len(calls) <= 11  # at most every 0.05 s over 0.5 s, however often it is called
+
+    # A slow trim (20 ms) spaced to stay under max_share of the time: 10% -> one every >= 0.2 s.
+    calls.clear()
+    monkeypatch.setattr(memory, "malloc_trim", lambda: time.sleep(0.02) or calls.append(1) or True)
+    trim = memory.PeriodicTrim(interval_s=0.0, max_share=0.1)
+    t_end = time.perf_counter() + 0.7
+    while time.perf_counter() < t_end:
+        trim()
+    assert 1 <= len(calls) <= 4  # at most 0.7 s / (0.2 + 0.02) s; without the share: ~35
