@@ -100,10 +100,11 @@ class PeriodicTrim:
 
     A step frees what it allocated (outputs, host copies, the reward's text), but glibc keeps freed
     heap pages for reuse, and pieces still in use pin the pages around them, so a long stage's RSS
-    creeps up between compiles. Measured on HappyGPT's PPO stage (resumed alone in a process): without
-    it the stage's peak rose from 619 to 667 MB over 200 iterations; trimmed every 10 iterations, 639;
-    every iteration, 632. On HappyGPT's 64-row LM step (one process, alternated): once a second costs
-    nothing measurable (95.2 vs 95.5 ms median), every step 1.03x; one trim takes ~0.3 ms there.
+    creeps up between compiles. Measured on HappyGPT's PPO stage (resumed in a process that had restored
+    pretraining and SFT): without it the stage's peak rose from 619 to 667 MB over 200 iterations; once a
+    second, 651; every 10 iterations, 639; every iteration, 632. On HappyGPT's 64-row LM step (one
+    process, alternated): once a second costs nothing measurable (95.2 vs 95.5 ms median), every step
+    1.03x; one trim takes ~0.3 ms there.
     """
 
     def __init__(self, interval_s: float = 1.0, max_share: float = 0.01):
