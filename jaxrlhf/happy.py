@@ -126,6 +126,10 @@ class RLStageConfig:
         algorithm's default (`rl_settings`): 1 for ppo / grpo / rloo (HappyGPT's time-to-quality
         setting), 4 for rebel (the REBEL authors' `noptepochs`).
       minibatches: updates per pass (ppo, grpo, rloo, rebel; it must divide the rows, or rebel's pairs).
+      micro_batches: slices each update's gradient is accumulated over, one after another (ppo, pg,
+        grpo, rloo; it must divide a minibatch's rows): the same update up to float rounding, with the
+        activations of 1 / micro_batches of the rows alive at a time (`rl.RLConfig.micro_batches`).
+        2 by default: the RL stage's peak memory ~14 MB lower at the same speed (README).
       clip_eps: PPO ratio clip.
       vf_coef: value-loss weight.
       lam: GAE lambda.
@@ -149,6 +153,7 @@ class RLStageConfig:
     kl_target: float | None = None
     epochs: int | None = None
     minibatches: int = 1
+    micro_batches: int = 2
     clip_eps: float = 0.2
     vf_coef: float = 0.1
     lam: float = 0.95
@@ -162,7 +167,7 @@ class RLStageConfig:
     no_eos_penalty: float | None = None
 
     def __post_init__(self):
-        check_at_least(self, 1, "iters", "batch_size", "epochs", "minibatches")
+        check_at_least(self, 1, "iters", "batch_size", "epochs", "minibatches", "micro_batches")
         if self.no_eos_penalty is not None and not math.isfinite(self.no_eos_penalty):
             raise ValueError(f"no_eos_penalty={self.no_eos_penalty}; use a finite reward, or none (off)")
         check_at_least(self, 0, "kl_coef", "vf_coef", "ptx_coef")
@@ -465,6 +470,7 @@ def _rl_config(cfg: HappyConfig) -> rl.RLConfig:
         vf_coef=rc.vf_coef,
         epochs=rc.epochs,
         minibatches=rc.minibatches,
+        micro_batches=rc.micro_batches,
         # GRPO as in DeepSeekMath: group-standardised advantages and a k3 KL loss term; RLOO as in
         # Ahmadian et al. / TRL: leave-one-out baseline, k1 in the sequence reward.
         group_size=rc.pairs_n if group else None,
@@ -969,6 +975,7 @@ _ALGO_FLAGS = {
     "rl.kl_target": ("ppo", "pg", "grpo", "rloo"),
     "rl.epochs": ("ppo", "grpo", "rloo", "rebel"),
     "rl.minibatches": ("ppo", "grpo", "rloo", "rebel"),
+    "rl.micro_batches": ("ppo", "pg", "grpo", "rloo"),
     "rl.clip_eps": ("ppo", "grpo", "rloo"),
     "rl.vf_coef": ("ppo",),
     "rl.lam": ("ppo",),
@@ -1009,6 +1016,14 @@ def check_config(cfg: HappyConfig, given) -> None:
     if cfg.algo in ("ppo", "grpo", "rloo") and rc.batch_size % rc.minibatches:
         raise ConfigError(
             f"--rl.batch_size {rc.batch_size} must be a multiple of --rl.minibatches {rc.minibatches}"
+        )
+    rows = rc.batch_size // (1 if cfg.algo == "pg" else rc.minibatches)  # an update's rows
+    if cfg.algo in rl.ALGOS and rows % rc.micro_batches:
+        raise ConfigError(
+            f"--rl.micro_batches {rc.micro_batches} must divide an update's {rows} rows (--rl.batch_size "
+            f"{rc.batch_size}"
+            + ("" if cfg.algo == "pg" else f" / --rl.minibatches {rc.minibatches}")
+            + "); --rl.micro_batches 1 runs each update whole"
         )
     pairs = max(rc.batch_size // rc.pairs_n, 1)  # one pair per prompt at most
     if cfg.algo == "rebel" and pairs % rc.minibatches:

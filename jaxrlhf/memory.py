@@ -29,16 +29,24 @@ import time
 _STATUS = "/proc/self/status"
 
 
-def _status_mb(field: str) -> float | None:
-    """A `kB` field of /proc/self/status ("VmRSS", "VmHWM") in MB, or None."""
+def _status_fields_mb(*fields: str) -> dict[str, float]:
+    """The `kB` fields of /proc/self/status among `fields` ("VmRSS", "VmHWM", "RssAnon", ...) in MB;
+    those it does not find (or no /proc) are missing."""
+    out = {}
     try:
         with open(_STATUS) as f:
             for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
+                name = line.split(":", 1)[0]
+                if name in fields:
+                    out[name] = int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        return {}
+    return out
+
+
+def _status_mb(field: str) -> float | None:
+    """A `kB` field of /proc/self/status ("VmRSS", "VmHWM") in MB, or None."""
+    return _status_fields_mb(field).get(field)
 
 
 def rss_mb() -> float | None:
@@ -204,6 +212,10 @@ class StageMemory:
       scope: "exact" (the kernel's high-water mark rose during the block), "sampled" (the block stayed
         under an earlier peak: the sampler's maximum, a lower bound) or "process" (no per-block
         number on this platform: `peak` is the process's peak so far).
+      anon_peak, file_peak: the highest of RSS's two parts sampled during the block (lower bounds):
+        anonymous memory (the heap, XLA's buffers and programs, Python's objects) and file-backed
+        pages (mostly the shared libraries' code: jaxlib's alone is ~160 MB once JAX has run; clean
+        pages the kernel can drop and re-read, shared with other processes that map the same files).
     """
 
     start: float | None = None
@@ -211,6 +223,8 @@ class StageMemory:
     end: float | None = None
     process_peak: float | None = None
     scope: str = "process"
+    anon_peak: float | None = None
+    file_peak: float | None = None
 
     def summary(self) -> dict:
         return {
@@ -219,6 +233,8 @@ class StageMemory:
             "rss_end_mb": _round(self.end),
             "rss_process_peak_mb": _round(self.process_peak),
             "rss_peak_scope": self.scope,
+            "rss_anon_peak_mb": _round(self.anon_peak),
+            "rss_file_peak_mb": _round(self.file_peak),
         }
 
 
@@ -227,7 +243,8 @@ class Tracker:
 
     The kernel's high-water mark (VmHWM) is read at both ends: if it rose, the block set the process's
     peak and that is its exact peak. Below an earlier peak a daemon thread samples VmRSS every
-    `interval_s` seconds (a lower bound: a spike between samples is missed). The high-water mark is
+    `interval_s` seconds (a lower bound: a spike between samples is missed), and at every sample (at
+    any peak) RSS's anonymous and file-backed parts (RssAnon, RssFile). The high-water mark is
     never reset (`/proc/self/clear_refs`): that would also reset ru_maxrss and what `/usr/bin/time -v`
     reports for the whole run.
     """
@@ -239,15 +256,23 @@ class Tracker:
         self._done = threading.Event()
         self._interval_s = interval_s
         self._sampler = None
+        self._sample_once()
         if self._mem.start is not None:
             self._sampler = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
             self._sampler.start()
 
+    def _sample_once(self) -> None:
+        now = _status_fields_mb("VmRSS", "RssAnon", "RssFile")
+        mem = self._mem
+        if now.get("VmRSS", 0.0) > self._sampled:
+            self._sampled = now["VmRSS"]
+        for attr, field in (("anon_peak", "RssAnon"), ("file_peak", "RssFile")):
+            if field in now and now[field] > (getattr(mem, attr) or 0.0):
+                setattr(mem, attr, now[field])
+
     def _sample(self):
         while not self._done.wait(self._interval_s):
-            now = rss_mb()
-            if now is not None and now > self._sampled:
-                self._sampled = now
+            self._sample_once()
 
     def stop(self) -> StageMemory:
         """Stop sampling; returns the block's StageMemory (the same one on a second call)."""
@@ -256,6 +281,7 @@ class Tracker:
         self._done.set()
         if self._sampler is not None:
             self._sampler.join()
+        self._sample_once()
         mem = self._mem
         mem.end = rss_mb()
         mem.process_peak = peak_rss_mb()

@@ -19,6 +19,7 @@ and values are read from positions [P - 1, P + R - 1).
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,8 @@ Params = Any
 
 
 ALGOS = ("ppo", "pg", "grpo", "rloo")
+# The loss terms' weights of a whole minibatch (see `_policy_loss`, `_micro_batch_grads`).
+_UNIT = types.MappingProxyType({"agg": 1.0, "tok": 1.0, "ptx": 1.0})
 # RLConfig fields that act only for some algorithms: a pipeline refuses one given for another algorithm
 # (`inactive_fields`) instead of ignoring it.
 FIELD_ALGOS = {
@@ -95,6 +98,9 @@ class RLConfig:
       ent_coef: weight of the entropy bonus.
       epochs: passes over one rollout buffer (ppo, grpo, rloo; pg makes one update).
       minibatches: minibatches per pass (the batch size must be divisible by it; ppo, grpo, rloo).
+      micro_batches: slices each minibatch's gradient is accumulated over, one after another (gradient
+        accumulation: the same update up to float rounding, with 1 / micro_batches of the rows'
+        activations alive at a time); it must divide the minibatch's rows and the ptx batch's.
       whiten_advantages: normalise advantages over the batch's real tokens (for grpo / rloo, after the
         group baseline).
       whiten_rewards: standardise the per-token rewards (score and KL terms) over the batch's real tokens
@@ -131,6 +137,7 @@ class RLConfig:
     ent_coef: float = 0.0
     epochs: int = 4
     minibatches: int = 1
+    micro_batches: int = 1
     whiten_advantages: bool = True
     whiten_rewards: bool = False
     no_eos_penalty: float | None = None
@@ -158,7 +165,7 @@ class RLConfig:
             raise ValueError(f"group_size acts for grpo and rloo only; drop it for algo {self.algo!r}.")
         if not self.grpo_scale_by_std and self.algo != "grpo":
             raise ValueError(f"grpo_scale_by_std=False acts for grpo only; drop it for algo {self.algo!r}.")
-        for name in ("epochs", "minibatches"):
+        for name in ("epochs", "minibatches", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; it must be >= 1.")
         if self.whiten_rewards and self.algo not in ("ppo", "pg"):
@@ -232,13 +239,15 @@ def response_logprobs(
     key=None,
     sample_cfg: SampleConfig | None = None,
     filtered: bool = False,
+    unroll: bool | None = None,
 ):
     """log pi(response_t | prefix): [B, P + R] -> ([B, R] logprobs, [B, R, V] policy logits), float32.
 
     With `sample_cfg`, pi is the policy that config samples from: logits / T, and top-k / top-p too when
-    `filtered` (`sampling.policy_logits`); without it, the raw model at temperature 1.
+    `filtered` (`sampling.policy_logits`); without it, the raw model at temperature 1. `unroll`: see
+    `model.forward`.
     """
-    logits = model.logits_fn(params, tokens, mask, cfg, key=key)[:, -response_len - 1 : -1]
+    logits = model.logits_fn(params, tokens, mask, cfg, key=key, unroll=unroll)[:, -response_len - 1 : -1]
     if sample_cfg is not None:
         logits = sampling.policy_logits(logits, sample_cfg, filtered=filtered)
     return ops.token_logprobs(logits, tokens[:, -response_len:]), logits  # [B, R], [B, R, V]
@@ -263,10 +272,21 @@ def _check_ptx(rl: RLConfig, ptx) -> None:
         raise ValueError("a ptx batch was passed but ptx_coef is 0: set RLConfig.ptx_coef or drop it")
 
 
-def _check_minibatches(batch_size: int, rl: RLConfig) -> None:
-    if rl.algo != "pg" and batch_size % rl.minibatches:
+def _check_minibatches(batch_size: int, rl: RLConfig, ptx=None) -> None:
+    minibatches = 1 if rl.algo == "pg" else rl.minibatches  # pg: one update on the whole batch
+    if batch_size % minibatches:
         raise ValueError(
             f"rollout batch {batch_size} is not divisible by minibatches={rl.minibatches}; change one."
+        )
+    rows = batch_size // minibatches
+    if rows % rl.micro_batches:
+        raise ValueError(
+            f"a minibatch of {rows} rows is not divisible by micro_batches={rl.micro_batches}; change one."
+        )
+    if ptx is not None and rl.micro_batches > 1 and ptx.tokens.shape[0] % rl.micro_batches:
+        raise ValueError(
+            f"the ptx batch's {ptx.tokens.shape[0]} rows are not divisible by micro_batches="
+            f"{rl.micro_batches}; change one."
         )
 
 
@@ -277,9 +297,11 @@ def _filter_kl(tempered: jax.Array, sample_cfg: SampleConfig, response_mask: jax
     return ops.masked_mean(jax.nn.logsumexp(tempered, axis=-1) - kept, response_mask)
 
 
-def response_values(value_params, tokens, mask, response_len: int, cfg: ModelConfig, *, key=None):
+def response_values(
+    value_params, tokens, mask, response_len: int, cfg: ModelConfig, *, key=None, unroll=None
+):
     """Critic value of the state before each response token: [B, P + R] -> [B, R] float32."""
-    return model.scalar_fn(value_params, tokens, mask, cfg, key=key)[:, -response_len - 1 : -1]
+    return model.scalar_fn(value_params, tokens, mask, cfg, key=key, unroll=unroll)[:, -response_len - 1 : -1]
 
 
 def make_experience(
@@ -312,12 +334,18 @@ def make_experience(
     r = rollout.response.shape[1]
     tokens, mask, rmask = rollout.tokens, rollout.mask, rollout.response_mask
     params = jax.lax.stop_gradient(state.params)
-    old_logprobs, tempered = response_logprobs(params["policy"], tokens, mask, r, cfg, sample_cfg=sample_cfg)
+    # No gradient flows here: the forwards run as rolled layer scans, as fast as unrolled ones without a
+    # backward and a quarter of the compiled code at 4 layers (model.forward's `unroll`).
+    old_logprobs, tempered = response_logprobs(
+        params["policy"], tokens, mask, r, cfg, sample_cfg=sample_cfg, unroll=False
+    )
     filtering = bool(sample_cfg.top_k or sample_cfg.top_p < 1.0)
     if filtering and rl.filtered_logprobs:
         old_logprobs = ops.token_logprobs(sampling.truncate_logits(tempered, sample_cfg), rollout.response)
     # The reference is tempered but never filtered: its own top-k could exclude a sampled token (KL = inf).
-    ref_logprobs, _ = response_logprobs(ref_params, tokens, mask, r, ref_cfg or cfg, sample_cfg=sample_cfg)
+    ref_logprobs, _ = response_logprobs(
+        ref_params, tokens, mask, r, ref_cfg or cfg, sample_cfg=sample_cfg, unroll=False
+    )
     raw_scores = scores.astype(jnp.float32)
     if rl.no_eos_penalty is not None:
         scores = rewards.no_eos_penalty(raw_scores, rollout.finished, rl.no_eos_penalty)
@@ -331,7 +359,7 @@ def make_experience(
         token_rewards = ops.masked_whiten(token_rewards, rmask, shift_mean=False)
     old_values = jnp.zeros_like(old_logprobs)
     if rl.algo == "ppo":
-        old_values = response_values(params["value"], tokens, mask, r, cfg)
+        old_values = response_values(params["value"], tokens, mask, r, cfg, unroll=False)
         advantages, returns = losses.compute_gae(token_rewards, old_values, rmask, rl.gamma, rl.lam)
     elif rl.algo == "pg":
         advantages, returns = losses.compute_gae(token_rewards, old_values, rmask, rl.gamma, 1.0)
@@ -381,8 +409,15 @@ def make_experience(
     return exp, metrics
 
 
-def _policy_loss(policy, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key):
-    """The minibatch loss terms of the policy's params: (PG or clipped PPO) [+ KL] [+ ptx] [- entropy]."""
+def _policy_loss(
+    policy, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key, scale=_UNIT
+):
+    """The minibatch loss terms of the policy's params: (PG or clipped PPO) [+ KL] [+ ptx] [- entropy].
+
+    `scale` weighs the terms by what they average over ("agg": the policy and KL terms, "tok": the
+    entropy, "ptx": the ptx term): 1 for a whole minibatch, a slice's share of it for a micro-batch
+    (`_micro_batch_grads`). The metrics are the slice's own, unweighted.
+    """
     r = mb.response_mask.shape[1]
     # Dropout only by explicit choice: old / reference logprobs were computed without it.
     k_pol = jax.random.split(key)[0] if key is not None and rl.dropout else None
@@ -404,28 +439,32 @@ def _policy_loss(policy, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLC
         kl_term, _ = losses.kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, rl.kl_kind, rl.loss_agg)
         loss = loss + jax.lax.stop_gradient(kl_coef) * kl_term
         metrics["kl_loss"] = kl_term
+    loss = scale["agg"] * loss
     if rl.ptx_coef:
         k_ptx = jax.random.fold_in(key, 2) if key is not None and rl.dropout else None
         ptx_loss, _ = train.lm_loss(policy, ptx, cfg, key=k_ptx)
-        loss = loss + rl.ptx_coef * ptx_loss
+        loss = loss + scale["ptx"] * rl.ptx_coef * ptx_loss
         metrics["ptx_loss"] = ptx_loss
     ent = ops.masked_mean(ops.entropy(logits), mb.response_mask)
     if rl.ent_coef:
-        loss = loss - rl.ent_coef * ent
+        loss = loss - scale["tok"] * rl.ent_coef * ent
     return loss, {"entropy": ent, **metrics}
 
 
-def _value_loss(value, mb: Experience, cfg: ModelConfig, rl: RLConfig, key):
-    """PPO's critic term of the minibatch loss, weighted: vf_coef x the clipped value loss."""
+def _value_loss(value, mb: Experience, cfg: ModelConfig, rl: RLConfig, key, scale=_UNIT):
+    """PPO's critic term of the minibatch loss, weighted: vf_coef x the clipped value loss (x the
+    slice's share of the minibatch's tokens, `scale["tok"]`, for a micro-batch)."""
     k_val = jax.random.split(key)[1] if key is not None and rl.dropout else None
     values = response_values(value, mb.tokens, mb.mask, mb.response_mask.shape[1], cfg, key=k_val)
     vf, vf_m = losses.value_loss(
         values, mb.old_values, mb.returns, mb.response_mask, clip_eps=rl.value_clip_eps
     )
-    return rl.vf_coef * vf, {"value_loss": vf, "value_clipfrac": vf_m["clipfrac"]}
+    return scale["tok"] * rl.vf_coef * vf, {"value_loss": vf, "value_clipfrac": vf_m["clipfrac"]}
 
 
-def _minibatch_grads(params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key):
+def _minibatch_grads(
+    params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key, scale=_UNIT
+):
     """(loss, metrics, grads) of one minibatch: the policy's terms, then (PPO) the critic's.
 
     The loss is a sum of a term of the policy's params and one of the value's (they share no params),
@@ -435,7 +474,7 @@ def _minibatch_grads(params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl:
     update needs 48 MB of XLA temporaries instead of 99, with bit-identical params after it.
     """
     (loss, metrics), g_policy = jax.value_and_grad(_policy_loss, has_aux=True)(
-        params["policy"], mb, ptx, kl_coef, cfg, rl, sample_cfg, key
+        params["policy"], mb, ptx, kl_coef, cfg, rl, sample_cfg, key, scale
     )
     grads = {"policy": g_policy}
     if rl.algo == "ppo":
@@ -443,12 +482,81 @@ def _minibatch_grads(params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl:
         zero = jnp.where(jnp.isfinite(norm), norm * 0.0, 0.0)
         value = jax.tree.map(lambda v: v + zero.astype(v.dtype), params["value"])
         (vf_term, vf_metrics), g_value = jax.value_and_grad(_value_loss, has_aux=True)(
-            value, mb, cfg, rl, key
+            value, mb, cfg, rl, key, scale
         )
         grads = {"policy": g_policy, "value": g_value}
         loss = loss + vf_term
         metrics.update(vf_metrics)
     return loss, {"loss": loss, **metrics}, grads
+
+
+def _metric_weights(rl: RLConfig) -> dict[str, str]:
+    """How each update metric of a minibatch combines over its micro-batches: the `scale` key of the
+    rows or tokens it averages over, or "max"."""
+    return {
+        "policy_loss": "agg", "kl_loss": "agg", "ptx_loss": "ptx", "entropy": "tok", "clipfrac": "tok",
+        "approx_kl": "tok", "ratio_mean": "tok" if rl.ratio_level == "token" else "row", "ratio_max": "max",
+        "advantage_mean": "tok", "value_loss": "tok", "value_clipfrac": "tok",
+    }  # fmt: skip
+
+
+def _micro_batch_grads(params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key):
+    """`_minibatch_grads` of the whole minibatch, accumulated over `rl.micro_batches` slices of its rows
+    run one after another (a `lax.scan`): the same loss, gradient and metrics (up to float rounding),
+    with the activations of 1 / micro_batches of the rows alive at a time.
+
+    Slice i holds rows i, i + n, i + 2n, ... (every device of a row-sharded batch keeps its share of
+    each slice). Each term is weighted by the slice's share of what the whole minibatch's term averages
+    over: its real tokens for token means (and the "token_mean" aggregation), its non-empty rows for
+    sequence means, its rows for "constant" (a fixed B x R normaliser), its ptx target tokens for the
+    ptx loss. With dropout each slice draws its own masks (key folded with the slice's index).
+    """
+    n = rl.micro_batches
+
+    def slices(x):  # [B, ...] -> [n, B / n, ...], slice i = rows i::n
+        return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+
+    def shares(m: Experience, p) -> dict:
+        tok = jnp.sum(m.response_mask, dtype=jnp.float32)
+        rows = jnp.sum(jnp.any(m.response_mask, axis=-1), dtype=jnp.float32)
+        out = {"tok": tok, "row": rows, "all_rows": jnp.float32(m.response_mask.shape[0])}
+        if p is not None:
+            out["ptx"] = jnp.sum(p.loss_mask[:, 1:] & p.mask[:, 1:], dtype=jnp.float32)
+        return out
+
+    total = shares(mb, ptx)
+    agg = {"token_mean": "tok", "constant": "all_rows"}.get(rl.loss_agg, "row")
+    how = _metric_weights(rl)
+    xs = (jax.tree.map(slices, mb), None if ptx is None else jax.tree.map(slices, ptx), jnp.arange(n))
+
+    def one_slice(acc, xs):
+        m, p, i = xs
+        part = shares(m, p)
+        w = {k: part[k] / jnp.maximum(total[k], 1.0) for k in part}
+        scale = {"agg": w[agg], "tok": w["tok"], "ptx": w.get("ptx", 1.0)}
+        k = jax.random.fold_in(key, i) if key is not None else None
+        loss, metrics, grads = _minibatch_grads(params, m, p, kl_coef, cfg, rl, sample_cfg, k, scale)
+        unknown = set(metrics) - set(how) - {"loss"}
+        if unknown:  # a new metric must say how it combines, or it would be silently wrong
+            raise NotImplementedError(f"micro_batches: no combination rule for metrics {sorted(unknown)}")
+        if acc is None:
+            return (loss, metrics, grads), None
+        a_loss, a_metrics, a_grads = acc
+        for name, v in metrics.items():
+            if name == "loss":
+                a_metrics[name] = a_metrics[name] + v
+            elif how[name] == "max":
+                a_metrics[name] = jnp.maximum(a_metrics[name], v)
+            else:
+                a_metrics[name] = a_metrics[name] + {**w, "agg": w[agg]}[how[name]] * v
+        return (a_loss + loss, a_metrics, jax.tree.map(jnp.add, a_grads, grads)), None
+
+    # The carry's zeros: the slice's outputs, with -inf for maxima.
+    shapes = jax.eval_shape(lambda a: one_slice(None, a)[0], jax.tree.map(lambda x: x[0], xs))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    init[1].update({k: jnp.full((), -jnp.inf, init[1][k].dtype) for k in init[1] if how.get(k) == "max"})
+    (loss, metrics, grads), _ = jax.lax.scan(one_slice, init, xs)
+    return loss, metrics, grads
 
 
 def make_rl_step(
@@ -460,19 +568,18 @@ def make_rl_step(
     _check_sample_cfg(sample_cfg, rl)
 
     def update(state, mb, ptx, key):
-        loss, metrics, grads = _minibatch_grads(
-            state.params, mb, ptx, state.kl.kl_coef, cfg, rl, sample_cfg, key
-        )
+        grads_fn = _micro_batch_grads if rl.micro_batches > 1 else _minibatch_grads
+        loss, metrics, grads = grads_fn(state.params, mb, ptx, state.kl.kl_coef, cfg, rl, sample_cfg, key)
         state, opt_metrics = train.apply_gradients(state, grads, loss, tx)
         return state, {**metrics, **opt_metrics}
 
     def step(state: train.TrainState, exp: Experience, *, key, ptx: train.LMBatch | None = None):
         _check_ptx(rl, ptx)
         b = exp.tokens.shape[0]
+        _check_minibatches(b, rl, ptx)
         if rl.algo == "pg":
             state, metrics = update(state, exp, ptx, jax.random.fold_in(key, 0))
         else:
-            _check_minibatches(b, rl)
             state, metrics = train.run_epochs(
                 lambda s, mb, k: update(s, mb, ptx, k), state, exp, key=key, epochs=rl.epochs,
                 minibatches=rl.minibatches,
@@ -503,7 +610,7 @@ def make_learn(
 
     def learn(state, ref_params, rollout, scores, *, key, ptx=None):
         _check_ptx(rl, ptx)
-        _check_minibatches(rollout.tokens.shape[0], rl)  # before any work on the rollout
+        _check_minibatches(rollout.tokens.shape[0], rl, ptx)  # before any work on the rollout
         exp, exp_metrics = make_experience(
             state, ref_params, rollout, scores, cfg, rl, ref_cfg, sample_cfg=sample_cfg
         )

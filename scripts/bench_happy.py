@@ -9,8 +9,9 @@ per trained token plus attention, PaLM appendix B), the quality reached (validat
 and KL, distinct-2 before/after RL), the command's wall time, its peak RSS (the child's own high-water
 mark, VmHWM, which starts afresh at its exec: `getrusage(RUSAGE_CHILDREN)` would also count this process's
 peak, which a forked child inherits), and per stage its host memory (rss_start_mb /
-rss_peak_mb / rss_end_mb, see jaxrlhf.memory; also under "rss_per_stage_mb"). Extra arguments go to the
-command (e.g. --algo pg).
+rss_peak_mb / rss_end_mb, see jaxrlhf.memory; also under "rss_per_stage_mb") with RSS's two parts at
+their sampled peaks: anonymous memory (heap, XLA's buffers and programs, Python) and file-backed pages
+(the shared libraries' code, mostly jaxlib's). Extra arguments go to the command (e.g. --algo pg).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main() -> int:
     peak = max(peak_before, peak_after)
 
     stages = summary["stages"]
+    blocks = [*stages.values(), summary.get("memory", {}).get("setup", {})]
     for name in ("pretrain", "sft"):
         s = stages[name]
         if s.get("step_s"):
@@ -69,8 +71,14 @@ def main() -> int:
         "wall_s_pipeline": summary["wall_s"],  # from the data's loading to summary.json
         "peak_rss_mb": child_peak_mb,  # the command's own; `time -v` on it reads ~15 MB more here
         "rss_per_stage_mb": {
-            name: {k: stages[name].get(f"rss_{k}_mb") for k in ("start", "peak", "end")} for name in stages
+            name: {
+                k: stages[name].get(f"rss_{k}_mb") for k in ("start", "peak", "end", "anon_peak", "file_peak")
+            }
+            for name in stages
         },
+        # RSS's parts over the run, each the highest sampled (every 50 ms) in any stage or the setup.
+        "peak_rss_anon_mb": max(b.get("rss_anon_peak_mb") or 0 for b in blocks) or None,
+        "peak_rss_file_mb": max(b.get("rss_file_peak_mb") or 0 for b in blocks) or None,
         "memory": summary.get("memory"),
         "stages": stages,
         "quality": {

@@ -300,6 +300,12 @@ PIPELINE_CASES = [
         2,
     ),
     Case(
+        "happy_micro_batches",
+        happy_case("--rl.batch_size", "30", "--rl.micro_batches", "4"),
+        ("--rl.micro_batches 4 must divide an update's 15 rows", "--rl.micro_batches 1"),
+        2,
+    ),
+    Case(
         "happy_kl_target",
         happy_case("--rl.kl_target", "0"),
         ("--rl.kl_target 0.0", "positive KL", "or none"),

@@ -130,7 +130,8 @@ def test_happy_rejects_unknown_choices(flag, tmp_path):
     [("pg", "--rl.epochs=2"), ("pg", "--rl.minibatches=2"), ("pg", "--rl.lam=0.9"),
      ("rebel", "--rl.kl_target=1"), ("dpo", "--rl.clip_eps=0.1"), ("rebel", "--rl.dpo_beta=0.2"),
      ("ppo", "--rl.eta=2"), ("ppo", "--rl.pairs_n=2"), ("rebel", "--rl.average_logprobs=true"),
-     ("dpo", "--rl.epochs=2"), ("dpo", "--rl.kl_coef=0.1"), ("ipo", "--rl.no_eos_penalty=-1")],
+     ("dpo", "--rl.epochs=2"), ("dpo", "--rl.kl_coef=0.1"), ("ipo", "--rl.no_eos_penalty=-1"),
+     ("rebel", "--rl.micro_batches=2")],
 )  # fmt: skip
 def test_happy_refuses_flags_the_algorithm_ignores(algo, flag, capsys):
     with pytest.raises(SystemExit) as e:

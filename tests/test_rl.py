@@ -8,6 +8,7 @@ policies are built in NumPy from the teacher-forced logits.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -534,3 +535,98 @@ def test_ppo_update_holds_one_models_activations_at_a_time(tiny_cfg):
     pol = temp_mb(jax.grad(lambda p: rl._policy_loss(p, exp, None, 0.05, cfg, rlc, scfg, None)[0]), policy)
     val = temp_mb(jax.grad(lambda v: rl._value_loss(v, exp, cfg, rlc, None)[0]), value)
     assert both < 0.8 * (pol + val), (both, pol, val)
+
+
+MICRO_CASES = {
+    "ppo": dict(algo="ppo", ent_coef=0.01, epochs=2, minibatches=2),
+    "grpo_seq_mean_token_mean": dict(
+        algo="grpo", group_size=4, kl_penalty="loss", kl_kind="k3", loss_agg="seq_mean_token_mean"
+    ),
+    "rloo_gspo_constant": dict(algo="rloo", group_size=2, ratio_level="sequence", loss_agg="constant"),
+    "pg_ptx_seq_mean_token_sum": dict(algo="pg", ptx_coef=0.5, loss_agg="seq_mean_token_sum"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MICRO_CASES))
+def test_micro_batches_give_the_whole_minibatchs_update(tiny_cfg, case):
+    """Gradient accumulation over micro-batches is the unsliced update: the same params after it (plain
+    SGD, so the params move by the gradient itself) and the same metrics, for every loss aggregation,
+    with responses of unequal lengths and an empty one (slices hold unequal token and row counts, so a
+    wrong weight shows), ptx and a KL loss term; and the slices' activations are not alive together."""
+    n, r = 16, 8
+    policy = model.init_params(jax.random.key(0), tiny_cfg)
+    value = {
+        "gpt": model.init_params(jax.random.key(1), tiny_cfg),
+        "head": model.init_scalar_head(jax.random.key(2), tiny_cfg),
+    }
+    lengths = jax.random.randint(jax.random.key(4), (n,), 1, r + 1).at[5].set(0)
+    rollout = sampling.Rollout(
+        prompt=jnp.full((n, 1), PROMPT_TOKEN, jnp.int32),
+        prompt_mask=jnp.ones((n, 1), bool),
+        response=jax.random.randint(jax.random.key(3), (n, r), 1, tiny_cfg.vocab_size),
+        response_mask=jnp.arange(r)[None, :] < lengths[:, None],
+        logprobs=jnp.zeros((n, r)),
+        finished=jnp.ones((n,), bool),
+    )
+    ptx = None
+    if MICRO_CASES[case].get("ptx_coef"):
+        ids = jax.random.randint(jax.random.key(5), (4, 9), 1, tiny_cfg.vocab_size)
+        ptx = train.LMBatch(
+            ids, jnp.ones_like(ids, bool), jnp.arange(9)[None, :] < jnp.array([[9], [3], [6], [2]])
+        )
+    scfg = SampleConfig(max_new_tokens=r, temperature=1.0)
+    scores = jax.random.normal(jax.random.key(6), (n,))
+    tx = optax.sgd(1.0)
+    runs = {}
+    for micro in (1, 4):
+        rlc = rl.RLConfig(**MICRO_CASES[case], micro_batches=micro)
+        start = rl.init_rl_params(policy, value if rlc.algo == "ppo" else None, rlc)
+        learn = jax.jit(rl.make_learn(tiny_cfg, tx, rlc, sample_cfg=scfg))
+        runs[micro] = learn(
+            rl.init_rl_state(start, tx, rlc), policy, rollout, scores, key=jax.random.key(7), ptx=ptx
+        )
+    (one, m1), (four, m4) = runs[1], runs[4]
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), one.params, start)
+    assert max(jax.tree.leaves(moved)) > 1e-3  # the update moved the params: the comparison means something
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), one.params, four.params)
+    assert set(m1) == set(m4)
+    for name in m1:
+        np.testing.assert_allclose(m4[name], m1[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_micro_batches_hold_a_slice_of_the_activations_and_are_checked(tiny_cfg):
+    """4 slices need well under the whole minibatch's XLA temporaries; slices that do not divide the
+    minibatch (or the ptx batch) are refused by name before any work."""
+    cfg = dataclasses.replace(tiny_cfg, n_embd=64, n_head=4)
+    n, r = 32, 16
+    policy = model.init_params(jax.random.key(0), cfg)
+    value = {
+        "gpt": model.init_params(jax.random.key(1), cfg),
+        "head": model.init_scalar_head(jax.random.key(2), cfg),
+    }
+    rollout = sampling.Rollout(
+        prompt=jnp.full((n, 1), PROMPT_TOKEN, jnp.int32),
+        prompt_mask=jnp.ones((n, 1), bool),
+        response=jax.random.randint(jax.random.key(3), (n, r), 1, cfg.vocab_size),
+        response_mask=jnp.ones((n, r), bool),
+        logprobs=jnp.zeros((n, r)),
+        finished=jnp.ones((n,), bool),
+    )
+    scfg = SampleConfig(max_new_tokens=r, temperature=1.0)
+    tx = optax.adam(1e-3)
+    temps = {}
+    for micro in (1, 4):
+        rlc = rl.RLConfig(algo="ppo", epochs=1, micro_batches=micro)
+        state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), tx, rlc)
+        exp, _ = rl.make_experience(state, policy, rollout, jnp.zeros(n), cfg, rlc, sample_cfg=scfg)
+        step = rl.make_rl_step(cfg, tx, rlc, sample_cfg=scfg)
+        compiled = jax.jit(functools.partial(step, key=jax.random.key(0))).lower(state, exp).compile()
+        temps[micro] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps[4] < 0.5 * temps[1], temps
+    with pytest.raises(ValueError, match="micro_batches"):
+        rl.RLConfig(micro_batches=0)
+    rlc = rl.RLConfig(algo="ppo", minibatches=2, micro_batches=3)
+    learn = rl.make_learn(cfg, tx, rlc, sample_cfg=scfg)
+    state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), tx, rlc)
+    with pytest.raises(ValueError, match="16 rows is not divisible by micro_batches=3"):
+        learn(state, policy, rollout, jnp.zeros(n), key=jax.random.key(0))

@@ -128,6 +128,12 @@ class RLStageConfig:
                 f"batch_size={self.batch_size} is not divisible by rl.minibatches {self.rl.minibatches}; "
                 "change one"
             )
+        rows = self.batch_size // (self.rl.minibatches if self.rl.algo in FIELD_ALGOS["minibatches"] else 1)
+        if rows % self.rl.micro_batches:
+            raise ValueError(
+                f"rl.micro_batches {self.rl.micro_batches} does not divide an update's {rows} rows "
+                f"(batch_size={self.batch_size} / rl.minibatches); change one"
+            )
 
 
 def make_rl_optimizer(pcfg: RLStageConfig, n_updates: int) -> optax.GradientTransformation:
