@@ -502,12 +502,9 @@ def test_ppo_update_is_the_policy_gradient_plus_the_critic_regression(tiny_cfg):
     jax.tree.map(np.testing.assert_array_equal, *policies)
 
 
-def test_ppo_update_holds_one_models_activations_at_a_time(tiny_cfg):
-    """The PPO update's XLA temporaries are about the larger of the policy's and the critic's gradient
-    programs alone, not their sum: the critic's forward and backward wait for the policy's gradient (on
-    gpt-micro's HappyGPT update `memory_analysis()` gives 48 MB instead of 99)."""
-    cfg = dataclasses.replace(tiny_cfg, n_embd=64, n_head=4)
-    n, r = 32, 16
+def _ppo_models_and_rollout(cfg, n, r, response_mask=None):
+    """A policy, a value model ({"gpt", "head"}) and a rollout of n random responses of r tokens from the
+    prompt token (every token real unless `response_mask` says otherwise)."""
     policy = model.init_params(jax.random.key(0), cfg)
     value = {
         "gpt": model.init_params(jax.random.key(1), cfg),
@@ -517,10 +514,20 @@ def test_ppo_update_holds_one_models_activations_at_a_time(tiny_cfg):
         prompt=jnp.full((n, 1), PROMPT_TOKEN, jnp.int32),
         prompt_mask=jnp.ones((n, 1), bool),
         response=jax.random.randint(jax.random.key(3), (n, r), 1, cfg.vocab_size),
-        response_mask=jnp.ones((n, r), bool),
+        response_mask=jnp.ones((n, r), bool) if response_mask is None else response_mask,
         logprobs=jnp.zeros((n, r)),
         finished=jnp.ones((n,), bool),
     )
+    return policy, value, rollout
+
+
+def test_ppo_update_holds_one_models_activations_at_a_time(tiny_cfg):
+    """The PPO update's XLA temporaries are about the larger of the policy's and the critic's gradient
+    programs alone, not their sum: the critic's forward and backward wait for the policy's gradient (on
+    gpt-micro's HappyGPT update `memory_analysis()` gives 48 MB instead of 99)."""
+    cfg = dataclasses.replace(tiny_cfg, n_embd=64, n_head=4)
+    n, r = 32, 16
+    policy, value, rollout = _ppo_models_and_rollout(cfg, n, r)
     scfg = SampleConfig(max_new_tokens=r, temperature=1.0)
     rlc = rl.RLConfig(algo="ppo")
     tx = optax.adam(1e-3)
@@ -554,20 +561,9 @@ def test_micro_batches_give_the_whole_minibatchs_update(tiny_cfg, case):
     with responses of unequal lengths and an empty one (slices hold unequal token and row counts, so a
     wrong weight shows), ptx and a KL loss term; and the slices' activations are not alive together."""
     n, r = 16, 8
-    policy = model.init_params(jax.random.key(0), tiny_cfg)
-    value = {
-        "gpt": model.init_params(jax.random.key(1), tiny_cfg),
-        "head": model.init_scalar_head(jax.random.key(2), tiny_cfg),
-    }
     lengths = jax.random.randint(jax.random.key(4), (n,), 1, r + 1).at[5].set(0)
-    rollout = sampling.Rollout(
-        prompt=jnp.full((n, 1), PROMPT_TOKEN, jnp.int32),
-        prompt_mask=jnp.ones((n, 1), bool),
-        response=jax.random.randint(jax.random.key(3), (n, r), 1, tiny_cfg.vocab_size),
-        response_mask=jnp.arange(r)[None, :] < lengths[:, None],
-        logprobs=jnp.zeros((n, r)),
-        finished=jnp.ones((n,), bool),
-    )
+    response_mask = jnp.arange(r)[None, :] < lengths[:, None]
+    policy, value, rollout = _ppo_models_and_rollout(tiny_cfg, n, r, response_mask)
     ptx = None
     if MICRO_CASES[case].get("ptx_coef"):
         ids = jax.random.randint(jax.random.key(5), (4, 9), 1, tiny_cfg.vocab_size)
@@ -599,19 +595,7 @@ def test_micro_batches_hold_a_slice_of_the_activations_and_are_checked(tiny_cfg)
     minibatch (or the ptx batch) are refused by name before any work."""
     cfg = dataclasses.replace(tiny_cfg, n_embd=64, n_head=4)
     n, r = 32, 16
-    policy = model.init_params(jax.random.key(0), cfg)
-    value = {
-        "gpt": model.init_params(jax.random.key(1), cfg),
-        "head": model.init_scalar_head(jax.random.key(2), cfg),
-    }
-    rollout = sampling.Rollout(
-        prompt=jnp.full((n, 1), PROMPT_TOKEN, jnp.int32),
-        prompt_mask=jnp.ones((n, 1), bool),
-        response=jax.random.randint(jax.random.key(3), (n, r), 1, cfg.vocab_size),
-        response_mask=jnp.ones((n, r), bool),
-        logprobs=jnp.zeros((n, r)),
-        finished=jnp.ones((n,), bool),
-    )
+    policy, value, rollout = _ppo_models_and_rollout(cfg, n, r)
     scfg = SampleConfig(max_new_tokens=r, temperature=1.0)
     tx = optax.adam(1e-3)
     temps = {}
