@@ -69,7 +69,8 @@ def main() -> int:
         "matmul_peak_gflops_before_after": [round(peak_before / 1e9, 1), round(peak_after / 1e9, 1)],
         "wall_s_total": round(wall, 2),  # the command's, interpreter start and imports included
         "wall_s_pipeline": summary["wall_s"],  # from the data's loading to summary.json
-        "peak_rss_mb": child_peak_mb,  # the command's own; `time -v` on it reads ~15 MB more here
+        # The command's own, in MB of 2^20 bytes: `time -v`'s "Maximum resident set size" (kB) / 1024.
+        "peak_rss_mb": child_peak_mb,
         "rss_per_stage_mb": {
             name: {
                 k: stages[name].get(f"rss_{k}_mb") for k in ("start", "peak", "end", "anon_peak", "file_peak")
