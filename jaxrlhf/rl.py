@@ -272,7 +272,9 @@ def _check_ptx(rl: RLConfig, ptx) -> None:
         raise ValueError("a ptx batch was passed but ptx_coef is 0: set RLConfig.ptx_coef or drop it")
 
 
-def _check_minibatches(batch_size: int, rl: RLConfig, ptx=None) -> None:
+def check_batch_split(batch_size: int, rl: RLConfig, ptx=None) -> None:
+    """Raises ValueError unless `batch_size` rollouts split into `rl.minibatches` updates (one for pg) of
+    rows that `rl.micro_batches` divides, and the ptx batch's rows too."""
     minibatches = 1 if rl.algo == "pg" else rl.minibatches  # pg: one update on the whole batch
     if batch_size % minibatches:
         raise ValueError(
@@ -532,15 +534,14 @@ def _micro_batch_grads(params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, r
     def one_slice(acc, xs):
         m, p, i = xs
         part = shares(m, p)
-        w = {k: part[k] / jnp.maximum(total[k], 1.0) for k in part}
-        scale = {"agg": w[agg], "tok": w["tok"], "ptx": w.get("ptx", 1.0)}
+        weight = {k: part[k] / jnp.maximum(total[k], 1.0) for k in part}
+        weight["agg"] = weight[agg]
+        scale = {"agg": weight["agg"], "tok": weight["tok"], "ptx": weight.get("ptx", 1.0)}
         k = jax.random.fold_in(key, i) if key is not None else None
         loss, metrics, grads = _minibatch_grads(params, m, p, kl_coef, cfg, rl, sample_cfg, k, scale)
         unknown = set(metrics) - set(how) - {"loss"}
         if unknown:  # a new metric must say how it combines, or it would be silently wrong
             raise NotImplementedError(f"micro_batches: no combination rule for metrics {sorted(unknown)}")
-        if acc is None:
-            return (loss, metrics, grads), None
         a_loss, a_metrics, a_grads = acc
         for name, v in metrics.items():
             if name == "loss":
@@ -548,11 +549,14 @@ def _micro_batch_grads(params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, r
             elif how[name] == "max":
                 a_metrics[name] = jnp.maximum(a_metrics[name], v)
             else:
-                a_metrics[name] = a_metrics[name] + {**w, "agg": w[agg]}[how[name]] * v
+                a_metrics[name] = a_metrics[name] + weight[how[name]] * v
         return (a_loss + loss, a_metrics, jax.tree.map(jnp.add, a_grads, grads)), None
 
-    # The carry's zeros: the slice's outputs, with -inf for maxima.
-    shapes = jax.eval_shape(lambda a: one_slice(None, a)[0], jax.tree.map(lambda x: x[0], xs))
+    # The carry's zeros: one slice's outputs, with -inf for maxima.
+    m0, p0, _ = jax.tree.map(lambda x: x[0], xs)
+    shapes = jax.eval_shape(
+        lambda m, p: _minibatch_grads(params, m, p, kl_coef, cfg, rl, sample_cfg, key), m0, p0
+    )
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     init[1].update({k: jnp.full((), -jnp.inf, init[1][k].dtype) for k in init[1] if how.get(k) == "max"})
     (loss, metrics, grads), _ = jax.lax.scan(one_slice, init, xs)
@@ -576,7 +580,7 @@ def make_rl_step(
     def step(state: train.TrainState, exp: Experience, *, key, ptx: train.LMBatch | None = None):
         _check_ptx(rl, ptx)
         b = exp.tokens.shape[0]
-        _check_minibatches(b, rl, ptx)
+        check_batch_split(b, rl, ptx)
         if rl.algo == "pg":
             state, metrics = update(state, exp, ptx, jax.random.fold_in(key, 0))
         else:
@@ -610,7 +614,7 @@ def make_learn(
 
     def learn(state, ref_params, rollout, scores, *, key, ptx=None):
         _check_ptx(rl, ptx)
-        _check_minibatches(rollout.tokens.shape[0], rl, ptx)  # before any work on the rollout
+        check_batch_split(rollout.tokens.shape[0], rl, ptx)  # before any work on the rollout
         exp, exp_metrics = make_experience(
             state, ref_params, rollout, scores, cfg, rl, ref_cfg, sample_cfg=sample_cfg
         )

@@ -614,3 +614,9 @@ def test_micro_batches_hold_a_slice_of_the_activations_and_are_checked(tiny_cfg)
     state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), tx, rlc)
     with pytest.raises(ValueError, match="16 rows is not divisible by micro_batches=3"):
         learn(state, policy, rollout, jnp.zeros(n), key=jax.random.key(0))
+    from jaxrlhf.pipeline.policy import RLStageConfig  # noqa: PLC0415  (the pipelines' config: at construction)
+
+    with pytest.raises(
+        ValueError, match="batch_size=32: a minibatch of 16 rows is not divisible by micro_batches=3"
+    ):
+        RLStageConfig(batch_size=n, rl=rlc)

@@ -38,7 +38,7 @@ from jaxrlhf.pipeline.rl_programs import (
     value_from_reward_model,
 )
 from jaxrlhf.pipeline.setup import Setup, StageError
-from jaxrlhf.rl import FIELD_ALGOS, RLConfig, inactive_fields
+from jaxrlhf.rl import FIELD_ALGOS, RLConfig, check_batch_split, inactive_fields
 
 REWARD_NORMS = ("reference_mean", "policy_gain_bias", "none")
 
@@ -128,12 +128,10 @@ class RLStageConfig:
                 f"batch_size={self.batch_size} is not divisible by rl.minibatches {self.rl.minibatches}; "
                 "change one"
             )
-        rows = self.batch_size // (self.rl.minibatches if self.rl.algo in FIELD_ALGOS["minibatches"] else 1)
-        if rows % self.rl.micro_batches:
-            raise ValueError(
-                f"rl.micro_batches {self.rl.micro_batches} does not divide an update's {rows} rows "
-                f"(batch_size={self.batch_size} / rl.minibatches); change one"
-            )
+        try:  # the micro-batches of each update too, as the update will check them
+            check_batch_split(self.batch_size, self.rl)
+        except ValueError as err:
+            raise ValueError(f"batch_size={self.batch_size}: {err}") from None
 
 
 def make_rl_optimizer(pcfg: RLStageConfig, n_updates: int) -> optax.GradientTransformation:
