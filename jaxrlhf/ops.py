@@ -8,7 +8,7 @@ for `x[:, t+1]`. So the log-probability of token `x[:, t]` (t >= 1) is read from
 `token_logprobs(logits[:, :-1], tokens[:, 1:])` scores every token but the first. For a prompt of width P
 followed by a response of width R, the response logprobs are `token_logprobs(logits[:, P-1:-1], response)`.
 
-Reductions inside `jax.shard_map`: `masked_sum / masked_mean / masked_var / masked_whiten` take an optional
+Reductions inside `jax.shard_map`: `masked_sum / masked_mean / masked_var` take an optional
 keyword `axis_name` (a mesh axis name or a tuple of them) over which the batch axis 0 is split. With it the
 result is the global one, identical on every device: sums are psum'd, a mean is psum(sum) / psum(count)
 (not a mean of per-device means, which would weigh a shard of short responses like one of long ones), and
@@ -123,27 +123,6 @@ def masked_var(
             count = _count(x, mask, None, axis_name)
         var = var * count / jnp.maximum(count - 1, 1)
     return var
-
-
-def masked_whiten(
-    x: jax.Array,
-    mask: jax.Array | None = None,
-    shift_mean: bool = True,
-    eps: float = 1e-8,
-    *,
-    axis_name: AxisName = None,
-) -> jax.Array:
-    """(x - mean) / std over the masked entries; with `shift_mean=False` the mean is added back.
-
-    Masked-out entries come back as 0. Statistics are global over all axes (as in lm-human-preferences),
-    and over every device's rows with `axis_name` (global mean, global Bessel-corrected variance).
-    """
-    mean = masked_mean(x, mask, axis_name=axis_name)
-    var = masked_var(x, mask, axis_name=axis_name)
-    white = (x - mean) * jax.lax.rsqrt(var + eps)
-    if not shift_mean:
-        white = white + mean
-    return white if mask is None else jnp.where(mask, white, jnp.zeros_like(white))
 
 
 def log_softmax(logits: jax.Array) -> jax.Array:

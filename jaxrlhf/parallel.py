@@ -11,11 +11,9 @@ with no collective written by hand. A researcher who writes a data-parallel `jax
 passes `axis_name=` to the losses and masked reductions (jaxrlhf.losses, jaxrlhf.ops): they then return the
 global statistics (psum of sums and counts), where `pmean` of per-device means would weigh a shard of short
 responses like a shard of long ones; tests/test_losses_shard_map.py checks shard_map == GSPMD == 1 device.
-`shard_map` is used here where the work really is per device and needs no global reduction: `per_device`
-below (e.g. host-side scoring of each device's rows).
 
 FSDP gathers weights, not activations: a step is traced `on_mesh`, and the model pins every block's input
-and output to the batch split (`model.constrain_batch`); otherwise XLA may follow the weights' split and
+and output to the batch split (`constrain_batch`); otherwise XLA may follow the weights' split and
 replicate the activations (for an 8B model, every row's attention on every device).
 """
 
@@ -23,8 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +30,26 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrlhf.model import BATCH_AXES  # the model pins activations to the same axes (constrain_batch)
+BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is split over (`make_mesh`)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """x with its batch axis 0 split over the mesh axes ('data', 'fsdp') when traced under such a mesh
+    (`jax.sharding.use_abstract_mesh`, as `parallel.jit_step` traces a step) and B divides over them;
+    else x as it is (no mesh, one device, inside `shard_map`, or a batch that does not divide).
+
+    Why: FSDP splits each weight's largest dimension over 'fsdp' (`parallel.leaf_sharding`), and left
+    alone XLA's sharding propagation may follow the weights instead of the batch. For one REBEL step of
+    Llama-3.1-8B on 8 CPU devices it gathered the activations and ran every row's attention on every
+    device: XLA:CPU planned 38 GiB of temporaries per device, 19 with this constraint.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or mesh.manual_axes:
+        return x
+    n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if n == 1 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
 def initialize_distributed(
@@ -44,20 +59,15 @@ def initialize_distributed(
     *,
     local_device_count: int | None = None,
 ) -> None:
-    """Start multi-host JAX (no-op for a single process).
+    """Start multi-process JAX: `--multihost` in the pipelines, and the multi-process tests.
 
-    On TPU VMs and SLURM/GPU clusters the arguments are found automatically; on CPU (tests, a cluster of
-    CPU hosts) pass them and gloo collectives are used. Must run before any JAX computation.
+    Without arguments the coordinator and the processes are found by `jax.distributed.initialize()` itself
+    (TPU VMs, SLURM / GPU clusters); its error, when there is nothing to find, is raised. On CPU (tests, a
+    cluster of CPU hosts) pass them and gloo collectives are used. Must run before any JAX computation:
+    `initialize()` refuses to run once a backend has started.
     """
     if coordinator_address is None and num_processes is None:
-        # Auto-detection (TPU VMs, SLURM, ...). Must not touch the backend first: initialize() refuses
-        # to run once a backend has started. A single process with nothing to detect stays as it is.
-        try:
-            jax.distributed.initialize()
-        except (ValueError, RuntimeError) as e:
-            if "JAX_COORDINATOR_ADDRESS" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
-                raise
-            del e
+        jax.distributed.initialize()
         return
     if local_device_count is not None or (coordinator_address or "").startswith("127.0.0.1"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -88,10 +98,6 @@ def make_mesh(data: int | None = None, fsdp: int = 1, *, devices=None) -> Mesh:
     if devices == list(jax.devices()):
         return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=auto)
     return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES, axis_types=auto)
-
-
-def single_device_mesh() -> Mesh:
-    return make_mesh(1, 1, devices=jax.devices()[:1])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -157,7 +163,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
     """`fn` traced with `mesh` as the abstract mesh, so that the model keeps its activations split over
-    the batch axes (`model.constrain_batch`) whatever the weights' FSDP sharding; for `jax.jit`."""
+    the batch axes (`constrain_batch`) whatever the weights' FSDP sharding; for `jax.jit`."""
 
     @functools.wraps(fn)
     def traced(*args, **kwargs):
@@ -187,14 +193,6 @@ def jit_step(step: Callable, mesh: Mesh, state: Any, *, donate: bool = True) -> 
     )
 
 
-def compile_timed(jitted: Callable, *args) -> tuple[Callable, float]:
-    """Ahead-of-time compile `jitted` for `args`; returns (compiled, seconds). The compiled function
-    refuses other shapes instead of silently recompiling."""
-    t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    return compiled, time.perf_counter() - t0
-
-
 def to_host(tree: Any) -> Any:
     """Fetch a (possibly sharded, multi-process) pytree to host numpy arrays on every process."""
     if jax.process_count() == 1:
@@ -204,12 +202,3 @@ def to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def scalars(metrics: dict) -> dict[str, float]:
-    """Metrics dict of scalar arrays -> plain floats (one transfer)."""
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
-def per_device(fn: Callable, mesh: Mesh) -> Callable:
-    """Run `fn` on each device's rows of batch-sharded inputs (shard_map, no collectives); outputs are
-    batch-sharded too. For row-independent work such as sampling or scoring."""
-    return jax.shard_map(fn, mesh=mesh, in_specs=P(BATCH_AXES), out_specs=P(BATCH_AXES), check_vma=False)

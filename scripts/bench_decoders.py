@@ -6,7 +6,7 @@ Two random float32 models over GPT-2's 50257 ids, 12 layers of width 768 each:
          RoPE theta 500000, no biases, tied embeddings.
 For each: an AdamW LM step (`train.make_lm_step`, batch x 128 tokens; median ms of the timed steps after
 compile; MFU = 3 x forward FLOPs / time against a float32 matmul peak measured in the same run) and
-`sampling.sample` (8 prompts of 32 tokens, 32 new tokens at T = 1 with top-k 50; ms per call and new tokens
+`sampler.sample` (8 prompts of 32 tokens, 32 new tokens at T = 1 with top-k 50; ms per call and new tokens
 per second). The two models alternate rep by rep, so the ratios compare them in the same minutes of a
 machine whose speed drifts.
 
@@ -28,8 +28,11 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train_step import matmul_peak_gflops  # noqa: E402
 
-from jaxrlhf import model, sampling, train  # noqa: E402
-from jaxrlhf.config import ModelConfig, SampleConfig  # noqa: E402
+from jaxrlhf import train  # noqa: E402
+from jaxrlhf import models
+from jaxrlhf.rollout import sampler
+from jaxrlhf.models import ModelConfig  # noqa: E402
+from jaxrlhf.rollout import SampleConfig
 
 SEQ, PROMPT, NEW, SAMPLE_BATCH = 128, 32, 32, 8
 CONFIGS = {
@@ -47,7 +50,7 @@ class Case:
     def __init__(self, name: str, cfg: ModelConfig, batch: int):
         self.name, self.cfg, self.batch = name, cfg, batch
         tx = train.make_optimizer(train.OptimConfig())
-        self.params = model.init_params(jax.random.key(0), cfg)  # the sampler's (the step donates its own)
+        self.params = models.init_params(jax.random.key(0), cfg)  # the sampler's (the step donates its own)
         self.state = train.init_train_state(jax.tree.map(jnp.copy, self.params), tx)
         tokens = jax.random.randint(jax.random.key(1), (batch, SEQ + 1), 0, cfg.vocab_size, jnp.int32)
         mask = jnp.ones(tokens.shape, bool)
@@ -68,7 +71,7 @@ class Case:
     def sample(self, i: int):
         mask = jnp.ones(self.prompt.shape, bool)
         return jax.block_until_ready(
-            sampling.sample(self.params, self.prompt, mask, self.cfg, self.scfg, key=jax.random.key(i))
+            sampler.sample(self.params, self.prompt, mask, self.cfg, self.scfg, key=jax.random.key(i))
         )
 
     def rep(self, steps: int, calls: int, i: int) -> None:

@@ -38,7 +38,7 @@ def main() -> int:
     p.add_argument("--run-dir", default=None, help="where the run's outputs go (default: a temp dir)")
     args, extra = p.parse_known_args()
 
-    from jaxrlhf import memory
+    from jaxrlhf.engine import memory
 
     memory.lean_cpu_compiles()  # the matmuls compiled as the command compiles its programs
     peak_before = matmul_peak_gflops()[0] * 1e9

@@ -1,7 +1,7 @@
 """Peak host memory of importing a Hugging Face Llama-style checkpoint with `jaxrlhf.hf_decoders.load`.
 
 Writes a random LlamaForCausalLM of about --gb GB (bfloat16, sharded safetensors as save_pretrained
-writes them), then loads it in a fresh process twice: with `hf_decoders.load` (memory-mapped, one leaf at a
+writes them), then loads it in a fresh process twice: with `hf.load` (memory-mapped, one leaf at a
 time) and, for comparison, by reading the whole state dict first (`safetensors.torch.load_file` of every
 shard, then `params_from_hf`), the naive way. Reports each process's peak RSS above its RSS after
 `import jax` (VmHWM - VmRSS) against the checkpoint's size on disk.
@@ -27,17 +27,17 @@ def status_mb(field):  # VmHWM, not ru_maxrss: that one carries the parent's pea
             if line.startswith(field):
                 return int(line.split()[1]) / 1024
 base = status_mb("VmRSS")
-from jaxrlhf import hf_decoders
+from jaxrlhf.models import hf
 t0 = time.perf_counter()
 if sys.argv[2] == "load":
-    params, cfg = hf_decoders.load(sys.argv[1])
+    params, cfg = hf.load(sys.argv[1])
 else:
     import glob, safetensors.torch
     state = {}
     for f in sorted(glob.glob(sys.argv[1] + "/model-*.safetensors")):
         state.update({k: v.float().numpy() for k, v in safetensors.torch.load_file(f).items()})
-    cfg = hf_decoders.config_from_hf(json.load(open(sys.argv[1] + "/config.json")))
-    params = jax.tree.map(lambda x: jnp.asarray(x, cfg.pdtype), hf_decoders.params_from_hf(state, cfg))
+    cfg = hf.config_from_hf(json.load(open(sys.argv[1] + "/config.json")))
+    params = jax.tree.map(lambda x: jnp.asarray(x, cfg.pdtype), hf.params_from_hf(state, cfg))
     del state
 jax.block_until_ready(params)
 seconds = time.perf_counter() - t0

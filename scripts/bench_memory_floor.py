@@ -8,7 +8,7 @@ params and optimizer state, compiles ONE program and runs it `--steps` times, re
 peak so far (VmHWM) after each phase:
   pretrain-adamw   the pretraining / SFT step (64 x 32 tokens), AdamW
   pretrain-muon    the same step with Muon (HappyGPT's pretraining default)
-  ppo-learn        the PPO iteration's experience + update (policy and value, 32 tweets; rl.make_learn)
+  ppo-learn        the PPO iteration's experience + update (policy and value, 32 tweets; train.make_learn)
   sampler          the RL sampler (32 x 31 new tokens, top-k 30)
 each with a cold persistent compile cache (a first run) and a warm one (the same program read back from
 the cache, as a second run or a --resume does), and each with XLA:CPU's default fusion emitters and with
@@ -32,7 +32,7 @@ CASES = ("pretrain-adamw", "pretrain-muon", "ppo-learn", "sampler")
 
 def _status() -> tuple[int, int]:
     """(RSS, peak RSS) in whole MB (jaxrlhf.memory's readers: importing it imports no jax)."""
-    from jaxrlhf import memory  # noqa: PLC0415
+    from jaxrlhf.engine import memory  # noqa: PLC0415
 
     return int(memory.rss_mb()), int(memory.peak_rss_mb())
 
@@ -46,7 +46,7 @@ def child(case: str, cache: str, steps: int, lean: bool) -> dict:
 
     mark("python")
     if lean:  # before JAX's first computation (it imports jax)
-        from jaxrlhf import memory  # noqa: PLC0415
+        from jaxrlhf.engine import memory  # noqa: PLC0415
 
         assert memory.lean_cpu_compiles(), "the lean flag was not set"
     import jax  # noqa: PLC0415
@@ -57,14 +57,18 @@ def child(case: str, cache: str, steps: int, lean: bool) -> dict:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from jaxrlhf import memory, model, rl, sampling, train  # noqa: PLC0415
-    from jaxrlhf.config import ModelConfig, SampleConfig  # noqa: PLC0415
+    from jaxrlhf import train  # noqa: PLC0415
+    from jaxrlhf.engine import memory
+    from jaxrlhf import models
+    from jaxrlhf.rollout import sampler
+    from jaxrlhf.models import ModelConfig  # noqa: PLC0415
+    from jaxrlhf.rollout import SampleConfig
 
     mark("import jaxrlhf")
     jax.block_until_ready(jnp.ones(3) + 1)
     mark("first op")
     cfg = ModelConfig.preset("gpt-micro", vocab_size=100, block_size=32)
-    params = model.init_params(jax.random.key(0), cfg)
+    params = models.init_params(jax.random.key(0), cfg)
     rng = np.random.default_rng(0)
     scfg = SampleConfig(max_new_tokens=31, temperature=1.0, top_k=30, eos_id=0)
     prompt, prompt_mask = jnp.zeros((32, 1), jnp.int32), jnp.ones((32, 1), bool)
@@ -83,21 +87,21 @@ def child(case: str, cache: str, steps: int, lean: bool) -> dict:
         optim = train.OptimConfig(lr=3e-4, weight_decay=0.0, grad_clip=1.0)
         tx = train.make_per_model_optimizer({"policy": optim, "value": optim})
         copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731  (no buffer twice in a donated state)
-        value = {"gpt": copy(params), "head": model.init_scalar_head(jax.random.key(1), cfg)}
-        state = rl.init_rl_state(rl.init_rl_params(copy(params), value, rlc), tx, rlc)
+        value = {"gpt": copy(params), "head": models.init_scalar_head(jax.random.key(1), cfg)}
+        state = train.init_rl_state(train.init_rl_params(copy(params), value, rlc), tx, rlc)
         rollout = jax.block_until_ready(
-            jax.jit(lambda k: sampling.sample_fn(params, prompt, prompt_mask, cfg, scfg, k))(
+            jax.jit(lambda k: sampler.sample_fn(params, prompt, prompt_mask, cfg, scfg, k))(
                 jax.random.key(2)
             )
         )
         scores = jnp.asarray(rng.standard_normal(32), jnp.float32)
-        learn = jax.jit(rl.make_learn(cfg, tx, rlc, sample_cfg=scfg), donate_argnums=0)
+        learn = jax.jit(train.make_learn(cfg, tx, rlc, sample_cfg=scfg), donate_argnums=0)
         jax.clear_caches()  # only the learn program stays
         memory.malloc_trim()
         run = lambda s, k: learn(s, params, rollout, scores, key=k)[0]  # noqa: E731
     else:
         state = params
-        sample = jax.jit(lambda p, k: sampling.sample_fn(p, prompt, prompt_mask, cfg, scfg, k))
+        sample = jax.jit(lambda p, k: sampler.sample_fn(p, prompt, prompt_mask, cfg, scfg, k))
         run = lambda s, k: (sample(s, k), s)[1]  # noqa: E731
     jax.block_until_ready(state)
     mark("params + optimizer state")

@@ -24,8 +24,9 @@ import time
 import jax
 import numpy as np
 
-from jaxrlhf import happy, model, parallel, train
-from jaxrlhf.tokenizers import CharTokenizer
+from jaxrlhf import happy, parallel, train
+from jaxrlhf import models
+from jaxrlhf.text import CharTokenizer
 
 TARGET = 1.66  # issue #16's pretraining target (minRLHF's level)
 
@@ -93,7 +94,7 @@ def main() -> int:
     val = happy.encode_rows(tok, [r["text"] for r in test_rows], L)
     mesh = parallel.make_mesh()
     evaluate = happy.make_evaluator(mcfg, val, mesh)
-    init = model.init_params(jax.random.key(cfg.seed), mcfg)
+    init = models.init_params(jax.random.key(cfg.seed), mcfg)
     n = ids.shape[0]
     flops_per_row = 3 * mcfg.flops_per_token(L - 1) * (L - 1)
 

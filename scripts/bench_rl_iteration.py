@@ -12,7 +12,7 @@ Paths, each timed per iteration in every round, in alternating order so that dri
 every one from a fresh copy of the same state with the same key (so all sample the same tweets):
   vader_host       sample (jit) -> VADER on the host -> learn (jit)                    (happy's default)
   learned_split    sample (jit) -> learned reward (jit) -> learn (jit)                 (the same math fused)
-  fused            one jit of rl.make_fused_iteration (happy's --reward learned)
+  fused            one jit of train.make_fused_iteration (happy's --reward learned)
   fused_rm_args    the same, the reward model's params passed as arguments, not closed over as constants
 Each part of the split paths is timed on its own; `fused - learned_split` is what fusing costs or saves.
 A jax.profiler trace of `--profile_calls` iterations of each path splits op time (summed over XLA:CPU's
@@ -40,8 +40,13 @@ import orbax.checkpoint as ocp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sampling  # noqa: E402  (its HLO parsing and trace reader)
 
-from jaxrlhf import checkpoint, happy, model, rewards, rl, sampling, tokenizers, train  # noqa: E402
-from jaxrlhf.config import SampleConfig  # noqa: E402
+from jaxrlhf import happy, train  # noqa: E402
+from jaxrlhf.engine import checkpoint
+from jaxrlhf import models
+from jaxrlhf.rollout import scoring
+from jaxrlhf.rollout import sampler
+from jaxrlhf import text
+from jaxrlhf.rollout import SampleConfig  # noqa: E402
 
 
 def load_sft(run_dir: str):
@@ -54,7 +59,7 @@ def load_sft(run_dir: str):
         state = ckptr.restore(state_dir)
     params = jax.tree.map(jnp.asarray, state["params"])
     tok_dir = checkpoint.restore_tokenizer(run_dir, "sft", tempfile.mkdtemp(prefix="bench_rl_it_"))
-    return params, tokenizers.load_tokenizer(tok_dir)
+    return params, text.load_tokenizer(tok_dir)
 
 
 def while_regions(hlo: str) -> dict[str, str]:
@@ -132,25 +137,25 @@ def main() -> int:
     b = rc.batch_size
     prompt = jnp.full((b, 1), tok.eos_id, jnp.int32)
     prompt_mask = jnp.ones((b, 1), bool)
-    value = {"gpt": sft_params, "head": model.init_scalar_head(jax.random.key(1), mcfg)}
-    state0 = rl.init_rl_state(rl.init_rl_params(sft_params, value, rlc), tx, rlc)
+    value = {"gpt": sft_params, "head": models.init_scalar_head(jax.random.key(1), mcfg)}
+    state0 = train.init_rl_state(train.init_rl_params(sft_params, value, rlc), tx, rlc)
     ref = sft_params
-    rm = {"gpt": jax.tree.map(jnp.copy, sft_params), "head": model.init_scalar_head(jax.random.key(2), mcfg)}
+    rm = {"gpt": jax.tree.map(jnp.copy, sft_params), "head": models.init_scalar_head(jax.random.key(2), mcfg)}
 
-    vader = rewards.make_text_reward(tok, rewards.vader_scores)
-    reward_const = rewards.make_learned_reward(rm, mcfg)
+    vader = scoring.make_text_reward(tok, scoring.vader_scores)
+    reward_const = scoring.make_learned_reward(rm, mcfg)
 
     def reward_args(rm_params, ro):
-        return rewards.learned_scores(rm_params, ro.tokens, ro.mask, mcfg)
+        return models.sequence_scores(rm_params, ro.tokens, ro.mask, mcfg)
 
-    sample = jax.jit(lambda p, k: sampling.sample_fn(p, prompt, prompt_mask, mcfg, scfg, k))
+    sample = jax.jit(lambda p, k: sampler.sample_fn(p, prompt, prompt_mask, mcfg, scfg, k))
     score = jax.jit(reward_const)
-    learn = jax.jit(rl.make_learn(mcfg, tx, rlc, sample_cfg=scfg), donate_argnums=0)
-    fused_c = rl.make_fused_iteration(mcfg, scfg, tx, rlc, reward_const)
+    learn = jax.jit(train.make_learn(mcfg, tx, rlc, sample_cfg=scfg), donate_argnums=0)
+    fused_c = train.make_fused_iteration(mcfg, scfg, tx, rlc, reward_const)
     fused = jax.jit(lambda s, k: fused_c(s, ref, prompt, prompt_mask, key=k), donate_argnums=0)
 
     def fused_a_fn(s, rm_params, k):
-        it = rl.make_fused_iteration(mcfg, scfg, tx, rlc, lambda ro: reward_args(rm_params, ro))
+        it = train.make_fused_iteration(mcfg, scfg, tx, rlc, lambda ro: reward_args(rm_params, ro))
         return it(s, ref, prompt, prompt_mask, key=k)
 
     fused_a = jax.jit(fused_a_fn, donate_argnums=0)

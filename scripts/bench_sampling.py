@@ -1,4 +1,4 @@
-"""Benchmark `jaxrlhf.sampling.sample` (one jitted while_loop over a KV cache) on this machine.
+"""Benchmark `jaxrlhf.rollout.sample` (one jitted while_loop over a KV cache) on this machine.
 
 Cases, random init, float32:
   gpt-micro (4 layers, 4 heads, width 128, vocab 100, block 64): 32 sequences x 32 new tokens, top-k 30,
@@ -14,8 +14,8 @@ few calls splits the op time into matmuls (dots and the fusions holding one), re
 updates, copies and elementwise ops. A loop that runs only the decode step's matmuls (same shapes, nothing
 else) gives the floor the dots alone set.
 
-With `--baseline REF` (e.g. `--baseline main`) the sampler of git revision REF (its jaxrlhf/sampling.py,
-model.py, layers.py and ops.py, loaded as a second package in this process) runs on the same params and
+With `--baseline REF` (e.g. `--baseline main`) the sampler of git revision REF (its jaxrlhf/sampler.py,
+models.py, layers.py and ops.py, loaded as a second package in this process) runs on the same params and
 keys: calls alternate old / new so machine drift hits both, the report gives new / old as a ratio, and it
 checks the two rollouts are bitwise identical.
 
@@ -43,8 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf import model, sampling
-from jaxrlhf.config import ModelConfig, SampleConfig
+from jaxrlhf import models
+from jaxrlhf.rollout import sampler
+from jaxrlhf.models import ModelConfig
+from jaxrlhf.rollout import SampleConfig
 
 _BASELINE_MODULES = ("ops", "layers", "model", "sampling")
 
@@ -233,7 +235,7 @@ def make_matmul_floor(params, cfg: ModelConfig, batch: int, cache_length: int, s
     layers and two attention products per layer, the LM head) and no other math: a floor for the sampler,
     the time its dots alone take on this machine. Returns call(i) -> blocks until done."""
     B, D, N, H = batch, cfg.n_embd, cfg.n_head, cfg.head_dim
-    blocks = model.unstack_blocks(params)["blocks"]
+    blocks = models.kv_cache.unstack_blocks(params)["blocks"]
     kv = jnp.full((B * N, cache_length, H), 0.01, jnp.float32)
 
     def step(_, carry):
@@ -265,7 +267,7 @@ def bench(
     baseline=None,
     profile_calls: int = 3,
 ) -> dict:
-    params = model.init_params(jax.random.key(0), cfg)
+    params = models.init_params(jax.random.key(0), cfg)
     prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, cfg.vocab_size, jnp.int32)
     prompt_mask = jnp.ones(prompt.shape, bool)
     jax.block_until_ready((params, prompt))
@@ -278,7 +280,7 @@ def bench(
 
         return call
 
-    samplers = {"new": (sampling, caller(sampling))}
+    samplers = {"new": (sampler, caller(sampler))}
     if baseline is not None:
         samplers["old"] = (baseline, caller(baseline))
     result = {

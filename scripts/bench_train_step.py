@@ -18,8 +18,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf import model, train
-from jaxrlhf.config import ModelConfig
+from jaxrlhf import train
+from jaxrlhf import models
+from jaxrlhf.models import ModelConfig
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 20) -> tuple[float, float]:
@@ -39,7 +40,7 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 20) -> tuple[float, float]:
 
 def bench_step(cfg: ModelConfig, batch: int, seq: int, steps: int) -> dict:
     tx = train.make_optimizer(train.OptimConfig())
-    params = model.init_params(jax.random.key(0), cfg)
+    params = models.init_params(jax.random.key(0), cfg)
     state = train.init_train_state(params, tx)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size, jnp.int32)
     mask = jnp.ones(tokens.shape, bool)

@@ -1,7 +1,7 @@
 """Bytes per device of each stage of the UltraFeedback REBEL pipeline (experiments/ultrafeedback) on a mesh.
 
-Computed, not measured: the state from `jax.eval_shape` of the real code (model.init_params,
-train.init_train_state with train.make_optimizer, model.init_cache), each leaf split as
+Computed, not measured: the state from `jax.eval_shape` of the real code (models.init_params,
+train.init_train_state with train.make_optimizer, models.init_cache), each leaf split as
 parallel.leaf_sharding splits it; the activations from the formulas below. No array is allocated.
 
     python scripts/memory_plan.py --hardware v5e-16 --mu-dtype bfloat16 --out plan.json
@@ -12,10 +12,10 @@ T positions, S cache slots, L layers, D width, N / K query / kv heads, H head di
 a = 2 bytes under --bf16, else 4; "layer params" = one block's params):
 
   generate  policy params (float32, FSDP-split) + max(decoding, teacher-forced logprobs):
-              decoding     KV cache (model.init_cache: 2 L b K S H a) + prefill attention of one layer
+              decoding     KV cache (models.init_cache: 2 L b K S H a) + prefill attention of one layer
                            b N P S (4 + a) + sampler logits b V 4 x 3
               logprobs     one layer's attention b N T^2 (4 + a) + the LM head on one slice of C positions
-                           b C V 4 x 2 (model.lm_token_logprobs: the [b, T, V] logits never exist at once)
+                           b C V 4 x 2 (models.lm_token_logprobs: the [b, T, V] logits never exist at once)
             + one layer's weights gathered (4 + a) x layer params.
   score     reward-model params (stored dtype, FSDP-split) + one layer's attention b N T^2 (4 + a) + its
             other activations b T (N H + 2 K H + N H + 3 F + 4 D) a + one layer gathered (2 x its dtype).
@@ -134,8 +134,8 @@ def block_activations(cfg, rows: int, t: int, s: int, act: int, train: bool) -> 
 
 
 def model_cfg(args, *, reward: bool = False):
-    from jaxrlhf import hf
-    from jaxrlhf.config import ModelConfig
+    from jaxrlhf.models import hf
+    from jaxrlhf.models import ModelConfig
 
     dtype = "bfloat16" if args.bf16 else "float32"
     length = max(p_len(args) + r_len(args), score_len(args))
@@ -170,7 +170,8 @@ def plan(args, hardware: str) -> dict:
     """Bytes per device of every component of generate, score and rebel on `hardware`."""
     import jax.numpy as jnp
 
-    from jaxrlhf import model, parallel, train
+    from jaxrlhf import parallel, train
+    from jaxrlhf import models
 
     devices, hbm_gib, what = HARDWARE[hardware]
     fsdp = args.mesh_fsdp or devices
@@ -189,15 +190,15 @@ def plan(args, hardware: str) -> dict:
             raise SystemExit(
                 f"--{name}-batch {size} is not a multiple of the {devices} devices of {hardware}"
             )
-    chunk = lambda t: -(-t // -(-t // model.LOGPROB_CHUNK))  # noqa: E731  (lm_token_logprobs' slice)
+    chunk = lambda t: -(-t // -(-t // models.transformer.LOGPROB_CHUNK))  # noqa: E731  (lm_token_logprobs' slice)
 
-    params = jax.eval_shape(functools.partial(model.init_params, cfg=cfg), key)
+    params = jax.eval_shape(functools.partial(models.init_params, cfg=cfg), key)
     policy = shard_bytes(params, mesh)
     per_layer = layer_params(params)
 
     # generate: b rows of the repeated prompts per device
     b = gen_prompts * args.answers // devices
-    cache = jax.eval_shape(functools.partial(model.init_cache, cfg, b * devices, T))
+    cache = jax.eval_shape(functools.partial(models.init_cache, cfg, b * devices, T))
     kv = sum(math.prod(x.shape) * x.dtype.itemsize for x in (*cache.k, *cache.v)) // devices
     prefill = block_activations(cfg, b, P, T, act, train=False)
     scoring = block_activations(cfg, b, T, T, act, train=False)
@@ -215,7 +216,7 @@ def plan(args, hardware: str) -> dict:
     }
 
     # score: the reward model's forward on score_rows / devices rows
-    rm = jax.eval_shape(functools.partial(model.init_scalar_model, cfg=rm_cfg), key)
+    rm = jax.eval_shape(functools.partial(models.init_scalar_model, cfg=rm_cfg), key)
     rm_bytes = shard_bytes(rm, mesh)
     b_s, t_s = score_rows // devices, score_len(args)
     fwd = block_activations(rm_cfg, b_s, t_s, t_s, act, train=False)
@@ -232,7 +233,7 @@ def plan(args, hardware: str) -> dict:
         lr=3e-7, schedule="linear", min_lr_ratio=0.0, weight_decay=0.0, mu_dtype=args.mu_dtype
     )  # fmt: skip  (online.PairStageConfig's defaults)
     tx = train.make_optimizer(optim)
-    state = jax.eval_shape(lambda k: train.init_train_state(model.init_params(k, cfg), tx), key)
+    state = jax.eval_shape(lambda k: train.init_train_state(models.init_params(k, cfg), tx), key)
     moments = adam_moments(state.opt_state)
     b_r = 2 * pairs // devices
     layer = block_activations(cfg, b_r, T, T, act, train=True)
@@ -280,11 +281,12 @@ def plan(args, hardware: str) -> dict:
 def xla_check(args, cfg, rm_cfg, tx, mesh, pairs, score_rows, T, t_s) -> dict:
     """XLA:CPU's bytes per device (arguments + outputs not aliased to them + temporaries) of the real
     rebel step (parallel.jit_step of train.make_rebel_step, 4 epochs) and score program
-    (handoff.jit_eval of train.sequence_scores), compiled for `mesh` from abstract inputs."""
+    (batches.jit_eval of models.sequence_scores), compiled for `mesh` from abstract inputs."""
     import jax.numpy as jnp
 
-    from jaxrlhf import model, parallel, train
-    from jaxrlhf.pipeline import handoff
+    from jaxrlhf import parallel, train
+    from jaxrlhf import models
+    from jaxrlhf.stages import batches
 
     S = jax.ShapeDtypeStruct
     key = jax.random.key(0)
@@ -294,14 +296,14 @@ def xla_check(args, cfg, rm_cfg, tx, mesh, pairs, score_rows, T, t_s) -> dict:
         return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                    + m.temp_size_in_bytes)  # fmt: skip
 
-    state = jax.eval_shape(lambda k: train.init_train_state(model.init_params(k, cfg), tx), key)
+    state = jax.eval_shape(lambda k: train.init_train_state(models.init_params(k, cfg), tx), key)
     step = parallel.jit_step(train.make_rebel_step(cfg, tx, epochs=4), mesh, state)
     rows = (pairs, 2, T)
     batch = train.PrefBatch(S(rows, jnp.int32), S(rows, bool), S(rows, bool), S((pairs, 2), jnp.float32),
                             S((pairs, 2), jnp.float32), S((pairs,), bool))  # fmt: skip
     rebel = footprint(step.lower(state, batch, key).compile())
-    rm = jax.eval_shape(functools.partial(model.init_scalar_model, cfg=rm_cfg), key)
-    fn = handoff.jit_eval(lambda p, b: train.sequence_scores(p, b[0], b[1], rm_cfg), mesh, rm)
+    rm = jax.eval_shape(functools.partial(models.init_scalar_model, cfg=rm_cfg), key)
+    fn = batches.jit_eval(lambda p, b: models.sequence_scores(p, b[0], b[1], rm_cfg), mesh, rm)
     score = footprint(fn.lower(rm, (S((score_rows, t_s), jnp.int32), S((score_rows, t_s), bool))).compile())
     return {"rebel": rebel, "score": score}
 

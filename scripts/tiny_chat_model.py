@@ -26,9 +26,11 @@ import optax
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jaxrlhf import data, hf, model, train  # noqa: E402
-from jaxrlhf.config import ModelConfig  # noqa: E402
-from jaxrlhf.hf_tokenizer import HFTokenizer  # noqa: E402
+from jaxrlhf import data, train  # noqa: E402
+from jaxrlhf.models import hf
+from jaxrlhf import models
+from jaxrlhf.models import ModelConfig  # noqa: E402
+from jaxrlhf.text import HFTokenizer, pad_batch  # noqa: E402
 
 TEMPLATES = REPO / "tests" / "fixtures" / "chat_templates"
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -75,9 +77,9 @@ def build(out, ultrafeedback_dir, *, cache_dir=None, lm_steps: int = 40, seed: i
         messages = [{"role": "user", "content": r["prompt"]}]
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, date_string=DATE).ids[-40:]
         seqs.append(prompt + tok.encode(r["chosen"])[: int(rng.integers(3, 13))] + [tok.eos_id])
-    tokens, mask = data.pad_batch(seqs, 56, pad_id=tok.pad_id, side="right")
+    tokens, mask = pad_batch(seqs, 56, pad_id=tok.pad_id, side="right")
     tx = optax.adam(3e-3)
-    state = train.init_train_state(model.init_params(jax.random.key(seed), cfg), tx)
+    state = train.init_train_state(models.init_params(jax.random.key(seed), cfg), tx)
     step = jax.jit(train.make_lm_step(cfg, tx))
     for _ in range(lm_steps):
         idx = rng.integers(0, len(seqs), 16)

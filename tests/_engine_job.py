@@ -1,4 +1,4 @@
-"""Subprocess job for the engine tests: a tiny LM stage through runner.run_stage.
+"""Subprocess job for the engine tests: a tiny LM stage through loop.run_stage.
 
     python tests/_engine_job.py resume RUN_DIR OUT.npz [--kill-at N] [--term-at N] [--resume] [--width W]
     python tests/_engine_job.py multi PROCESS_ID PORT OUT.npz
@@ -19,12 +19,13 @@ import jax
 def lm_setup(width=16):
     import numpy as np
 
-    from jaxrlhf import model, train
-    from jaxrlhf.config import ModelConfig
+    from jaxrlhf import train
+    from jaxrlhf import models
+    from jaxrlhf.models import ModelConfig
 
     cfg = ModelConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=width, resid_pdrop=0.1)
     tx = train.make_optimizer(train.OptimConfig(lr=3e-3, warmup_steps=2, total_steps=12))
-    state = train.init_train_state(model.init_params(jax.random.key(0), cfg), tx)
+    state = train.init_train_state(models.init_params(jax.random.key(0), cfg), tx)
     rng = np.random.default_rng(0)
     data = rng.integers(1, 37, size=(96, 16)).astype(np.int32)
     return cfg, tx, state, data
@@ -33,7 +34,8 @@ def lm_setup(width=16):
 def run_resume(args):
     import numpy as np
 
-    from jaxrlhf import parallel, runner, train
+    from jaxrlhf import parallel, train
+    from jaxrlhf.engine import loop
 
     cfg, tx, state, data = lm_setup(args.width)
     mesh = parallel.make_mesh()
@@ -49,7 +51,7 @@ def run_resume(args):
             os.kill(os.getpid(), signal.SIGTERM)
         return step(state, parallel.shard_batch(train.LMBatch(rows, mask, mask), mesh), key)
 
-    result = runner.run_stage(
+    result = loop.run_stage(
         run_dir=args.run_dir,
         stage="pretrain",
         state=state,

@@ -10,7 +10,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import pytest  # noqa: E402
 
-from jaxrlhf.config import ModelConfig  # noqa: E402
+from jaxrlhf.models import ModelConfig  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("JAXRLHF_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()

@@ -31,10 +31,17 @@ if str(REPO) not in sys.path:  # experiments/ is not an installed package: impor
 from experiments.tldr import common as tldr_common  # noqa: E402
 from experiments.tldr import run as tldr_run  # noqa: E402
 from experiments.tldr import sft as tldr_sft  # noqa: E402
-from jaxrlhf import happy, hf, model, preference, rewards, runner, sampling  # noqa: E402
-from jaxrlhf.config import ModelConfig, SampleConfig  # noqa: E402
+from jaxrlhf import happy  # noqa: E402
+from jaxrlhf.models import hf
+from jaxrlhf import models
+from jaxrlhf.rollout import pairs as pairs_lib
+from jaxrlhf.rollout import scoring
+from jaxrlhf.engine import loop, outdir
+from jaxrlhf.rollout import sampler
+from jaxrlhf.models import ModelConfig  # noqa: E402
+from jaxrlhf.rollout import SampleConfig
 from jaxrlhf.data import load_tweets, tweets  # noqa: E402
-from jaxrlhf.tokenizers import GPT2Tokenizer  # noqa: E402
+from jaxrlhf.text import GPT2Tokenizer  # noqa: E402
 
 N_DEVICES = 8  # conftest.py
 
@@ -510,19 +517,19 @@ def _sample(prompt, mask, **sample_kw):
             jnp.asarray(prompt, jnp.int32).reshape(-1, 2),
             jnp.asarray(mask, bool).reshape(-1, 2),
         )
-        return sampling.sample(_shapes(model.init_params), ids, prompt_mask, TINY, cfg, key=jax.random.key(0))
+        return sampler.sample(_shapes(models.init_params), ids, prompt_mask, TINY, cfg, key=jax.random.key(0))
 
     return call
 
 
 def _reward(**cfg_changes):
-    return lambda tmp: rewards.make_learned_reward(
-        _shapes(model.init_scalar_model), dataclasses.replace(TINY, **cfg_changes)
+    return lambda tmp: scoring.make_learned_reward(
+        _shapes(models.init_scalar_model), dataclasses.replace(TINY, **cfg_changes)
     )
 
 
 def _lm_as_reward(tmp):
-    return rewards.make_learned_reward(_shapes(model.init_params), TINY)
+    return scoring.make_learned_reward(_shapes(models.init_params), TINY)
 
 
 def _bpe(shared: pathlib.Path, tmp: pathlib.Path, vocab=None, merges=None) -> pathlib.Path:
@@ -541,8 +548,8 @@ def _tokenizer(**changes):
 
 def _hf_dir(tmp: pathlib.Path) -> pathlib.Path:
     """A tiny GPT-2 checkpoint (zero weights: only the files matter here)."""
-    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), _shapes(model.init_params))
-    hf.save_gpt2(params, TINY, tmp / "hf")
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), _shapes(models.init_params))
+    hf.save(params, TINY, tmp / "hf")
     return tmp / "hf"
 
 
@@ -550,13 +557,13 @@ def _truncated_safetensors(tmp, shared):
     folder = _hf_dir(tmp)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    return hf.load_gpt2(folder)
+    return hf.load(folder)
 
 
 def _corrupt_config(tmp, shared):
     folder = _hf_dir(tmp)
     (folder / "config.json").write_text((folder / "config.json").read_text()[:40])
-    return hf.load_gpt2(folder)
+    return hf.load(folder)
 
 
 def _lib(fn):  # a library case's call taking only tmp_path
@@ -654,7 +661,7 @@ def test_optional_flags_can_be_set_back_to_none():
 
 
 def test_output_dir_check_creates_nothing(tmp_path):
-    runner.check_output_dir(tmp_path / "a" / "b")  # a new folder two levels down is fine
+    outdir.check_output_dir(tmp_path / "a" / "b")  # a new folder two levels down is fine
     assert not (tmp_path / "a").exists()
 
 
@@ -664,10 +671,10 @@ def test_output_dir_check_creates_nothing(tmp_path):
 def test_a_selection_without_pairs_is_counted_in_its_metrics():
     ids = np.array([[1, 2], [3, 4], [5, 6], [5, 6]])
     mask = np.ones_like(ids, bool)
-    tied = preference.select_pairs(ids, mask, np.zeros(4, np.float32), 2)
+    tied = pairs_lib.select_pairs(ids, mask, np.zeros(4, np.float32), 2)
     assert tied.metrics()["no_pairs"] == 1.0 and tied.metrics()["skipped_tied"] == 1.0
     assert tied.metrics()["dropped_duplicate"] == 1.0  # prompt 1's answers are one answer twice
-    told_apart = preference.select_pairs(ids, mask, np.array([0.0, 1.0, 0.0, 0.0], np.float32), 2)
+    told_apart = pairs_lib.select_pairs(ids, mask, np.array([0.0, 1.0, 0.0, 0.0], np.float32), 2)
     assert told_apart.metrics()["no_pairs"] == 0.0 and told_apart.num_pairs == 1
 
 
@@ -676,13 +683,13 @@ def test_a_pair_stage_where_no_iteration_had_pairs_fails(tmp_path):
     metrics = tmp_path / "rl.jsonl"
     some = [{"step": 1, "no_pairs": 1.0, "skipped_tied": 4.0}, {"step": 2, "no_pairs": 0.0, "pairs": 3.0}]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in some))
-    result = runner.StageResult(state=None, history=some, summary={})
+    result = loop.StageResult(state=None, history=some, summary={})
     happy.check_pairs(cfg, result, metrics)  # one iteration learned: the stage stands
     assert result.summary["no_pair_iterations"] == 1
     none = [{"step": i, "no_pairs": 1.0, "skipped_tied": 4.0} for i in (1, 2, 3)]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in none))
     with pytest.raises(happy.NoPairsError) as err:
-        happy.check_pairs(cfg, runner.StageResult(state=None, history=none, summary={}), metrics)
+        happy.check_pairs(cfg, loop.StageResult(state=None, history=none, summary={}), metrics)
     message = str(err.value)
     assert "\n" not in message and "none of the 3 rebel iterations had a pair" in message
     assert "raise --rl.pairs_n or --rl.temperature" in message

@@ -16,8 +16,8 @@ import pytest
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrlhf import checkpoint
-from jaxrlhf.tokenizers import CharTokenizer, load_tokenizer
+from jaxrlhf.engine import checkpoint
+from jaxrlhf.text import CharTokenizer, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = {"n_layer": 2, "n_embd": 128, "vocab_size": 37}
@@ -317,7 +317,7 @@ _SAVER = """
 import sys
 import jax
 import jax.numpy as jnp
-from jaxrlhf import checkpoint
+from jaxrlhf.engine import checkpoint
 
 run_dir = sys.argv[1]
 noise = jax.random.normal(jax.random.key(0), (6_000_000,))
@@ -374,7 +374,7 @@ process_id, port, run_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
-from jaxrlhf import checkpoint
+from jaxrlhf.engine import checkpoint
 
 mesh = jax.make_mesh((8,), ("data",))
 split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())

@@ -19,22 +19,21 @@ from jaxrlhf.data import (
     ChecksumError,
     DataFormatError,
     DataNotFoundError,
-    batching,
     common,
     format_tldr_prompt,
-    iterate_batches,
     load_comparisons,
     load_sst2,
     load_tldr,
     load_tweets,
     load_ultrafeedback,
-    pad_batch,
     sst2,
     tldr,
-    train_val_split,
     tweets,
     ultrafeedback,
 )
+
+from jaxrlhf.stages.batches import train_val_split  # noqa: E402
+from jaxrlhf.text import pad_batch  # noqa: E402
 
 _real_urlopen = urllib.request.urlopen
 
@@ -383,29 +382,13 @@ def test_pad_batch_right_and_left():
 
 
 def test_pad_batch_truncation():
-    with pytest.raises(ValueError, match="sequence 1 has 5 tokens, more than length 3"):
-        pad_batch([[1], [1, 2, 3, 4, 5]], 3)
-    ids, mask = pad_batch([[1], [1, 2, 3, 4, 5]], 3, truncate="left", side="left")
+    with pytest.raises(ValueError, match="1 of 2 sequences are longer than length=3"):
+        pad_batch([[1], [1, 2, 3, 4, 5]], 3, pad_id=0, side="left")
+    ids, mask = pad_batch([[1], [1, 2, 3, 4, 5]], 3, pad_id=0, truncate="left", side="left")
     np.testing.assert_array_equal(ids, [[0, 0, 1], [3, 4, 5]])
     np.testing.assert_array_equal(mask, [[0, 0, 1], [1, 1, 1]])
-    ids, _ = pad_batch([[1, 2, 3, 4, 5]], 3, truncate="right")
+    ids, _ = pad_batch([[1, 2, 3, 4, 5]], 3, pad_id=0, truncate="right", side="right")
     np.testing.assert_array_equal(ids, [[1, 2, 3]])
-
-
-def test_iterate_batches_is_deterministic_and_resumable():
-    def run(**kw):
-        return [b.tolist() for b in iterate_batches(10, 3, seed=7, **kw)]
-
-    epoch0 = run(epoch=0)
-    assert epoch0 == run(epoch=0)  # same (seed, epoch): same order
-    assert epoch0 != run(epoch=1)
-    assert len(epoch0) == 3 and all(len(b) == 3 for b in epoch0)  # 10 // 3, remainder dropped
-    assert len(set(sum(epoch0, []))) == 9
-    assert run(epoch=0, start_batch=1) == epoch0[1:]  # a resumed run replays the rest of the epoch
-    full = run(epoch=0, drop_remainder=False)
-    assert full[:3] == epoch0 and sorted(sum(full, [])) == list(range(10))
-    assert run(epoch=0, shuffle=False) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-    assert batching.num_batches(10, 3, drop_remainder=False) == 4
 
 
 def test_train_val_split():

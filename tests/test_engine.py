@@ -101,7 +101,7 @@ def test_two_processes_equal_one(tmp_path):
     got = _leaves(out)
     # The same two steps in this process on one device.
     cfg, tx, state, data = _engine_job.lm_setup()
-    mesh = parallel.single_device_mesh()
+    mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
     step = parallel.jit_step(train.make_lm_step(cfg, tx), mesh, state)
     state = parallel.put(state, mesh)
     rows = data[:8]
@@ -129,7 +129,7 @@ def test_compile_s_is_the_time_jax_spends_compiling(tmp_path):
 
     import jax.numpy as jnp
 
-    from jaxrlhf import runner
+    from jaxrlhf.engine import loop
 
     def slow_first(state, i, key):
         if i == 0:
@@ -139,8 +139,8 @@ def test_compile_s_is_the_time_jax_spends_compiling(tmp_path):
     state = {"w": np.zeros(3, np.float32)}
     run = dict(state=state, n_steps=3, root_key=jax.random.key(0), progress=False)
     # The first stage of a process compiles the engine's own small programs (key folding, saving).
-    runner.run_stage(run_dir=str(tmp_path / "warm"), stage="s", step_fn=slow_first, **run)
-    summary = runner.run_stage(run_dir=str(tmp_path / "a"), stage="s", step_fn=slow_first, **run).summary
+    loop.run_stage(run_dir=str(tmp_path / "warm"), stage="s", step_fn=slow_first, **run)
+    summary = loop.run_stage(run_dir=str(tmp_path / "a"), stage="s", step_fn=slow_first, **run).summary
     assert summary["compile_s"] < 0.02 and summary["first_step_overhead_s"] >= 0.25, summary
 
     def fresh_program(state, i, key):
@@ -149,5 +149,5 @@ def test_compile_s_is_the_time_jax_spends_compiling(tmp_path):
         return {"w": f(state["w"])}, {"x": float(i)}
 
     t0 = time.perf_counter()
-    summary = runner.run_stage(run_dir=str(tmp_path / "b"), stage="s", step_fn=fresh_program, **run).summary
+    summary = loop.run_stage(run_dir=str(tmp_path / "b"), stage="s", step_fn=fresh_program, **run).summary
     assert 0.0 < summary["compile_s"] < time.perf_counter() - t0, summary

@@ -7,7 +7,7 @@ it (`setup`), runs the command in this process (`act`) and checks the one line t
 or raised (what is wrong and what to do); where the issue demands it, the `--out` tree is byte-identical
 afterwards. The happy and TL;DR runs are made of their pipelines' own stage metas with tiny states: the
 refusals and the no-op read only metas, so nothing is trained (tests/test_happy.py checks the no-op on a
-run that really trained). The damaged-checkpoint and SIGTERM cases use a tiny stage in runner.run_stage.
+run that really trained). The damaged-checkpoint and SIGTERM cases use a tiny stage in loop.run_stage.
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ from etils.epath import testing as epath_testing
 from experiments.tldr import common as tldr_common
 from experiments.tldr import ppo as tldr_ppo
 from experiments.tldr import run as tldr_pipeline
-from jaxrlhf import checkpoint, happy, rundir, runner
-from jaxrlhf.tokenizers import CharTokenizer
+from jaxrlhf import happy
+from jaxrlhf.engine import checkpoint
+from jaxrlhf.engine import outdir
+from jaxrlhf.engine import loop
+from jaxrlhf.text import CharTokenizer
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -55,7 +58,7 @@ def last_line(text: str) -> str:
 
 def write_lock(out: pathlib.Path, pid: int) -> None:
     info = {"pid": pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}
-    (out / rundir.LOCK_FILE).write_text(json.dumps(info))
+    (out / outdir.LOCK_FILE).write_text(json.dumps(info))
 
 
 def dead_pid() -> int:
@@ -84,7 +87,7 @@ def run_tiny(out, *, resume=False, sigterm_at=None):
         return {"w": w, "step": state["step"] + 1}, {"mean": jnp.mean(w)}
 
     state = {"w": jnp.zeros(64, jnp.float32), "step": jnp.int32(0)}
-    result = runner.run_stage(
+    result = loop.run_stage(
         run_dir=out,
         stage="s",
         state=state,
@@ -316,12 +319,12 @@ def resume_tiny_error(out, ctx):
 def sigterm_then_resume(out, ctx):
     with pytest.raises(SystemExit) as e:
         run_tiny(out, sigterm_at=7)  # the signal arrives in the middle of step 7
-    assert e.value.code == runner.PREEMPTED_EXIT_CODE == 143
+    assert e.value.code == 128 + signal.SIGTERM == 143
     line = last_line(ctx.capsys.readouterr().err)
     assert checkpoint.all_steps(out, "s") == [6, 8]  # saved at the step boundary after step 7
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
     np.testing.assert_array_equal(run_tiny(out, resume=True), ctx.tiny_final)  # bitwise, as after SIGKILL
-    assert [r["step"] for r in runner.read_metrics(out / "s.jsonl")] == list(range(1, N_STEPS + 1))
+    assert [r["step"] for r in loop.read_metrics(out / "s.jsonl")] == list(range(1, N_STEPS + 1))
     return line
 
 
@@ -521,22 +524,22 @@ def test_metrics_and_lock_reach_gs_through_epath(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bucket = tmp_path / "gcs"
     with fake_gcs(bucket):
-        writer = runner.MetricsWriter("gs://b/run/s.jsonl", flush_every_s=3600)
+        writer = loop.MetricsWriter("gs://b/run/s.jsonl", flush_every_s=3600)
         for step in (1, 2, 3):
             writer.write({"step": step, "loss": 1.0 / step})
         assert not (bucket / "b/run/s.jsonl").read_text()  # buffered: no append on an object store
         writer.flush()
-        assert [r["step"] for r in runner.read_metrics("gs://b/run/s.jsonl")] == [1, 2, 3]
+        assert [r["step"] for r in loop.read_metrics("gs://b/run/s.jsonl")] == [1, 2, 3]
         writer.write({"step": 4})
         writer.close()
-        assert [r["step"] for r in runner.read_metrics("gs://b/run/s.jsonl")] == [1, 2, 3, 4]
-        runner.MetricsWriter("gs://b/run/s.jsonl", resume_step=2).close()
-        assert [r["step"] for r in runner.read_metrics("gs://b/run/s.jsonl")] == [1, 2]
+        assert [r["step"] for r in loop.read_metrics("gs://b/run/s.jsonl")] == [1, 2, 3, 4]
+        loop.MetricsWriter("gs://b/run/s.jsonl", resume_step=2).close()
+        assert [r["step"] for r in loop.read_metrics("gs://b/run/s.jsonl")] == [1, 2]
 
-        with rundir.lock("gs://b/run") as lock:
+        with outdir.lock("gs://b/run") as lock:
             assert json.loads((bucket / "b/run/run.lock").read_text())["pid"] == os.getpid()
-            with pytest.raises(rundir.RunDirBusyError, match=rf"in use by pid {os.getpid()} on "):
-                with rundir.lock("gs://b/run"):
+            with pytest.raises(outdir.RunDirBusyError, match=rf"in use by pid {os.getpid()} on "):
+                with outdir.lock("gs://b/run"):
                     pass
         assert lock is not None and not (bucket / "b/run/run.lock").exists()
     assert not (tmp_path / "gs:").exists()

@@ -16,8 +16,8 @@ import tokenizers as hf_tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from jaxrlhf import chat
-from jaxrlhf.tokenizers import CharTokenizer, GPT2Tokenizer, HFTokenizer, TokenizerFileError, load_tokenizer
+from jaxrlhf.text import chat
+from jaxrlhf.text import CharTokenizer, GPT2Tokenizer, HFTokenizer, TokenizerFileError, load_tokenizer
 
 TEMPLATES = pathlib.Path(__file__).parent / "fixtures" / "chat_templates"
 SHA256 = {
@@ -211,7 +211,7 @@ def test_config_added_tokens_join_the_vocabulary_as_in_transformers(tmp_path, ba
 def test_batches_pad_with_pad_id_and_keep_masks(model_dirs):
     qwen = HFTokenizer.from_dir(model_dirs["qwen2.5"])
     texts = ["Hello", "The quick brown fox"]
-    ids, mask = qwen.encode_batch(texts, pad="left")
+    ids, mask = qwen.encode_batch(texts, side="left")
     assert (ids[~mask] == qwen.pad_id).all() and qwen.pad_id != qwen.eos_id
     assert qwen.decode_batch(ids, mask) == texts
     convs = [CONVERSATIONS["one_turn"], CONVERSATIONS["system"]]

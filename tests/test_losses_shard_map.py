@@ -96,8 +96,8 @@ def _ops_reductions(x, mask, *, axis_name):
         "var": ops.masked_var(x, mask, axis_name=axis_name),
         "var_biased": ops.masked_var(x, mask, unbiased=False, axis_name=axis_name),
         "var_unmasked": ops.masked_var(x, axis_name=axis_name),
-        "whiten": ops.masked_whiten(x, mask, axis_name=axis_name),  # [B, R]
-        "whiten_keep_mean": ops.masked_whiten(x, mask, shift_mean=False, axis_name=axis_name),
+        "whiten": losses.whiten_advantages(x, mask, axis_name=axis_name),  # [B, R]
+        "whiten_keep_mean": losses.whiten_advantages(x, mask, shift_mean=False, axis_name=axis_name),
         "row_mean": ops.masked_mean(x, mask, axis=-1),  # per row: no collective needed
     }
 

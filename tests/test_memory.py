@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxrlhf import memory
+from jaxrlhf.engine import memory
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 
@@ -38,6 +38,8 @@ def test_track_sees_a_block_that_raises_the_peak():
 
 @linux
 def test_track_samples_a_block_under_an_earlier_peak():
+    earlier = np.ones((int(memory.peak_rss_mb() - memory.rss_mb()) + 200) * 2**20 // 8)  # an earlier peak,
+    del earlier  # whichever worker runs this test and whatever ran before it
     with memory.track() as mem:
         block = np.ones(40 * 2**20 // 8)  # 40 MB, well under the previous test's peak
         time.sleep(0.2)  # several sampler ticks
@@ -124,7 +126,7 @@ def _lean_in_fresh_process(code: str, xla_flags: str | None) -> list[str]:
 
 
 _LEAN = (
-    "import os, jax, jax.numpy as jnp; from jaxrlhf import memory; a = memory.lean_cpu_compiles(); "
+    "import os, jax, jax.numpy as jnp; from jaxrlhf.engine import memory; a = memory.lean_cpu_compiles(); "
     "x = float(jnp.ones(3).sum()); b = memory.lean_cpu_compiles(); "
     "print(a, b, x, sep='|', end='|'); print(os.environ.get('XLA_FLAGS', ''), end='')"
 )
@@ -140,7 +142,7 @@ def test_lean_cpu_compiles_before_jax_starts_and_never_over_the_users_flag():
     a, _, _, flags = _lean_in_fresh_process(_LEAN, "--xla_cpu_use_fusion_emitters=true")
     assert a == "False" and flags == "--xla_cpu_use_fusion_emitters=true"
     # Too late: JAX already computed, so XLA would never read it.
-    late = "import jax; jax.numpy.ones(1).block_until_ready(); from jaxrlhf import memory; "
+    late = "import jax; jax.numpy.ones(1).block_until_ready(); from jaxrlhf.engine import memory; "
     late += "print(memory.lean_cpu_compiles(), end='|')"
     assert _lean_in_fresh_process(late, None)[0] == "False"
 

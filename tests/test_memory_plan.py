@@ -11,7 +11,8 @@ import jax
 import optax
 import pytest
 
-from jaxrlhf import model, parallel, train
+from jaxrlhf import parallel, train
+from jaxrlhf import models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
@@ -44,7 +45,7 @@ def test_state_bytes_are_the_real_shards(memory_plan):
     cfg = memory_plan.model_cfg(args)
     tx = train.make_optimizer(train.OptimConfig(lr=3e-7, mu_dtype="bfloat16"))
     mesh = parallel.make_mesh(1, 8)
-    state = parallel.put(train.init_train_state(model.init_params(jax.random.key(0), cfg), tx), mesh)
+    state = parallel.put(train.init_train_state(models.init_params(jax.random.key(0), cfg), tx), mesh)
     is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
     (adam,) = [s for s in jax.tree.leaves(state.opt_state, is_leaf=is_adam) if is_adam(s)]
     rebel = plan["stages"]["rebel"]

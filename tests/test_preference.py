@@ -8,8 +8,12 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrlhf import model, preference, sampling, train
-from jaxrlhf.config import ModelConfig, SampleConfig
+from jaxrlhf import train
+from jaxrlhf import models
+from jaxrlhf.rollout import pairs as pairs_lib
+from jaxrlhf.rollout import sampler, scoring
+from jaxrlhf.models import ModelConfig
+from jaxrlhf.rollout import SampleConfig
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 N_ANSWERS = 4
@@ -17,9 +21,9 @@ SAMPLE_CFG = SampleConfig(max_new_tokens=10, temperature=1.0, eos_id=3, pad_id=0
 
 
 def random_params(cfg, seed, std=0.2):
-    """GPT params drawn with NumPy in the shapes of model.init_params (no PRNG compile: fast tests)."""
+    """GPT params drawn with NumPy in the shapes of models.init_params (no PRNG compile: fast tests)."""
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda key: model.init_params(key, cfg), jax.random.key(0))
+    shapes = jax.eval_shape(lambda key: models.init_params(key, cfg), jax.random.key(0))
 
     def draw(path, leaf):
         base = 1.0 if path[-1].key == "scale" else 0.0
@@ -53,7 +57,7 @@ def loop_answer_logprobs(params, tokens, mask, loss_mask, cfg):
     packed = np.zeros_like(tokens)
     for row in range(len(tokens)):
         packed[row, : mask[row].sum()] = tokens[row][mask[row]]
-    logits_fn = jax.jit(model.logits_fn, static_argnums=3)
+    logits_fn = jax.jit(models.logits_fn, static_argnums=3)
     logits = np.asarray(logits_fn(params, packed, np.ones(packed.shape, bool), cfg), np.float64)
     out = np.zeros(len(tokens))
     for row in range(len(tokens)):
@@ -76,12 +80,12 @@ def pair_loop_logprobs(params, batch, cfg):
 def pipeline(tiny_cfg):
     params = random_params(tiny_cfg, 1)
     prompt, prompt_mask = left_padded_prompts(tiny_cfg, 4)
-    rollout = preference.generate_answers(
+    rollout = pairs_lib.generate_answers(
         params, prompt, prompt_mask, tiny_cfg, SAMPLE_CFG, N_ANSWERS, key=jax.random.key(0)
     )
     rewards = content_rewards(rollout, tiny_cfg.vocab_size)
-    selection = preference.select_pairs(rollout.response, rollout.response_mask, rewards, N_ANSWERS)
-    ref_logprobs = preference.rollout_logprobs(params, rollout, tiny_cfg)
+    selection = pairs_lib.select_pairs(rollout.response, rollout.response_mask, rewards, N_ANSWERS)
+    ref_logprobs = pairs_lib.rollout_logprobs(params, rollout, tiny_cfg)
     return dict(
         params=params,
         prompt=prompt,
@@ -105,7 +109,7 @@ def test_generate_answers_repeats_each_prompt_n_times(pipeline, tiny_cfg):
             np.testing.assert_array_equal(rollout.prompt_mask[i * N_ANSWERS + j], prompt_mask[i])
         block = {tuple(np.asarray(rollout.response[i * N_ANSWERS + j])) for j in range(N_ANSWERS)}
         assert len(block) > 1  # rows draw independent noise from the one key
-    direct = sampling.sample(
+    direct = sampler.sample(
         pipeline["params"],
         np.repeat(prompt, N_ANSWERS, axis=0),
         np.repeat(prompt_mask, N_ANSWERS, axis=0),
@@ -115,7 +119,7 @@ def test_generate_answers_repeats_each_prompt_n_times(pipeline, tiny_cfg):
     )
     np.testing.assert_array_equal(rollout.response, direct.response)
     with pytest.raises(ValueError, match="at least one answer"):
-        preference.generate_answers(
+        pairs_lib.generate_answers(
             pipeline["params"], prompt, prompt_mask, tiny_cfg, SAMPLE_CFG, 0, key=jax.random.key(0)
         )
 
@@ -159,7 +163,7 @@ def test_select_pairs_hand_made():
         + [0.0, 5.0, 1.0, -2.0],
         np.float32,
     )
-    sel = preference.select_pairs(ids, mask, rewards, 4, max_answer_tokens=3)
+    sel = pairs_lib.select_pairs(ids, mask, rewards, 4, max_answer_tokens=3)
     np.testing.assert_array_equal(sel.prompt_index, [0, 1, 5])
     np.testing.assert_array_equal(sel.chosen_index, [0, 5, 22])
     np.testing.assert_array_equal(sel.rejected_index, [1, 4, 23])
@@ -174,7 +178,7 @@ def test_select_pairs_hand_made():
     np.testing.assert_allclose(metrics["reward_margin"], np.mean([1.5, 0.4, 3.0]), **TOL)
 
     # No budget, a minimum of 2 tokens: row 3 of prompt 0 now counts, single tokens do not.
-    sel = preference.select_pairs(ids, mask, rewards, 4, min_answer_tokens=2)
+    sel = pairs_lib.select_pairs(ids, mask, rewards, 4, min_answer_tokens=2)
     np.testing.assert_array_equal(sel.prompt_index, [0, 5])
     np.testing.assert_array_equal(sel.chosen_index, [3, 22])
     np.testing.assert_array_equal(sel.rejected_index, [0, 23])
@@ -184,7 +188,7 @@ def test_select_pairs_hand_made():
 
 def test_select_pairs_with_no_pairs_gives_empty_arrays():
     ids, mask = _answers([[1], [1], [2], [2]])
-    sel = preference.select_pairs(ids, mask, np.zeros(4, np.float32), 2)
+    sel = pairs_lib.select_pairs(ids, mask, np.zeros(4, np.float32), 2)
     assert sel.num_pairs == 0 and sel.num_too_few == 2 and sel.num_duplicate == 2
     assert sel.chosen_index.shape == (0,) and sel.chosen_reward.dtype == np.float32
     assert sel.metrics()["reward_margin"] == 0.0
@@ -194,17 +198,17 @@ def test_select_pairs_rejects_bad_input():
     ids, mask = _answers([[1], [2], [3], [4]])
     rewards = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match="at least 2 answers"):
-        preference.select_pairs(ids, mask, rewards, 1)
+        pairs_lib.select_pairs(ids, mask, rewards, 1)
     with pytest.raises(ValueError, match="not a multiple of n=3"):
-        preference.select_pairs(ids, mask, rewards, 3)
+        pairs_lib.select_pairs(ids, mask, rewards, 3)
     with pytest.raises(ValueError, match="one per answer"):
-        preference.select_pairs(ids, mask, rewards[:3], 2)
+        pairs_lib.select_pairs(ids, mask, rewards[:3], 2)
     with pytest.raises(ValueError, match=r"not finite at rows \[2\]"):
-        preference.select_pairs(ids, mask, np.float32([0, 1, np.nan, 2]), 2)
+        pairs_lib.select_pairs(ids, mask, np.float32([0, 1, np.nan, 2]), 2)
     with pytest.raises(ValueError, match="same"):
-        preference.select_pairs(ids, mask[:, :2], rewards, 2)
+        pairs_lib.select_pairs(ids, mask[:, :2], rewards, 2)
     with pytest.raises(ValueError, match="max_answer_tokens=1 < min_answer_tokens=2"):
-        preference.select_pairs(ids, mask, rewards, 2, max_answer_tokens=1, min_answer_tokens=2)
+        pairs_lib.select_pairs(ids, mask, rewards, 2, max_answer_tokens=1, min_answer_tokens=2)
 
 
 # ------------------------------------------------------------------------------------------ logprobs
@@ -212,12 +216,12 @@ def test_select_pairs_rejects_bad_input():
 
 def test_rollout_logprobs_match_loop_reference(pipeline, tiny_cfg):
     rollout = pipeline["rollout"]
-    loss_mask = preference.answer_loss_mask(rollout)
+    loss_mask = pairs_lib.answer_loss_mask(rollout)
     np.testing.assert_array_equal(loss_mask[:, : rollout.prompt.shape[1]], False)
     np.testing.assert_array_equal(loss_mask[:, rollout.prompt.shape[1] :], rollout.response_mask)
     expected = loop_answer_logprobs(pipeline["params"], rollout.tokens, rollout.mask, loss_mask, tiny_cfg)
     np.testing.assert_allclose(pipeline["ref_logprobs"], expected, **TOL)
-    np.testing.assert_allclose(preference.sampler_logprobs(rollout), expected, **TOL)
+    np.testing.assert_allclose(pairs_lib.sampler_logprobs(rollout), expected, **TOL)
     lengths = np.asarray(rollout.response_length)
     assert lengths.min() < lengths.max()  # some rows stopped at EOS, so the masks have real holes
 
@@ -229,13 +233,13 @@ def test_build_pref_batch_shapes_masks_and_padding(pipeline):
     rollout, sel, ref = pipeline["rollout"], pipeline["selection"], pipeline["ref_logprobs"]
     m = sel.num_pairs
     assert 2 <= m <= 4
-    batch = preference.build_pref_batch(rollout, sel, ref, num_pairs=6)
+    batch = pairs_lib.build_pref_batch(rollout, sel, ref, num_pairs=6)
     T = rollout.tokens.shape[1]
     assert batch.tokens.shape == batch.mask.shape == batch.loss_mask.shape == (6, 2, T)
     assert batch.ref_logprobs.shape == batch.rewards.shape == (6, 2)
     assert batch.tokens.dtype == np.int32 and batch.mask.dtype == bool and batch.loss_mask.dtype == bool
     np.testing.assert_array_equal(batch.pair_mask, [True] * m + [False] * (6 - m))
-    loss_mask = np.asarray(preference.answer_loss_mask(rollout))
+    loss_mask = np.asarray(pairs_lib.answer_loss_mask(rollout))
     for k in range(m):
         for side, row in enumerate((sel.chosen_index[k], sel.rejected_index[k])):
             assert row // N_ANSWERS == sel.prompt_index[k]
@@ -248,20 +252,20 @@ def test_build_pref_batch_shapes_masks_and_padding(pipeline):
     assert not np.any(batch.loss_mask & ~batch.mask)
     for x in batch[:5]:
         assert not np.any(x[m:])  # padding pairs are all zero / False
-    default = preference.build_pref_batch(rollout, sel, ref)
+    default = pairs_lib.build_pref_batch(rollout, sel, ref)
     assert default.tokens.shape[0] == 4  # one slot per prompt
 
 
 def test_build_pref_batch_rejects_bad_input(pipeline):
     rollout, sel, ref = pipeline["rollout"], pipeline["selection"], pipeline["ref_logprobs"]
     with pytest.raises(ValueError, match="raise num_pairs"):
-        preference.build_pref_batch(rollout, sel, ref, num_pairs=sel.num_pairs - 1)
+        pairs_lib.build_pref_batch(rollout, sel, ref, num_pairs=sel.num_pairs - 1)
     with pytest.raises(ValueError, match="one per answer"):
-        preference.build_pref_batch(rollout, sel, ref[:-1])
+        pairs_lib.build_pref_batch(rollout, sel, ref[:-1])
     bad = np.asarray(ref).copy()
     bad[sel.chosen_index[0]] = np.nan
     with pytest.raises(ValueError, match="not finite"):
-        preference.build_pref_batch(rollout, sel, bad)
+        pairs_lib.build_pref_batch(rollout, sel, bad)
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -270,8 +274,8 @@ def test_build_pref_batch_rejects_bad_input(pipeline):
 def test_dpo_step_on_pipeline_batch_matches_numpy(pipeline, tiny_cfg):
     beta = 0.5
     ref_params = random_params(tiny_cfg, 2)
-    ref = preference.rollout_logprobs(ref_params, pipeline["rollout"], tiny_cfg)
-    batch = preference.build_pref_batch(pipeline["rollout"], pipeline["selection"], ref, num_pairs=6)
+    ref = pairs_lib.rollout_logprobs(ref_params, pipeline["rollout"], tiny_cfg)
+    batch = pairs_lib.build_pref_batch(pipeline["rollout"], pipeline["selection"], ref, num_pairs=6)
     policy = pair_loop_logprobs(pipeline["params"], batch, tiny_cfg)  # [K, 2]
     reference = pair_loop_logprobs(ref_params, batch, tiny_cfg)
     np.testing.assert_allclose(batch.ref_logprobs[batch.pair_mask], reference, **TOL)
@@ -292,8 +296,8 @@ def test_ipo_step_summed_and_per_token_averaged_match_numpy(pipeline, tiny_cfg, 
     loop reference divides each answer's summed logprob by its own answer-token count."""
     tau = 0.5
     ref_params = random_params(tiny_cfg, 2)
-    ref = preference.rollout_logprobs(ref_params, pipeline["rollout"], tiny_cfg)
-    batch = preference.build_pref_batch(pipeline["rollout"], pipeline["selection"], ref, num_pairs=6)
+    ref = pairs_lib.rollout_logprobs(ref_params, pipeline["rollout"], tiny_cfg)
+    batch = pairs_lib.build_pref_batch(pipeline["rollout"], pipeline["selection"], ref, num_pairs=6)
     real = np.asarray(batch.pair_mask)
     policy = pair_loop_logprobs(pipeline["params"], batch, tiny_cfg)  # [K, 2]
     reference = pair_loop_logprobs(ref_params, batch, tiny_cfg)
@@ -316,7 +320,7 @@ def test_ipo_step_summed_and_per_token_averaged_match_numpy(pipeline, tiny_cfg, 
 def test_rebel_step_on_pipeline_batch_matches_numpy(pipeline, tiny_cfg):
     eta = 0.5
     # REBEL's pi_t is the policy that sampled the answers: ref logprobs are the policy's own.
-    batch = preference.build_pref_batch(
+    batch = pairs_lib.build_pref_batch(
         pipeline["rollout"], pipeline["selection"], pipeline["ref_logprobs"], num_pairs=6
     )
     real = batch.pair_mask
@@ -344,7 +348,7 @@ def test_rebel_passes_move_toward_eta_times_the_reward_difference(pipeline, tiny
     and every pair's predicted difference moves toward its reward difference, both from loop-reference
     logprobs. And eta acts: the updates for eta 1 and 100 differ (cosine 0.56 measured; one pass at
     pi = pi_t gives 0.999, Adam normalising the 1/eta away)."""
-    batch = preference.build_pref_batch(
+    batch = pairs_lib.build_pref_batch(
         pipeline["rollout"], pipeline["selection"], pipeline["ref_logprobs"], num_pairs=6
     )
     real = np.asarray(batch.pair_mask)
@@ -392,7 +396,7 @@ def test_rebel_passes_reach_pi_t_exp_eta_r():
     loss_mask = mask & (np.arange(2) == 1)  # the answer token
     rewards = np.array([[BANDIT_REWARDS[a], BANDIT_REWARDS[b]] for a, b in pairs], np.float32)
     params = random_params(BANDIT_CFG, 5, std=0.5)
-    logits_fn = jax.jit(lambda p: model.logits_fn(p, jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), bool),
+    logits_fn = jax.jit(lambda p: models.logits_fn(p, jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), bool),
                                                   BANDIT_CFG)[0, 0])  # fmt: skip
 
     def log_pi(p):  # [V] float64
@@ -425,9 +429,9 @@ def test_rebel_rewards_add_the_kl_to_sft_and_the_no_eos_penalty():
     scores = np.float32([0.5, -0.2, 0.9])
     finished = np.array([True, False, True])
     pi_t, sft = np.float32([-3.0, -4.0, -2.0]), np.float32([-5.0, -4.5, -1.0])
-    got = preference.rebel_rewards(scores, finished, pi_t, sft, kl_coef=0.1, no_eos_penalty=-1.0)
+    got = scoring.rebel_rewards(scores, finished, pi_t, sft, kl_coef=0.1, no_eos_penalty=-1.0)
     np.testing.assert_allclose(got, [0.5 - 0.1 * 2.0, -1.0 - 0.1 * 0.5, 0.9 + 0.1 * 1.0], **TOL)
-    np.testing.assert_allclose(preference.rebel_rewards(scores, finished, pi_t, sft), scores)
+    np.testing.assert_allclose(scoring.rebel_rewards(scores, finished, pi_t, sft), scores)
 
 
 # ------------------------------------------------------------------------------------------ sharding
@@ -442,10 +446,10 @@ def test_pipeline_on_a_sharded_batch_matches_unsharded(pipeline, tiny_cfg):
     n = 2
 
     def run(params, prompt, prompt_mask):
-        rollout = preference.generate_answers(
+        rollout = pairs_lib.generate_answers(
             params, prompt, prompt_mask, tiny_cfg, SAMPLE_CFG, n, key=jax.random.key(3)
         )
-        return rollout, preference.rollout_logprobs(params, rollout, tiny_cfg)
+        return rollout, pairs_lib.rollout_logprobs(params, rollout, tiny_cfg)
 
     rollout, ref = run(params, jnp.asarray(prompt), jnp.asarray(prompt_mask))
     sharded_params = jax.device_put(params, NamedSharding(mesh, P()))
@@ -459,11 +463,11 @@ def test_pipeline_on_a_sharded_batch_matches_unsharded(pipeline, tiny_cfg):
     np.testing.assert_allclose(s_ref, ref, **TOL)
 
     rewards = content_rewards(rollout, tiny_cfg.vocab_size)
-    sel = preference.select_pairs(rollout.response, rollout.response_mask, rewards, n)
-    s_sel = preference.select_pairs(s_rollout.response, s_rollout.response_mask, rewards, n)
+    sel = pairs_lib.select_pairs(rollout.response, rollout.response_mask, rewards, n)
+    s_sel = pairs_lib.select_pairs(s_rollout.response, s_rollout.response_mask, rewards, n)
     np.testing.assert_array_equal(s_sel.chosen_index, sel.chosen_index)
-    batch = preference.build_pref_batch(rollout, sel, ref)
-    s_batch = preference.build_pref_batch(s_rollout, s_sel, s_ref)
+    batch = pairs_lib.build_pref_batch(rollout, sel, ref)
+    s_batch = pairs_lib.build_pref_batch(s_rollout, s_sel, s_ref)
     for name in ("tokens", "mask", "loss_mask", "rewards", "pair_mask"):
         np.testing.assert_array_equal(getattr(s_batch, name), getattr(batch, name), err_msg=name)
     np.testing.assert_allclose(s_batch.ref_logprobs, batch.ref_logprobs, **TOL)

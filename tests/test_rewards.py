@@ -6,17 +6,18 @@ import numpy as np
 import pytest
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from jaxrlhf import model, rewards, train
-from jaxrlhf.sampling import Rollout
-from jaxrlhf.tokenizers import CharTokenizer
+from jaxrlhf import models
+from jaxrlhf.rollout import scoring
+from jaxrlhf.rollout import Rollout
+from jaxrlhf.text import CharTokenizer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def random_params(cfg, seed, std=0.2):
-    """GPT params drawn with NumPy in the shapes of model.init_params (no PRNG compile: fast tests)."""
+    """GPT params drawn with NumPy in the shapes of models.init_params (no PRNG compile: fast tests)."""
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda key: model.init_params(key, cfg), jax.random.key(0))
+    shapes = jax.eval_shape(lambda key: models.init_params(key, cfg), jax.random.key(0))
 
     def draw(path, leaf):
         base = 1.0 if path[-1].key == "scale" else 0.0
@@ -27,7 +28,7 @@ def random_params(cfg, seed, std=0.2):
 
 def test_vader_scores_known_strings():
     texts = ["I love you", "I hate this", "", "The table is brown."]
-    scores = rewards.vader_scores(texts)
+    scores = scoring.vader_scores(texts)
     assert scores.dtype == np.float32 and scores.shape == (4,)
     assert scores[0] > 0.5
     assert scores[1] < 0.0
@@ -35,9 +36,9 @@ def test_vader_scores_known_strings():
     analyzer = SentimentIntensityAnalyzer()
     expected = [analyzer.polarity_scores(t)["compound"] for t in texts]
     np.testing.assert_allclose(scores, expected, **TOL)
-    assert rewards.vader_scores([]).shape == (0,)
+    assert scoring.vader_scores([]).shape == (0,)
     with pytest.raises(ValueError, match="list of texts"):
-        rewards.vader_scores("I love you")
+        scoring.vader_scores("I love you")
 
 
 def _hand_rollout(tok: CharTokenizer) -> Rollout:
@@ -69,11 +70,11 @@ def test_text_reward_scores_the_response_up_to_eos():
 
     def record(texts):
         seen.extend(texts)
-        return rewards.vader_scores(texts)
+        return scoring.vader_scores(texts)
 
-    scores = rewards.make_text_reward(tok, record)(rollout)
+    scores = scoring.make_text_reward(tok, record)(rollout)
     assert seen == ["I love you", "I hate this", ""]
-    np.testing.assert_array_equal(scores, rewards.vader_scores(seen))
+    np.testing.assert_array_equal(scores, scoring.vader_scores(seen))
     assert scores.dtype == np.float32 and scores[0] > 0.5 and scores[1] < 0 and scores[2] == 0
 
 
@@ -81,9 +82,9 @@ def test_text_reward_rejects_bad_scores():
     tok = CharTokenizer.from_corpus(["I love you", "I hate this!", "ab"])
     rollout = _hand_rollout(tok)
     with pytest.raises(ValueError, match="one score per text"):
-        rewards.make_text_reward(tok, lambda texts: np.zeros(len(texts) + 1))(rollout)
+        scoring.make_text_reward(tok, lambda texts: np.zeros(len(texts) + 1))(rollout)
     with pytest.raises(ValueError, match=r"non-finite scores at rows \[1\]"):
-        rewards.make_text_reward(tok, lambda texts: np.asarray([0.0, np.nan, 1.0]))(rollout)
+        scoring.make_text_reward(tok, lambda texts: np.asarray([0.0, np.nan, 1.0]))(rollout)
 
 
 def test_learned_reward_is_the_scalar_model_at_the_last_real_token(tiny_cfg):
@@ -113,30 +114,30 @@ def test_learned_reward_is_the_scalar_model_at_the_last_real_token(tiny_cfg):
     lengths = mask.sum(-1)
     for row in range(4):
         packed[row, : lengths[row]] = tokens[row][mask[row]]
-    scalar_fn = jax.jit(model.scalar_fn, static_argnums=3)
+    scalar_fn = jax.jit(models.scalar_fn, static_argnums=3)
     values = np.asarray(scalar_fn(scalar, packed, np.ones(packed.shape, bool), tiny_cfg))
     expected = np.asarray([values[row, lengths[row] - 1] for row in range(4)])
 
-    scores = jax.jit(rewards.make_learned_reward(scalar, tiny_cfg))(rollout)
+    scores = jax.jit(scoring.make_learned_reward(scalar, tiny_cfg))(rollout)
     assert scores.shape == (4,) and scores.dtype == jnp.float32
     np.testing.assert_allclose(scores, expected, **TOL)
     np.testing.assert_allclose(
         scores,
-        jax.jit(train.sequence_scores, static_argnums=3)(scalar, rollout.tokens, rollout.mask, tiny_cfg),
+        jax.jit(models.sequence_scores, static_argnums=3)(scalar, rollout.tokens, rollout.mask, tiny_cfg),
         **TOL,
     )
     assert np.std(expected) > 1e-3  # rows really differ, so a wrong position would be caught
 
-    normalised = jax.jit(rewards.make_learned_reward(scalar, tiny_cfg, normalise=(0.5, 2.0)))(rollout)
+    normalised = jax.jit(scoring.make_learned_reward(scalar, tiny_cfg, normalise=(0.5, 2.0)))(rollout)
     np.testing.assert_allclose(normalised, (expected - 0.5) / 2.0, **TOL)
     with pytest.raises(ValueError, match="std > 0"):
-        rewards.make_learned_reward(scalar, tiny_cfg, normalise=(0.0, 0.0))
+        scoring.make_learned_reward(scalar, tiny_cfg, normalise=(0.0, 0.0))
 
 
 def test_no_eos_penalty_replaces_unfinished_scores():
     scores = np.asarray([0.5, -0.2, 0.9], np.float32)
     finished = np.asarray([True, False, False])
-    out = rewards.no_eos_penalty(scores, finished, -1.0)
+    out = scoring.penalise_unfinished(scores, finished, -1.0)
     np.testing.assert_array_equal(out, [0.5, -1.0, -1.0])
-    jitted = jax.jit(rewards.no_eos_penalty)(jnp.asarray(scores), jnp.asarray(finished), -3.0)
+    jitted = jax.jit(scoring.penalise_unfinished)(jnp.asarray(scores), jnp.asarray(finished), -3.0)
     np.testing.assert_array_equal(jitted, [0.5, -3.0, -3.0])

@@ -16,8 +16,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrlhf import losses, model, rl, sampling, train
-from jaxrlhf.config import SampleConfig
+from jaxrlhf import losses, train
+from jaxrlhf import models
+from jaxrlhf.rollout import sampler
+from jaxrlhf.rollout import SampleConfig
 
 THETA = np.array([1.0, 0.0, -1.0], np.float32)  # bandit logits
 REF = np.array([0.2, 0.3, 0.5], np.float32)  # reference policy
@@ -72,7 +74,7 @@ def test_kl_in_the_reward_other_than_k1_is_refused(kind):
             jnp.zeros(2), jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3), bool), 0.1, kind
         )
     with pytest.raises(ValueError, match="only k1"):
-        rl.RLConfig(kl_kind=kind)
+        train.RLConfig(kl_kind=kind)
 
 
 @pytest.mark.parametrize("kind", ["k2", "k3"])
@@ -91,18 +93,18 @@ def test_kl_loss_gradients(kind):
 
 def test_k1_as_a_loss_is_refused():
     with pytest.raises(ValueError, match="zero expected gradient"):
-        rl.RLConfig(kl_penalty="loss", kl_kind="k1")
+        train.RLConfig(kl_penalty="loss", kl_kind="k1")
     with pytest.raises(ValueError, match="gradient is 0"):
         losses.kl_loss(jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.ones((1, 1), bool), "k1")
 
 
-# ------------------------------------------------------------------- the same through rl.make_learn
+# ------------------------------------------------------------------- the same through train.make_learn
 
 PROMPT_TOKEN, N_ROWS = 5, 50_000
 
 
 def _prompt_logits(params, cfg):
-    logits = model.logits_fn(params, jnp.full((1, 1), PROMPT_TOKEN), jnp.ones((1, 1), bool), cfg)
+    logits = models.logits_fn(params, jnp.full((1, 1), PROMPT_TOKEN), jnp.ones((1, 1), bool), cfg)
     return logits[0, -1]  # [V] next-token logits after the prompt
 
 
@@ -112,8 +114,8 @@ def _one_token_case(tiny_cfg, temperature):
     The responses are a stratified sample of the tempered policy (each token repeated round(N pi_T(y))
     times): an expectation over pi_T without Monte-Carlo noise, so the comparison below can be tight.
     """
-    policy = model.init_params(jax.random.key(0), tiny_cfg)
-    ref = model.init_params(jax.random.key(1), tiny_cfg)
+    policy = models.init_params(jax.random.key(0), tiny_cfg)
+    ref = models.init_params(jax.random.key(1), tiny_cfg)
     # Less flat next-token distributions than the 0.02-scale init gives, so the KL is not ~0; the policy
     # keeps every token at N pi_T(y) > 200, so the stratified sample covers the whole vocabulary (k3's
     # gradient is -sum_y q(y) grad log pi(y): it needs the tokens pi rarely samples too).
@@ -123,7 +125,7 @@ def _one_token_case(tiny_cfg, temperature):
     assert counts.min() > 200
     tokens = np.repeat(np.arange(tiny_cfg.vocab_size), counts)
     n = len(tokens)
-    rollout = sampling.Rollout(
+    rollout = sampler.Rollout(
         prompt=jnp.full((n, 1), PROMPT_TOKEN, jnp.int32),
         prompt_mask=jnp.ones((n, 1), bool),
         response=jnp.asarray(tokens[:, None], jnp.int32),
@@ -158,10 +160,10 @@ def test_make_learn_kl_gradient_at_temperature(tiny_cfg, penalty, kind, directio
     *tempered* policies (T = 0.7): scoring at T = 1 while sampling at 0.7 would miss it."""
     temperature = 0.7
     policy, ref, rollout, scfg = _one_token_case(tiny_cfg, temperature)
-    rlc = rl.RLConfig(algo="pg", kl_coef=1.0, kl_penalty=penalty, kl_kind=kind, whiten_advantages=False)
+    rlc = train.RLConfig(algo="pg", kl_coef=1.0, kl_penalty=penalty, kl_kind=kind, whiten_advantages=False)
     tx = optax.sgd(1.0)
-    state = rl.init_rl_state(rl.init_rl_params(policy, None, rlc), tx, rlc)
-    learn = jax.jit(rl.make_learn(tiny_cfg, tx, rlc, sample_cfg=scfg))
+    state = train.init_rl_state(train.init_rl_params(policy, None, rlc), tx, rlc)
+    learn = jax.jit(train.make_learn(tiny_cfg, tx, rlc, sample_cfg=scfg))
     new, _ = learn(state, ref, rollout, jnp.zeros(rollout.response.shape[0]), key=jax.random.key(3))
     step = jax.tree.map(lambda a, b: a - b, policy, new.params["policy"])  # = the gradient
     exact = jax.grad(_exact_kl)(policy, ref, tiny_cfg, temperature, direction)
@@ -175,7 +177,7 @@ def test_make_learn_kl_gradient_at_temperature(tiny_cfg, penalty, kind, directio
 
 def _teacher_forced(params, rollout, cfg):
     r = rollout.response.shape[1]
-    return np.asarray(model.logits_fn(params, rollout.tokens, rollout.mask, cfg)[:, -r - 1 : -1], np.float64)
+    return np.asarray(models.logits_fn(params, rollout.tokens, rollout.mask, cfg)[:, -r - 1 : -1], np.float64)
 
 
 def _np_log_softmax(x):
@@ -184,10 +186,10 @@ def _np_log_softmax(x):
 
 
 def _rl_rollout(cfg, scfg, b=8):
-    policy = model.init_params(jax.random.key(0), cfg)
+    policy = models.init_params(jax.random.key(0), cfg)
     policy["wte"] = policy["wte"] * 20
     prompt = jax.random.randint(jax.random.key(4), (b, 3), 1, cfg.vocab_size)
-    rollout = sampling.sample(policy, prompt, jnp.ones((b, 3), bool), cfg, scfg, key=jax.random.key(5))
+    rollout = sampler.sample(policy, prompt, jnp.ones((b, 3), bool), cfg, scfg, key=jax.random.key(5))
     return policy, rollout
 
 
@@ -195,10 +197,10 @@ def _rl_rollout(cfg, scfg, b=8):
 def test_experience_logprobs_are_the_tempered_policy(tiny_cfg, filtered):
     scfg = SampleConfig(max_new_tokens=6, temperature=0.7, top_k=5, eos_id=0)
     policy, rollout = _rl_rollout(tiny_cfg, scfg)
-    ref = model.init_params(jax.random.key(9), tiny_cfg)
-    rlc = rl.RLConfig(algo="pg", filtered_logprobs=filtered)
-    state = rl.init_rl_state(rl.init_rl_params(policy, None, rlc), optax.sgd(0.0), rlc)
-    exp, metrics = rl.make_experience(state, ref, rollout, jnp.zeros(8), tiny_cfg, rlc, sample_cfg=scfg)
+    ref = models.init_params(jax.random.key(9), tiny_cfg)
+    rlc = train.RLConfig(algo="pg", filtered_logprobs=filtered)
+    state = train.init_rl_state(train.init_rl_params(policy, None, rlc), optax.sgd(0.0), rlc)
+    exp, metrics = train.make_experience(state, ref, rollout, jnp.zeros(8), tiny_cfg, rlc, sample_cfg=scfg)
 
     m = np.asarray(rollout.response_mask)
     tempered = _teacher_forced(policy, rollout, tiny_cfg) / 0.7  # [B, R, V]
@@ -235,14 +237,14 @@ def test_ratio_is_one_at_learning_rate_zero(tiny_cfg, filtered):
     cfg = _dropout_cfg(tiny_cfg)
     scfg = SampleConfig(max_new_tokens=6, temperature=0.7, top_k=5, eos_id=0)
     policy, rollout = _rl_rollout(cfg, scfg)
-    value = {"gpt": policy, "head": model.init_scalar_head(jax.random.key(1), cfg, scale=1.0)}
-    ref = model.init_params(jax.random.key(9), cfg)
+    value = {"gpt": policy, "head": models.init_scalar_head(jax.random.key(1), cfg, scale=1.0)}
+    ref = models.init_params(jax.random.key(9), cfg)
     scores = jnp.linspace(-1.0, 1.0, 8)
 
     def run(dropout):
-        rlc = rl.RLConfig(epochs=2, minibatches=2, dropout=dropout, filtered_logprobs=filtered)
-        state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), optax.sgd(0.0), rlc)
-        learn = jax.jit(rl.make_learn(cfg, optax.sgd(0.0), rlc, sample_cfg=scfg))
+        rlc = train.RLConfig(epochs=2, minibatches=2, dropout=dropout, filtered_logprobs=filtered)
+        state = train.init_rl_state(train.init_rl_params(policy, value, rlc), optax.sgd(0.0), rlc)
+        learn = jax.jit(train.make_learn(cfg, optax.sgd(0.0), rlc, sample_cfg=scfg))
         return learn(state, ref, rollout, scores, key=jax.random.key(6))[1]
 
     metrics = run(dropout=False)
@@ -257,29 +259,29 @@ def test_ratio_is_one_at_learning_rate_zero(tiny_cfg, filtered):
 
 def test_options_that_would_do_nothing_are_refused(tiny_cfg):
     with pytest.raises(ValueError, match="group_size acts for grpo and rloo only"):
-        rl.RLConfig(algo="ppo", group_size=4)
+        train.RLConfig(algo="ppo", group_size=4)
     with pytest.raises(ValueError, match="needs >= 2 answers"):
-        rl.RLConfig(algo="rloo")
+        train.RLConfig(algo="rloo")
     with pytest.raises(ValueError, match="acts for grpo only"):
-        rl.RLConfig(algo="rloo", group_size=4, grpo_scale_by_std=False)
+        train.RLConfig(algo="rloo", group_size=4, grpo_scale_by_std=False)
     with pytest.raises(ValueError, match="filtered_logprobs does nothing"):
-        rl.make_learn(tiny_cfg, optax.sgd(0.0), rl.RLConfig(algo="pg", filtered_logprobs=True),
+        train.make_learn(tiny_cfg, optax.sgd(0.0), train.RLConfig(algo="pg", filtered_logprobs=True),
                       sample_cfg=SampleConfig(max_new_tokens=2))  # fmt: skip
 
 
 def test_sample_cfg_is_required_and_not_greedy(tiny_cfg):
-    rlc = rl.RLConfig(algo="pg")
+    rlc = train.RLConfig(algo="pg")
     with pytest.raises(ValueError, match="greedy"):
-        rl.make_learn(tiny_cfg, optax.sgd(0.0), rlc, sample_cfg=SampleConfig(max_new_tokens=2, temperature=0))
+        train.make_learn(tiny_cfg, optax.sgd(0.0), rlc, sample_cfg=SampleConfig(max_new_tokens=2, temperature=0))
     with pytest.raises(TypeError, match="SampleConfig"):
-        rl.make_learn(tiny_cfg, optax.sgd(0.0), rlc, sample_cfg=None)
+        train.make_learn(tiny_cfg, optax.sgd(0.0), rlc, sample_cfg=None)
 
 
 @pytest.mark.parametrize("algo", ["dpo", "rebel"])
 def test_preference_steps_start_at_the_reference_despite_dropout(tiny_cfg, algo):
     """pi = pi_ref before any update: DPO's loss is log 2 and REBEL predicts a zero difference."""
     cfg = _dropout_cfg(tiny_cfg)
-    params = model.init_params(jax.random.key(0), cfg)
+    params = models.init_params(jax.random.key(0), cfg)
     b, t = 4, 10
     tokens = jax.random.randint(jax.random.key(1), (b, 2, t), 1, cfg.vocab_size)
     mask = jnp.ones((b, 2, t), bool)
@@ -319,32 +321,32 @@ def test_every_algorithm_climbs_to_the_known_best_answer(algo):
     """From a random policy (reward ~1/8), 30 iterations of each algorithm must take the mean reward above
     0.5 (measured: ppo, pg, grpo, rloo, rebel, dpo reach ~1.0, ipo ~0.65 at beta 0.1, which holds the policy
     near the reference); an update with a wrong sign, a lost gradient or an ignored advantage would not."""
-    from jaxrlhf import preference
-    from jaxrlhf.config import ModelConfig
+    from jaxrlhf.rollout import pairs as pairs_lib
+    from jaxrlhf.models import ModelConfig
 
     cfg = ModelConfig(**TASK_CFG)
     scfg = SampleConfig(max_new_tokens=6, temperature=1.0)
-    policy = model.init_params(jax.random.key(0), cfg)
+    policy = models.init_params(jax.random.key(0), cfg)
     tx = optax.adam(1e-2)
     iters, b = 30, 32
     start_key = jax.random.key(1)
     rewards_seen = []
     ratio_level = "sequence" if algo == "gspo" else "token"  # GSPO: GRPO with a sequence ratio
     algo = "grpo" if algo == "gspo" else algo
-    if algo in rl.ALGOS:
-        rlc = rl.RLConfig(
+    if algo in train.policy.ALGOS:
+        rlc = train.RLConfig(
             algo=algo, kl_coef=0.01, epochs=2, minibatches=2, vf_coef=0.5, ratio_level=ratio_level,
             group_size=4 if algo in ("grpo", "rloo") else None,
             kl_penalty="loss" if algo == "grpo" else "reward", kl_kind="k3" if algo == "grpo" else "k1",
             whiten_advantages=algo in ("ppo", "pg"),
         )  # fmt: skip
         value = (
-            {"gpt": policy, "head": model.init_scalar_head(jax.random.key(2), cfg)} if algo == "ppo" else None
+            {"gpt": policy, "head": models.init_scalar_head(jax.random.key(2), cfg)} if algo == "ppo" else None
         )
         optim = train.OptimConfig(lr=5e-3, b2=0.999, weight_decay=0.0)
         tx = train.make_per_model_optimizer({"policy": optim, "value": optim})
-        state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), tx, rlc)
-        fused = rl.make_fused_iteration(cfg, scfg, tx, rlc, _target_reward)
+        state = train.init_rl_state(train.init_rl_params(policy, value, rlc), tx, rlc)
+        fused = train.make_fused_iteration(cfg, scfg, tx, rlc, _target_reward)
         prompt, prompt_mask = jnp.ones((b, 1), jnp.int32), jnp.ones((b, 1), bool)
         iteration = jax.jit(lambda s, k: fused(s, policy, prompt, prompt_mask, key=k))
         for i in range(iters):
@@ -359,17 +361,17 @@ def test_every_algorithm_climbs_to_the_known_best_answer(algo):
             step = train.make_dpo_step(cfg, tx, beta=0.1, loss_type="ipo" if algo == "ipo" else "sigmoid")
         state = train.init_train_state(policy, tx)
         pprompt, pmask = jnp.ones((n_prompts, 1), jnp.int32), jnp.ones((n_prompts, 1), bool)
-        gen = jax.jit(lambda p, k: preference.generate_answers(p, pprompt, pmask, cfg, scfg, n, key=k))
+        gen = jax.jit(lambda p, k: pairs_lib.generate_answers(p, pprompt, pmask, cfg, scfg, n, key=k))
         jstep = jax.jit(lambda s, x, k: step(s, x, key=k))
         for i in range(iters):
             rollout = gen(state.params, jax.random.fold_in(start_key, i))
             scores = np.asarray(_target_reward(rollout))
             rewards_seen.append(float(scores.mean()))
-            sel = preference.select_pairs(
+            sel = pairs_lib.select_pairs(
                 np.asarray(rollout.response), np.asarray(rollout.response_mask), scores, n
             )
-            base = preference.rollout_logprobs(state.params if algo == "rebel" else policy, rollout, cfg)
-            batch = preference.build_pref_batch(rollout, sel, np.asarray(base), num_pairs=n_prompts)
+            base = pairs_lib.rollout_logprobs(state.params if algo == "rebel" else policy, rollout, cfg)
+            batch = pairs_lib.build_pref_batch(rollout, sel, np.asarray(base), num_pairs=n_prompts)
             state, metrics = jstep(state, batch, jax.random.fold_in(start_key, 1000 + i))
             assert float(metrics["finite"]) == 1.0
     start, end = rewards_seen[0], np.mean(rewards_seen[-5:])  # the first batch: the random policy
@@ -381,9 +383,9 @@ def test_ptx_adds_gamma_times_the_pretraining_gradient(tiny_cfg):
     """With a zero policy gradient (equal scores, no KL), one SGD step of PPO-ptx is -lr * gamma * the
     gradient of the next-token cross-entropy of the ptx batch (InstructGPT eq. 2), computed here directly."""
     gamma, lr = 0.5, 0.1
-    policy = model.init_params(jax.random.key(0), tiny_cfg)
+    policy = models.init_params(jax.random.key(0), tiny_cfg)
     n, scfg = 8, SampleConfig(max_new_tokens=3, temperature=1.0)
-    rollout = sampling.Rollout(  # any responses do (no sampler to compile): their advantages are 0
+    rollout = sampler.Rollout(  # any responses do (no sampler to compile): their advantages are 0
         prompt=jnp.full((n, 1), PROMPT_TOKEN, jnp.int32),
         prompt_mask=jnp.ones((n, 1), bool),
         response=jax.random.randint(jax.random.key(4), (n, 3), 1, tiny_cfg.vocab_size),
@@ -394,14 +396,14 @@ def test_ptx_adds_gamma_times_the_pretraining_gradient(tiny_cfg):
     tokens = jax.random.randint(jax.random.key(3), (4, 9), 1, tiny_cfg.vocab_size)
     mask = jnp.arange(9)[None, :] < jnp.array([9, 7, 5, 9])[:, None]
     ptx = train.LMBatch(tokens, mask, mask)
-    rlc = rl.RLConfig(algo="pg", kl_coef=0.0, ptx_coef=gamma)
+    rlc = train.RLConfig(algo="pg", kl_coef=0.0, ptx_coef=gamma)
     tx = optax.sgd(lr)
-    state = rl.init_rl_state(rl.init_rl_params(policy, None, rlc), tx, rlc)
-    learn = jax.jit(rl.make_learn(tiny_cfg, tx, rlc, sample_cfg=scfg))
+    state = train.init_rl_state(train.init_rl_params(policy, None, rlc), tx, rlc)
+    learn = jax.jit(train.make_learn(tiny_cfg, tx, rlc, sample_cfg=scfg))
     new, metrics = learn(state, policy, rollout, jnp.ones(n), key=jax.random.key(0), ptx=ptx)
 
     def cross_entropy(params):
-        logp = jax.nn.log_softmax(model.logits_fn(params, tokens[:, :-1], mask[:, :-1], tiny_cfg), -1)
+        logp = jax.nn.log_softmax(models.logits_fn(params, tokens[:, :-1], mask[:, :-1], tiny_cfg), -1)
         nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
         target = mask[:, 1:]
         return jnp.sum(jnp.where(target, nll, 0.0)) / jnp.sum(target)
@@ -412,7 +414,7 @@ def test_ptx_adds_gamma_times_the_pretraining_gradient(tiny_cfg):
     assert float(metrics["ptx_loss"]) == pytest.approx(float(ce), rel=1e-5)
     with pytest.raises(ValueError, match="needs a batch of pretraining text"):
         learn(state, policy, rollout, jnp.ones(n), key=jax.random.key(0))
-    plain = rl.make_learn(tiny_cfg, tx, rl.RLConfig(algo="pg"), sample_cfg=scfg)
+    plain = train.make_learn(tiny_cfg, tx, train.RLConfig(algo="pg"), sample_cfg=scfg)
     with pytest.raises(ValueError, match="ptx_coef is 0"):
         plain(state, policy, rollout, jnp.ones(n), key=jax.random.key(0), ptx=ptx)
 
@@ -422,14 +424,14 @@ def test_whiten_rewards_scales_the_rewards_to_unit_variance(tiny_cfg):
     tokens, checked on the PG returns (reward-to-go) against the same transform done in NumPy."""
     scfg = SampleConfig(max_new_tokens=6, temperature=0.7, top_k=5, eos_id=0)
     policy, rollout = _rl_rollout(tiny_cfg, scfg)
-    ref = model.init_params(jax.random.key(9), tiny_cfg)
+    ref = models.init_params(jax.random.key(9), tiny_cfg)
     scores = jnp.linspace(-2.0, 3.0, 8)
 
     def returns(whiten):
-        rlc = rl.RLConfig(algo="pg", kl_coef=0.3, whiten_rewards=whiten)
-        state = rl.init_rl_state(rl.init_rl_params(policy, None, rlc), optax.sgd(0.0), rlc)
+        rlc = train.RLConfig(algo="pg", kl_coef=0.3, whiten_rewards=whiten)
+        state = train.init_rl_state(train.init_rl_params(policy, None, rlc), optax.sgd(0.0), rlc)
         return np.asarray(
-            rl.make_experience(state, ref, rollout, scores, tiny_cfg, rlc, sample_cfg=scfg)[0].returns
+            train.make_experience(state, ref, rollout, scores, tiny_cfg, rlc, sample_cfg=scfg)[0].returns
         )
 
     plain, white = returns(False), returns(True)
@@ -441,7 +443,7 @@ def test_whiten_rewards_scales_the_rewards_to_unit_variance(tiny_cfg):
     np.testing.assert_allclose(white[m], want[m], rtol=1e-4, atol=1e-4)
     assert abs(std - 1.0) > 0.1  # the test would not notice a no-op otherwise
     with pytest.raises(ValueError, match="whiten_rewards acts for ppo and pg"):
-        rl.RLConfig(algo="grpo", group_size=4, whiten_rewards=True)
+        train.RLConfig(algo="grpo", group_size=4, whiten_rewards=True)
 
 
 def test_ppo_update_is_the_policy_gradient_plus_the_critic_regression(tiny_cfg):
@@ -451,13 +453,13 @@ def test_ppo_update_is_the_policy_gradient_plus_the_critic_regression(tiny_cfg):
     update computes one after the other to hold one model's activations at a time, are neither mixed
     nor lost. The critic's weight moves the critic alone."""
     lr, n, r = 0.05, 8, 4
-    policy = model.init_params(jax.random.key(0), tiny_cfg)
+    policy = models.init_params(jax.random.key(0), tiny_cfg)
     value = {
-        "gpt": model.init_params(jax.random.key(1), tiny_cfg),
-        "head": model.init_scalar_head(jax.random.key(2), tiny_cfg),
+        "gpt": models.init_params(jax.random.key(1), tiny_cfg),
+        "head": models.init_scalar_head(jax.random.key(2), tiny_cfg),
     }
     rmask = jnp.arange(r)[None, :] < jnp.array([4, 3, 1, 4, 2, 4, 3, 2])[:, None]
-    rollout = sampling.Rollout(
+    rollout = sampler.Rollout(
         prompt=jnp.full((n, 1), PROMPT_TOKEN, jnp.int32),
         prompt_mask=jnp.ones((n, 1), bool),
         response=jax.random.randint(jax.random.key(3), (n, r), 1, tiny_cfg.vocab_size),
@@ -472,12 +474,12 @@ def test_ppo_update_is_the_policy_gradient_plus_the_critic_regression(tiny_cfg):
     tx = optax.sgd(lr)
 
     def policy_objective(p, advantages):
-        logp = jax.nn.log_softmax(model.logits_fn(p, tokens[:, :-1], full[:, :-1], tiny_cfg), -1)
+        logp = jax.nn.log_softmax(models.logits_fn(p, tokens[:, :-1], full[:, :-1], tiny_cfg), -1)
         logp = jnp.take_along_axis(logp, rollout.response[..., None], -1)[..., 0]
         return -jnp.sum(jnp.where(rmask, advantages * logp, 0.0)) / jnp.sum(rmask)
 
     def critic_error(v, returns):
-        values = model.scalar_fn(v, tokens, full, tiny_cfg)[:, -r - 1 : -1]
+        values = models.scalar_fn(v, tokens, full, tiny_cfg)[:, -r - 1 : -1]
         return 0.5 * jnp.sum(jnp.where(rmask, (values - returns) ** 2, 0.0)) / jnp.sum(rmask)
 
     def moved(new, old):
@@ -485,10 +487,10 @@ def test_ppo_update_is_the_policy_gradient_plus_the_critic_regression(tiny_cfg):
 
     policies = []
     for vf_coef in (0.1, 1.0):
-        rlc = rl.RLConfig(algo="ppo", kl_coef=0.05, vf_coef=vf_coef, epochs=1, minibatches=1)
-        state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), tx, rlc)
-        exp, _ = rl.make_experience(state, policy, rollout, scores, tiny_cfg, rlc, sample_cfg=scfg)
-        new, metrics = jax.jit(rl.make_learn(tiny_cfg, tx, rlc, sample_cfg=scfg))(
+        rlc = train.RLConfig(algo="ppo", kl_coef=0.05, vf_coef=vf_coef, epochs=1, minibatches=1)
+        state = train.init_rl_state(train.init_rl_params(policy, value, rlc), tx, rlc)
+        exp, _ = train.make_experience(state, policy, rollout, scores, tiny_cfg, rlc, sample_cfg=scfg)
+        new, metrics = jax.jit(train.make_learn(tiny_cfg, tx, rlc, sample_cfg=scfg))(
             state, policy, rollout, scores, key=jax.random.key(5)
         )
         assert float(metrics["finite"]) == 1.0 and float(metrics["clipfrac"]) == 0.0
@@ -505,12 +507,12 @@ def test_ppo_update_is_the_policy_gradient_plus_the_critic_regression(tiny_cfg):
 def _ppo_models_and_rollout(cfg, n, r, response_mask=None):
     """A policy, a value model ({"gpt", "head"}) and a rollout of n random responses of r tokens from the
     prompt token (every token real unless `response_mask` says otherwise)."""
-    policy = model.init_params(jax.random.key(0), cfg)
+    policy = models.init_params(jax.random.key(0), cfg)
     value = {
-        "gpt": model.init_params(jax.random.key(1), cfg),
-        "head": model.init_scalar_head(jax.random.key(2), cfg),
+        "gpt": models.init_params(jax.random.key(1), cfg),
+        "head": models.init_scalar_head(jax.random.key(2), cfg),
     }
-    rollout = sampling.Rollout(
+    rollout = sampler.Rollout(
         prompt=jnp.full((n, 1), PROMPT_TOKEN, jnp.int32),
         prompt_mask=jnp.ones((n, 1), bool),
         response=jax.random.randint(jax.random.key(3), (n, r), 1, cfg.vocab_size),
@@ -529,18 +531,18 @@ def test_ppo_update_holds_one_models_activations_at_a_time(tiny_cfg):
     n, r = 32, 16
     policy, value, rollout = _ppo_models_and_rollout(cfg, n, r)
     scfg = SampleConfig(max_new_tokens=r, temperature=1.0)
-    rlc = rl.RLConfig(algo="ppo")
+    rlc = train.RLConfig(algo="ppo")
     tx = optax.adam(1e-3)
-    state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), tx, rlc)
-    exp, _ = rl.make_experience(state, policy, rollout, jnp.zeros(n), cfg, rlc, sample_cfg=scfg)
+    state = train.init_rl_state(train.init_rl_params(policy, value, rlc), tx, rlc)
+    exp, _ = train.make_experience(state, policy, rollout, jnp.zeros(n), cfg, rlc, sample_cfg=scfg)
 
     def temp_mb(f, *args):
         return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes / 1e6
 
-    step = rl.make_rl_step(cfg, tx, rlc, sample_cfg=scfg)
+    step = train.make_rl_step(cfg, tx, rlc, sample_cfg=scfg)
     both = temp_mb(lambda s: step(s, exp, key=jax.random.key(0)), state)
-    pol = temp_mb(jax.grad(lambda p: rl._policy_loss(p, exp, None, 0.05, cfg, rlc, scfg, None)[0]), policy)
-    val = temp_mb(jax.grad(lambda v: rl._value_loss(v, exp, cfg, rlc, None)[0]), value)
+    pol = temp_mb(jax.grad(lambda p: train.policy._policy_loss(p, exp, None, 0.05, cfg, rlc, scfg, None)[0]), policy)
+    val = temp_mb(jax.grad(lambda v: train.policy._value_loss(v, exp, cfg, rlc, None)[0]), value)
     assert both < 0.8 * (pol + val), (both, pol, val)
 
 
@@ -575,11 +577,11 @@ def test_micro_batches_give_the_whole_minibatchs_update(tiny_cfg, case):
     tx = optax.sgd(1.0)
     runs = {}
     for micro in (1, 4):
-        rlc = rl.RLConfig(**MICRO_CASES[case], micro_batches=micro)
-        start = rl.init_rl_params(policy, value if rlc.algo == "ppo" else None, rlc)
-        learn = jax.jit(rl.make_learn(tiny_cfg, tx, rlc, sample_cfg=scfg))
+        rlc = train.RLConfig(**MICRO_CASES[case], micro_batches=micro)
+        start = train.init_rl_params(policy, value if rlc.algo == "ppo" else None, rlc)
+        learn = jax.jit(train.make_learn(tiny_cfg, tx, rlc, sample_cfg=scfg))
         runs[micro] = learn(
-            rl.init_rl_state(start, tx, rlc), policy, rollout, scores, key=jax.random.key(7), ptx=ptx
+            train.init_rl_state(start, tx, rlc), policy, rollout, scores, key=jax.random.key(7), ptx=ptx
         )
     (one, m1), (four, m4) = runs[1], runs[4]
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), one.params, start)
@@ -600,21 +602,21 @@ def test_micro_batches_hold_a_slice_of_the_activations_and_are_checked(tiny_cfg)
     tx = optax.adam(1e-3)
     temps = {}
     for micro in (1, 4):
-        rlc = rl.RLConfig(algo="ppo", epochs=1, micro_batches=micro)
-        state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), tx, rlc)
-        exp, _ = rl.make_experience(state, policy, rollout, jnp.zeros(n), cfg, rlc, sample_cfg=scfg)
-        step = rl.make_rl_step(cfg, tx, rlc, sample_cfg=scfg)
+        rlc = train.RLConfig(algo="ppo", epochs=1, micro_batches=micro)
+        state = train.init_rl_state(train.init_rl_params(policy, value, rlc), tx, rlc)
+        exp, _ = train.make_experience(state, policy, rollout, jnp.zeros(n), cfg, rlc, sample_cfg=scfg)
+        step = train.make_rl_step(cfg, tx, rlc, sample_cfg=scfg)
         compiled = jax.jit(functools.partial(step, key=jax.random.key(0))).lower(state, exp).compile()
         temps[micro] = compiled.memory_analysis().temp_size_in_bytes
     assert temps[4] < 0.5 * temps[1], temps
     with pytest.raises(ValueError, match="micro_batches"):
-        rl.RLConfig(micro_batches=0)
-    rlc = rl.RLConfig(algo="ppo", minibatches=2, micro_batches=3)
-    learn = rl.make_learn(cfg, tx, rlc, sample_cfg=scfg)
-    state = rl.init_rl_state(rl.init_rl_params(policy, value, rlc), tx, rlc)
+        train.RLConfig(micro_batches=0)
+    rlc = train.RLConfig(algo="ppo", minibatches=2, micro_batches=3)
+    learn = train.make_learn(cfg, tx, rlc, sample_cfg=scfg)
+    state = train.init_rl_state(train.init_rl_params(policy, value, rlc), tx, rlc)
     with pytest.raises(ValueError, match="16 rows is not divisible by micro_batches=3"):
         learn(state, policy, rollout, jnp.zeros(n), key=jax.random.key(0))
-    from jaxrlhf.pipeline.policy import RLStageConfig  # noqa: PLC0415  (the pipelines' config: at construction)
+    from jaxrlhf.stages.policy import RLStageConfig  # noqa: PLC0415  (the pipelines' config: at construction)
 
     with pytest.raises(
         ValueError, match="batch_size=32: a minibatch of 16 rows is not divisible by micro_batches=3"

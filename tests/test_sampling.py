@@ -10,15 +10,18 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrlhf import model, ops, sampling
-from jaxrlhf.config import ModelConfig, SampleConfig
+from jaxrlhf import ops
+from jaxrlhf import models
+from jaxrlhf.rollout import sampler
+from jaxrlhf.models import ModelConfig
+from jaxrlhf.rollout import SampleConfig
 
 CFG = ModelConfig(vocab_size=23, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
 
 @pytest.fixture(scope="module")
 def params():
-    p = model.init_params(jax.random.key(0), CFG)
+    p = models.init_params(jax.random.key(0), CFG)
     # Sharper distributions than the 0.02 init gives, so greedy and top-k are meaningful.
     return jax.tree.map(lambda x: x * 8 if x.ndim >= 2 else x, p)
 
@@ -30,14 +33,14 @@ def _prompt(batch=4, length=5):
 
 
 def _teacher_forced(params, r):
-    logits = model.logits_fn(params, r.tokens, r.mask, CFG)
+    logits = models.logits_fn(params, r.tokens, r.mask, CFG)
     P_ = r.prompt.shape[1]
     return logits[:, P_ - 1 : -1]  # [B, R, V] logits predicting each response token
 
 
 def test_greedy_equals_teacher_forced_argmax(params):
     prompt, mask = _prompt()
-    r = sampling.sample(
+    r = sampler.sample(
         params,
         prompt,
         mask,
@@ -54,7 +57,7 @@ def test_greedy_equals_teacher_forced_argmax(params):
 def test_logprobs_match_teacher_forced_forward(params):
     prompt, mask = _prompt()
     cfg = SampleConfig(max_new_tokens=10, temperature=0.7, top_k=5, eos_id=3)
-    r = sampling.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(1))
+    r = sampler.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(1))
     # The tempered, unfiltered policy: log_softmax(logits / T) of the teacher-forced forward.
     expected = jax.nn.log_softmax(_teacher_forced(params, r) / 0.7, axis=-1)
     expected = jnp.take_along_axis(expected, r.response[..., None], -1)[..., 0]
@@ -64,7 +67,7 @@ def test_logprobs_match_teacher_forced_forward(params):
 def test_top_k_never_leaves_top_k(params):
     prompt, mask = _prompt(batch=16)
     for k in (1, 3):
-        r = sampling.sample(
+        r = sampler.sample(
             params,
             prompt,
             mask,
@@ -80,7 +83,7 @@ def test_top_k_never_leaves_top_k(params):
 def test_top_p_stays_in_nucleus(params):
     prompt, mask = _prompt(batch=16)
     top_p = 0.6
-    r = sampling.sample(
+    r = sampler.sample(
         params,
         prompt,
         mask,
@@ -104,8 +107,8 @@ def test_sampled_frequencies_match_softmax(params, top_k, temperature):
     prompt = jnp.full((n, 3), 5, jnp.int32)
     mask = jnp.ones((n, 3), bool)
     cfg = SampleConfig(max_new_tokens=1, top_k=top_k, temperature=temperature)
-    r = sampling.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(11))
-    logits = np.asarray(model.logits_fn(params, prompt[:1], mask[:1], CFG)[0, -1], np.float64)
+    r = sampler.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(11))
+    logits = np.asarray(models.logits_fn(params, prompt[:1], mask[:1], CFG)[0, -1], np.float64)
     z = logits / temperature
     if top_k:
         z = np.where(z >= np.sort(z)[-top_k], z, -np.inf)
@@ -122,11 +125,11 @@ def test_sampled_frequencies_match_softmax(params, top_k, temperature):
 def test_same_key_same_rollout_and_no_recompile(params):
     prompt, mask = _prompt()
     cfg = SampleConfig(max_new_tokens=8, top_k=10)
-    a = sampling.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(3))
-    size = sampling._sample_jit._cache_size()
-    b = sampling.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(3))
-    c = sampling.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(4))
-    assert sampling._sample_jit._cache_size() == size
+    a = sampler.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(3))
+    size = sampler._sample_jit._cache_size()
+    b = sampler.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(3))
+    c = sampler.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(4))
+    assert sampler._sample_jit._cache_size() == size
     np.testing.assert_array_equal(a.response, b.response)
     np.testing.assert_array_equal(a.logprobs, b.logprobs)
     assert not np.array_equal(a.response, c.response)
@@ -135,10 +138,10 @@ def test_same_key_same_rollout_and_no_recompile(params):
 def test_eos_stops_each_row_and_masks_after(params):
     prompt, mask = _prompt()
     greedy = SampleConfig(max_new_tokens=12, temperature=0.0)
-    free = sampling.sample(params, prompt, mask, CFG, greedy, key=jax.random.key(0))
+    free = sampler.sample(params, prompt, mask, CFG, greedy, key=jax.random.key(0))
     eos = int(free.response[0, 2])
     cfg = dataclasses.replace(greedy, eos_id=eos, pad_id=0)
-    r = sampling.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(0))
+    r = sampler.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(0))
     for b in range(prompt.shape[0]):
         row = np.asarray(free.response[b])
         hits = np.flatnonzero(row == eos)
@@ -154,15 +157,15 @@ def test_eos_stops_each_row_and_masks_after(params):
 def test_early_exit_when_all_rows_finish(params):
     prompt, mask = _prompt()
     greedy = SampleConfig(max_new_tokens=12, temperature=0.0)
-    free = sampling.sample(params, prompt, mask, CFG, greedy, key=jax.random.key(0))
+    free = sampler.sample(params, prompt, mask, CFG, greedy, key=jax.random.key(0))
     # Every row's first token as EOS -> finishing after one step must be correct for all rows whose
     # first token is that id; rows with another first token keep going.
     eos = int(free.response[0, 0])
-    r = sampling.sample(
+    r = sampler.sample(
         params, prompt, mask, CFG, dataclasses.replace(greedy, eos_id=eos), key=jax.random.key(0)
     )
     assert int(r.response_length[0]) == 1
-    single = sampling.sample(
+    single = sampler.sample(
         params,
         prompt[:1],
         mask[:1],
@@ -180,11 +183,11 @@ def test_sharded_batch_matches_single_device(params):
     prompt = jax.random.randint(jax.random.key(5), (16, 4), 1, CFG.vocab_size)
     mask = jnp.ones((16, 4), bool)
     cfg = SampleConfig(max_new_tokens=6, top_k=5)
-    ref = sampling.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(8))
+    ref = sampler.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(8))
     sharding = NamedSharding(mesh, P("data"))
     sp, sm = jax.device_put(prompt, sharding), jax.device_put(mask, sharding)
     rep = jax.device_put(params, NamedSharding(mesh, P()))
-    out = sampling.sample(rep, sp, sm, CFG, cfg, key=jax.random.key(8))
+    out = sampler.sample(rep, sp, sm, CFG, cfg, key=jax.random.key(8))
     assert len(out.response.sharding.device_set) == 8
     np.testing.assert_array_equal(out.response, ref.response)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
@@ -194,11 +197,11 @@ def test_bad_prompts_are_clear_errors(params):
     prompt, _ = _prompt()
     right_padded = jnp.ones(prompt.shape, bool).at[0, -2:].set(False)
     with pytest.raises(ValueError, match="left-padded"):
-        sampling.sample(
+        sampler.sample(
             params, prompt, right_padded, CFG, SampleConfig(max_new_tokens=4), key=jax.random.key(0)
         )
     with pytest.raises(ValueError, match="exceeds block_size"):
-        sampling.sample(
+        sampler.sample(
             params,
             prompt,
             jnp.ones(prompt.shape, bool),
@@ -213,12 +216,12 @@ def test_bad_prompts_are_clear_errors(params):
 def test_stop_ids_end_rows_like_eos(params):
     prompt, mask = _prompt()
     greedy = SampleConfig(max_new_tokens=12, temperature=0.0)
-    free = sampling.sample(params, prompt, mask, CFG, greedy, key=jax.random.key(0))
+    free = sampler.sample(params, prompt, mask, CFG, greedy, key=jax.random.key(0))
     stop = int(free.response[0, 2])
-    as_eos = sampling.sample(
+    as_eos = sampler.sample(
         params, prompt, mask, CFG, dataclasses.replace(greedy, eos_id=stop), key=jax.random.key(0)
     )
-    as_stop = sampling.sample(
+    as_stop = sampler.sample(
         params, prompt, mask, CFG, dataclasses.replace(greedy, stop_ids=(stop,)), key=jax.random.key(0)
     )
     for name in ("response", "response_mask", "logprobs", "finished"):
@@ -226,7 +229,7 @@ def test_stop_ids_end_rows_like_eos(params):
     # eos_id and stop_ids together: each row stops after the first of either; rows with neither run on.
     other = int(free.response[1, 4])
     both = dataclasses.replace(greedy, eos_id=other, stop_ids=(stop, CFG.vocab_size - 1), pad_id=0)
-    r = sampling.sample(params, prompt, mask, CFG, both, key=jax.random.key(0))
+    r = sampler.sample(params, prompt, mask, CFG, both, key=jax.random.key(0))
     for b in range(prompt.shape[0]):
         row = np.asarray(free.response[b])
         hits = np.flatnonzero(np.isin(row, [stop, other, CFG.vocab_size - 1]))
@@ -248,7 +251,7 @@ def test_stop_ids_are_checked(params):
             SampleConfig(max_new_tokens=4, stop_ids=bad)
     prompt, mask = _prompt()
     with pytest.raises(ValueError, match=r"stop_ids has 23, outside the vocabulary \[0, 23\)"):
-        sampling.sample(
+        sampler.sample(
             params, prompt, mask, CFG, SampleConfig(max_new_tokens=4, stop_ids=(3, 23)), key=jax.random.key(0)
         )
 
@@ -276,7 +279,7 @@ def test_top_k_filter_matches_loop_reference_with_ties():
     logits = np.concatenate([normal, ties, special])
     for k in (1, 2, 5, 17, V - 1):
         cfg = SampleConfig(max_new_tokens=1, top_k=k)
-        got = np.asarray(jax.jit(lambda x, c=cfg: sampling.truncate_logits(x, c))(logits))
+        got = np.asarray(jax.jit(lambda x, c=cfg: sampler.truncate_logits(x, c))(logits))
         np.testing.assert_array_equal(got, _top_k_reference(logits, k), err_msg=f"k={k}")
         assert (np.sum(got == logits, -1) >= k).all()  # at least k kept in every row
 
@@ -290,7 +293,7 @@ def test_sortable_keys_order_like_floats():
             np.array([np.finfo(np.float32).min, np.finfo(np.float32).max], np.float32),
         ]
     ).astype(np.float32)
-    keys = np.asarray(jax.jit(sampling.sortable_keys)(x)).astype(np.int64)
+    keys = np.asarray(jax.jit(sampler.sortable_keys)(x)).astype(np.int64)
     np.testing.assert_array_equal(keys[:, None] >= keys[None, :], x[:, None] >= x[None, :])
     np.testing.assert_array_equal(keys[:, None] == keys[None, :], x[:, None] == x[None, :])
 
@@ -300,14 +303,14 @@ def test_top_k_rollout_bitwise_equal_to_counting_filter(params, monkeypatch):
     larger entries of each one ([B, V, V])."""
     prompt, mask = _prompt(batch=8)
     cfg = SampleConfig(max_new_tokens=8, top_k=4, temperature=0.9)
-    new = sampling.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(9))
+    new = sampler.sample(params, prompt, mask, CFG, cfg, key=jax.random.key(9))
 
     def counting(logits, cfg):
         larger = (logits[:, None, :] > logits[:, :, None]).astype(jnp.float32)  # [B, V, V]
         return jnp.where(jnp.sum(larger, -1) < cfg.top_k, logits, jnp.finfo(jnp.float32).min)
 
-    monkeypatch.setattr(sampling, "_truncate_rows", counting)
-    fresh = jax.jit(sampling._sample_impl, static_argnums=(3, 4))  # traces the patched filter
+    monkeypatch.setattr(sampler, "_truncate_rows", counting)
+    fresh = jax.jit(sampler._sample_impl, static_argnums=(3, 4))  # traces the patched filter
     old = fresh(params, prompt, mask, CFG, cfg, jax.random.key(9))
     for name in ("response", "response_mask", "logprobs", "finished"):
         np.testing.assert_array_equal(getattr(new, name), getattr(old, name), err_msg=name)
@@ -317,12 +320,12 @@ def test_pad_id_equal_to_eos_keeps_mask(params):
     """Rows pad with eos after they stop (GPT-2's pad = eos): the mask still ends at the first eos."""
     prompt, mask = _prompt()
     greedy = SampleConfig(max_new_tokens=12, temperature=0.0)
-    free = sampling.sample(params, prompt, mask, CFG, greedy, key=jax.random.key(0))
+    free = sampler.sample(params, prompt, mask, CFG, greedy, key=jax.random.key(0))
     eos = int(free.response[0, 2])
-    padded_0 = sampling.sample(
+    padded_0 = sampler.sample(
         params, prompt, mask, CFG, dataclasses.replace(greedy, eos_id=eos, pad_id=0), key=jax.random.key(0)
     )
-    padded_eos = sampling.sample(
+    padded_eos = sampler.sample(
         params, prompt, mask, CFG, dataclasses.replace(greedy, eos_id=eos, pad_id=eos), key=jax.random.key(0)
     )
     np.testing.assert_array_equal(padded_eos.response_mask, padded_0.response_mask)
@@ -352,7 +355,7 @@ def test_top_p_filter_equals_float_sort_filter():
 
     for top_p in (0.05, 0.5, 0.9, 0.999):
         cfg = SampleConfig(max_new_tokens=1, top_p=top_p)
-        got = jax.jit(lambda x, c=cfg: sampling.truncate_logits(x, c))(logits)
+        got = jax.jit(lambda x, c=cfg: sampler.truncate_logits(x, c))(logits)
         want = jax.jit(float_sort_top_p, static_argnums=1)(logits, top_p)
         np.testing.assert_array_equal(got, want, err_msg=f"top_p={top_p}")
         assert 0 < int(jnp.sum(got > jnp.finfo(jnp.float32).min)) < logits.size or top_p > 0.99

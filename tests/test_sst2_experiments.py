@@ -20,8 +20,10 @@ if str(REPO) not in sys.path:  # experiments/ is not an installed package: impor
     sys.path.insert(0, str(REPO))
 
 from experiments.sst2 import common  # noqa: E402
-from jaxrlhf import checkpoint, flags, losses  # noqa: E402
-from jaxrlhf.pipeline.handoff import PromptAnswers  # noqa: E402
+from jaxrlhf import losses  # noqa: E402
+from jaxrlhf.engine import checkpoint
+from jaxrlhf.engine import flags
+from jaxrlhf.stages.batches import PromptAnswers  # noqa: E402
 
 # ---------------------------------------------------------------------------------- the RM loss
 

@@ -19,16 +19,16 @@ if str(REPO) not in sys.path:  # experiments/ is not an installed package: impor
     sys.path.insert(0, str(REPO))
 
 from experiments.tldr import common  # noqa: E402
-from jaxrlhf import checkpoint, flags, model, parallel, rl, train  # noqa: E402
-from jaxrlhf.config import ModelConfig, SampleConfig  # noqa: E402
+from jaxrlhf import parallel, train  # noqa: E402
+from jaxrlhf.engine import checkpoint
+from jaxrlhf.engine import flags
+from jaxrlhf import models
+from jaxrlhf.models import ModelConfig  # noqa: E402
+from jaxrlhf.rollout import SampleConfig, scoring
 from jaxrlhf.data import load_tldr  # noqa: E402
-from jaxrlhf.pipeline import (  # noqa: E402
-    handoff,
-    lm,
-    reward,
-    rl_programs,  # noqa: E402
-)
-from jaxrlhf.tokenizers import GPT2Tokenizer  # noqa: E402
+from jaxrlhf.stages import batches, reward  # noqa: E402
+from jaxrlhf.stages import policy_programs as rl_programs  # noqa: E402
+from jaxrlhf.text import GPT2Tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_prompts_and_summaries_in_the_instructgpt_layout(tokenizer, shared_data,
     assert cut.split("POST: ")[1].removesuffix("\nTL;DR:").endswith("here."), "cut at a sentence end"
 
     summaries = [rows[i]["summary"] for i in kept]
-    answer, answer_mask = handoff.encode_answers(tokenizer, summaries, s)
+    answer, answer_mask = batches.encode_answers(tokenizer, summaries, s)
     for ids, mask, text in zip(answer, answer_mask, summaries, strict=True):
         real = ids[mask].tolist()
         assert real[-1] == tokenizer.eos_id and real.count(tokenizer.eos_id) == 1
@@ -79,10 +79,10 @@ def test_prompts_and_summaries_in_the_instructgpt_layout(tokenizer, shared_data,
         assert real[:-1] == expected, "' ' + summary, cut to S - 1 tokens, then <|endoftext|>"
     assert answer_mask[-1].all(), "the 100-word summary fills the budget and still ends in EOS"
 
-    data = handoff.PromptAnswers(prompt, prompt_mask, answer, answer_mask)
+    data = batches.PromptAnswers(prompt, prompt_mask, answer, answer_mask)
     idx = np.array([3, 0, 5])
     valid = np.array([True, True, False])
-    batch = handoff.lm_batch(data, idx, valid)
+    batch = batches.lm_batch(data, idx, valid)
     np.testing.assert_array_equal(batch.tokens, np.concatenate([prompt[idx], answer[idx]], axis=1))
     np.testing.assert_array_equal(batch.mask, np.concatenate([prompt_mask[idx], answer_mask[idx]], axis=1))
     assert not batch.loss_mask[:, :p].any(), "no loss on prompt tokens"
@@ -90,15 +90,15 @@ def test_prompts_and_summaries_in_the_instructgpt_layout(tokenizer, shared_data,
 
 
 def test_eval_rows_cover_every_row_once_in_fixed_shapes():
-    batches = handoff.eval_rows(10, 4)
-    assert [len(idx) for idx, _ in batches] == [4, 4, 4]
-    covered = np.concatenate([idx[valid] for idx, valid in batches])
+    rows = batches.eval_rows(10, 4)
+    assert [len(idx) for idx, _ in rows] == [4, 4, 4]
+    covered = np.concatenate([idx[valid] for idx, valid in rows])
     np.testing.assert_array_equal(covered, np.arange(10))
 
 
 def test_train_rows_depend_only_on_the_step():
-    a = [handoff.train_rows(10, 4, step, seed=3) for step in range(6)]
-    b = [handoff.train_rows(10, 4, step, seed=3) for step in range(6)]
+    a = [batches.train_rows(10, 4, step, seed=3) for step in range(6)]
+    b = [batches.train_rows(10, 4, step, seed=3) for step in range(6)]
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     assert len(np.unique(np.concatenate(a[:2]))) == 8, "batches of one epoch do not repeat rows"
@@ -178,7 +178,7 @@ def test_summary_only_sft_step_matches_the_library_lm_step():
     cfg = ModelConfig(vocab_size=61, block_size=12, n_layer=2, n_head=2, n_embd=16)
     p, s, b = 7, 5, 3
     key = jax.random.key(0)
-    params = model.init_params(key, cfg)
+    params = models.init_params(key, cfg)
     tokens = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (b, p + s), 0, 61), np.int32)
     prompt_mask = np.arange(p)[None, :] >= np.array([0, 2, 5])[:, None]  # left-padded
     summary_mask = np.arange(s)[None, :] < np.array([5, 1, 3])[:, None]  # right-padded
@@ -189,14 +189,14 @@ def test_summary_only_sft_step_matches_the_library_lm_step():
     )
     tx = train.make_optimizer(train.OptimConfig(lr=1e-2))
     state = train.init_train_state(params, tx)
-    new, metrics = jax.jit(lm.make_sft_step(cfg, tx, p))(state, batch)
+    new, metrics = jax.jit(train.make_lm_step(cfg, tx, prompt_len=p))(state, batch)
     ref_new, ref_metrics = jax.jit(train.make_lm_step(cfg, tx))(state, batch)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
     jax.tree.map(
         lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), new.params, ref_new.params
     )
-    nll, n = jax.jit(lm.make_sft_eval(cfg, p))(params, batch)
+    nll, n = jax.jit(train.make_lm_eval(cfg, prompt_len=p))(params, batch)
     ref_nll, ref_n = jax.jit(train.make_lm_eval(cfg))(params, batch)
     np.testing.assert_allclose(nll, ref_nll, rtol=1e-5)
     assert float(n) == float(ref_n) == 9.0
@@ -208,13 +208,13 @@ def test_summary_only_sft_step_matches_the_library_lm_step():
 
 def test_value_model_starts_as_the_normalised_reward_model():
     cfg = ModelConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8)
-    rm = model.init_scalar_model(jax.random.key(0), cfg)
-    rm["head"] = model.init_scalar_head(jax.random.key(1), cfg, scale=1.0)
+    rm = models.init_scalar_model(jax.random.key(0), cfg)
+    rm["head"] = models.init_scalar_head(jax.random.key(1), cfg, scale=1.0)
     norm = {"gain": 4.0, "bias": -1.2}
     tokens = jax.random.randint(jax.random.key(2), (3, 8), 0, 50)
     mask = np.arange(8)[None, :] < np.array([8, 5, 2])[:, None]
-    value = rl_programs.value_from_reward_model(rm, norm)
-    scores = jax.jit(train.sequence_scores, static_argnums=3)  # eager, the GPT is op-by-op and slow
+    value = scoring.value_from_reward_model(rm, norm)
+    scores = jax.jit(models.sequence_scores, static_argnums=3)  # eager, the GPT is op-by-op and slow
     expected = 4.0 * scores(rm, tokens, mask, cfg) - 1.2
     np.testing.assert_allclose(scores(value, tokens, mask, cfg), expected, rtol=1e-5, atol=1e-6)
 
@@ -225,10 +225,10 @@ def test_ppo_iteration_sharded_equals_single_device():
     cfg = ModelConfig(vocab_size=128, block_size=10, n_layer=1, n_head=2, n_embd=32)  # leaves big enough
     b, p, r, eos = 8, 6, 4, 3  # for the FSDP rule to split them
     k_policy, k_rm, k_head, k_prompt, k_run = jax.random.split(jax.random.key(0), 5)
-    policy = model.init_params(k_policy, cfg)
-    rm = {"gpt": model.init_params(k_rm, cfg), "head": model.init_scalar_head(k_head, cfg, scale=1.0)}
+    policy = models.init_params(k_policy, cfg)
+    rm = {"gpt": models.init_params(k_rm, cfg), "head": models.init_scalar_head(k_head, cfg, scale=1.0)}
     norm = {"gain": 2.0, "bias": -0.2}
-    rl_cfg = rl.RLConfig(kl_coef=0.05, epochs=2, minibatches=2, no_eos_penalty=-1.0)
+    rl_cfg = train.RLConfig(kl_coef=0.05, epochs=2, minibatches=2, no_eos_penalty=-1.0)
     sample_cfg = SampleConfig(max_new_tokens=r, eos_id=eos, pad_id=eos)
     prompt = np.asarray(jax.random.randint(k_prompt, (b, p), 4, 128), np.int32)
     prompt_mask = np.arange(p)[None, :] >= np.array([0, 1, 2, 3, 0, 5, 4, 0])[:, None]
@@ -236,27 +236,25 @@ def test_ppo_iteration_sharded_equals_single_device():
     def run(mesh):
         # SGD: Adam turns rounding-level differences of near-zero gradients into lr-sized steps.
         tx = optax.sgd(0.05)
-        params = rl.init_rl_params(policy, rl_programs.value_from_reward_model(rm, norm), rl_cfg)
-        state = parallel.put(rl.init_rl_state(params, tx, rl_cfg), mesh)
+        params = train.init_rl_params(policy, scoring.value_from_reward_model(rm, norm), rl_cfg)
+        state = parallel.put(train.init_rl_state(params, tx, rl_cfg), mesh)
         ref_params, rm_params = parallel.put(policy, mesh), parallel.put(rm, mesh)
-        iteration, evaluate = rl_programs.jit_programs(
-            rl_programs.make_iteration(cfg, sample_cfg, tx, rl_cfg, norm, cfg),
-            rl_programs.make_evaluate(cfg, sample_cfg, cfg),
-            mesh,
-            state,
-            ref_params,
-            rm_params,
+        iteration = rl_programs.jit_iteration(
+            rl_programs.make_iteration(cfg, sample_cfg, tx, rl_cfg, norm, cfg), mesh, state, ref_params, rm_params
+        )
+        evaluate = rl_programs.jit_evaluate(
+            rl_programs.make_evaluate(cfg, sample_cfg, cfg), mesh, state.params["policy"], ref_params, rm_params
         )
         batch = parallel.shard_batch((prompt, prompt_mask), mesh)
         history = []
         for i in range(2):
             key = jax.random.fold_in(k_run, i)
             state, metrics, _ = iteration(state, ref_params, rm_params, *batch, key, None)
-            history.append(parallel.scalars(metrics))
+            history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
         rows, rollout = evaluate(state.params["policy"], ref_params, rm_params, *batch, k_run)
         return history, jax.device_get(rows), jax.device_get(rollout.response), jax.device_get(state.params)
 
-    single = run(parallel.single_device_mesh())
+    single = run(parallel.make_mesh(1, 1, devices=jax.devices()[:1]))
     mesh = parallel.make_mesh(data=4, fsdp=2)
     sharded = run(mesh)
     assert parallel.tree_shardings(policy, mesh)["wte"].spec != (), "the FSDP rule splits the embedding"
@@ -281,7 +279,7 @@ def test_sft_starts_from_a_local_hugging_face_directory_of_another_architecture(
     import transformers
 
     from experiments.tldr import run
-    from jaxrlhf import hf
+    from jaxrlhf.models import hf
 
     torch.manual_seed(0)
     config = transformers.Qwen3Config(
@@ -308,7 +306,7 @@ def test_sft_starts_from_a_local_hugging_face_directory_of_another_architecture(
     mcfg = common.model_config(cfg)
     assert mcfg.qk_norm and mcfg.head_dim == 16 and mcfg.kv_heads == 2 and mcfg.block_size == 72
     state, _ = checkpoint.restore(out, "sft", jax.eval_shape(common.sft_state_init(common.Setup(
-        cfg, mcfg, None, "", parallel.single_device_mesh())), jax.random.key(0)))  # fmt: skip
+        cfg, mcfg, None, "", parallel.make_mesh(1, 1, devices=jax.devices()[:1]))), jax.random.key(0)))  # fmt: skip
     weights, _ = hf.load(tmp_path / "qwen3", mcfg)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(weights), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-8)

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiktoken.load import load_tiktoken_bpe
 
-from jaxrlhf.tokenizers import (
-    GPT2_EOS,
+from jaxrlhf.text.tokenizer import GPT2_EOS
+from jaxrlhf.text import (
     CharTokenizer,
     GPT2Tokenizer,
     load_tokenizer,
@@ -155,7 +155,7 @@ def test_gpt2_save_load_round_trip(tmp_path, gpt2):
 
 def test_gpt2_batch_and_stop_at_eos(gpt2):
     texts = ["Hello world", "a", " the the the"]
-    ids, mask = gpt2.encode_batch(texts, 5, pad="left")
+    ids, mask = gpt2.encode_batch(texts, 5, side="left")
     assert ids.dtype == np.int32 and mask.dtype == bool
     np.testing.assert_array_equal(ids[0], [50256, 50256, 50256, 15496, 995])
     np.testing.assert_array_equal(mask.sum(-1), [2, 1, 3])
@@ -208,10 +208,10 @@ def test_char_unknown_characters_map_to_unk():
 
 def test_char_batch_padding_and_truncation():
     tok = CharTokenizer.from_corpus(["abc"])  # a=0 b=1 c=2 ⏎=3
-    ids, mask = tok.encode_batch(["ab", "cab", ""], 4, pad="left")
+    ids, mask = tok.encode_batch(["ab", "cab", ""], 4, side="left")
     np.testing.assert_array_equal(ids, [[3, 3, 0, 1], [3, 2, 0, 1], [3, 3, 3, 3]])
     np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]])
-    ids, mask = tok.encode_batch(["ab", "cab"], pad="right")
+    ids, mask = tok.encode_batch(["ab", "cab"], side="right")
     np.testing.assert_array_equal(ids, [[0, 1, 3], [2, 0, 1]])
     np.testing.assert_array_equal(mask, [[1, 1, 0], [1, 1, 1]])
     assert tok.decode_batch(ids, mask) == ["ab", "cab"]
@@ -219,8 +219,8 @@ def test_char_batch_padding_and_truncation():
         tok.encode_batch(["abcab"], 3)
     np.testing.assert_array_equal(tok.encode_batch(["abcab"], 3, truncate="left")[0], [[2, 0, 1]])
     np.testing.assert_array_equal(tok.encode_batch(["abcab"], 3, truncate="right")[0], [[0, 1, 2]])
-    with pytest.raises(ValueError, match="pad="):
-        pad_batch([[1]], 2, pad_id=0, pad="middle")
+    with pytest.raises(ValueError, match="side="):
+        pad_batch([[1]], 2, pad_id=0, side="middle")
 
 
 @pytest.mark.parametrize("name", ["tok.json", "tok_dir"])

@@ -27,9 +27,12 @@ if str(REPO) not in sys.path:  # experiments/ is not an installed package: impor
     sys.path.insert(0, str(REPO))
 
 from experiments.ultrafeedback import common, encoding, rebel, run, stages  # noqa: E402
-from jaxrlhf import data, flags, model, ops, train  # noqa: E402
-from jaxrlhf.hf_tokenizer import HFTokenizer  # noqa: E402
-from jaxrlhf.pipeline import online, pairs  # noqa: E402
+from jaxrlhf import data, ops, train  # noqa: E402
+from jaxrlhf.engine import flags
+from jaxrlhf import models
+from jaxrlhf.text import HFTokenizer  # noqa: E402
+from jaxrlhf.stages import online  # noqa: E402
+from jaxrlhf.stages import preference as pairs  # noqa: E402
 
 sys.path.insert(0, str(REPO / "scripts"))
 import tiny_chat_model  # noqa: E402
@@ -133,7 +136,7 @@ def test_pair_step_dpo_learns_and_skips_padding(tiny_cfg):
     mask = np.ones((8, 2, 12), bool)
     loss_mask = np.zeros((8, 2, 12), bool)
     loss_mask[..., 6:] = True
-    params = model.init_params(jax.random.key(1), tiny_cfg)
+    params = models.init_params(jax.random.key(1), tiny_cfg)
     ref = np.asarray(
         train.pair_logprobs(params, train.PrefBatch(tokens, mask, loss_mask, None, None, None), tiny_cfg)
     )
@@ -379,7 +382,7 @@ def test_pipeline_end_to_end_then_killed_in_every_stage_and_resumed(base_dir, sh
         loss_mask = np.concatenate([np.zeros_like(rows["prompt_mask"]), rows["response_mask"]], 1)
 
         def forward(p):  # the tempered policy the sampler draws from: log_softmax(logits / 0.8)
-            logits = model.logits_fn(p, tokens, mask, setup.model_cfg) / cfg.generate.temperature
+            logits = models.logits_fn(p, tokens, mask, setup.model_cfg) / cfg.generate.temperature
             lp = ops.token_logprobs(logits[:, :-1], tokens[:, 1:])
             return ops.masked_sum(lp, loss_mask[:, 1:], axis=-1)
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.hf_tokenizer import HFTokenizer
-from jaxrlhf.pipeline.handoff import PromptAnswers
-from jaxrlhf.pipeline.online import Prompts
-from jaxrlhf.pipeline.reward import Comparisons
-from jaxrlhf.pipeline.setup import Setup
+from jaxrlhf.text import HFTokenizer, pad_batch
+from jaxrlhf.stages.batches import PromptAnswers
+from jaxrlhf.stages.online import Prompts
+from jaxrlhf.stages.reward import Comparisons
+from jaxrlhf.stages.setup import Setup
 
 
 def template_special_tokens(tok: HFTokenizer, cfg) -> int:
@@ -47,7 +47,7 @@ def encode_prompts(setup: Setup, texts: list[str], index: np.ndarray) -> tuple[P
         kept.append(enc.ids)
         kept_index.append(i)
         kept_texts.append(text)
-    ids, mask = data.pad_batch(kept, width, pad_id=tok.pad_id, side="left") if kept else (
+    ids, mask = pad_batch(kept, width, pad_id=tok.pad_id, side="left") if kept else (
         np.zeros((0, width), np.int32), np.zeros((0, width), bool))  # fmt: skip
     return Prompts(ids.astype(np.int32), mask, np.asarray(kept_index, np.int64), kept_texts), len(
         texts
@@ -63,7 +63,7 @@ def encode_answer_texts(
     seqs = [ids + [tok.eos_id] for ids in tok.encode_many(texts)]
     fits = np.array([len(s) - 1 <= budget for s in seqs], bool)
     seqs = [s if f else s[: budget + 1] for s, f in zip(seqs, fits, strict=True)]
-    ids, mask = data.pad_batch(seqs, budget + 1, pad_id=tok.pad_id, side="right")
+    ids, mask = pad_batch(seqs, budget + 1, pad_id=tok.pad_id, side="right")
     return ids.astype(np.int32), mask, fits
 
 

@@ -8,15 +8,21 @@ import dataclasses
 
 import numpy as np
 
-from experiments.ultrafeedback import common, encoding
-from jaxrlhf import data, hf, parallel, preference, rewards, runner, train
-from jaxrlhf import tokenizers as jaxrlhf_tokenizers
-from jaxrlhf.pipeline import handoff, online, pairs, recipe, reward
-from jaxrlhf.pipeline.setup import Setup
+from experiments.ultrafeedback import encoding
+from experiments.ultrafeedback import recipe as common
+from jaxrlhf import models, parallel
+from jaxrlhf.models import hf
+from jaxrlhf.rollout import scoring
+from jaxrlhf.engine import loop
+from jaxrlhf import text as jaxrlhf_tokenizers
+from jaxrlhf.text import pad_batch
+from jaxrlhf.stages import batches, handoff, online, recipe, reward
+from jaxrlhf.stages import preference as pairs
+from jaxrlhf.stages.setup import Setup
 
 
-def _result(summary: dict | None) -> runner.StageResult:
-    return runner.StageResult(state=None, history=[], summary=summary or {"stopped": True})
+def _result(summary: dict | None) -> loop.StageResult:
+    return loop.StageResult(state=None, history=[], summary=summary or {"stopped": True})
 
 
 def check_data_stages(setup: Setup, names) -> None:
@@ -34,7 +40,7 @@ def check_data_stages(setup: Setup, names) -> None:
 # ---------------------------------------------------------------------------------------------- rm
 
 
-def run_rm(setup: Setup) -> runner.StageResult:
+def run_rm(setup: Setup) -> loop.StageResult:
     """Bradley-Terry on UltraFeedback's (chosen, rejected) pairs, from the base model; held-out accuracy on
     the eval split."""
     cfg = setup.cfg
@@ -64,7 +70,7 @@ def policy_params(setup: Setup, t: int) -> tuple[object, str]:
         return common.base_params(setup), "base"
     n_pairs = common.pairs_of(cfg, t - 1)
     steps = cfg.rebel.steps(n_pairs)
-    target = handoff.state_target(setup, pairs.pair_state_init(setup, cfg.rebel, n_pairs))
+    target = handoff.state_target(setup.mesh, pairs.pair_state_init(setup, cfg.rebel, n_pairs))
     state, _ = handoff.restore_finished(cfg.out, f"rebel_{t - 1}", steps, target)
     return state.params, f"rebel_{t - 1} step {steps}"
 
@@ -73,7 +79,7 @@ def needs_reference(cfg) -> bool:
     return cfg.rebel.algo != "rebel" or cfg.rebel.kl_coef > 0
 
 
-def run_generate(setup: Setup, t: int) -> runner.StageResult:
+def run_generate(setup: Setup, t: int) -> loop.StageResult:
     cfg = setup.cfg
     name = f"generate_{t}"
     prompts, counts = encoding.iteration_prompts(setup, t)
@@ -102,10 +108,10 @@ def _score_rows(setup: Setup, params, mcfg):
     mesh, b = setup.mesh, setup.cfg.score.batch_size
 
     def score(params, batch):
-        return train.sequence_scores(params, batch[0], batch[1], mcfg)
+        return models.sequence_scores(params, batch[0], batch[1], mcfg)
 
-    fn = handoff.jit_eval(score, mesh, params)
-    return lambda tokens, mask: handoff.evaluate_rows(fn, params, (tokens, mask), b, mesh)
+    fn = batches.jit_eval(score, mesh, params)
+    return lambda tokens, mask: batches.evaluate_rows(fn, params, (tokens, mask), b, mesh)
 
 
 def _rows_scorer(setup: Setup, params, mcfg):
@@ -168,7 +174,7 @@ def hf_scorer(setup: Setup):
         ]
         seqs = [rm_tok.apply_chat_template(c, date_string=cfg.data.date_string).ids for c in convs]
         width = -(-max(len(s) for s in seqs) // 64) * 64  # few shapes: few compiles
-        tokens, mask = data.pad_batch(seqs, width, pad_id=rm_tok.pad_id, side="right")
+        tokens, mask = pad_batch(seqs, width, pad_id=rm_tok.pad_id, side="right")
         return score(tokens.astype(np.int32), mask)
 
     return scorer, True
@@ -176,7 +182,7 @@ def hf_scorer(setup: Setup):
 
 def vader_scorer(setup: Setup):
     def scorer(arrays, texts):
-        return rewards.vader_scores([a for rec in texts for a in rec["answers"]])
+        return scoring.vader_scores([a for rec in texts for a in rec["answers"]])
 
     return scorer
 
@@ -184,7 +190,7 @@ def vader_scorer(setup: Setup):
 def make_scorer(setup: Setup) -> tuple[object, dict]:
     cfg = setup.cfg
     if cfg.score.reward == "rm":
-        target = handoff.state_target(setup, reward.reward_state_init(setup, cfg.rm))
+        target = handoff.state_target(setup.mesh, reward.reward_state_init(setup, cfg.rm))
         state, _ = handoff.restore_finished(cfg.out, "rm", cfg.rm.steps, target)
         return _rows_scorer(setup, state.params, setup.model_cfg), {"reward": "rm"}
     if cfg.score.reward == "hf":
@@ -193,7 +199,7 @@ def make_scorer(setup: Setup) -> tuple[object, dict]:
     return vader_scorer(setup), {"reward": "vader"}
 
 
-def run_score(setup: Setup, t: int) -> runner.StageResult:
+def run_score(setup: Setup, t: int) -> loop.StageResult:
     cfg = setup.cfg
     name = f"score_{t}"
     answers = online.require(
@@ -227,7 +233,7 @@ def iteration_rows(cfg, t: int) -> tuple[dict, np.ndarray, dict]:
     return rows, scores, gen
 
 
-def run_filter(setup: Setup, t: int) -> runner.StageResult:
+def run_filter(setup: Setup, t: int) -> loop.StageResult:
     """Unfinished / over-long / too-short answers, duplicates and ties dropped and counted, a (best, worst)
     pair per prompt; <out>/iter_t/filter/pairs.npz (+ pairs.jsonl as text) and filter.json.
 
@@ -240,7 +246,7 @@ def run_filter(setup: Setup, t: int) -> runner.StageResult:
     online.start_data_stage(root / "filter", common.stage_meta(cfg, f"filter_{t}"))
     rewards_ = scores
     if cfg.rebel.algo == "rebel" and cfg.rebel.kl_coef > 0:
-        rewards_ = np.asarray(preference.rebel_rewards(
+        rewards_ = np.asarray(scoring.rebel_rewards(
             scores, rows["finished"], rows["policy_logprobs"], rows["ref_logprobs"], kl_coef=cfg.rebel.kl_coef
         ))  # fmt: skip
     n = cfg.generate.answers
@@ -290,7 +296,7 @@ def run_filter(setup: Setup, t: int) -> runner.StageResult:
 # ------------------------------------------------------------------------------------------- rebel
 
 
-def run_rebel(setup: Setup, t: int) -> runner.StageResult:
+def run_rebel(setup: Setup, t: int) -> loop.StageResult:
     """REBEL (or DPO / IPO) from the policy that sampled iteration t, on its fixed pairs."""
     cfg = setup.cfg
     root = common.iter_dir(cfg, t)
@@ -315,14 +321,3 @@ def runner_of(name: str):
     if stage == "rm":
         return run_rm
     return lambda setup: RUNNERS[stage](setup, t)
-
-
-def run_stages(setup: Setup) -> int:
-    """The run's stage instances in order (see common.instance_names); finished ones skipped with
-    --resume."""
-    names = common.instance_names(setup.cfg)
-    check_data_stages(setup, names)
-    return recipe.run_stages(
-        setup, names, {n: runner_of(n) for n in names}, common.stage_finished, resume=setup.cfg.resume,
-        tag="ultrafeedback",
-    )  # fmt: skip

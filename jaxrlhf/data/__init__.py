@@ -1,4 +1,4 @@
-"""Data sets as TFDS builders (array_record, read without TensorFlow) and batching helpers.
+"""Data sets as TFDS builders (array_record, read without TensorFlow).
 
     load_tweets(split, data_dir=None, *, cache_dir=None)        tweets: text, sentiment
     load_tldr(split, data_dir=None, *, cache_dir=None)          TL;DR post/summary pairs
@@ -6,19 +6,11 @@
     load_sst2(split, data_dir=None, *, cache_dir=None)          GLUE SST-2: sentence, label
     load_ultrafeedback(split, data_dir=None, *, cache_dir=None) UltraFeedback: prompt, chosen, rejected
     format_tldr_prompt(...)                                     TL;DR prompt in a token budget
-    pad_batch, iterate_batches, train_val_split                 host-side batching
 
 Where the files come from (data_dir > $JAXRLHF_DATA_DIR > cache > checked download): `common`. A source
 file that does not parse is a `DataFormatError` (a ValueError) naming the file, the line and the field.
 """
 
-from jaxrlhf.data.batching import (
-    epoch_permutation,
-    iterate_batches,
-    num_batches,
-    pad_batch,
-    train_val_split,
-)
 from jaxrlhf.data.common import ChecksumError, DataFormatError, DataNotFoundError
 from jaxrlhf.data.sst2 import load_sst2
 from jaxrlhf.data.tldr import load_comparisons, load_tldr
@@ -30,15 +22,10 @@ __all__ = [
     "ChecksumError",
     "DataFormatError",
     "DataNotFoundError",
-    "epoch_permutation",
     "format_tldr_prompt",
-    "iterate_batches",
     "load_comparisons",
     "load_sst2",
     "load_tldr",
     "load_tweets",
     "load_ultrafeedback",
-    "num_batches",
-    "pad_batch",
-    "train_val_split",
 ]

@@ -121,15 +121,6 @@ def canonical_split(split: str, aliases: Mapping[str, str] = SPLIT_ALIASES) -> s
     return aliases.get(split.lower(), split)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _holding_folder(spec: DataSpec, folder: pathlib.Path) -> pathlib.Path | None:
     """`folder` or `folder/<subdir>`, whichever holds the data set's files; None if neither does."""
     for candidate in (folder, folder / spec.subdir):

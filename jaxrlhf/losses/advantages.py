@@ -69,21 +69,27 @@ def compute_gae(
 
 def whiten_advantages(
     advantages: jax.Array,
-    response_mask: jax.Array,
+    response_mask: jax.Array | None = None,
     shift_mean: bool = True,
     eps: float = 1e-8,
     *,
     axis_name: ops.AxisName = None,
 ) -> jax.Array:
-    """(A - mean) / std over all real tokens of the batch; `shift_mean=False` adds the mean back.
+    """(x - mean) / std over all real tokens of the batch; `shift_mean=False` adds the mean back.
 
-    Whitening as in lm-human-preferences (Ziegler et al. 2019). [B, R] -> [B, R], 0 on padding. With
-    `axis_name` (inside `jax.shard_map`) the mean and the Bessel-corrected std are those of every
-    device's real tokens together.
+    Whitening as in lm-human-preferences (Ziegler et al. 2019), of advantages, and with shift_mean=False
+    of per-token rewards (its whiten_rewards). [B, R] -> [B, R], 0 on padding. Statistics are global over
+    all axes: the Bessel-corrected variance of every real token; with `axis_name` (inside
+    `jax.shard_map`) the mean, the variance and the count are those of every device's real tokens
+    together.
     """
-    return ops.masked_whiten(
-        _float(advantages), response_mask, shift_mean=shift_mean, eps=eps, axis_name=axis_name
-    )
+    x = _float(advantages)
+    mean = ops.masked_mean(x, response_mask, axis_name=axis_name)
+    var = ops.masked_var(x, response_mask, axis_name=axis_name)
+    white = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        white = white + mean
+    return white if response_mask is None else jnp.where(response_mask, white, jnp.zeros_like(white))
 
 
 def rloo_advantages(scores: jax.Array, mask: jax.Array | None = None) -> jax.Array:

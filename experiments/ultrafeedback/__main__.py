@@ -1,0 +1,9 @@
+"""`python -m experiments.ultrafeedback`: the UltraFeedback REBEL pipeline (see recipe.py, README.md)."""
+
+import sys
+
+from experiments.ultrafeedback.recipe import RECIPE
+from jaxrlhf.stages import recipe
+
+if __name__ == "__main__":
+    sys.exit(recipe.main(RECIPE, prog="python -m experiments.ultrafeedback"))

@@ -1,0 +1,410 @@
+"""The data stages of an online preference pipeline (the RLHF guide's REBEL pipeline): n answers per prompt
+written as data, and their rewards; `pairs` has the pair selection and the update.
+
+    generate   sharded sampling, one shard of prompts at a time (`run_generate`): <dir>/shard_K.npz holds the
+               rows as token arrays (prompt left-padded, answer right-padded: the rollout layout
+               [PAD]... PROMPT | ANSWER <stop> [PAD]...), the sampler's logprobs and the teacher-forced
+               logprobs of the policy (REBEL's pi_t) and of the reference; shard_K.jsonl the text.
+    score      a reward per answer, one shard at a time (`run_score`).
+    filter     `pairs.filter_answers`: unfinished, too long / short, duplicates, ties dropped and counted.
+    update     `pairs.run_pair_stage`: REBEL's regression (several passes per batch of pairs), DPO or IPO.
+
+The data stages write through etils epath (local or gs://), each file at once (written under a .tmp name,
+then renamed), so a kill leaves whole shards only and `--resume` starts at the first missing one. A data
+stage is finished once its summary file is written; its meta (what must match to resume) lies in
+<dir>/meta.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from tqdm.auto import tqdm
+
+from jaxrlhf import parallel
+from jaxrlhf.engine import loop
+from jaxrlhf.rollout import SampleConfig
+from jaxrlhf.rollout import pairs as pairs_lib
+from jaxrlhf.validate import check_at_least
+from jaxrlhf.stages import batches, handoff
+from jaxrlhf.stages.handoff import StageError
+from jaxrlhf.stages.setup import Setup
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def write_npz(path: epath.Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """`arrays` as one .npz at `path`, written whole (a .tmp file, then renamed), from process 0."""
+    if not handoff.main_process():
+        return
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    _write_whole(path, buffer.getvalue())
+
+
+def _write_whole(path: epath.Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_bytes(content)
+    tmp.rename(path)
+
+
+def write_jsonl(path: epath.Path, records: Sequence[dict]) -> None:
+    """One JSON record per line at `path`, written whole, from process 0."""
+    if handoff.main_process():
+        _write_whole(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def read_npz(path: epath.Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file (local or gs://).
+
+    Raises:
+      ValueError: the file is not a readable .npz; one line naming it and the fix.
+    """
+    try:
+        with np.load(io.BytesIO(path.read_bytes())) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(
+            f"{path} is not a readable .npz ({type(err).__name__}): delete it and rerun with --resume"
+        ) from None
+
+
+def read_json(path: epath.Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_data_stage(root: epath.Path, meta: dict, *, resume: bool, flag: str = "--out") -> None:
+    """Refuse, before anything is written, a data stage at `root` that a run may not continue: data there
+    without --resume, or data of another config.
+
+    Raises:
+      FileExistsError / ValueError: one line naming the folder and the fix.
+    """
+    meta_file = root / "meta.json"
+    if not meta_file.exists():
+        return
+    if not resume:
+        raise FileExistsError(
+            f"{root} already holds data of this stage; pass --resume to continue it, or use another {flag}"
+        )
+    stored = _flat(read_json(meta_file).get("config", {}))
+    expected = _flat(json.loads(json.dumps(meta.get("config", {}))))
+    bad = [
+        f"{k}: {stored.get(k)!r} -> {expected.get(k)!r}"
+        for k in sorted(set(stored) | set(expected))
+        if stored.get(k) != expected.get(k)
+    ]
+    if bad:
+        raise ValueError(
+            f"{root} was written with another config ({'; '.join(bad[:4])}); resume with the same flags or "
+            f"use another {flag}"
+        )
+
+
+def start_data_stage(root: epath.Path, meta: dict) -> None:
+    """Create `root` and its meta.json (once)."""
+    if handoff.main_process():
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / "meta.json").exists():
+            _write_whole(root / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def done(summary_file: epath.Path) -> bool:
+    return summary_file.exists()
+
+
+def require(summary_file: epath.Path, what: str, fix: str) -> dict:
+    """The summary of a finished data stage.
+
+    Raises:
+      StageError: it has not finished; the message says how to finish it.
+    """
+    if not summary_file.exists():
+        raise StageError(f"{what} has not finished ({summary_file} is missing): {fix}")
+    return read_json(summary_file)
+
+
+def shard_path(root: epath.Path, k: int, suffix: str = ".npz") -> epath.Path:
+    return root / f"shard_{k:05d}{suffix}"
+
+
+def read_shards(root: epath.Path, n_shards: int) -> dict[str, np.ndarray]:
+    """The rows of shards 0 .. n_shards - 1 concatenated."""
+    parts = [read_npz(shard_path(root, k)) for k in range(n_shards)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+# ---------------------------------------------------------------------------------------- generate
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerateConfig:
+    """N sampled answers per prompt from the current policy.
+
+    Attributes:
+      prompts: prompts per iteration (0: every training prompt): iteration t takes the next ones.
+      answers: N, answers per prompt (at least 2: a pair needs two).
+      batch_size: prompts per sampler call and per shard of the written data (a multiple of the data
+        devices); the last shard is padded.
+      temperature: sampling temperature (> 0: a pair needs different answers).
+      top_k: top-k filter (0 = off).
+      top_p: nucleus filter (1.0 = off).
+    """
+
+    prompts: int = 0
+    answers: int = 5
+    batch_size: int = 8
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        check_at_least(self, 0, "prompts", "top_k")
+        check_at_least(self, 1, "batch_size")
+        check_at_least(self, 2, "answers")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature}; sample with a temperature > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}; use a value in (0, 1] (1 = off)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """Prompts as token arrays with what they came from.
+
+    Attributes:
+      prompt: [B, P] int32, left-padded.   prompt_mask: [B, P] bool.
+      index: [B] int64, the row of each prompt in its data set.
+      texts: the B prompt texts (before the chat template).
+    """
+
+    prompt: np.ndarray
+    prompt_mask: np.ndarray
+    index: np.ndarray
+    texts: list[str]
+
+
+def params_fingerprint(params) -> str:
+    """Which weights sampled a shard: sha256 over every leaf's sum and sum of squares (float32, in tree
+    order), computed where the params lie (sharded or not), so two policies that differ anywhere differ
+    here but for a vanishing chance."""
+    stats = [jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
+             for x in jax.tree.leaves(params)]  # fmt: skip
+    values = np.asarray(jax.device_get(jnp.stack(stats)), np.float32)
+    return hashlib.sha256(values.tobytes()).hexdigest()
+
+
+def sync(tag: str) -> None:
+    """Every process waits here (after process 0 wrote a file the others read); a no-op alone."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(tag)
+
+
+def _bar(total: int, done_: int, name: str, progress: bool) -> tqdm:
+    """A shard bar, on process 0 only."""
+    return tqdm(total=total, initial=done_, desc=name, disable=not progress or not handoff.main_process(),
+                dynamic_ncols=True)  # fmt: skip
+
+
+def make_generate(setup: Setup, params, sample_cfg: SampleConfig, n: int, reference=None):
+    """jit of (params, reference, prompt, prompt_mask, key) -> rollout of B * n rows, the policy's and the
+    reference's teacher-forced answer logprobs [B * n] (the reference's only with `reference`)."""
+    mesh, mcfg = setup.mesh, setup.model_cfg
+
+    def gen(params, reference, prompt, prompt_mask, key):
+        rollout = pairs_lib.generate_answers(params, prompt, prompt_mask, mcfg, sample_cfg, n, key=key)
+        policy_lp = pairs_lib.rollout_logprobs(params, rollout, mcfg)
+        ref_lp = policy_lp if reference is None else pairs_lib.rollout_logprobs(reference, rollout, mcfg)
+        return rollout, policy_lp, ref_lp
+
+    shardings = parallel.tree_shardings(params, mesh)
+    ref_shardings = None if reference is None else parallel.tree_shardings(reference, mesh)
+    batch = parallel.batch_sharding(mesh)
+    return jax.jit(
+        parallel.on_mesh(gen, mesh),  # activations split over the batch, weights gathered (FSDP)
+        in_shardings=(shardings, ref_shardings, batch, batch, parallel.replicated(mesh)),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+
+def run_generate(
+    setup: Setup,
+    gcfg: GenerateConfig,
+    *,
+    root: epath.Path,
+    meta: dict,
+    prompts: Prompts,
+    params,
+    reference,
+    sample_cfg: SampleConfig,
+    key: jax.Array,
+    progress: bool = True,
+    stop_after: int | None = None,
+    summary: dict | None = None,
+) -> dict | None:
+    """Sample `gcfg.answers` answers to every prompt, a shard of `gcfg.batch_size` prompts at a time, and
+    write each shard (see the module doc); shards already written are kept (a resume). Returns the
+    summary (also written to <root>.json), or None when `stop_after` shards stopped it first.
+
+    Args:
+      setup: the run's setup.
+      gcfg: the stage's config.
+      root: the folder of the shards.
+      meta: what must match to resume (meta.json).
+      prompts: the prompts (at least one).
+      params: the sampling policy (placed on the mesh here).
+      reference: the frozen reference whose logprobs are stored too, or None (then the policy's).
+      sample_cfg: the sampler settings (max_new_tokens, stop ids, ...).
+      key: the stage's key; shard k samples with fold_in(key, k).
+      progress: a tqdm bar.
+      stop_after: write at most this many new shards (tests of resume).
+      summary: extra fields of the summary.
+    """
+    n, b = gcfg.answers, gcfg.batch_size
+    n_prompts = len(prompts.index)
+    n_shards = -(-n_prompts // b)
+    start_data_stage(root, meta)
+    params = parallel.put(params, setup.mesh)
+    digest = params_fingerprint(params)
+    reference = None if reference is None else parallel.put(reference, setup.mesh)
+    gen = make_generate(setup, params, sample_cfg, n, reference)
+    tokenizer = setup.tokenizer
+    special = np.zeros(max(setup.model_cfg.vocab_size, tokenizer.vocab_size), bool)
+    special[list(getattr(tokenizer, "special_ids", ()) or ())] = True
+    position = {int(i): j for j, i in enumerate(prompts.index)}
+    todo = [k for k in range(n_shards) if not shard_path(root, k).exists()]
+    bar = _bar(n_shards, n_shards - len(todo), root.name, progress)
+    t0, written = time.perf_counter(), 0
+    for k in todo:
+        if stop_after is not None and written >= stop_after:
+            bar.close()
+            return None
+        idx = np.arange(k * b, (k + 1) * b)
+        valid = idx < n_prompts
+        idx = np.where(valid, idx, 0)
+        batch = batches.put_batch((prompts.prompt[idx], prompts.prompt_mask[idx]), setup.mesh)
+        rollout, policy_lp, ref_lp = gen(params, reference, *batch, jax.random.fold_in(key, k))
+        rollout, policy_lp, ref_lp = jax.device_get((rollout, policy_lp, ref_lp))
+        rows_valid = np.repeat(valid, n)
+        arrays = dict(
+            prompt_index=np.repeat(prompts.index[idx], n),
+            prompt=np.asarray(rollout.prompt),
+            prompt_mask=np.asarray(rollout.prompt_mask),
+            response=np.asarray(rollout.response),
+            response_mask=np.asarray(rollout.response_mask),
+            finished=np.asarray(rollout.finished),
+            sampler_logprobs=np.asarray(pairs_lib.sampler_logprobs(rollout)),
+            policy_logprobs=np.asarray(policy_lp),
+            ref_logprobs=np.asarray(ref_lp),
+            valid=rows_valid,
+        )
+        arrays = {name: x[rows_valid] for name, x in arrays.items()}
+        texts = []
+        for i in range(0, len(arrays["response"]), n):
+            answers = [
+                tokenizer.decode(r[m & ~special[r]].tolist())
+                for r, m in zip(
+                    arrays["response"][i : i + n], arrays["response_mask"][i : i + n], strict=True
+                )
+            ]
+            j = position[int(arrays["prompt_index"][i])]
+            texts.append({"prompt_index": int(arrays["prompt_index"][i]), "prompt": prompts.texts[j],
+                          "answers": answers})  # fmt: skip
+        write_jsonl(shard_path(root, k, ".jsonl"), texts)
+        write_npz(shard_path(root, k), arrays)  # last: a shard counts once its arrays are written
+        sync(f"{root}:{k}")
+        written += 1
+        bar.update(1)
+    bar.close()
+    rows = read_shards(root, n_shards)
+    lengths = (rows["response_mask"] & ~special[rows["response"]]).sum(1)
+    record = {
+        **(summary or {}),
+        "prompts": n_prompts,
+        "answers": int(len(rows["response"])),
+        "answers_per_prompt": n,
+        "shards": n_shards,
+        "finished_fraction": float(rows["finished"].mean()),
+        "mean_answer_tokens": float(lengths.mean()),
+        "policy_fingerprint": digest,
+        "wall_s_this_run": round(time.perf_counter() - t0, 3),
+    }
+    if written:
+        record["answer_tokens_per_s_this_run"] = round(float(lengths.sum()) * written / n_shards
+                                                       / max(time.perf_counter() - t0, 1e-9), 1)  # fmt: skip
+    handoff.write_json(root.parent / f"{root.name}.json", record)
+    return record
+
+
+# ------------------------------------------------------------------------------------------- score
+
+
+def run_score(
+    *,
+    root: epath.Path,
+    answers_root: epath.Path,
+    n_shards: int,
+    meta: dict,
+    scorer: Callable[[dict, list[dict]], np.ndarray],
+    progress: bool = True,
+    stop_after: int | None = None,
+    summary: dict | None = None,
+) -> dict | None:
+    """A reward for every answer, shard by shard: `scorer(shard arrays, shard texts) -> [rows]` float;
+    <root>/shard_K.npz holds {"scores"}. Non-finite scores are refused. Returns the summary (also
+    <root>.json), or None when `stop_after` shards stopped it first.
+
+    Raises:
+      loop.NonFiniteError: a NaN / inf score (nothing is written for that shard).
+    """
+    start_data_stage(root, meta)
+    todo = [k for k in range(n_shards) if not shard_path(root, k).exists()]
+    bar = _bar(n_shards, n_shards - len(todo), root.name, progress)
+    written = 0
+    for k in todo:
+        if stop_after is not None and written >= stop_after:
+            bar.close()
+            return None
+        arrays = read_npz(shard_path(answers_root, k))
+        texts = [json.loads(x) for x in shard_path(answers_root, k, ".jsonl").read_text().splitlines()]
+        scores = np.asarray(scorer(arrays, texts), np.float32)
+        if scores.shape != (len(arrays["response"]),):
+            raise ValueError(f"the scorer gave {scores.shape} scores for {len(arrays['response'])} answers")
+        if not np.all(np.isfinite(scores)):
+            rows = np.flatnonzero(~np.isfinite(scores))[:5].tolist()
+            raise loop.NonFiniteError(
+                f"{root.name} shard {k}: non-finite reward at rows {rows}; check the reward model "
+                "(nothing was written for this shard)"
+            )
+        write_npz(shard_path(root, k), {"scores": scores})
+        sync(f"{root}:{k}")
+        written += 1
+        bar.update(1)
+    bar.close()
+    scores = np.concatenate([read_npz(shard_path(root, k))["scores"] for k in range(n_shards)])
+    record = {**(summary or {}), "answers": int(len(scores)), "mean_score": float(scores.mean()),
+              "std_score": float(scores.std())}  # fmt: skip
+    handoff.write_json(root.parent / f"{root.name}.json", record)
+    return record

@@ -1,0 +1,500 @@
+"""Policy optimisation (PPO, PG, GRPO, RLOO): rollout -> experience -> update.
+
+One RL iteration is three pure functions, each jittable on its own or composed into one program:
+
+  rollout = rollout.sample_fn(policy, prompt, prompt_mask, ...)          (sample)
+  scores  = reward_fn(rollout)                                            (host: VADER on decoded text;
+                                                                           or a JAX function: fused)
+  state, metrics = learn(state, ref_params, rollout, scores, key=...)    (experience + update)
+
+`learn` is `experience.make_experience` (old / reference logprobs, values, KL-shaped rewards,
+advantages) then the update: `epochs` shuffled passes of `minibatches` clipped updates (one for PG), each
+minibatch's gradient the policy's loss terms (`policy_loss`) then the critic's (`value_loss`), optionally
+accumulated over micro-batches (`micro_batching`).
+
+RL params are {"policy": GPT params} for policy gradient and {"policy": ..., "value": scalar model} for
+PPO (the critic is a separate model, as in InstructGPT, initialised from the reward model or the SFT
+model). The frozen reference is an argument, never part of the trained state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrlhf import losses
+from jaxrlhf.models import ModelConfig
+from jaxrlhf.rollout import sampler
+from jaxrlhf.rollout.sampler import Rollout, SampleConfig
+from jaxrlhf.train import micro_batching
+from jaxrlhf.train.experience import Experience, make_experience, response_logprobs, response_values
+from jaxrlhf.train.lm import LMBatch, lm_loss
+from jaxrlhf.train.state import TrainState, apply_gradients, init_train_state, mean_metrics, run_epochs
+from jaxrlhf.validate import check_at_least, check_choice, check_finite, check_positive, check_range
+
+Params = Any
+
+
+ALGOS = ("ppo", "pg", "grpo", "rloo")  # optimised with make_learn
+PAIR_ALGOS = ("rebel", "dpo", "ipo")  # online preference optimisation on best / worst pairs (make_pair_step)
+AGGREGATIONS = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "constant"]
+
+# The fields each algorithm sets when they are None, and where the numbers come from.
+ALGO_DEFAULTS = {
+    # lm-human-preferences (Ziegler et al. 2019, train_policy.py): kl_coef 0.2 in the reward (k1), 4 epochs,
+    # advantages whitened over the batch; the token-mean loss of TRL's PPO trainer.
+    "ppo": dict(kl_coef=0.2, kl_penalty="reward", kl_kind="k1", loss_agg="token_mean", whiten_advantages=True,
+                epochs=4),
+    "pg": dict(kl_coef=0.2, kl_penalty="reward", kl_kind="k1", loss_agg="token_mean", whiten_advantages=True,
+               epochs=1),
+    # DeepSeekMath (Shao et al. 2024, eq. 3 and section 4.1.2): beta 0.04 on the k3 estimate as a loss term,
+    # advantages standardised within each group and not again over the batch, the per-sequence token mean
+    # ("GRPO as written", TRL's loss_type "grpo"), one update per batch (TRL num_iterations 1).
+    "grpo": dict(kl_coef=0.04, kl_penalty="loss", kl_kind="k3", loss_agg="seq_mean_token_mean",
+                 whiten_advantages=False, epochs=1),
+    # RLOO (Ahmadian et al. 2024; TRL's RLOOTrainer): the sequence KL in the reward (k1), the leave-one-out
+    # baseline and no further normalisation, REINFORCE on each answer's summed logprob, one update.
+    "rloo": dict(kl_coef=0.05, kl_penalty="reward", kl_kind="k1", loss_agg="seq_mean_token_sum",
+                 whiten_advantages=False, epochs=1),
+    # The REBEL authors' code (ZhaolinGao/REBEL src/tldr/rebel.py): eta 1, kl_coef 0.05, 4 passes.
+    "rebel": dict(kl_coef=0.05, epochs=4),
+    # DPO (Rafailov et al. 2023) / IPO (Azar et al. 2023) as TRL's DPOTrainer: one pass; IPO on the
+    # per-token mean logprobs.
+    "dpo": dict(epochs=1, average_logprobs=False),
+    "ipo": dict(epochs=1, average_logprobs=True),
+}  # fmt: skip
+_RESOLVED = ("kl_coef", "kl_penalty", "kl_kind", "loss_agg", "whiten_advantages", "epochs", "average_logprobs")
+# RLConfig fields that act only for some algorithms: a pipeline refuses one given for another algorithm
+# (`inactive_fields`) instead of ignoring it.
+FIELD_ALGOS = {
+    "group_size": ("grpo", "rloo", *PAIR_ALGOS),
+    "grpo_scale_by_std": ("grpo",),
+    "gamma": ("ppo", "pg"),
+    "lam": ("ppo",),
+    "clip_eps": ("ppo", "grpo", "rloo"),
+    "value_clip_eps": ("ppo",),
+    "vf_coef": ("ppo",),
+    "epochs": ("ppo", "grpo", "rloo", *PAIR_ALGOS),
+    "minibatches": ("ppo", "grpo", "rloo", *PAIR_ALGOS),
+    "micro_batches": ALGOS,
+    "whiten_rewards": ("ppo", "pg"),
+    "whiten_advantages": ALGOS,
+    "ratio_level": ("ppo", "grpo", "rloo"),
+    "loss_agg": ALGOS,
+    "kl_coef": (*ALGOS, "rebel"),
+    "kl_target": ALGOS,
+    "kl_horizon": ALGOS,
+    "kl_penalty": ALGOS,
+    "kl_kind": ALGOS,
+    "ent_coef": ALGOS,
+    "dropout": ALGOS,
+    "ptx_coef": ALGOS,
+    "filtered_logprobs": ALGOS,
+    "eta": ("rebel",),
+    "beta": ("dpo", "ipo"),
+    "average_logprobs": ("dpo", "ipo"),
+    "no_eos_penalty": (*ALGOS, "rebel"),
+}
+
+
+def inactive_fields(algo: str, names) -> list[str]:
+    """The RLConfig fields among `names` (e.g. the flags a user gave) that do nothing for `algo`."""
+    return [name for name in names if algo not in FIELD_ALGOS.get(name, (*ALGOS, *PAIR_ALGOS))]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLConfig:
+    """Policy-optimisation settings of every online algorithm.
+
+    A field left None takes the algorithm's published default (`ALGO_DEFAULTS`, each with its source):
+    `RLConfig(algo="grpo")` is DeepSeekMath's GRPO (k3 KL as a loss with beta 0.04, group-standardised
+    advantages not re-whitened, the per-sequence token mean), `RLConfig(algo="ppo")` lm-human-preferences'
+    PPO (k1 KL in the reward, beta 0.2, whitened advantages, 4 epochs). `resolved()` fills them in; the
+    train functions take either. The rest: PPO numbers are lm-human-preferences' (Ziegler et al. 2019,
+    `train_policy.py`: horizon 10000, gamma 1, lam 0.95, cliprange 0.2 and cliprange_value 0.2, vf_coef 0.1,
+    one minibatch). It also whitens the rewards (without shifting their mean) before GAE; TRL does not, and
+    neither does this default (`whiten_rewards`).
+
+    Attributes:
+      algo: "ppo" (clipped surrogate + value head + GAE), "pg" (vanilla policy gradient on reward-to-go),
+        "grpo" (clipped surrogate, no value model, each answer's sequence reward standardised within
+        its group of `group_size` answers to one prompt: Shao et al. 2024), "rloo" (REINFORCE's
+        leave-one-out baseline, r_i - mean_{j != i} r_j: Ahmadian et al. 2024), or the online preference
+        algorithms on the best / worst of `group_size` answers: "rebel" (Gao et al. 2024), "dpo", "ipo".
+      group_size: K, answers per prompt (grpo, rloo, rebel, dpo, ipo: required there, refused elsewhere);
+        rows [iK, (i + 1)K) of a batch share a prompt.
+      grpo_scale_by_std: grpo divides by the group's std; False keeps the mean shift only (Dr. GRPO,
+        Liu et al. 2025, with loss_agg "constant").
+      ratio_level: "token" (PPO's per-token ratio) or "sequence" (GSPO, Zheng et al. 2025: one
+        length-normalised ratio per response, clipped as a whole; ppo, grpo, rloo).
+      loss_agg: how per-token policy (and KL) terms become the loss: "token_mean" (every token of the
+        batch alike; DAPO), "seq_mean_token_sum", "seq_mean_token_mean" (GRPO as written) or "constant"
+        (Dr. GRPO); see `losses.aggregate`. None: the algorithm's.
+      kl_coef: initial beta of the KL penalty to the frozen reference (rebel: the weight of the sequence KL
+        of pi_t to the reference in the reward). None: the algorithm's.
+      kl_target: per-sequence KL target of the adaptive controller (Ziegler et al.); None = fixed beta.
+      kl_horizon: the controller's horizon in samples.
+      kl_penalty: where the KL penalty goes: "reward" (-beta * k1 on every token of the shaped reward,
+        Ziegler et al. / InstructGPT: the policy gradient of that reward is the KL's gradient) or "loss"
+        (beta * a k2 / k3 estimate differentiated as a loss term, GRPO's form; see `losses.kl_loss`).
+        None: the algorithm's.
+      kl_kind: the estimator: "k1" with kl_penalty "reward" (the only one with the right gradient there);
+        "k3" (GRPO) or "k2" with "loss". None: the algorithm's.
+      gamma: GAE discount.
+      lam: GAE lambda (PG uses lambda = 1: reward-to-go).
+      clip_eps: PPO ratio clip.
+      value_clip_eps: PPO value clip (None = unclipped value loss).
+      vf_coef: weight of the value loss in the joint loss.
+      ent_coef: weight of the entropy bonus.
+      epochs: passes over one rollout buffer (pg makes one update). None: the algorithm's.
+      minibatches: minibatches per pass (the batch size must be divisible by it).
+      micro_batches: slices each minibatch's gradient is accumulated over, one after another (gradient
+        accumulation: the same update up to float rounding, with 1 / micro_batches of the rows'
+        activations alive at a time); it must divide the minibatch's rows and the ptx batch's.
+      whiten_advantages: normalise advantages over the batch's real tokens (for grpo / rloo, after the
+        group baseline). None: the algorithm's.
+      whiten_rewards: standardise the per-token rewards (score and KL terms) over the batch's real tokens
+        and add their mean back, (r - mean) / std + mean (lm-human-preferences' whiten_rewards with
+        shift_mean=False; ppo / pg, before GAE).
+      no_eos_penalty: score given to a response that never emits a stop id (`Rollout.finished`: the
+        sampler's eos_id or stop_ids; None = keep the score).
+      dropout: run the policy and value with the model config's dropout in the update. Off by default:
+        old and reference logprobs are computed without dropout, so with it the ratio differs from 1
+        before any update (lm-human-preferences, TRL and the REBEL code all update without dropout).
+      ptx_coef: gamma of PPO-ptx (Ouyang et al. 2022, eq. 2): every update also minimises gamma x the
+        next-token loss of a batch of pretraining text (`ptx`, a LMBatch passed to learn / step),
+        against regressions on the pretraining distribution; 0 = off (then passing `ptx` is an error).
+      filtered_logprobs: score and optimise the top-k / top-p filtered policy (the distribution tokens are
+        drawn from) instead of the tempered, unfiltered one. Off by default, as in lm-human-preferences and
+        TRL: the update is then slightly off-policy under top-k / top-p, by the "filter_kl" metric.
+      eta: REBEL's scale: the optimum moves log pi/pi_t (y) - log pi/pi_t (y') to eta (r(y) - r(y')).
+      beta: DPO's / IPO's beta.
+      average_logprobs: DPO / IPO on each answer's per-token mean logprob instead of its sum. None: the
+        algorithm's (IPO averages, as TRL does).
+    """
+
+    algo: Literal["ppo", "pg", "grpo", "rloo", "rebel", "dpo", "ipo"] = "ppo"
+    group_size: int | None = None
+    grpo_scale_by_std: bool = True
+    loss_agg: AGGREGATIONS | None = None
+    ratio_level: Literal["token", "sequence"] = "token"
+    kl_coef: float | None = None
+    kl_target: float | None = None
+    kl_horizon: float = 10000.0
+    kl_penalty: Literal["reward", "loss"] | None = None
+    kl_kind: Literal["k1", "k2", "k3"] | None = None
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip_eps: float | None = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    epochs: int | None = None
+    minibatches: int = 1
+    micro_batches: int = 1
+    whiten_advantages: bool | None = None
+    whiten_rewards: bool = False
+    no_eos_penalty: float | None = None
+    dropout: bool = False
+    ptx_coef: float = 0.0
+    filtered_logprobs: bool = False
+    eta: float = 1.0
+    beta: float = 0.1
+    average_logprobs: bool | None = None
+
+    def resolved(self) -> RLConfig:
+        """This config with every None of `_RESOLVED` set to the algorithm's default (`ALGO_DEFAULTS`)."""
+        defaults = ALGO_DEFAULTS[self.algo]
+        changes = {k: defaults[k] for k in _RESOLVED if getattr(self, k) is None and k in defaults}
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @property
+    def pair_algo(self) -> bool:
+        return self.algo in PAIR_ALGOS
+
+    def __post_init__(self):
+        r = self.resolved() if any(getattr(self, k) is None for k in _RESOLVED) else self
+        check_choice(self, "algo", (*ALGOS, *PAIR_ALGOS))
+        check_choice(self, "ratio_level", losses.RATIO_LEVELS)
+        if self.loss_agg is not None:
+            check_choice(self, "loss_agg", losses.AGGREGATIONS)
+        if self.ratio_level != "token" and self.algo not in ("ppo", "grpo", "rloo"):
+            raise ValueError(
+                f"ratio_level acts for the clipped algorithms (ppo, grpo, rloo); {self.algo} has no ratio."
+            )
+        grouped = self.algo in FIELD_ALGOS["group_size"]
+        if grouped and (self.group_size is None or self.group_size < 2):
+            raise ValueError(f"group_size={self.group_size}: {self.algo} needs >= 2 answers per prompt.")
+        if not grouped and self.group_size is not None:
+            raise ValueError(f"group_size acts for {', '.join(FIELD_ALGOS['group_size'])}; drop it for algo {self.algo!r}.")
+        if not self.grpo_scale_by_std and self.algo != "grpo":
+            raise ValueError(f"grpo_scale_by_std=False acts for grpo only; drop it for algo {self.algo!r}.")
+        check_at_least(self, 1, "epochs", "minibatches", "micro_batches")
+        if self.whiten_rewards and self.algo not in ("ppo", "pg"):
+            raise ValueError(f"whiten_rewards acts for ppo and pg; {self.algo} uses its group baseline.")
+        check_at_least(self, 0, "ptx_coef", "kl_coef", "vf_coef", "ent_coef", "kl_horizon")
+        check_positive(self, "clip_eps", "value_clip_eps", "eta", "beta", "kl_target")
+        check_range(self, "gamma", 0.0, 1.0)
+        check_range(self, "lam", 0.0, 1.0)
+        check_finite(self, "no_eos_penalty")
+        if self.kl_kind is not None:
+            check_choice(self, "kl_kind", ("k1", "k2", "k3"))
+        if self.kl_penalty is not None:
+            check_choice(self, "kl_penalty", ("reward", "loss"))
+        if self.pair_algo:
+            return
+        if r.kl_penalty == "reward" and r.kl_kind != "k1":
+            raise ValueError(
+                f"kl_kind={r.kl_kind!r} in the reward does not give the KL's gradient (only k1 does); use "
+                "kl_kind 'k1', or kl_penalty 'loss' for a differentiated k2 / k3 term (GRPO's form)"
+            )
+        if r.kl_penalty == "loss" and r.kl_kind == "k1":
+            raise ValueError(
+                "kl_kind 'k1' as a loss term has zero expected gradient; use kl_kind 'k3' (GRPO) or 'k2', "
+                "or kl_penalty 'reward'"
+            )
+
+
+def _learnable(rl: RLConfig) -> RLConfig:
+    """`rl` resolved, refused for the preference algorithms (their update is `train.make_pair_step`)."""
+    if rl.pair_algo:
+        raise ValueError(f"algo={rl.algo!r} learns from pairs: use train.make_pair_step, not make_learn")
+    return rl.resolved()
+
+
+def init_rl_params(policy: Params, value: Params | None, rl: RLConfig) -> Params:
+    """{"policy"} for PG, {"policy", "value"} for PPO (value is a scalar model {"gpt", "head"})."""
+    if rl.algo == "ppo":
+        if value is None:
+            raise ValueError("PPO needs value params: pass a scalar model (e.g. from the reward model).")
+        return {"policy": policy, "value": value}
+    return {"policy": policy}
+
+
+def init_rl_state(params: Params, tx: optax.GradientTransformation, rl: RLConfig) -> TrainState:
+    rl = rl.resolved()
+    kl = losses.init_kl_controller(rl.kl_coef or 0.0, rl.kl_target, rl.kl_horizon)
+    return init_train_state(params, tx, kl=kl)
+
+
+def _check_sample_cfg(sample_cfg: SampleConfig, rl: RLConfig) -> None:
+    if not isinstance(sample_cfg, SampleConfig):
+        raise TypeError(
+            f"sample_cfg is a {type(sample_cfg).__name__}: pass the SampleConfig the rollouts are drawn "
+            "with (its temperature and filters define the policy that is optimised)"
+        )
+    if sample_cfg.greedy:
+        raise ValueError("temperature 0 (greedy) has no stochastic policy to optimise; sample at T > 0")
+    if rl.filtered_logprobs and not (sample_cfg.top_k or sample_cfg.top_p < 1.0):
+        raise ValueError("filtered_logprobs does nothing without top_k or top_p in the SampleConfig; drop it")
+
+
+def _check_ptx(rl: RLConfig, ptx) -> None:
+    if rl.ptx_coef and ptx is None:
+        raise ValueError(f"ptx_coef={rl.ptx_coef} needs a batch of pretraining text: pass ptx=LMBatch(...)")
+    if ptx is not None and not rl.ptx_coef:
+        raise ValueError("a ptx batch was passed but ptx_coef is 0: set RLConfig.ptx_coef or drop it")
+
+
+def check_batch_split(batch_size: int, rl: RLConfig, ptx=None) -> None:
+    """Raises ValueError unless `batch_size` rollouts split into `rl.minibatches` updates (one for pg) of
+    rows that `rl.micro_batches` divides, and the ptx batch's rows too."""
+    rl = rl.resolved()
+    minibatches = 1 if rl.algo == "pg" else rl.minibatches  # pg: one update on the whole batch
+    if batch_size % minibatches:
+        raise ValueError(
+            f"rollout batch {batch_size} is not divisible by minibatches={rl.minibatches}; change one."
+        )
+    rows = batch_size // minibatches
+    if rows % rl.micro_batches:
+        raise ValueError(
+            f"a minibatch of {rows} rows is not divisible by micro_batches={rl.micro_batches}; change one."
+        )
+    if ptx is not None and rl.micro_batches > 1 and ptx.tokens.shape[0] % rl.micro_batches:
+        raise ValueError(
+            f"the ptx batch's {ptx.tokens.shape[0]} rows are not divisible by micro_batches="
+            f"{rl.micro_batches}; change one."
+        )
+
+
+def _policy_loss(
+    policy, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key, scale=micro_batching.UNIT
+):
+    """The minibatch loss terms of the policy's params: (PG or clipped PPO) [+ KL] [+ ptx] [- entropy].
+
+    `scale` weighs the terms by what they average over ("agg": the policy and KL terms, "tok": the
+    entropy, "ptx": the ptx term): 1 for a whole minibatch, a slice's share of it for a micro-batch
+    (`micro_batching.accumulate`). The metrics are the slice's own, unweighted.
+    """
+    r = mb.response_mask.shape[1]
+    # Dropout only by explicit choice: old / reference logprobs were computed without it.
+    k_pol = jax.random.split(key)[0] if key is not None and rl.dropout else None
+    logprobs, logits = response_logprobs(
+        policy, mb.tokens, mb.mask, r, cfg, key=k_pol, sample_cfg=sample_cfg, filtered=rl.filtered_logprobs
+    )
+    if rl.algo == "pg":
+        loss, metrics = losses.pg_loss(logprobs, mb.advantages, mb.response_mask, aggregation=rl.loss_agg)
+        metrics = {"policy_loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}
+    else:
+        pol, pol_m = losses.ppo_policy_loss(
+            logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip_eps=rl.clip_eps,
+            aggregation=rl.loss_agg, ratio_level=rl.ratio_level,
+        )  # fmt: skip
+        loss = pol
+        metrics = {k: pol_m[k] for k in ("clipfrac", "approx_kl", "ratio_max", "ratio_mean")}
+        metrics["policy_loss"] = pol
+    if rl.kl_penalty == "loss":
+        kl_term, _ = losses.kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, rl.kl_kind, rl.loss_agg)
+        loss = loss + jax.lax.stop_gradient(kl_coef) * kl_term
+        metrics["kl_loss"] = kl_term
+    loss = scale["agg"] * loss
+    if rl.ptx_coef:
+        k_ptx = jax.random.fold_in(key, 2) if key is not None and rl.dropout else None
+        ptx_loss, _ = lm_loss(policy, ptx, cfg, key=k_ptx)
+        loss = loss + scale["ptx"] * rl.ptx_coef * ptx_loss
+        metrics["ptx_loss"] = ptx_loss
+    ent_loss, ent_metrics = losses.entropy_bonus(logits, mb.response_mask)
+    if rl.ent_coef:
+        loss = loss + scale["tok"] * rl.ent_coef * ent_loss
+    return loss, {"entropy": ent_metrics["entropy"], **metrics}
+
+
+def _value_loss(value, mb: Experience, cfg: ModelConfig, rl: RLConfig, key, scale=micro_batching.UNIT):
+    """PPO's critic term of the minibatch loss, weighted: vf_coef x the clipped value loss (x the
+    slice's share of the minibatch's tokens, `scale["tok"]`, for a micro-batch)."""
+    k_val = jax.random.split(key)[1] if key is not None and rl.dropout else None
+    values = response_values(value, mb.tokens, mb.mask, mb.response_mask.shape[1], cfg, key=k_val)
+    vf, vf_m = losses.value_loss(
+        values, mb.old_values, mb.returns, mb.response_mask, clip_eps=rl.value_clip_eps
+    )
+    return scale["tok"] * rl.vf_coef * vf, {"value_loss": vf, "value_clipfrac": vf_m["clipfrac"]}
+
+
+def _minibatch_grads(
+    params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key, scale=micro_batching.UNIT
+):
+    """(loss, metrics, grads) of one minibatch: the policy's terms, then (PPO) the critic's.
+
+    The loss is a sum of a term of the policy's params and one of the value's (they share no params),
+    so each gradient is its own term's. The critic's forward and backward wait for the policy's
+    gradient (its params read through a zero computed from that gradient's norm; XLA:CPU drops an
+    `optimization_barrier`), so the two models' activations never live at the same time: HappyGPT's
+    update needs 48 MB of XLA temporaries instead of 99, with bit-identical params after it.
+    """
+    (loss, metrics), g_policy = jax.value_and_grad(_policy_loss, has_aux=True)(
+        params["policy"], mb, ptx, kl_coef, cfg, rl, sample_cfg, key, scale
+    )
+    grads = {"policy": g_policy}
+    if rl.algo == "ppo":
+        norm = optax.tree.norm(g_policy)
+        zero = jnp.where(jnp.isfinite(norm), norm * 0.0, 0.0)
+        value = jax.tree.map(lambda v: v + zero.astype(v.dtype), params["value"])
+        (vf_term, vf_metrics), g_value = jax.value_and_grad(_value_loss, has_aux=True)(
+            value, mb, cfg, rl, key, scale
+        )
+        grads = {"policy": g_policy, "value": g_value}
+        loss = loss + vf_term
+        metrics.update(vf_metrics)
+    return loss, {"loss": loss, **metrics}, grads
+
+
+def make_rl_step(
+    cfg: ModelConfig, tx: optax.GradientTransformation, rl: RLConfig, *, sample_cfg: SampleConfig
+) -> Callable:
+    """step(state, experience, *, key) -> (state, metrics): PG = one update on the whole buffer;
+    PPO = `epochs` shuffled passes of `minibatches` updates, then the KL controller update.
+    `sample_cfg` is the config the experience was sampled with (see `make_experience`)."""
+    rl = _learnable(rl)
+    _check_sample_cfg(sample_cfg, rl)
+
+    def update(state, mb, ptx, key):
+        def grads_fn(m, p, k, scale=micro_batching.UNIT):
+            return _minibatch_grads(state.params, m, p, state.kl.kl_coef, cfg, rl, sample_cfg, k, scale)
+
+        if rl.micro_batches > 1:
+            loss, metrics, grads = micro_batching.accumulate(
+                grads_fn, mb, ptx, micro_batches=rl.micro_batches, loss_agg=rl.loss_agg,
+                ratio_level=rl.ratio_level, key=key,
+            )  # fmt: skip
+        else:
+            loss, metrics, grads = grads_fn(mb, ptx, key)
+        state, opt_metrics = apply_gradients(state, grads, loss, tx)
+        return state, {**metrics, **opt_metrics}
+
+    def step(state: TrainState, exp: Experience, *, key, ptx: LMBatch | None = None):
+        _check_ptx(rl, ptx)
+        b = exp.tokens.shape[0]
+        check_batch_split(b, rl, ptx)
+        if rl.algo == "pg":
+            state, metrics = update(state, exp, ptx, jax.random.fold_in(key, 0))
+        else:
+            state, metrics = run_epochs(
+                lambda s, mb, k: update(s, mb, ptx, k), state, exp, key=key, epochs=rl.epochs,
+                minibatches=rl.minibatches,
+            )  # fmt: skip
+            metrics = mean_metrics(metrics)
+        seq_kl = jnp.mean(jnp.sum(exp.kl, axis=-1))
+        state = state.replace(kl=losses.update_kl_controller(state.kl, seq_kl, b))
+        return state, metrics
+
+    return step
+
+
+def make_learn(
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    rl: RLConfig,
+    ref_cfg: ModelConfig | None = None,
+    *,
+    sample_cfg: SampleConfig,
+) -> Callable:
+    """learn(state, ref_params, rollout, scores, *, key, ptx=None) -> (state, metrics): experience + update.
+
+    `sample_cfg` is the config the rollouts are sampled with: its temperature (and, with
+    `rl.filtered_logprobs`, its top-k / top-p) defines the policy that is scored and optimised.
+    Non-finite scores are not trained on: the update is skipped and metrics["finite"] is 0.
+    """
+    rl = _learnable(rl)
+    rl_step = make_rl_step(cfg, tx, rl, sample_cfg=sample_cfg)
+
+    def learn(state, ref_params, rollout, scores, *, key, ptx=None):
+        _check_ptx(rl, ptx)
+        check_batch_split(rollout.tokens.shape[0], rl, ptx)  # before any work on the rollout
+        exp, exp_metrics = make_experience(
+            state, ref_params, rollout, scores, cfg, rl, ref_cfg, sample_cfg=sample_cfg
+        )
+        new_state, metrics = rl_step(state, exp, key=key, ptx=ptx)
+        scores_finite = jnp.all(jnp.isfinite(scores))
+        new_state = jax.tree.map(lambda n, o: jnp.where(scores_finite, n, o), new_state, state)
+        metrics["finite"] = metrics["finite"] * scores_finite.astype(jnp.float32)
+        return new_state, {**exp_metrics, **metrics}
+
+    return learn
+
+
+def make_fused_iteration(
+    cfg: ModelConfig,
+    sample_cfg: SampleConfig,
+    tx: optax.GradientTransformation,
+    rl: RLConfig,
+    reward_fn: Callable[[Rollout], jax.Array],
+    ref_cfg: ModelConfig | None = None,
+) -> Callable:
+    """iteration(state, ref_params, prompt, prompt_mask, *, key) -> (state, metrics, rollout) as one
+    program (sample, score, experience, update) for a JAX `reward_fn(rollout) -> [B]` (e.g. a learned
+    reward model); jit it once with parallel.jit_step-like shardings or plain jax.jit."""
+    learn = make_learn(cfg, tx, rl, ref_cfg, sample_cfg=sample_cfg)
+
+    def iteration(state, ref_params, prompt, prompt_mask, *, key, ptx=None):
+        k_sample, k_learn = jax.random.split(key)
+        rollout = sampler.sample_fn(state.params["policy"], prompt, prompt_mask, cfg, sample_cfg, k_sample)
+        scores = reward_fn(rollout)
+        state, metrics = learn(state, ref_params, rollout, scores, key=k_learn, ptx=ptx)
+        return state, metrics, rollout
+
+    return iteration
