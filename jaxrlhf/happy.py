@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
+import os
 import sys
 import time
 from typing import ClassVar, Literal
@@ -32,7 +32,7 @@ from jaxrlhf import models
 from jaxrlhf.data import load_tweets, tweets
 from jaxrlhf.engine import checkpoint, flags, loop, memory
 from jaxrlhf.rollout import SampleConfig, make_text_reward, sample, vader_scores
-from jaxrlhf.stages import handoff, lm, policy, recipe, reward
+from jaxrlhf.stages import batches, handoff, lm, policy, recipe, reward
 from jaxrlhf.stages import setup as stage_setup
 from jaxrlhf.stages.batches import PromptAnswers
 from jaxrlhf.text import CharTokenizer
@@ -61,7 +61,11 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check_at_least(self, 2, "block_size")  # a one-character prompt and at least one sampled character
+        if not self.block_size >= 2:
+            raise ValueError(
+                f"block_size={self.block_size}; HappyGPT samples block_size - 1 characters after a one-character "
+                "prompt, so use >= 2"
+            )
         check_at_least(self, 0, "seed")
 
 
@@ -109,7 +113,9 @@ class HappyConfig(recipe.RecipeConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.model not in SMALL_GPTS:
-            raise ValueError(f"model={self.model!r}; HappyGPT trains a random {', '.join(SMALL_GPTS)} from scratch")
+            raise ValueError(
+                f"model={self.model!r}; HappyGPT trains a random {', '.join(SMALL_GPTS)} from scratch"
+            )
 
 
 # --quick (a tiny run, < 1 minute of steps) and the settings --rl.algo brings, for fields not given.
@@ -137,12 +143,9 @@ RENAMED = {
     "--fsdp": "--mesh-fsdp", "--data-dir": "--data.data_dir", "--quiet": "--progress false",
     "--algo": "--rl.algo", "--block_size": "--data.block_size", "--block-size": "--data.block_size",
     "--rl.iters": "--rl.iterations", "--rl.pairs_n": "--rl.group_size", "--rl.dpo_beta": "--rl.beta",
-    "--rl.lr": "--rl.optim.lr", "--pretrain.lr": "--pretrain.optim.lr", "--sft.lr": "--sft.optim.lr",
-    "--pretrain.optimizer": "--pretrain.optim.optimizer", "--pretrain.muon_lr": "--pretrain.optim.muon_lr",
-    "--pretrain.warmup_steps": "--pretrain.optim.warmup_steps", "--sft.warmup_steps": "--sft.optim.warmup_steps",
-    "--pretrain.weight_decay": "--pretrain.optim.weight_decay", "--sft.weight_decay": "--sft.optim.weight_decay",
-    "--pretrain.min_lr_ratio": "--pretrain.optim.min_lr_ratio", "--sft.min_lr_ratio": "--sft.optim.min_lr_ratio",
-    "--sft.optimizer": "--sft.optim.optimizer",
+    "--rl.lr": "--rl.optim.lr",
+    **{f"--{stage}.{name}": f"--{stage}.optim.{name}" for stage in ("pretrain", "sft")
+       for name in ("lr", "optimizer", "muon_lr", "warmup_steps", "weight_decay", "min_lr_ratio")},
 }  # fmt: skip
 
 
@@ -167,7 +170,12 @@ def stage_names(cfg: HappyConfig) -> list[str]:
 
 
 def steps(cfg: HappyConfig, stage: str) -> int:
-    return {"pretrain": cfg.pretrain.steps, "sft": cfg.sft.steps, "rm": cfg.rm.steps, "rl": cfg.rl.iterations}[stage]
+    return {
+        "pretrain": cfg.pretrain.steps,
+        "sft": cfg.sft.steps,
+        "rm": cfg.rm.steps,
+        "rl": cfg.rl.iterations,
+    }[stage]
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -209,7 +217,9 @@ def check_data(cfg: HappyConfig, train_rows: list[dict], test_rows: list[dict]) 
         what = f"{n} {sentiment + ' ' if sentiment else ''}tweet{'s' * (n != 1)} with text"
         if flag is None:
             raise ValueError(f"{path} has {what}; {stage} needs at least {need}: use a fuller file")
-        raise ValueError(f"{path} has {what}, fewer than one {flag} {need} batch for {stage}: lower {flag} or use more data")
+        raise ValueError(
+            f"{path} has {what}, fewer than one {flag} {need} batch for {stage}: lower {flag} or use more data"
+        )
 
 
 def make_setup(cfg: HappyConfig) -> stage_setup.Setup:
@@ -240,15 +250,11 @@ def make_setup(cfg: HappyConfig) -> stage_setup.Setup:
     rows = {s: encode_rows(tokenizer, [r["text"] for r in data[s]], cfg.data.block_size + 1) for s in data}
     positive = {s: np.array([r["sentiment"] == "positive" for r in data[s]]) for s in data}
     setup_.extras.update(
-        data=data, rows=rows, positive={s: handoff_subset(rows[s], positive[s]) for s in data},
-        summary={"config": flags.config_json(cfg), "devices": len(jax.devices()), "memory": {}},
-        params={}, t_start=time.perf_counter(),
+        data=data, rows=rows, positive={s: batches.subset(rows[s], positive[s]) for s in data},
+        summary={"config": flags.config_json(cfg), "devices": len(jax.devices())},
+        t_start=time.perf_counter(),
     )  # fmt: skip
     return setup_
-
-
-def handoff_subset(rows: PromptAnswers, keep: np.ndarray) -> PromptAnswers:
-    return PromptAnswers(*(x[keep] for x in rows))
 
 
 # ----------------------------------------------------------------------------------------- stages
@@ -258,55 +264,35 @@ def stage_run(cfg: HappyConfig, stage: str) -> handoff.StageRun:
     return recipe.stage_run(cfg, stage, {"pretrain": 1, "sft": 2, "rl": 3, "rm": 4}[stage])
 
 
-def _tracked(stage: str):
-    """Runs a stage with its host memory tracked into the summary, every compiled program dropped after."""
-
-    def wrap(body):
-        @functools.wraps(body)
-        def run(setup_: stage_setup.Setup):
-            with memory.track() as mem:
-                result = body(setup_)
-                memory.drop_programs()  # the stage's programs, before the next stage's (or the samples') compile
-            setup_.extras["summary"]["memory"][stage] = mem.summary()
-            return result
-
-        return run
-
-    return wrap
-
-
 def _final_params(setup_: stage_setup.Setup, stage: str):
-    """The stage's final params: kept from this invocation, or restored from its last checkpoint."""
-    cfg, params = setup_.cfg, setup_.extras["params"]
-    if stage not in params:
-        init = {"pretrain": lambda: lm.lm_state_init(setup_, cfg.pretrain),
-                "sft": lambda: lm.lm_state_init(setup_, cfg.sft),
-                "rm": lambda: reward.reward_state_init(setup_, cfg.rm),
-                "rl": lambda: policy.rl_state_init(setup_, cfg.rl)}[stage]()  # fmt: skip
-        state, _ = handoff.restore_finished(cfg.out, stage, steps(cfg, stage), handoff.state_target(setup_.mesh, init))
-        params[stage] = policy.trained_policy(state, cfg.rl) if stage == "rl" else state.params
-    return params[stage]
+    """The stage's final params, from its last checkpoint (what the next stage starts from)."""
+    cfg = setup_.cfg
+    init = {
+        "pretrain": lambda: lm.lm_state_init(setup_, cfg.pretrain),
+        "sft": lambda: lm.lm_state_init(setup_, cfg.sft),
+        "rm": lambda: reward.reward_state_init(setup_, cfg.rm),
+        "rl": lambda: policy.rl_state_init(setup_, cfg.rl),
+    }
+    target = handoff.state_target(setup_.mesh, init[stage]())
+    state, _ = handoff.restore_finished(cfg.out, stage, steps(cfg, stage), target)
+    return policy.trained_policy(state, cfg.rl) if stage == "rl" else state.params
 
 
-@_tracked("pretrain")
 def run_pretrain(setup_: stage_setup.Setup):
     cfg, rows = setup_.cfg, setup_.extras["rows"]
     saved = checkpoint.resolve(cfg.out) / "tokenizer.json"
     if handoff.main_process() and not saved.exists():
         saved.write_text(setup_.tokenizer.to_text())
     init = models.init_params(jax.random.key(cfg.seed), setup_.model_cfg)
-    result = lm.run_lm_stage(setup_, cfg.pretrain, stage_run(cfg, "pretrain"), rows["train"], rows["test"], init)
-    setup_.extras["params"]["pretrain"] = result.state.params
-    return result
+    return lm.run_lm_stage(
+        setup_, cfg.pretrain, stage_run(cfg, "pretrain"), rows["train"], rows["test"], init
+    )
 
 
-@_tracked("sft")
 def run_sft(setup_: stage_setup.Setup):
     cfg, rows = setup_.cfg, setup_.extras["positive"]
-    result = lm.run_lm_stage(setup_, cfg.sft, stage_run(cfg, "sft"), rows["train"], rows["test"],
-                             _final_params(setup_, "pretrain"))  # fmt: skip
-    setup_.extras["params"]["sft"] = result.state.params
-    return result
+    return lm.run_lm_stage(setup_, cfg.sft, stage_run(cfg, "sft"), rows["train"], rows["test"],
+                           _final_params(setup_, "pretrain"))  # fmt: skip
 
 
 def comparisons(setup_: stage_setup.Setup, split: str, seed: int) -> reward.Comparisons:
@@ -314,7 +300,7 @@ def comparisons(setup_: stage_setup.Setup, split: str, seed: int) -> reward.Comp
     shuffled order, as many pairs as the smaller class has tweets."""
     pos = setup_.extras["positive"][split]
     negative = np.array([r["sentiment"] == "negative" for r in setup_.extras["data"][split]])
-    neg = handoff_subset(setup_.extras["rows"][split], negative)
+    neg = batches.subset(setup_.extras["rows"][split], negative)
     n = min(len(pos.prompt), len(neg.prompt))
     order = np.random.default_rng(seed).permutation(len(neg.prompt))[:n]
     answers = np.stack([pos.answer[:n], neg.answer[order]], 1)
@@ -322,19 +308,15 @@ def comparisons(setup_: stage_setup.Setup, split: str, seed: int) -> reward.Comp
     return reward.Comparisons(pos.prompt[:n], pos.prompt_mask[:n], answers, answers_mask)
 
 
-@_tracked("rm")
 def run_rm(setup_: stage_setup.Setup):
     cfg = setup_.cfg
-    result = reward.run_reward_stage(
+    return reward.run_reward_stage(
         setup_, cfg.rm, stage_run(cfg, "rm"), kind="pairwise", rows=comparisons(setup_, "train", cfg.data.seed),
         val=comparisons(setup_, "test", cfg.data.seed), trunk=_final_params(setup_, "pretrain"),
         reference=lambda: setup_.extras["positive"]["train"],
     )  # fmt: skip
-    setup_.extras["params"]["rm"] = result.state.params
-    return result
 
 
-@_tracked("rl")
 def run_rl(setup_: stage_setup.Setup):
     cfg, rows = setup_.cfg, setup_.extras["rows"]
     if cfg.reward == "learned":
@@ -343,13 +325,10 @@ def run_rl(setup_: stage_setup.Setup):
     else:
         score = policy.HostReward(make_text_reward(setup_.tokenizer, vader_scores))
     # Every row's prompt is the "⏎" that starts a tweet; the rows' tweets are PPO-ptx's pretraining text.
-    result = policy.run_rl_stage(
+    return policy.run_rl_stage(
         setup_, cfg.rl, stage_run(cfg, "rl"), prompts=rows["train"], val=rows["test"],
-        policy=_final_params(setup_, "sft"),
-        reward=score, response_len=cfg.data.block_size - 1, ptx_rows=rows["train"],
+        policy=_final_params(setup_, "sft"), reward=score, response_len=cfg.data.block_size - 1, ptx_rows=rows["train"],
     )  # fmt: skip
-    setup_.extras["params"]["rl"] = policy.trained_policy(result.state, cfg.rl)
-    return result
 
 
 # ---------------------------------------------------------------------------------------- the end
@@ -370,48 +349,36 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-def plot(out, name: str, history: list[dict], keys: tuple[str, ...]) -> None:
-    import matplotlib  # noqa: PLC0415  (held only at the end: ~25 MB that would add to every stage's peak)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    series = {k: [(r["step"], r[k]) for r in history if k in r] for k in keys}
-    keys = [k for k, v in series.items() if v]
-    if not keys:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, k in zip(axes[0], keys, strict=True):
-        xs, ys = zip(*series[k], strict=True)
-        ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
-        ax.set_title(k)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    with (out / f"{name}.png").open("wb") as f:  # an epath: local or gs://
-        fig.savefig(f, format="png", dpi=80)
-    plt.close(fig)
-
-
 def after(setup_: stage_setup.Setup, cfg: HappyConfig) -> None:
-    """Samples of each stage's final policy (samples.txt), the curves, summary.json, the last line."""
+    """Samples of each stage's final policy (samples.txt), the curves, summary.json, the last line; once
+    pretraining, SFT and RL have all finished (a --stages run of fewer ends without them)."""
+    if not all(handoff.stage_finished(cfg.out, s, steps(cfg, s)) for s in ("pretrain", "sft", "rl")):
+        return
     out, summary = checkpoint.resolve(cfg.out), setup_.extras["summary"]
-    say = (lambda *a: print(*a, flush=True)) if cfg.progress else (lambda *a: None)
-    texts, scores = {}, {}
+    say = (lambda *a, **k: print(*a, **k, flush=True)) if cfg.progress else (lambda *a, **k: None)
+    texts, scores, titles = {}, {}, ("after pretraining", "after SFT (before RL)", "after RL")
     with (out / "samples.txt").open("w") as f:
-        for i, (stage, title) in enumerate((("pretrain", "after pretraining"), ("sft", "after SFT (before RL)"),
-                                            ("rl", "after RL"))):  # fmt: skip
-            texts[stage] = sample_tweets(_final_params(setup_, stage), setup_, 32, key=jax.random.key(100 + i))
+        for i, (stage, title) in enumerate(zip(("pretrain", "sft", "rl"), titles, strict=True)):
+            texts[stage] = sample_tweets(
+                _final_params(setup_, stage), setup_, 32, key=jax.random.key(100 + i)
+            )
             scores[stage] = vader_scores(texts[stage])
-            say(f"\n--- {title}: mean VADER {scores[stage].mean():.3f}, distinct-2 {distinct_n(texts[stage]):.3f}")
-            for t in texts[stage][:8]:
-                say(f"  {t}")
+            say(f"\n--- {title}: mean VADER {scores[stage].mean():.3f}, distinct-2 {distinct_n(texts[stage]):.3f}",
+                *(f"  {t}" for t in texts[stage][:8]), sep="\n")  # fmt: skip
             f.write(f"# {title}\n" + "".join(f"{t}\n" for t in texts[stage]) + "\n")
     memory.drop_programs()
     history = {s: loop.read_metrics(out / f"{s}.jsonl") for s in ("pretrain", "sft", "rl")}
-    plot(out, "pretrain", history["pretrain"], ("loss", "eval/val_loss"))
-    plot(out, "sft", history["sft"], ("loss", "eval/val_loss"))
-    plot(out, "rl", history["rl"], ("reward", "kl_per_token", "clipfrac", "value_loss", "loss"))
-    stage_summaries = {s: json.loads((out / f"{s}_summary.json").read_text()) for s in ("pretrain", "sft", "rl")}
+    for stage, keys in (("pretrain", ("loss", "eval/val_loss")), ("sft", ("loss", "eval/val_loss")),
+                        ("rl", ("reward", "kl_per_token", "clipfrac", "value_loss", "loss"))):  # fmt: skip
+        loop.plot_metrics(out / f"{stage}.png", history[stage], keys)
+    stage_summaries = {
+        s: json.loads((out / f"{s}_summary.json").read_text()) for s in ("pretrain", "sft", "rl")
+    }
+    for s, record in stage_summaries.items():
+        if s not in setup_.extras.get(
+            "memory", {}
+        ):  # finished by an earlier invocation: no steps ran in this one
+            record.update(steps=0, finished_earlier=True)
     last = history["rl"][-min(10, len(history["rl"])) :]
     summary["stages"] = stage_summaries
     summary["val_loss"] = {s: stage_summaries[s]["last"].get("eval/val_loss") for s in ("pretrain", "sft")}
@@ -423,16 +390,19 @@ def after(setup_: stage_setup.Setup, cfg: HappyConfig) -> None:
         "distinct2_before": distinct_n(texts["sft"]), "distinct2_after": distinct_n(texts["rl"]),
     }  # fmt: skip
     if cfg.reward == "learned":
-        summary["reward_model_accuracy"] = json.loads((out / "rm_summary.json").read_text()).get("val_accuracy")
+        summary["reward_model_accuracy"] = json.loads((out / "rm_summary.json").read_text()).get(
+            "val_accuracy"
+        )
     summary["wall_s"] = round(time.perf_counter() - setup_.extras["t_start"], 2)
-    summary["memory"]["end"] = memory.snapshot()  # peak_rss_mb: the whole run's
+    summary["memory"] = {
+        **setup_.extras.get("memory", {}),
+        "end": memory.snapshot(),  # peak_rss_mb: the run's
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }  # lean_host_memory's, if it acted
     handoff.write_json(out / "summary.json", summary)
-    print(
-        f"\nHappyGPT done in {summary['wall_s']:.0f} s: pretrain val {summary['val_loss']['pretrain']:.3f}, SFT val "
-        f"{summary['val_loss']['sft']:.3f}, RL reward {summary['rl']['reward_last10']:.3f} (KL/token "
-        f"{summary['rl']['kl_per_token_last10']:.3f}), outputs in {cfg.out}",
-        flush=True,
-    )
+    print(f"\nHappyGPT done in {summary['wall_s']:.0f} s: pretrain val {summary['val_loss']['pretrain']:.3f}, SFT val "
+          f"{summary['val_loss']['sft']:.3f}, RL reward {summary['rl']['reward_last10']:.3f} (KL/token "
+          f"{summary['rl']['kl_per_token_last10']:.3f}), outputs in {cfg.out}", flush=True)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -446,20 +416,13 @@ def lean_host_memory():
 
 
 RECIPE = recipe.Recipe(
-    name="happy",
-    defaults=HappyConfig(),
-    make_setup=make_setup,
-    runners={"pretrain": run_pretrain, "sft": run_sft, "rm": run_rm, "rl": run_rl},
-    steps=steps,
-    names=stage_names,
-    inactive=inactive,
-    renamed=RENAMED,
-    adjust=adjust,
-    prepare=lean_host_memory,
-    after=after,
+    name="happy", defaults=HappyConfig(), make_setup=make_setup, steps=steps, names=stage_names,
+    runners={"pretrain": run_pretrain, "sft": run_sft, "rm": run_rm, "rl": run_rl}, inactive=inactive,
+    renamed=RENAMED, adjust=adjust, prepare=lean_host_memory, after=after, track_memory=True,
     complete=lambda cfg: (checkpoint.resolve(cfg.out) / "summary.json").exists(),
+    exports=lambda cfg: {"policy": "rl", **({"reward_model": "rm"} if cfg.reward == "learned" else {})},
     description="HappyGPT: pretrain -> SFT -> RL against VADER sentiment, on a laptop CPU.",
-)
+)  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -19,8 +19,7 @@ import jax
 def lm_setup(width=16):
     import numpy as np
 
-    from jaxrlhf import train
-    from jaxrlhf import models
+    from jaxrlhf import models, train
     from jaxrlhf.models import ModelConfig
 
     cfg = ModelConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=width, resid_pdrop=0.1)

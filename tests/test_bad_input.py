@@ -1,9 +1,9 @@
 """Bad input is refused before any work, in one line that says what is wrong and what to do (issue 15).
 
-Two tables. Pipeline cases call the entry points in-process (`happy.main`, the TL;DR mains) on small copies
-of the shared data with one fault injected, and check the exit code, that stderr is exactly one line
-holding the expected words, and that the `--out` tree is byte-identical afterwards (every file hashed;
-mostly it must still not exist). Library cases call the function and check its one-line ValueError.
+Two tables. Pipeline cases call the entry points in-process (`happy.main`, the TL;DR recipe's main) on
+small copies of the shared data with one fault injected, and check the exit code, that stderr is exactly
+one line holding the expected words, and that the `--out` tree is byte-identical afterwards (every file
+hashed; mostly it must still not exist). Library cases call the function and check its one-line ValueError.
 Nothing here trains or compiles a model step, so the file runs in seconds.
 """
 
@@ -28,22 +28,29 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from experiments.tldr import common as tldr_common  # noqa: E402
-from experiments.tldr import run as tldr_run  # noqa: E402
-from experiments.tldr import sft as tldr_sft  # noqa: E402
-from jaxrlhf import happy  # noqa: E402
-from jaxrlhf.models import hf
-from jaxrlhf import models
-from jaxrlhf.rollout import pairs as pairs_lib
-from jaxrlhf.rollout import scoring
-from jaxrlhf.engine import loop, outdir
-from jaxrlhf.rollout import sampler
-from jaxrlhf.models import ModelConfig  # noqa: E402
-from jaxrlhf.rollout import SampleConfig
+from experiments.tldr import recipe as tldr_recipe  # noqa: E402
+from jaxrlhf import happy, models  # noqa: E402
 from jaxrlhf.data import load_tweets, tweets  # noqa: E402
+from jaxrlhf.engine import flags, loop, outdir  # noqa: E402
+from jaxrlhf.models import ModelConfig, hf  # noqa: E402
+from jaxrlhf.rollout import SampleConfig, sampler, scoring  # noqa: E402
+from jaxrlhf.rollout import pairs as pairs_lib  # noqa: E402
+from jaxrlhf.stages import preference  # noqa: E402
+from jaxrlhf.stages import recipe as stage_recipe  # noqa: E402
 from jaxrlhf.text import GPT2Tokenizer  # noqa: E402
 
 N_DEVICES = 8  # conftest.py
+
+
+def tldr_main(argv):
+    """`python -m experiments.tldr` in this process."""
+    return stage_recipe.main(tldr_recipe.RECIPE, argv)
+
+
+def parse_args(recipe, argv):
+    """A recipe's config from a command line, as its command parses it."""
+    return flags.parse_checked(recipe.defaults, argv, check=recipe.check, inactive=recipe.inactive,
+                               renamed=recipe.renamed, adjust=recipe.adjust)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -134,8 +141,9 @@ class Inputs:
 def happy_args(inputs: Inputs, *extra: str, data_dir=None) -> list[str]:
     data_dir = inputs.tweets() if data_dir is None else data_dir
     return [
-        "--quick", "--quiet", "--compile-cache", "", "--data-dir", str(data_dir), "--out", str(inputs.out),
-        "--pretrain.batch_size", "16", "--sft.batch_size", "16", "--rl.batch_size", "16", *extra,
+        "--quick", "--progress", "false", "--compile-cache", "", "--data.data_dir", str(data_dir),
+        "--out", str(inputs.out), "--pretrain.batch_size", "16", "--sft.batch_size", "16",
+        "--rl.batch_size", "16", *extra,
     ]  # fmt: skip
 
 
@@ -211,7 +219,7 @@ def tldr_case(*extra, data=None, main=None):
 
     def build(inputs, monkeypatch):
         folder = data(inputs) if data is not None else None
-        return main or tldr_run.main, tldr_args(inputs, *extra, data_dir=folder), inputs.out
+        return main or tldr_main, tldr_args(inputs, *extra, data_dir=folder), inputs.out
 
     return build
 
@@ -227,7 +235,18 @@ def _out_case(kind: str, pipeline: str):
             out = inputs.tmp / "locked" / "run"
         args = happy_args(inputs) if pipeline == "happy" else tldr_args(inputs)
         args[args.index("--out") + 1] = str(out)
-        return (happy.main if pipeline == "happy" else tldr_run.main), args, out
+        return (happy.main if pipeline == "happy" else tldr_main), args, out
+
+    return build
+
+
+def _empty_out_case(pipeline: str):
+    """`--out ''`: refused by the parser; the --out the test watches is the usual one (never created)."""
+
+    def build(inputs, monkeypatch):
+        args = happy_args(inputs) if pipeline == "happy" else tldr_args(inputs)
+        args[args.index("--out") + 1] = ""
+        return (happy.main if pipeline == "happy" else tldr_main), args, inputs.out
 
     return build
 
@@ -275,8 +294,8 @@ PIPELINE_CASES = [
     Case("happy_top_k", happy_case("--rl.top_k", "-1"), ("--rl.top_k -1", "use 0 (off) or a positive k"), 2),
     Case(
         "happy_block_size",
-        happy_case("--block_size", "1"),
-        ("--block_size 1", "block_size - 1 characters", "use >= 2"),
+        happy_case("--data.block_size", "1"),
+        ("--data.block_size 1", "block_size - 1 characters", "use >= 2"),
         2,
     ),
     Case(
@@ -287,23 +306,23 @@ PIPELINE_CASES = [
     ),
     Case(
         "happy_muon_lr_with_adamw",
-        happy_case("--sft.muon_lr", "0.01"),
-        ("--sft.muon_lr 0.01", "does nothing with optimizer 'adamw'"),
+        happy_case("--sft.optim.muon_lr", "0.01"),
+        ("--sft.optim.muon_lr 0.01", "does nothing with optimizer 'adamw'"),
         2,
     ),
     Case(
         "happy_batch_zero", happy_case("--sft.batch_size", "0"), ("--sft.batch_size 0", "it must be >= 1"), 2
     ),
     Case(
-        "happy_pairs_n",
-        happy_case("--algo", "rebel", "--rl.pairs_n", "0"),
-        ("--rl.pairs_n 0", "at least 2 answers"),
+        "happy_group_size",
+        happy_case("--rl.algo", "rebel", "--rl.group_size", "0"),
+        ("--rl.group_size 0", "at least 2 answers"),
         2,
     ),
     Case(
         "happy_rebel_minibatches",
-        happy_case("--algo", "rebel", "--rl.minibatches", "3"),
-        ("--rl.minibatches 3 must divide the 4 pairs of an iteration", "--rl.pairs_n 4"),
+        happy_case("--rl.algo", "rebel", "--rl.minibatches", "3"),
+        ("--rl.minibatches 3 must divide the 4 pairs of an iteration", "--rl.group_size 4"),
         2,
     ),
     Case(
@@ -320,32 +339,32 @@ PIPELINE_CASES = [
     ),
     Case(
         "happy_greedy_pairs",
-        happy_case("--algo", "dpo", "--rl.temperature", "0"),
+        happy_case("--rl.algo", "dpo", "--rl.temperature", "0"),
         ("--rl.temperature 0", "identical", "use a temperature > 0"),
         2,
     ),
     Case(
         "happy_bad_bool",
-        happy_case("--algo", "dpo", "--rl.average_logprobs", "maybe"),
+        happy_case("--rl.algo", "dpo", "--rl.average_logprobs", "maybe"),
         ("expected true or false",),
         2,
     ),
+    # happy: devices, checked by the shared setup as TL;DR's are (exit 1)
     Case(
         "happy_rl_batch_devices",
         happy_case("--rl.batch_size", "12"),
         ("--rl.batch_size 12 not divisible by the 8 devices", "use multiples of 8"),
-        2,
     ),
     Case(
         "happy_fsdp_devices",
-        happy_case("--fsdp", "3"),
-        ("--fsdp 3 does not divide the 8 devices", "divisor of 8"),
-        2,
+        happy_case("--mesh-fsdp", "3"),
+        ("--mesh-fsdp 3 does not divide the 8 devices", "divisor of 8"),
     ),
     # happy: --out, before the data is read
     Case("happy_out_is_file", _out_case("file", "happy"), ("--out", "out.txt is a file", "pass a directory")),
     Case("happy_out_under_file", _out_case("under_file", "happy"), ("a_file, which is a file", "outside it")),
     Case("happy_out_read_only", _out_case("read_only", "happy"), ("locked is read-only", "you can write to")),
+    Case("happy_out_empty", _empty_out_case("happy"), ("--out ''", "name a run directory"), 2),
     # happy: the csv files, file:line and field
     Case(
         "happy_truncated_row",
@@ -407,11 +426,11 @@ PIPELINE_CASES = [
         ("--data.max_summary_tokens 1", "use >= 2"),
         2,
     ),
-    Case("tldr_stop_after", tldr_case("--stop-after", "ppo"), ("--stop-after 'ppo'", "use STAGE:N"), 2),
+    Case("tldr_stop_after", tldr_case("--stop-after", "rl"), ("--stop-after 'rl'", "use STAGE:N"), 2),
     Case(
         "tldr_temperature",
-        tldr_case("--ppo.temperature", "-1"),
-        ("--ppo.temperature -1.0", "finite value >= 0"),
+        tldr_case("--rl.temperature", "-1"),
+        ("--rl.temperature -1.0", "finite value >= 0"),
         2,
     ),
     Case(
@@ -420,7 +439,7 @@ PIPELINE_CASES = [
         ("--sft.optim.warmup_steps -1", ">= 0"),
         2,
     ),
-    Case("tldr_rl_epochs", tldr_case("--ppo.rl.epochs", "0"), ("--ppo.rl.epochs 0", "it must be >= 1"), 2),
+    Case("tldr_rl_epochs", tldr_case("--rl.epochs", "0"), ("--rl.epochs 0", "it must be >= 1"), 2),
     Case(
         "tldr_n_layer_with_weights",
         tldr_case("--model", "gpt2", "--n-layer", "3"),
@@ -434,9 +453,10 @@ PIPELINE_CASES = [
         ("--sft.batch_size 12 not divisible by the 8 devices", "use multiples of 8"),
     ),
     Case("tldr_out_is_file", _out_case("file", "tldr"), ("--out", "out.txt is a file", "pass a directory")),
+    Case("tldr_out_empty", _empty_out_case("tldr"), ("--out ''", "name a run directory"), 2),
     Case(
         "tldr_tokenizer_vocab_alone",
-        lambda i, mp: (tldr_run.main, tldr_args(i, tokenizer_dir=_cut_vocab_alone(i)), i.out),
+        lambda i, mp: (tldr_main, tldr_args(i, tokenizer_dir=_cut_vocab_alone(i)), i.out),
         ("vocab.json has no merges.txt beside it", "copy the missing file"),
     ),
     # TL;DR: the jsonl files, file:line and field; the data against the flags
@@ -472,7 +492,7 @@ PIPELINE_CASES = [
     ),
     Case(
         "tldr_sft_entry_bad_json",
-        tldr_case(data=_tldr_file(_cut_json_line), main=tldr_sft.main),
+        tldr_case("--stages", "sft", data=_tldr_file(_cut_json_line), main=tldr_main),
         ("tldr_test_small.jsonl:5: not valid JSON",),
     ),
 ]
@@ -652,12 +672,28 @@ def test_csv_with_excel_bom_and_crlf_loads_as_the_plain_file(tweets_dir, tmp_pat
 
 
 def test_optional_flags_can_be_set_back_to_none():
-    cfg, _ = happy.parse_args(["--rl.kl_target", "none"])
-    assert cfg.rl.kl_target is None
-    cfg, _ = happy.parse_args(["--rl.kl_target", "6"])
-    assert cfg.rl.kl_target == 6.0
-    tldr = tldr_common.parse_args(["--ppo.rl.kl_target", "none", "--ppo.value_lr", "None"])
-    assert tldr.ppo.rl.kl_target is None and tldr.ppo.value_lr is None
+    cfg = parse_args(happy.RECIPE, ["--rl.kl_target", "none"])
+    assert cfg.rl.rl.kl_target is None
+    cfg = parse_args(happy.RECIPE, ["--rl.kl_target", "6"])
+    assert cfg.rl.rl.kl_target == 6.0
+    tldr = parse_args(tldr_recipe.RECIPE, ["--rl.kl_target", "none", "--rl.value_lr", "None"])
+    assert tldr.rl.rl.kl_target is None and tldr.rl.value_lr is None
+
+
+@pytest.mark.parametrize("pipeline", ["happy", "tldr"])
+def test_an_out_path_too_long_is_refused_in_one_line(pipeline, tmp_path, shared_data, tweets_dir, tldr_dir,
+                                                     capsys):  # fmt: skip
+    inputs = Inputs(tmp_path, shared_data, tweets_dir, tldr_dir)
+    args = happy_args(inputs) if pipeline == "happy" else tldr_args(inputs)
+    args[args.index("--out") + 1] = str(tmp_path / ("x" * 300) / "run")  # a name over NAME_MAX (255)
+    everything_before = tree_hash(tmp_path, skip=("cache", "tmp"))
+    capsys.readouterr()
+    code = (happy.main if pipeline == "happy" else tldr_main)(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: --out ") and "too long for the file system" in err[0], err[0]
+    assert "use a shorter --out" in err[0], err[0]
+    assert tree_hash(tmp_path, skip=("cache", "tmp")) == everything_before
 
 
 def test_output_dir_check_creates_nothing(tmp_path):
@@ -679,17 +715,17 @@ def test_a_selection_without_pairs_is_counted_in_its_metrics():
 
 
 def test_a_pair_stage_where_no_iteration_had_pairs_fails(tmp_path):
-    cfg = happy.HappyConfig(algo="rebel")
+    cfg = parse_args(happy.RECIPE, ["--rl.algo", "rebel"]).rl.rl  # 4 answers per prompt
     metrics = tmp_path / "rl.jsonl"
     some = [{"step": 1, "no_pairs": 1.0, "skipped_tied": 4.0}, {"step": 2, "no_pairs": 0.0, "pairs": 3.0}]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in some))
     result = loop.StageResult(state=None, history=some, summary={})
-    happy.check_pairs(cfg, result, metrics)  # one iteration learned: the stage stands
+    preference.check_pairs(cfg, result, metrics)  # one iteration learned: the stage stands
     assert result.summary["no_pair_iterations"] == 1
     none = [{"step": i, "no_pairs": 1.0, "skipped_tied": 4.0} for i in (1, 2, 3)]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in none))
-    with pytest.raises(happy.NoPairsError) as err:
-        happy.check_pairs(cfg, loop.StageResult(state=None, history=none, summary={}), metrics)
+    with pytest.raises(preference.NoPairsError) as err:
+        preference.check_pairs(cfg, loop.StageResult(state=None, history=none, summary={}), metrics)
     message = str(err.value)
     assert "\n" not in message and "none of the 3 rebel iterations had a pair" in message
-    assert "raise --rl.pairs_n or --rl.temperature" in message
+    assert "raise --rl.group_size or --rl.temperature" in message

@@ -1,6 +1,6 @@
 """Faults: a refused run writes nothing, `--resume` on a finished run changes nothing, one run per
-`--out`, a damaged checkpoint is refused or fallen back past, SIGTERM saves and resumes bitwise, and
-metrics reach gs:// through epath.
+`--out`, another pipeline's run is not resumed, a damaged checkpoint is refused or fallen back past,
+SIGTERM and SIGINT save and resume bitwise, and metrics reach gs:// through epath.
 
 One table, `CASES`: each case starts from a copy of one finished run built once per module, may break
 it (`setup`), runs the command in this process (`act`) and checks the one line that the command printed
@@ -31,14 +31,11 @@ import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
-from experiments.tldr import common as tldr_common
-from experiments.tldr import ppo as tldr_ppo
-from experiments.tldr import run as tldr_pipeline
+from experiments.tldr import recipe as tldr_recipe
 from jaxrlhf import happy
-from jaxrlhf.engine import checkpoint
-from jaxrlhf.engine import outdir
-from jaxrlhf.engine import loop
-from jaxrlhf.text import CharTokenizer
+from jaxrlhf.engine import checkpoint, flags, loop, outdir
+from jaxrlhf.stages import instructgpt
+from jaxrlhf.stages import recipe as stage_recipe
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -61,6 +58,18 @@ def write_lock(out: pathlib.Path, pid: int) -> None:
     (out / outdir.LOCK_FILE).write_text(json.dumps(info))
 
 
+def parse_args(recipe, argv):
+    """A recipe's config from a command line, as its command parses it."""
+    return flags.parse_checked(recipe.defaults, argv, check=recipe.check, inactive=recipe.inactive,
+                               renamed=recipe.renamed, adjust=recipe.adjust)  # fmt: skip
+
+
+def write_run_file(out: pathlib.Path, recipe, cfg) -> None:
+    """<out>/run.json as the recipe's command writes it: the pipeline's name and its flags."""
+    record = {"pipeline": recipe.name, "flags": flags.config_json(cfg)}
+    (out / stage_recipe.RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()  # exited and reaped: no process has this pid now
@@ -77,12 +86,13 @@ def _update(w, key):
     return w * 0.9 + 0.1 * jax.random.normal(key, w.shape)
 
 
-def run_tiny(out, *, resume=False, sigterm_at=None):
-    """12 steps of a jitted update of a [64] float32 state, checkpointed every 3 steps; the final state."""
+def run_tiny(out, *, resume=False, sigterm_at=None, stop_signal=signal.SIGTERM):
+    """12 steps of a jitted update of a [64] float32 state, checkpointed every 3 steps; the final state.
+    `stop_signal` (SIGTERM, or SIGINT as Ctrl-C sends it) arrives in the middle of step `sigterm_at`."""
 
     def step_fn(state, i, key):
         if i == sigterm_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), stop_signal)
         w = _update(state["w"], key)
         return {"w": w, "step": state["step"] + 1}, {"mean": jnp.mean(w)}
 
@@ -180,10 +190,11 @@ def tweets(tmp_path_factory, shared_data):
 def happy_args(out, data_dir, *extra):
     return [
         "--quick",
-        "--quiet",
+        "--progress",
+        "false",
         "--compile-cache",
         "",
-        "--data-dir",
+        "--data.data_dir",
         str(data_dir),
         "--out",
         str(out),
@@ -197,11 +208,13 @@ def happy_run(tmp_path_factory, tweets, module_env):
     stage metas (tiny states: nothing here restores them)."""
     out = tmp_path_factory.mktemp("happy") / "out"
     out.mkdir()
-    cfg, args = happy.parse_args(happy_args(out, tweets / "a"))
-    train_rows, _ = happy.load_data(args.data_dir)
-    tokenizer = CharTokenizer.from_corpus([r["text"] for r in train_rows], eos=happy.EOS, unk="?")
-    tokenizer.save(out / "tokenizer.json")
-    for stage, (meta, steps) in happy.stage_plan(cfg, happy.model_config(cfg, tokenizer.vocab_size)).items():
+    cfg = parse_args(happy.RECIPE, happy_args(out, tweets / "a"))
+    setup = happy.make_setup(cfg)  # the tweets' tokenizer, as the run builds it
+    (out / "tokenizer.json").write_text(setup.tokenizer.to_text())
+    setup.close()
+    write_run_file(out, happy.RECIPE, cfg)
+    for stage in happy.stage_names(cfg):
+        meta, steps = happy.RECIPE.stage_meta(cfg, stage), happy.steps(cfg, stage)
         for step in (steps // 2, steps):
             state = {"w": np.full(3, step, np.float32)}
             checkpoint.save(
@@ -210,6 +223,7 @@ def happy_run(tmp_path_factory, tweets, module_env):
         (out / f"{stage}.jsonl").write_text(
             json.dumps({"step": steps, "reward": 0.5, "kl_per_token": 0.1}) + "\n"
         )
+        (out / f"{stage}_summary.json").write_text(json.dumps({"stage": stage, "steps": steps}) + "\n")
         (out / f"{stage}.png").write_bytes(b"\x89PNG")
     (out / "samples.txt").write_text("# after RL\nhappy tweet\n")
     (out / "summary.json").write_text(json.dumps({"rl": {"reward_last10": 0.5}}))
@@ -217,29 +231,33 @@ def happy_run(tmp_path_factory, tweets, module_env):
 
 
 def tldr_args(out, shared_data, *extra):
+    """The tiny TL;DR run's flags: the stage lengths of the stages `--stages` (if given) names."""
+    chosen = extra[extra.index("--stages") + 1].split(",") if "--stages" in extra else ["sft", "rm", "rl"]
+    lengths = {"sft": ["--sft.steps", "4"], "rm": ["--rm.steps", "4"], "rl": ["--rl.iterations", "4"]}
     return [
         "--model", "tiny", "--out", str(out), "--progress", "false",
         "--data.data_dir", str(shared_data / "tldr"),
         "--data.tokenizer_dir", str(shared_data / "gpt2_tokenizer"),
-        "--sft.steps", "4", "--rm.steps", "4", "--ppo.iterations", "4", *extra,
+        *(flag for stage in chosen for flag in lengths[stage]), *extra,
     ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def tldr_run(tmp_path_factory, shared_data, module_env):
-    """What a finished `python -m experiments.tldr.run` leaves, with the stages' own metas."""
+    """What a finished `python -m experiments.tldr` leaves, with the stages' own metas."""
     out = tmp_path_factory.mktemp("tldr") / "out"
-    cfg = tldr_common.parse_args(tldr_args(out, shared_data))
-    for stage in tldr_common.STAGES:
-        steps = tldr_common.stage_steps(cfg, stage)
-        meta = {**tldr_common.stage_meta(cfg, stage), "step": steps}
+    cfg = parse_args(tldr_recipe.RECIPE, tldr_args(out, shared_data))
+    for stage in instructgpt.STAGES:
+        steps = instructgpt.steps(cfg, stage)
+        meta = {**tldr_recipe.RECIPE.stage_meta(cfg, stage), "step": steps}
         if stage == "rm":
             meta["reward_norm"] = {"mean": 0.0, "std": 1.0, "rows": 8}
         checkpoint.save(out, stage, steps, {"w": np.zeros(2, np.float32)}, meta=meta)
         (out / f"{stage}.jsonl").write_text(json.dumps({"step": steps}) + "\n")
         (out / f"{stage}_summary.json").write_text("{}\n")
-    (out / "ppo_initial_eval.json").write_text('{"val_score": -0.4}\n')
-    (out / "ppo_samples.jsonl").write_text('{"iteration": 4}\n')
+    (out / "rl_initial_eval.json").write_text('{"val_score": -0.4}\n')
+    (out / "rl_samples.jsonl").write_text('{"iteration": 4}\n')
+    write_run_file(out, tldr_recipe.RECIPE, cfg)
     return out
 
 
@@ -275,15 +293,12 @@ def happy_main(out, ctx, *extra, data="a", rc=None):
     return last_line(err)
 
 
-def tldr_main(main, out, ctx, *extra):
-    """A TL;DR entry point: the SystemExit text of a refusal, or its last stderr line."""
-    try:
-        code = main(tldr_args(out, ctx.shared_data, *extra))
-    except SystemExit as e:
-        ctx.capsys.readouterr()
-        return str(e.code)
-    assert not code
-    return last_line(ctx.capsys.readouterr().err)
+def tldr_main(out, ctx, *extra, rc=None):
+    """`python -m experiments.tldr` in this process: its last stderr line."""
+    code = stage_recipe.main(tldr_recipe.RECIPE, tldr_args(out, ctx.shared_data, *extra))
+    err = ctx.capsys.readouterr().err
+    assert rc is None or code == rc, err[-2000:]
+    return last_line(err)
 
 
 def stale_lock_then_noop(out, ctx):
@@ -328,6 +343,27 @@ def sigterm_then_resume(out, ctx):
     return line
 
 
+NOOP = r"^nothing to do: \S+ holds a finished {} run .* left as it is\. Use a fresh --out to run again\.$"
+NOT_EMPTY = r"^error: --out \S+ is not empty \(it holds [^)]+\): pass --resume to continue the run there"
+
+
+def sigint_then_resume(out, ctx):
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        run_tiny(out, sigterm_at=7, stop_signal=signal.SIGINT)  # Ctrl-C in the middle of step 7
+    assert e.value.code == 128 + signal.SIGINT == 130
+    line = last_line(ctx.capsys.readouterr().err)
+    assert checkpoint.all_steps(out, "s") == [6, 8]  # saved at the step boundary after step 7, as SIGTERM
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C is Python's again
+    np.testing.assert_array_equal(run_tiny(out, resume=True), ctx.tiny_final)
+    assert [r["step"] for r in loop.read_metrics(out / "s.jsonl")] == list(range(1, N_STEPS + 1))
+    return line
+
+
+OTHER_PIPELINE = (
+    r"^error: --out \S+ holds a {} run \(\S+run\.json\), not a {} run: resume it with its own command, or "
+    r"use another --out$"
+)
 LOCK_HELD = r"error: .* is in use by pid {pid} on {host} \(since [^)]+\): wait for that run to end or use another --out; if it is not running, delete \S+run\.lock$"  # noqa: E501
 
 CASES: dict[str, Case] = {
@@ -335,41 +371,52 @@ CASES: dict[str, Case] = {
     "happy_resume_finished_is_noop": Case(
         "happy",
         lambda out, ctx: happy_main(out, ctx, "--resume", rc=0),
-        r"^nothing to do: \S+ holds a finished run .* left as it is\. Use a fresh --out to run again\.$",
+        NOOP.format("happy"),
     ),
     "tldr_resume_finished_is_noop": Case(
         "tldr",
-        lambda out, ctx: tldr_main(tldr_pipeline.main, out, ctx, "--resume"),
-        r"^\[tldr\] ppo: finished earlier, skipped$",
+        lambda out, ctx: tldr_main(out, ctx, "--resume", rc=0),
+        NOOP.format("tldr"),
     ),
     # 2. A refused run writes nothing.
     "happy_second_run_refused": Case(
         "happy",
         lambda out, ctx: happy_main(out, ctx, rc=1),
-        r"^error: \S+/pretrain already holds checkpoints; pass resume=True \(--resume\) to continue it",
+        NOT_EMPTY,
     ),
     "happy_resume_other_data_dir_refused": Case(
         "happy",
         lambda out, ctx: happy_main(out, ctx, "--resume", data="b", rc=1),
-        r"^error: the tokenizer built from this --data-dir \(\d+ characters\) differs from "
-        r"\S+tokenizer\.json \(\d+ characters\), .*: resume with the --data-dir the run started with, "
+        r"^error: the tokenizer built from this --data\.data_dir \(\d+ characters\) differs from "
+        r"\S+tokenizer\.json \(\d+ characters\), .*: resume with the --data\.data_dir the run started with, "
         r"or use a fresh --out$",
     ),
     "happy_resume_other_config_refused": Case(
         "happy",
-        lambda out, ctx: happy_main(out, ctx, "--resume", "--sft.lr", "0.5", rc=1),
-        r"^error: checkpoint \S+/sft step 10 was written with config stage\.lr=0\.001, this run has config "
-        r"stage\.lr=0\.5: use a matching config or a fresh --out$",
+        lambda out, ctx: happy_main(out, ctx, "--resume", "--sft.optim.lr", "0.5", rc=1),
+        r"^error: checkpoint \S+/sft step 10 was written with config sft\.optim\.lr=0\.001, this run has "
+        r"config sft\.optim\.lr=0\.5: use a matching config or a fresh --out$",
     ),
     "tldr_second_run_refused": Case(
         "tldr",
-        lambda out, ctx: tldr_main(tldr_pipeline.main, out, ctx),
-        r"^error: \S+/sft already holds checkpoints; pass resume=True \(--resume\) to continue it",
+        lambda out, ctx: tldr_main(out, ctx, rc=1),
+        NOT_EMPTY,
     ),
-    "tldr_ppo_rerun_refused_before_initial_eval": Case(  # it used to rewrite ppo_initial_eval.json first
+    "tldr_rl_rerun_refused_before_initial_eval": Case(  # it used to rewrite rl_initial_eval.json first
         "tldr",
-        lambda out, ctx: tldr_main(tldr_ppo.main, out, ctx),
-        r"^error: \S+/ppo already holds checkpoints; pass resume=True \(--resume\)",
+        lambda out, ctx: tldr_main(out, ctx, "--stages", "rl", rc=1),
+        NOT_EMPTY,
+    ),
+    # --resume of another pipeline's run is refused before anything is written.
+    "happy_resume_of_a_tldr_run_refused": Case(
+        "tldr",
+        lambda out, ctx: happy_main(out, ctx, "--resume", rc=1),
+        OTHER_PIPELINE.format("tldr", "happy"),
+    ),
+    "tldr_resume_of_a_happy_run_refused": Case(
+        "happy",
+        lambda out, ctx: tldr_main(out, ctx, "--resume", rc=1),
+        OTHER_PIPELINE.format("happy", "tldr"),
     ),
     # 3. One run per --out.
     "happy_lock_held_by_live_process": Case(
@@ -380,7 +427,7 @@ CASES: dict[str, Case] = {
     ),
     "tldr_lock_held_by_live_process": Case(
         "tldr",
-        lambda out, ctx: tldr_main(tldr_pipeline.main, out, ctx, "--resume"),
+        lambda out, ctx: tldr_main(out, ctx, "--resume", rc=1),
         LOCK_HELD.format(pid=os.getpid(), host=re.escape(socket.gethostname())),
         setup=lambda out: write_lock(out, os.getpid()),
     ),
@@ -447,6 +494,14 @@ CASES: dict[str, Case] = {
         r"\(exit code 143\)$",
         unchanged=False,
     ),
+    # SIGINT (Ctrl-C) during a step: the same save at the next step boundary, exit code 130.
+    "sigint_saves_and_resumes_bitwise": Case(
+        "empty",
+        sigint_then_resume,
+        r"^SIGINT: stopped s at step 8 of 12, checkpoint saved under \S+/s; rerun with --resume to continue "
+        r"\(exit code 130\)$",
+        unchanged=False,
+    ),
 }
 
 
@@ -460,7 +515,7 @@ def test_fault(name, request, tmp_path, capsys, shared_data):
     else:
         source = tiny_out if case.run == "tiny" else request.getfixturevalue(f"{case.run}_run")
         shutil.copytree(source, out)
-    tweets = request.getfixturevalue("tweets") if case.run == "happy" else None
+    tweets = request.getfixturevalue("tweets") if case.run in ("happy", "tldr") else None
     case.setup(out)
     before = tree(out)
     capsys.readouterr()

@@ -471,3 +471,43 @@ def test_pipeline_on_a_sharded_batch_matches_unsharded(pipeline, tiny_cfg):
     for name in ("tokens", "mask", "loss_mask", "rewards", "pair_mask"):
         np.testing.assert_array_equal(getattr(s_batch, name), getattr(batch, name), err_msg=name)
     np.testing.assert_allclose(s_batch.ref_logprobs, batch.ref_logprobs, **TOL)
+
+
+def test_rebel_at_the_sampling_temperature_reaches_pi_t_exp_eta_r():
+    """A softmax bandit: one prompt, four one-token answers (then EOS), all six pairs, rewards r. REBEL's
+    passes at the sampling temperature T = 0.8 (policy and pi_t both logits / T, as the REBEL authors'
+    code) reach the regression's fixed point pi_{t+1}(y) proportional to pi_t(y) exp(eta r(y)) over the
+    answers, computed here in closed form from pi_t's logprobs at T."""
+    T, eta = 0.8, 1.0
+    cfg = ModelConfig(vocab_size=8, block_size=4, n_layer=1, n_head=2, n_embd=32, embd_pdrop=0.0,
+                      resid_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    params0 = random_params(cfg, seed=3, std=0.3)
+    answers, rewards = np.array([4, 5, 6, 7]), np.array([0.5, -0.2, 1.0, 0.1], np.float32)
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    tokens = np.array([[[2, answers[i], 3], [2, answers[j], 3]] for i, j in pairs], np.int32)  # [6, 2, 3]
+    loss_mask = np.broadcast_to(np.array([False, True, True]), tokens.shape)
+    batch = train.PrefBatch(
+        tokens=jnp.asarray(tokens), mask=jnp.ones(tokens.shape, bool), loss_mask=jnp.asarray(loss_mask),
+        ref_logprobs=jnp.zeros((len(pairs), 2)), rewards=jnp.asarray(rewards[np.array(pairs)]),
+        pair_mask=jnp.ones(len(pairs), bool),
+    )  # fmt: skip
+    logprobs = jax.jit(lambda p, b: train.pair_logprobs(p, b, cfg, temperature=T))
+    batch = batch._replace(ref_logprobs=logprobs(params0, batch))  # pi_t at T, as the sampler's policy
+    tx = optax.adam(1e-2)
+    step = jax.jit(train.make_rebel_step(cfg, tx, eta=eta, epochs=100, minibatches=1, temperature=T))
+    state = train.init_train_state(params0, tx)
+    for i in range(4):
+        state, metrics = step(state, batch, key=jax.random.key(i))
+    singles = jax.tree.map(lambda x: x[:2], batch)  # the 4 answers as 2 pairs
+    singles = singles._replace(tokens=singles.tokens.at[:, :, 1].set(answers.reshape(2, 2)))
+    lp_t, lp_new = (np.asarray(logprobs(p, singles)).reshape(-1) for p in (params0, state.params))
+
+    def normalised(x):
+        return np.exp(x - np.logaddexp.reduce(x))
+
+    want = normalised(lp_t + eta * rewards)
+    got = normalised(lp_new)
+    assert np.abs(got - want).max() < 1e-3, (got, want)
+    assert np.abs(normalised(lp_t) - want).max() > 0.05  # the update moved the policy a long way
+    # The temperature-1 fixed point is another one: at T = 0.8 it would be pi_t exp(eta r / T).
+    assert np.abs(normalised(lp_t + eta * rewards / T) - want).max() > 0.01

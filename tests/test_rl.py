@@ -619,6 +619,6 @@ def test_micro_batches_hold_a_slice_of_the_activations_and_are_checked(tiny_cfg)
     from jaxrlhf.stages.policy import RLStageConfig  # noqa: PLC0415  (the pipelines' config: at construction)
 
     with pytest.raises(
-        ValueError, match="batch_size=32: a minibatch of 16 rows is not divisible by micro_batches=3"
+        ValueError, match="micro_batches=3 must divide an update's 16 rows"
     ):
         RLStageConfig(batch_size=n, rl=rlc)

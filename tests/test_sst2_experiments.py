@@ -19,11 +19,25 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from experiments.sst2 import common  # noqa: E402
+from experiments.sst2 import recipe as common  # noqa: E402
 from jaxrlhf import losses  # noqa: E402
-from jaxrlhf.engine import checkpoint
-from jaxrlhf.engine import flags
+from jaxrlhf.engine import checkpoint, flags  # noqa: E402
+from jaxrlhf.stages import setup as stage_setup  # noqa: E402
 from jaxrlhf.stages.batches import PromptAnswers  # noqa: E402
+
+
+def parse_args(argv):
+    """The Sst2Config of `argv`, parsed and checked as `python -m experiments.sst2` does."""
+    r = common.RECIPE
+    return flags.parse_checked(
+        r.defaults, argv, check=r.check, inactive=r.inactive, renamed=r.renamed, adjust=r.adjust
+    )
+
+
+def model_config(cfg):
+    """The model of --model / --init-from with block_size `cfg.data.length`."""
+    return stage_setup.model_config(stage_setup.model_spec(cfg), *common.length(cfg))
+
 
 # ---------------------------------------------------------------------------------- the RM loss
 
@@ -96,15 +110,16 @@ def test_ppo_prompts_are_sentence_openings_and_the_rest_is_the_answer():
 
 def test_flags_list_every_field_and_refuse_what_does_nothing(capsys):
     text = flags.make_parser(common.Sst2Config()).format_help()
-    for path in flags.leaf_paths(common.Sst2Config):
-        assert flags.flag_names(path)[0] in text, path
-    cfg = common.parse_args(["--model", "tiny", "--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "4"])
-    assert cfg.ppo.rl.group_size == 4
-    assert common.model_config(cfg).block_size == 1 + 4 + 48
+    assert len(flags.leaf_paths(common.Sst2Config)) == len(flags.leaves(common.Sst2Config))
+    for leaf in flags.leaves(common.Sst2Config):
+        assert flags.flag_names(leaf.flag_path)[0] in text, leaf.path
+    cfg = parse_args(["--model", "tiny", "--rl.algo", "grpo", "--rl.group_size", "4"])
+    assert cfg.rl.rl.group_size == 4
+    assert model_config(cfg).block_size == 1 + 4 + 48
     for bad, why in (
         (
-            ["--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "4", "--ppo.value_lr", "1e-5"],
-            "--ppo.value_lr does",
+            ["--rl.algo", "grpo", "--rl.group_size", "4", "--rl.value_lr", "1e-5"],
+            "--rl.value_lr does",
         ),
         (["--model", "gpt3"], "--model 'gpt3'; use one of"),
         (["--stages", "sft,dpo"], "--stages has unknown ['dpo']"),
@@ -112,7 +127,7 @@ def test_flags_list_every_field_and_refuse_what_does_nothing(capsys):
         (["--model", "gpt2", "--n-layer", "3"], "--n-layer acts for a random init only"),
     ):
         with pytest.raises(SystemExit):
-            common.parse_args(bad)
+            parse_args(bad)
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1, (bad, err)
 
@@ -143,19 +158,19 @@ def _args(shared_data, data_dir, out, cache):
         "--sft.log_every", 1, "--sft.optim.lr", 1e-2, "--sft.optim.warmup_steps", 0,
         "--rm.steps", RM_STEPS, "--rm.batch_size", 64, "--rm.eval_batch_size", 64, "--rm.eval_every", 75,
         "--rm.log_every", 10, "--rm.optim.lr", 1e-2, "--rm.optim.warmup_steps", 0, "--rm.norm_rows", 64,
-        "--ppo.iterations", PPO_ITERATIONS, "--ppo.batch_size", 32, "--ppo.eval_every", 6,
-        "--ppo.eval_batches", 1, "--ppo.sample_every", 6, "--ppo.optim.lr", 2e-3,
-        "--ppo.optim.schedule", "constant", "--ppo.rl.epochs", 2, "--ppo.rl.minibatches", 2,
+        "--rl.iterations", PPO_ITERATIONS, "--rl.batch_size", 32, "--rl.eval_every", 6,
+        "--rl.eval_batches", 1, "--rl.sample_every", 6, "--rl.optim.lr", 2e-3,
+        "--rl.optim.schedule", "constant", "--rl.epochs", 2, "--rl.minibatches", 2,
     ]  # fmt: skip
     return [str(a) for a in args]
 
 
 def _run(args, cache=None):
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "HF_HUB_OFFLINE": "1", "JAXRLHF_DATA_DIR": ""}
-    if cache is not None:  # a persistent XLA cache shared by two calls: the PPO evaluator compiles once
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    # A persistent XLA cache shared by two calls: the PPO evaluator compiles once ("": none).
+    args = [*args, "--compile-cache", "" if cache is None else str(cache)]
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.sst2.run", *args],
+        [sys.executable, "-m", "experiments.sst2", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -197,25 +212,25 @@ def test_sft_rm_ppo_end_to_end_then_resume_is_a_no_op(shared_data, tmp_path):
     norm = checkpoint.restore_meta(out, "rm")["reward_norm"]
     assert norm["rows"] == 64 and norm["std"] > 0
 
-    # PPO: the RM score (the reward, --ppo.reward_norm none) of responses to the fixed held-out prompts,
+    # PPO: the RM score (the reward, --rl.reward_norm none) of responses to the fixed held-out prompts,
     # sampled with fixed keys, rises; KL to the SFT model is 0 at the start and finite after.
-    summary = json.loads((out / "ppo_summary.json").read_text())
+    summary = json.loads((out / "rl_summary.json").read_text())
     initial, final = summary["initial_eval"], summary["last"]
     assert summary["reward_norm"]["kind"] == "none"
     assert final["eval/val_rm_score"] > initial["val_rm_score"] + 0.2, (initial, final)
     assert final["eval/train_rm_score"] > initial["train_rm_score"] + 0.2, (initial, final)
     assert abs(initial["val_kl"]) < 1e-3 and abs(initial["val_kl_per_token"]) < 1e-3
-    ppo_log = _records(out / "ppo.jsonl")
+    ppo_log = _records(out / "rl.jsonl")
     assert [r["step"] for r in ppo_log] == list(range(1, PPO_ITERATIONS + 1))
     kls = [r[k] for r in ppo_log for k in ("kl_per_token", "kl_per_sequence")]
     kls += [final[f"eval/{s}_{k}"] for s in ("val", "train") for k in ("kl", "kl_per_token")]
     assert np.all(np.isfinite(kls)) and final["eval/val_kl"] > 0, kls
-    samples = _records(out / "ppo_samples.jsonl")
+    samples = _records(out / "rl_samples.jsonl")
     assert sorted({s["iteration"] for s in samples if s["split"] == "val"}) == [0, 6, 12]
     assert all(
         s["prompt"].startswith("<|endoftext|>") and isinstance(s["continuation"], str) for s in samples
     )
-    for stage, steps in (("sft", SFT_STEPS), ("rm", RM_STEPS), ("ppo", PPO_ITERATIONS)):
+    for stage, steps in (("sft", SFT_STEPS), ("rm", RM_STEPS), ("rl", PPO_ITERATIONS)):
         assert checkpoint.latest_step(out, stage) == steps
 
     # The other RL wiring of the shared stage (jaxrlhf.pipeline.policy; TL;DR runs the same code) from the
@@ -226,31 +241,32 @@ def test_sft_rm_ppo_end_to_end_then_resume_is_a_no_op(shared_data, tmp_path):
     for stage in ("sft", "rm"):
         (grpo_out / stage).symlink_to(out / stage)
     grpo_args = [a if a != os.path.relpath(out, REPO) else str(grpo_out) for a in args]
+    # --resume: the symlinked sft and rm are finished and skipped, only rl runs (a fresh run over a
+    # non-empty --out is refused).
     grpo_args += [
-        "--stages",
-        "ppo",
-        "--ppo.iterations",
+        "--resume",
+        "--rl.iterations",
         "2",
-        "--ppo.eval_every",
+        "--rl.eval_every",
         "2",
-        "--ppo.rl.algo",
+        "--rl.algo",
         "grpo",
     ]
     grpo_args += [
-        "--ppo.rl.group_size",
+        "--rl.group_size",
         "4",
-        "--ppo.rl.ptx_coef",
+        "--rl.ptx_coef",
         "0.5",
-        "--ppo.reward_norm",
+        "--rl.reward_norm",
         "policy_gain_bias",
     ]
-    grpo_args += ["--ppo.norm_prompts", "64"]
+    grpo_args += ["--rl.norm_prompts", "64"]
     _run(grpo_args, cache=tmp_path / "xla")
-    grpo_log = _records(grpo_out / "ppo.jsonl")
+    grpo_log = _records(grpo_out / "rl.jsonl")
     assert [r["step"] for r in grpo_log] == [1, 2]
     assert all(np.isfinite(r["ptx_loss"]) and 0.0 < r["ptx_loss"] < np.log(50257) for r in grpo_log)
     assert "value_loss" not in grpo_log[0] and "explained_variance" not in grpo_log[0]
-    grpo_summary = json.loads((grpo_out / "ppo_summary.json").read_text())
+    grpo_summary = json.loads((grpo_out / "rl_summary.json").read_text())
     norm = grpo_summary["reward_norm"]
     assert norm["kind"] == "policy_gain_bias" and norm["policy_samples"] == 64
     np.testing.assert_allclose(norm["gain"], 1.0 / norm["policy_std"], rtol=1e-4)
@@ -258,9 +274,8 @@ def test_sft_rm_ppo_end_to_end_then_resume_is_a_no_op(shared_data, tmp_path):
     # Other samples of the same initial policy (other prompts, other keys) score about 0 after it.
     assert abs(grpo_summary["initial_eval"]["train_rm_score"]) < 0.6, grpo_summary["initial_eval"]
 
-    # --resume on the finished run: every stage skipped, not a byte of --out changed.
+    # --resume on the finished run: nothing to do (every stage at its last step), not a byte of --out changed.
     before = _snapshot(out)
     log = _run([*args, "--resume"])
-    for stage in ("sft", "rm", "ppo"):
-        assert f"[sst2] {stage}: finished earlier, skipped" in log
+    assert log.strip().splitlines()[-1].startswith("nothing to do: "), log
     assert _snapshot(out) == before

@@ -18,17 +18,30 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from experiments.tldr import common  # noqa: E402
-from jaxrlhf import parallel, train  # noqa: E402
-from jaxrlhf.engine import checkpoint
-from jaxrlhf.engine import flags
-from jaxrlhf import models
-from jaxrlhf.models import ModelConfig  # noqa: E402
-from jaxrlhf.rollout import SampleConfig, scoring
+from experiments.tldr import recipe as common  # noqa: E402
+from jaxrlhf import models, parallel, train  # noqa: E402
 from jaxrlhf.data import load_tldr  # noqa: E402
-from jaxrlhf.stages import batches, reward  # noqa: E402
+from jaxrlhf.engine import checkpoint, flags  # noqa: E402
+from jaxrlhf.models import ModelConfig  # noqa: E402
+from jaxrlhf.rollout import SampleConfig, scoring  # noqa: E402
+from jaxrlhf.stages import batches, instructgpt, reward  # noqa: E402
 from jaxrlhf.stages import policy_programs as rl_programs  # noqa: E402
+from jaxrlhf.stages import recipe as stage_recipe  # noqa: E402
+from jaxrlhf.stages import setup as stage_setup  # noqa: E402
 from jaxrlhf.text import GPT2Tokenizer  # noqa: E402
+
+
+def parse_args(argv):
+    """The TldrConfig of `argv`, parsed and checked as `python -m experiments.tldr` does."""
+    r = common.RECIPE
+    return flags.parse_checked(
+        r.defaults, argv, check=r.check, inactive=r.inactive, renamed=r.renamed, adjust=r.adjust
+    )
+
+
+def model_config(cfg):
+    """The model of --model / --init-from with block_size P + S."""
+    return stage_setup.model_config(stage_setup.model_spec(cfg), *common.length(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -111,17 +124,17 @@ def test_help_lists_every_config_field_with_its_default():
     text = flags.make_parser(common.TldrConfig()).format_help()
     paths = flags.leaf_paths(common.TldrConfig)
     assert len(paths) > 60
-    for path in paths:
-        assert flags.flag_names(path)[0] in text, path
-    assert "--ppo.rl.kl_target" in text and "--mesh-fsdp" in text and "(default: 0.05)" in text
+    for leaf in flags.leaves(common.TldrConfig):
+        assert flags.flag_names(leaf.flag_path)[0] in text, leaf.path
+    assert "--rl.kl_target" in text and "--mesh-fsdp" in text and "(default: 0.05)" in text
 
 
 def test_flags_set_nested_fields_and_refuse_bad_values(capsys):
-    cfg = common.parse_args(
+    cfg = parse_args(
         [
-            "--ppo.rl.kl_coef",
+            "--rl.kl_coef",
             "0.2",
-            "--ppo.rl.kl_target",
+            "--rl.kl_target",
             "6",
             "--resume",
             "--bf16",
@@ -131,42 +144,42 @@ def test_flags_set_nested_fields_and_refuse_bad_values(capsys):
         ]
         + ["--sft.optim.lr", "1e-4", "--data.summary_val_split", "", "--init-from", "none"]
     )
-    assert cfg.ppo.rl.kl_coef == 0.2 and cfg.ppo.rl.kl_target == 6.0 and cfg.ppo.rl.epochs == 4
+    assert cfg.rl.rl.kl_coef == 0.2 and cfg.rl.rl.kl_target == 6.0 and cfg.rl.rl.resolved().epochs == 4
     assert cfg.resume is True and cfg.bf16 is False and cfg.mesh_fsdp == 2
     assert cfg.sft.optim.lr == 1e-4 and cfg.rm.optim.lr == reward.RewardStageConfig().optim.lr
     assert cfg.data.summary_val_split == "" and cfg.init_from is None
-    grpo = common.parse_args(
-        ["--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "4", "--ppo.rl.ptx_coef", "0.5"]
-        + ["--ppo.reward_norm", "policy_gain_bias", "--ppo.norm_prompts", "64"]
+    grpo = parse_args(
+        ["--rl.algo", "grpo", "--rl.group_size", "4", "--rl.ptx_coef", "0.5"]
+        + ["--rl.reward_norm", "policy_gain_bias", "--rl.norm_prompts", "64"]
     )
-    assert grpo.ppo.rl.group_size == 4 and grpo.ppo.rl.ptx_coef == 0.5 and grpo.ppo.norm_prompts == 64
-    for bad in (["--ppo.rl.kl_kind", "k9"], ["--model", "gpt5"], ["--sft.steps", "1.5"]):
+    assert grpo.rl.rl.group_size == 4 and grpo.rl.rl.ptx_coef == 0.5 and grpo.rl.norm_prompts == 64
+    for bad in (["--rl.kl_kind", "k9"], ["--model", "gpt5"], ["--sft.steps", "1.5"]):
         with pytest.raises(SystemExit):
-            common.parse_args(bad)
+            parse_args(bad)
     assert "error" in capsys.readouterr().err
     # Options this stage would ignore, or a KL estimator with the wrong gradient in the reward: refused.
     for bad, why in (
-        (["--ppo.rl.group_size", "4"], "group_size acts for grpo and rloo only"),
-        (["--ppo.rl.kl_kind", "k3"], "only k1"),
-        (["--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "3"], "not a whole number of groups"),
+        (["--rl.group_size", "4"], "group_size acts for grpo and rloo only"),
+        (["--rl.kl_kind", "k3"], "only k1"),
+        (["--rl.algo", "grpo", "--rl.group_size", "3"], "not a whole number of groups"),
         (
-            ["--ppo.rl.algo", "rloo", "--ppo.rl.group_size", "4", "--ppo.rl.vf_coef", "0.5"],
-            "--ppo.rl.vf_coef does",
+            ["--rl.algo", "rloo", "--rl.group_size", "4", "--rl.vf_coef", "0.5"],
+            "--rl.vf_coef does",
         ),
         (
-            ["--ppo.rl.algo", "grpo", "--ppo.rl.group_size", "4", "--ppo.value_lr", "1e-5"],
-            "--ppo.value_lr does",
+            ["--rl.algo", "grpo", "--rl.group_size", "4", "--rl.value_lr", "1e-5"],
+            "--rl.value_lr does",
         ),
         (
-            ["--ppo.rl.algo", "pg", "--ppo.rl.epochs", "2", "--ppo.rl.lam", "0.9"],
-            "--ppo.rl.epochs, --ppo.rl.lam do",
+            ["--rl.algo", "pg", "--rl.epochs", "2", "--rl.lam", "0.9"],
+            "--rl.epochs, --rl.lam do",
         ),
-        (["--ppo.norm_prompts", "64"], "--ppo.norm_prompts does nothing"),
-        (["--ppo.reward_norm", "std"], "use one of reference_mean, policy_gain_bias, none"),
-        (["--ppo.batch_size", "0"], "--ppo.batch_size 0; it must be >= 1"),
+        (["--rl.norm_prompts", "64"], "--rl.norm_prompts does nothing"),
+        (["--rl.reward_norm", "std"], "choose one of reference_mean, policy_gain_bias, none"),
+        (["--rl.batch_size", "0"], "--rl.batch_size 0; it must be >= 1"),
     ):
         with pytest.raises(SystemExit):
-            common.parse_args(bad)
+            parse_args(bad)
         assert why in capsys.readouterr().err, bad
 
 
@@ -240,11 +253,13 @@ def test_ppo_iteration_sharded_equals_single_device():
         state = parallel.put(train.init_rl_state(params, tx, rl_cfg), mesh)
         ref_params, rm_params = parallel.put(policy, mesh), parallel.put(rm, mesh)
         iteration = rl_programs.jit_iteration(
-            rl_programs.make_iteration(cfg, sample_cfg, tx, rl_cfg, norm, cfg), mesh, state, ref_params, rm_params
-        )
+            rl_programs.make_iteration(cfg, sample_cfg, tx, rl_cfg, norm, cfg),
+            mesh, state, ref_params, rm_params,
+        )  # fmt: skip
         evaluate = rl_programs.jit_evaluate(
-            rl_programs.make_evaluate(cfg, sample_cfg, cfg), mesh, state.params["policy"], ref_params, rm_params
-        )
+            rl_programs.make_evaluate(cfg, sample_cfg, cfg, learned=True),
+            mesh, state.params["policy"], ref_params, rm_params,
+        )  # fmt: skip
         batch = parallel.shard_batch((prompt, prompt_mask), mesh)
         history = []
         for i in range(2):
@@ -278,7 +293,6 @@ def test_sft_starts_from_a_local_hugging_face_directory_of_another_architecture(
     import torch
     import transformers
 
-    from experiments.tldr import run
     from jaxrlhf.models import hf
 
     torch.manual_seed(0)
@@ -295,18 +309,19 @@ def test_sft_starts_from_a_local_hugging_face_directory_of_another_architecture(
         "--data.summary_val_split", "", "--data.val_size", "16", "--data.max_val_rows", "16",
         "--data.max_prompt_tokens", "64", "--data.max_summary_tokens", "8",
         "--sft.steps", "1", "--sft.batch_size", "8", "--sft.eval_batch_size", "16", "--sft.optim.lr", "1e-12",
-        "--sft.optim.warmup_steps", "0",
+        "--sft.optim.warmup_steps", "0", "--compile-cache", "",
     ]  # fmt: skip
     with pytest.raises(SystemExit):
-        common.parse_args(["--model", "gpt2", *argv])
+        parse_args(["--model", "gpt2", *argv])
     assert "--model gpt2 is not the architecture of --init-from" in capsys.readouterr().err
     assert not out.exists()
-    assert run.main(argv) == 0
-    cfg = common.parse_args(argv)
-    mcfg = common.model_config(cfg)
+    assert stage_recipe.main(common.RECIPE, argv) == 0
+    cfg = parse_args(argv)
+    mcfg = model_config(cfg)
     assert mcfg.qk_norm and mcfg.head_dim == 16 and mcfg.kv_heads == 2 and mcfg.block_size == 72
-    state, _ = checkpoint.restore(out, "sft", jax.eval_shape(common.sft_state_init(common.Setup(
-        cfg, mcfg, None, "", parallel.make_mesh(1, 1, devices=jax.devices()[:1]))), jax.random.key(0)))  # fmt: skip
+    one_device = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+    state, _ = checkpoint.restore(out, "sft", jax.eval_shape(instructgpt.sft_state_init(common.Setup(
+        cfg, mcfg, None, "", one_device)), jax.random.key(0)))  # fmt: skip
     weights, _ = hf.load(tmp_path / "qwen3", mcfg)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(weights), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-8)
@@ -336,21 +351,19 @@ def _pipeline_args(shared_data, out, cache):
         "--sft.ckpt_every", 30, "--sft.log_every", 1, "--sft.optim.lr", 1e-2, "--sft.optim.warmup_steps", 0,
         "--rm.steps", RM_STEPS, "--rm.batch_size", 16, "--rm.eval_batch_size", 32, "--rm.eval_every", 30,
         "--rm.log_every", 1, "--rm.optim.lr", 1e-2, "--rm.optim.warmup_steps", 0, "--rm.norm_rows", 64,
-        "--ppo.iterations", PPO_ITERATIONS, "--ppo.batch_size", 16, "--ppo.eval_every", 8,
-        "--ppo.eval_batches", 2, "--ppo.sample_every", 4, "--ppo.ckpt_every", 4, "--ppo.optim.lr", 2e-3,
-        "--ppo.optim.schedule", "constant", "--ppo.rl.epochs", 2, "--ppo.rl.minibatches", 2,
+        "--rl.iterations", PPO_ITERATIONS, "--rl.batch_size", 16, "--rl.eval_every", 8,
+        "--rl.eval_batches", 2, "--rl.sample_every", 4, "--rl.ckpt_every", 4, "--rl.optim.lr", 2e-3,
+        "--rl.optim.schedule", "constant", "--rl.epochs", 2, "--rl.minibatches", 2,
     ]  # fmt: skip
     return tiny + [str(x) for x in stages]
 
 
 def _run_pipeline(args, devices: int, cache=None):
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "HF_HUB_OFFLINE": "1", "JAXRLHF_DATA_DIR": ""}
-    if (
-        cache is not None
-    ):  # a persistent XLA cache shared by the calls of one test: same programs compile once
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    # A persistent XLA cache shared by the calls of one test: same programs compile once ("": none).
+    args = [*args, "--compile-cache", "" if cache is None else str(cache)]
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.tldr.run", *args],
+        [sys.executable, "-m", "experiments.tldr", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -372,10 +385,10 @@ def test_sft_rm_ppo_end_to_end_with_resume(shared_data, tmp_path):
     args = _pipeline_args(shared_data, os.path.relpath(out, REPO), cache)
     # First call: every stage, PPO stopped after 12 iterations (a preemption after the step-12 checkpoint).
     xla_cache = tmp_path / "xla"
-    log = _run_pipeline([*args, "--stop-after", f"ppo:{PPO_STOP}"], devices=1, cache=xla_cache)
-    assert "ppo stopped before its last step" in log
-    assert checkpoint.all_steps(out, "ppo") == [8, 12], "the newest two checkpoints are kept"
-    first_ppo = _records(out / "ppo.jsonl")
+    log = _run_pipeline([*args, "--stop-after", f"rl:{PPO_STOP}"], devices=1, cache=xla_cache)
+    assert "rl stopped before its last step" in log
+    assert checkpoint.all_steps(out, "rl") == [8, 12], "the newest two checkpoints are kept"
+    first_ppo = _records(out / "rl.jsonl")
     assert [r["step"] for r in first_ppo] == list(range(1, PPO_STOP + 1))
     # Second call: resume onto another mesh (2 devices, data parallel; FSDP: the sharded test above).
     log = _run_pipeline([*args, "--resume"], devices=2)
@@ -397,11 +410,11 @@ def test_sft_rm_ppo_end_to_end_with_resume(shared_data, tmp_path):
     # PPO: continued from step 12 to the end (no step repeated or missing); the score PPO maximises (the
     # normalised RM score, -1 for a summary without end-of-text) rises on a fixed set of training prompts
     # sampled with fixed keys; KL to the SFT model stays finite; held-out reward and KL are measured.
-    ppo_log = _records(out / "ppo.jsonl")
+    ppo_log = _records(out / "rl.jsonl")
     assert [r["step"] for r in ppo_log] == list(range(1, PPO_ITERATIONS + 1))
     assert ppo_log[:PPO_STOP] == first_ppo, "records before the resume point are kept as they were"
-    assert checkpoint.restore_meta(out, "ppo")["step"] == PPO_ITERATIONS
-    summary = json.loads((out / "ppo_summary.json").read_text())
+    assert checkpoint.restore_meta(out, "rl")["step"] == PPO_ITERATIONS
+    summary = json.loads((out / "rl_summary.json").read_text())
     initial, final = summary["initial_eval"], summary["last"]
     assert final["eval/train_score"] > initial["train_score"] + 0.2, (initial, final)
     kls = [r["kl_per_sequence"] for r in ppo_log] + [
@@ -411,11 +424,11 @@ def test_sft_rm_ppo_end_to_end_with_resume(shared_data, tmp_path):
     assert abs(initial["val_kl"]) < 1e-3, "the policy starts as the reference"
     for key in ("val_score", "val_rm_score", "val_finished", "val_length"):
         assert np.isfinite(final[f"eval/{key}"]) and np.isfinite(initial[key])
-    samples = _records(out / "ppo_samples.jsonl")
+    samples = _records(out / "rl_samples.jsonl")
     assert sorted({s["iteration"] for s in samples if s["split"] == "val"}) == [0, 8, 16]
     assert sorted({s["iteration"] for s in samples if s["split"] == "train"}) == [4, 8, 12, 16]
     assert all(s["prompt"].endswith("TL;DR:") and isinstance(s["summary"], str) for s in samples)
 
-    for stage, steps in (("sft", SFT_STEPS), ("rm", RM_STEPS), ("ppo", PPO_ITERATIONS)):
+    for stage, steps in (("sft", SFT_STEPS), ("rm", RM_STEPS), ("rl", PPO_ITERATIONS)):
         assert checkpoint.latest_step(out, stage) == steps
         assert (out / f"{stage}_summary.json").exists()

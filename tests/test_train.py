@@ -355,7 +355,6 @@ def test_rl_experience_matches_losses(tiny_cfg):
     rewards, kl = losses.shaped_rewards(scores, exp.old_logprobs, exp.ref_logprobs, m, 0.05)
     adv, ret = losses.compute_gae(rewards, exp.old_values, m, 1.0, 0.95)
     np.testing.assert_allclose(exp.returns, ret, atol=1e-5)
-    from jaxrlhf import ops
 
     np.testing.assert_allclose(exp.advantages, jnp.where(m, losses.whiten_advantages(adv, m), 0), atol=1e-5)
     assert float(metrics["reward"]) == pytest.approx(float(jnp.mean(scores)))

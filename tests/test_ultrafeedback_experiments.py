@@ -26,18 +26,27 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from experiments.ultrafeedback import common, encoding, rebel, run, stages  # noqa: E402
-from jaxrlhf import data, ops, train  # noqa: E402
-from jaxrlhf.engine import flags
-from jaxrlhf import models
-from jaxrlhf.text import HFTokenizer  # noqa: E402
+from experiments.ultrafeedback import encoding, stages  # noqa: E402
+from experiments.ultrafeedback import recipe as common  # noqa: E402
+from jaxrlhf import data, models, ops, train  # noqa: E402
+from jaxrlhf.engine import flags  # noqa: E402
 from jaxrlhf.stages import online  # noqa: E402
 from jaxrlhf.stages import preference as pairs  # noqa: E402
+from jaxrlhf.stages import recipe as stage_recipe  # noqa: E402
+from jaxrlhf.text import HFTokenizer  # noqa: E402
 
 sys.path.insert(0, str(REPO / "scripts"))
 import tiny_chat_model  # noqa: E402
 
 DATE = tiny_chat_model.DATE
+
+
+def parse_args(argv):
+    """The UfConfig of `argv`, parsed and checked as `python -m experiments.ultrafeedback` does."""
+    r = common.RECIPE
+    return flags.parse_checked(
+        r.defaults, argv, check=r.check, inactive=r.inactive, renamed=r.renamed, adjust=r.adjust
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +61,10 @@ def base_dir(shared_data, tmp_path_factory) -> pathlib.Path:
 
 def test_flags_list_every_field_and_refuse_what_does_nothing(shared_data, tmp_path, capsys):
     text = flags.make_parser(common.UfConfig()).format_help()
-    for path in flags.leaf_paths(common.UfConfig):
-        assert flags.flag_names(path)[0] in text, path
-    cfg = common.parse_args(["--model", "tiny-llama", "--iterations", "3", "--stop-after", "rebel_3:2"])
+    assert len(flags.leaf_paths(common.UfConfig)) == len(flags.leaves(common.UfConfig))
+    for leaf in flags.leaves(common.UfConfig):
+        assert flags.flag_names(leaf.flag_path)[0] in text, leaf.path
+    cfg = parse_args(["--model", "tiny-llama", "--iterations", "3", "--stop-after", "rebel_3:2"])
     assert common.instance_names(cfg)[-4:] == ["generate_3", "score_3", "filter_3", "rebel_3"]
     assert common.stop_after_for(cfg, "rebel_3") == 2 and common.stop_after_for(cfg, "rebel_2") is None
     for bad, why in (
@@ -73,16 +83,15 @@ def test_flags_list_every_field_and_refuse_what_does_nothing(shared_data, tmp_pa
         (["--generate.temperature", "0"], "sample with a temperature > 0"),
     ):
         with pytest.raises(SystemExit):
-            common.parse_args(["--model", "tiny-llama", *bad])
+            parse_args(["--model", "tiny-llama", *bad])
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1, (bad, err)
-    # A stage's own command runs that stage only; a tokenizer without a chat template is refused before
-    # anything is written.
+    # A tokenizer without a chat template is refused before anything is written. (The per-stage
+    # commands, e.g. experiments.ultrafeedback.rebel refusing --stages, are gone: one entry, --stages.)
     out = tmp_path / "out"
-    assert rebel.main(["--model", "tiny-llama", "--out", str(out), "--stages", "rm"]) == 2
-    assert "runs the rebel stage only: drop --stages" in capsys.readouterr().err
-    code = run.main(["--model", "tiny-llama", "--out", str(out), "--data.tokenizer_dir",
-                     str(shared_data / "gpt2_tokenizer")])  # fmt: skip
+    argv = ["--model", "tiny-llama", "--out", str(out), "--compile-cache", "",
+            "--data.tokenizer_dir", str(shared_data / "gpt2_tokenizer")]  # fmt: skip
+    code = stage_recipe.main(common.RECIPE, argv)
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "has no chat template" in err, err
     assert not out.exists()
@@ -178,7 +187,7 @@ def _args(base_dir, shared_data, out, tmp) -> list[str]:
 
 
 def test_prompts_are_the_chat_template_left_padded_and_long_ones_are_counted(base_dir, shared_data, tmp_path):
-    cfg = common.parse_args(_args(base_dir, shared_data, tmp_path / "out", tmp_path))
+    cfg = parse_args(_args(base_dir, shared_data, tmp_path / "out", tmp_path))
     setup = common.make_setup(cfg)
     try:
         prompts, counts = encoding.iteration_prompts(setup, 2)
@@ -244,7 +253,7 @@ def test_hf_reward_model_with_another_tokenizer_is_re_tokenized_and_scores_as_tr
         "--score.reward_model",
         str(rm_dir),
     ]
-    setup = common.make_setup(common.parse_args(args))
+    setup = common.make_setup(parse_args(args))
     try:
         assert stages.same_tokenizer(setup.tokenizer, setup.tokenizer)
         assert not stages.same_tokenizer(setup.tokenizer, rm_tok)
@@ -274,9 +283,9 @@ def test_hf_reward_model_with_another_tokenizer_is_re_tokenized_and_scores_as_tr
 def _run(args, cache, check=True):
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "HF_HUB_OFFLINE": "1", "JAXRLHF_DATA_DIR": ""}
     # A persistent XLA cache shared by the calls of one test: each program compiles once.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.ultrafeedback.run", *args],
+        [sys.executable, "-m", "experiments.ultrafeedback", *args, "--compile-cache", str(cache)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     if check:
@@ -313,7 +322,7 @@ def test_pipeline_end_to_end_then_killed_in_every_stage_and_resumed(base_dir, sh
     assert rm["train_counts"]["rows"] == 1000 and rm["train_pairs"] == rm["train_counts"]["pairs"] > 16
     assert rm["val_pairs"] > 0 and 0.0 <= rm["val_accuracy"] <= 1.0
 
-    cfg = common.parse_args(_args(base_dir, shared_data, out, tmp_path))
+    cfg = parse_args(_args(base_dir, shared_data, out, tmp_path))
     setup = common.make_setup(cfg)
     tok = setup.tokenizer
     try:
@@ -419,7 +428,7 @@ def test_pipeline_end_to_end_then_killed_in_every_stage_and_resumed(base_dir, sh
     assert sa["regression"] == sb["regression"]  # computed from the final weights
     # Rerunning a finished run is a no-op; a fresh run over it is refused before anything is written.
     proc = _run([*args, "--resume"], cache)
-    assert proc.stderr.count("finished earlier, skipped") == 5
+    assert proc.stderr.strip().splitlines()[-1].startswith("nothing to do: "), proc.stderr  # all 5 finished
     proc = _run(args, cache, check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "--resume" in proc.stderr, proc.stderr
 

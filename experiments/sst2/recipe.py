@@ -99,7 +99,9 @@ class Sst2Config(instructgpt.InstructConfig):
         )
     )
     rm: reward.RewardStageConfig = dataclasses.field(
-        default_factory=lambda: reward.RewardStageConfig(steps=1000, batch_size=64, eval_every=250, norm_rows=1024)
+        default_factory=lambda: reward.RewardStageConfig(
+            steps=1000, batch_size=64, eval_every=250, norm_rows=1024
+        )
     )
     rl: policy.RLStageConfig = dataclasses.field(
         default_factory=lambda: policy.RLStageConfig(
@@ -196,7 +198,6 @@ def load_sentences(setup: Setup, need: tuple[int, str] | None = None) -> tuple[P
     """(train, held-out) sentences as [eos | sentence] rows (SFT), checked as in `load_labelled`."""
     train, val = load_labelled(setup, need)
     return PromptAnswers(*train[:4]), PromptAnswers(*val[:4])
-
 
 
 def rm_data(setup: Setup, need):

@@ -102,8 +102,10 @@ class TldrConfig(instructgpt.InstructConfig):
 def length(cfg: TldrConfig) -> tuple[int, str]:
     """T, the longest row, and the flags that make it (for messages)."""
     d = cfg.data
-    return (d.max_prompt_tokens + d.max_summary_tokens,
-            f"--data.max_prompt_tokens {d.max_prompt_tokens} + --data.max_summary_tokens {d.max_summary_tokens}")
+    return (
+        d.max_prompt_tokens + d.max_summary_tokens,
+        f"--data.max_prompt_tokens {d.max_prompt_tokens} + --data.max_summary_tokens {d.max_summary_tokens}",
+    )
 
 
 def encode_prompts(tokenizer, rows: list[dict], max_tokens: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -253,7 +255,6 @@ def load_comparisons(setup: Setup, need: tuple[int, str] | None = None) -> tuple
         _encode_comparisons(setup.tokenizer, rows, cfg, where, need),
         _encode_comparisons(setup.tokenizer, val_rows, cfg, f"the held-out rows of {val_where}"),
     )
-
 
 
 def sft_data(setup: Setup, need):

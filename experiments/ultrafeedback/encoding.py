@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.text import HFTokenizer, pad_batch
 from jaxrlhf.stages.batches import PromptAnswers
 from jaxrlhf.stages.online import Prompts
 from jaxrlhf.stages.reward import Comparisons
 from jaxrlhf.stages.setup import Setup
+from jaxrlhf.text import HFTokenizer, pad_batch
 
 
 def template_special_tokens(tok: HFTokenizer, cfg) -> int:

@@ -13,7 +13,7 @@ the data as token arrays; stages.py: the stages).
 Lengths are counted in tokens without the chat template's special tokens: a prompt of more than
 --data.max_prompt_tokens tokens is dropped and counted (never cut); an answer has at most
 --data.max_answer_tokens tokens and its end-of-turn (the sampler's budget), one that does not end in time
-is dropped as unfinished. Iteration t takes the next --generate.prompts training prompts (wrapping).
+is dropped as unfinished (--filter.no_eos_penalty -4 keeps it with that reward, as the REBEL authors do). Iteration t takes the next --generate.prompts training prompts (wrapping).
 Data lies under <out>/iter_t/, checkpoints under <out>/rm/ and <out>/rebel_t/.
 """
 
@@ -29,8 +29,6 @@ from etils import epath
 from experiments.ultrafeedback import encoding
 from jaxrlhf.models import ModelConfig
 from jaxrlhf.rollout import SampleConfig
-from jaxrlhf.validate import check_at_least
-from jaxrlhf.text import HFTokenizer
 from jaxrlhf.stages import handoff, online, recipe, reward
 from jaxrlhf.stages import setup as stage_setup
 from jaxrlhf.stages.handoff import StageRun
@@ -38,6 +36,8 @@ from jaxrlhf.stages.online import GenerateConfig
 from jaxrlhf.stages.preference import PairStageConfig
 from jaxrlhf.stages.reward import RewardStageConfig
 from jaxrlhf.stages.setup import Setup
+from jaxrlhf.text import HFTokenizer
+from jaxrlhf.validate import check_at_least, check_finite
 
 STAGES = ("rm", "generate", "score", "filter", "rebel")
 ITERATED = STAGES[1:]
@@ -118,14 +118,19 @@ class FilterConfig:
     Attributes:
       max_answer_tokens: drop longer answers (special tokens not counted; None: --data.max_answer_tokens).
       min_answer_tokens: drop shorter answers.
+      no_eos_penalty: None drops an answer that never ends its turn (this recipe's default); a number keeps
+        it with this reward instead of its score, as the REBEL authors do (ZhaolinGao/REBEL
+        src/ultrafeedback: -4 on their reward scale; the KL term still applies).
     """
 
     max_answer_tokens: int | None = None
     min_answer_tokens: int = 1
+    no_eos_penalty: float | None = None
 
     def __post_init__(self):
         check_at_least(self, 1, "max_answer_tokens")
         check_at_least(self, 0, "min_answer_tokens")
+        check_finite(self, "no_eos_penalty")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -285,6 +290,8 @@ def stage_run(cfg: UfConfig, name: str) -> StageRun:
         data_seed=cfg.data.seed + t,
         progress=cfg.progress,
         stop_after=stop_after_for(cfg, name),
+        tensorboard=cfg.tensorboard,
+        wandb=cfg.wandb or None,
     )
 
 
@@ -397,6 +404,8 @@ RECIPE = recipe.Recipe(
     name="ultrafeedback", defaults=UfConfig(), make_setup=make_setup, runners=_Runners(),
     steps=lambda cfg, name: cfg.rm.steps if name == "rm" else None, names=instance_names,
     finished=stage_finished, meta=stage_meta, checkpointed=lambda name: split_instance(name)[0] in ("rm", "rebel"),
+    exports=lambda cfg: {"policy": f"rebel_{cfg.iteration or cfg.iterations}",
+                         **({"reward_model": "rm"} if cfg.score.reward == "rm" else {})},
     guard=_guard, check=check, inactive=_inactive_message, renamed={"--mesh_fsdp": "--mesh-fsdp"},
     description=__doc__,
 )  # fmt: skip

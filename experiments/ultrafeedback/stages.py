@@ -11,14 +11,14 @@ import numpy as np
 from experiments.ultrafeedback import encoding
 from experiments.ultrafeedback import recipe as common
 from jaxrlhf import models, parallel
+from jaxrlhf import text as jaxrlhf_tokenizers
+from jaxrlhf.engine import loop
 from jaxrlhf.models import hf
 from jaxrlhf.rollout import scoring
-from jaxrlhf.engine import loop
-from jaxrlhf import text as jaxrlhf_tokenizers
-from jaxrlhf.text import pad_batch
 from jaxrlhf.stages import batches, handoff, online, recipe, reward
 from jaxrlhf.stages import preference as pairs
 from jaxrlhf.stages.setup import Setup
+from jaxrlhf.text import pad_batch
 
 
 def _result(summary: dict | None) -> loop.StageResult:
@@ -244,15 +244,17 @@ def run_filter(setup: Setup, t: int) -> loop.StageResult:
     root = common.iter_dir(cfg, t)
     rows, scores, gen = iteration_rows(cfg, t)
     online.start_data_stage(root / "filter", common.stage_meta(cfg, f"filter_{t}"))
-    rewards_ = scores
-    if cfg.rebel.algo == "rebel" and cfg.rebel.kl_coef > 0:
+    rewards_, penalty = scores, cfg.filter.no_eos_penalty
+    if penalty is not None or (cfg.rebel.algo == "rebel" and cfg.rebel.kl_coef > 0):
+        kl_coef = cfg.rebel.kl_coef if cfg.rebel.algo == "rebel" else 0.0
         rewards_ = np.asarray(scoring.rebel_rewards(
-            scores, rows["finished"], rows["policy_logprobs"], rows["ref_logprobs"], kl_coef=cfg.rebel.kl_coef
+            scores, rows["finished"], rows["policy_logprobs"], rows["ref_logprobs"], kl_coef=kl_coef,
+            no_eos_penalty=penalty,
         ))  # fmt: skip
     n = cfg.generate.answers
     selection = pairs.filter_answers(
         rows, rewards_, n, special_ids=tok.special_ids, max_answer_tokens=cfg.answer_limit,
-        min_answer_tokens=cfg.filter.min_answer_tokens,
+        min_answer_tokens=cfg.filter.min_answer_tokens, keep_unfinished=penalty is not None,
     )  # fmt: skip
     stats = {
         "iteration": t,
@@ -309,7 +311,7 @@ def run_rebel(setup: Setup, t: int) -> loop.StageResult:
     params, source = policy_params(setup, t)
     return pairs.run_pair_stage(
         setup, cfg.rebel, common.stage_run(cfg, f"rebel_{t}"), pairs=batch, params=params,
-        summary={"iteration": t, "from": source},
+        temperature=cfg.generate.temperature, summary={"iteration": t, "from": source},
     )  # fmt: skip
 
 

@@ -27,9 +27,10 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,51 @@ class DataSpec:
     expects: str
     find_files: Callable[[pathlib.Path], list[pathlib.Path]]
     downloads: Mapping[str, tuple[str, str | None]]
+
+
+def file_spec(
+    name: str,
+    required: Sequence[str],
+    downloads: Mapping[str, tuple[str, str | None]],
+    optional: Sequence[str] = (),
+) -> DataSpec:
+    """The DataSpec of a data set whose folder holds fixed file names: `required` ones (all present, or the
+    folder has no data) and `optional` ones (read when present)."""
+
+    def find_files(folder: pathlib.Path) -> list[pathlib.Path]:
+        if not all((folder / f).is_file() for f in required):
+            return []
+        return [folder / f for f in required] + [folder / f for f in optional if (folder / f).is_file()]
+
+    expects = " and ".join(required) + (f" ({', '.join(optional)} optional)" if optional else "")
+    return DataSpec(name=name, subdir=name, expects=expects, find_files=find_files, downloads=downloads)
+
+
+class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A builder of one of our data sets: a subclass names `name`, `SPEC` (its DataSpec) and
+    `RELEASE_NOTES`; its code path (TFDS cannot locate code in the `jaxrlhf` namespace package), version
+    and manual-download message follow."""
+
+    SPEC: DataSpec
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init_subclass__(cls, **kwargs):
+        cls.code_path = pathlib.Path(sys.modules[cls.__module__].__file__)
+        cls.MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {cls.SPEC.expects} in the manual dir."
+        super().__init_subclass__(**kwargs)
+
+
+def dataset_info(
+    builder: tfds.core.GeneratorBasedBuilder, features: dict, homepage: str
+) -> tfds.core.DatasetInfo:
+    """A builder's DatasetInfo: its module's docstring, `features`, `homepage`, rows kept in file order."""
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        description=sys.modules[type(builder).__module__].__doc__,
+        features=tfds.features.FeaturesDict(features),
+        homepage=homepage,
+        disable_shuffling=True,  # keep the file order
+    )
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:

@@ -39,41 +39,21 @@ DOWNLOADS = {
 }
 
 
-def _find_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    required = [folder / "train.tsv", folder / "dev.tsv"]
-    if not all(path.is_file() for path in required):
-        return []
-    test = folder / "test.tsv"
-    return required + ([test] if test.is_file() else [])
+SPEC = common.file_spec("sst2", ("train.tsv", "dev.tsv"), DOWNLOADS, optional=("test.tsv",))
 
 
-SPEC = common.DataSpec(
-    name="sst2",
-    subdir="sst2",
-    expects="train.tsv and dev.tsv (test.tsv optional)",
-    find_files=_find_files,
-    downloads=DOWNLOADS,
-)
-
-
-class Sst2Builder(tfds.core.GeneratorBasedBuilder):
+class Sst2Builder(common.SourceBuilder):
     """SST-2: features sentence, label (ClassLabel negative/positive, -1 on test)."""
 
     name = "jaxrlhf_sst2"
-    code_path = pathlib.Path(__file__)  # TFDS can't locate code in the `jaxrlhf` namespace package
-    VERSION = tfds.core.Version("1.0.0")
+    SPEC = SPEC
     RELEASE_NOTES = {"1.0.0": "GLUE SST-2 train/dev/test tsv."}
-    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put the GLUE SST-2 {SPEC.expects} in the manual dir."
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {"sentence": tfds.features.Text(), "label": tfds.features.ClassLabel(names=LABELS)}
-            ),
-            homepage="https://gluebenchmark.com/",
-            disable_shuffling=True,  # keep the file order
+        return common.dataset_info(
+            self,
+            {"sentence": tfds.features.Text(), "label": tfds.features.ClassLabel(names=LABELS)},
+            "https://gluebenchmark.com/",
         )
 
     def _split_generators(self, dl_manager):

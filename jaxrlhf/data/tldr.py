@@ -300,28 +300,47 @@ def _file_format(path: pathlib.Path, rows: list[tuple[int, dict]]) -> str:
         raise common.DataFormatError(f"{path}:{number}: {err}") from None
 
 
-def read_pairs(files: list[pathlib.Path]) -> dict[str, list[dict[str, str]]]:
-    """Normalised post/summary rows from `files`, grouped by split (empty splits left out).
-
-    Raises:
-      common.DataFormatError: file:line and field of the first row that does not read.
-    """
+def _read_rows(files: list[pathlib.Path], normalize, split_of) -> dict[str, list[dict[str, str]]]:
+    """`normalize(row, fmt)` of every row of `files` (None: dropped), grouped by `split_of(path, number,
+    row, fmt)`; a row that does not read is a DataFormatError naming file:line and field."""
     by_split: dict[str, list[dict[str, str]]] = {}
     for path in files:
         rows = _read_jsonl(path)
         if not rows:
             continue
         fmt = _file_format(path, rows)
-        split = split_from_name(path) or "train"
-        out = by_split.setdefault(split, [])
         for number, row in rows:
+            split = split_of(path, number, row, fmt)
             try:
-                out.append(normalize_pair(row, fmt))
+                normalized = normalize(row, fmt)
             except FieldError as err:
                 raise _row_error(path, number, fmt, err) from None
-            except ValueError as err:  # a comparison file among the pairs
+            except ValueError as err:  # a file of the other kind (pairs among comparisons, or back)
                 raise common.DataFormatError(f"{path}:{number}: {err}") from None
+            if normalized is not None:
+                by_split.setdefault(split, []).append(normalized)
     return by_split
+
+
+def read_pairs(files: list[pathlib.Path]) -> dict[str, list[dict[str, str]]]:
+    """Normalised post/summary rows from `files`, grouped by split (empty splits left out).
+
+    Raises:
+      common.DataFormatError: file:line and field of the first row that does not read.
+    """
+    return _read_rows(files, normalize_pair, lambda path, *_: split_from_name(path) or "train")
+
+
+def _comparison_split(path: pathlib.Path, number: int, row: dict, fmt: str) -> str:
+    if fmt != "openai_comparisons":
+        return split_from_name(path) or "train"
+    split = _OPENAI_COMPARISON_SPLITS.get(row.get("split", ""))
+    if split is None:
+        raise common.DataFormatError(
+            f"{path}:{number}: field 'split' is {row.get('split')!r}; expected one of "
+            f"{', '.join(_OPENAI_COMPARISON_SPLITS)}"
+        )
+    return split
 
 
 def read_comparisons(files: list[pathlib.Path]) -> dict[str, list[dict[str, str]]]:
@@ -330,31 +349,7 @@ def read_comparisons(files: list[pathlib.Path]) -> dict[str, list[dict[str, str]
     Raises:
       common.DataFormatError: file:line and field of the first row that does not read.
     """
-    by_split: dict[str, list[dict[str, str]]] = {}
-    for path in files:
-        rows = _read_jsonl(path)
-        if not rows:
-            continue
-        fmt = _file_format(path, rows)
-        for number, row in rows:
-            if fmt == "openai_comparisons":
-                split = _OPENAI_COMPARISON_SPLITS.get(row.get("split", ""))
-                if split is None:
-                    raise common.DataFormatError(
-                        f"{path}:{number}: field 'split' is {row.get('split')!r}; expected one of "
-                        f"{', '.join(_OPENAI_COMPARISON_SPLITS)}"
-                    )
-            else:
-                split = split_from_name(path) or "train"
-            try:
-                normalized = normalize_comparison(row, fmt)
-            except FieldError as err:
-                raise _row_error(path, number, fmt, err) from None
-            except ValueError as err:  # a post/summary file among the comparisons
-                raise common.DataFormatError(f"{path}:{number}: {err}") from None
-            if normalized is not None:
-                by_split.setdefault(split, []).append(normalized)
-    return by_split
+    return _read_rows(files, normalize_comparison, _comparison_split)
 
 
 def split_files(files: list[pathlib.Path], split: str) -> list[pathlib.Path]:
@@ -386,23 +381,19 @@ def _generate(rows: list[dict[str, str]]):
     yield from enumerate(rows)
 
 
-class TldrBuilder(tfds.core.GeneratorBasedBuilder):
+class TldrBuilder(common.SourceBuilder):
     """TL;DR post -> reference summary pairs; splits train / validation / test where files exist."""
 
     name = "jaxrlhf_tldr"
-    code_path = pathlib.Path(__file__)  # TFDS can't locate code in the `jaxrlhf` namespace package
-    VERSION = tfds.core.Version("1.0.0")
+    SPEC = TLDR_SPEC
     RELEASE_NOTES = {"1.0.0": "OpenAI / CarperAI / dove formats normalised."}
-    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {TLDR_SPEC.expects} in the manual dir."
 
     def _info(self) -> tfds.core.DatasetInfo:
         names = (*_POST_FEATURES, "summary")
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in names}),
-            homepage="https://github.com/openai/summarize-from-feedback",
-            disable_shuffling=True,  # keep the file order
+        return common.dataset_info(
+            self,
+            {k: tfds.features.Text() for k in names},
+            "https://github.com/openai/summarize-from-feedback",
         )
 
     def _split_generators(self, dl_manager):
@@ -414,23 +405,19 @@ class TldrBuilder(tfds.core.GeneratorBasedBuilder):
         return _generate(rows)
 
 
-class ComparisonsBuilder(tfds.core.GeneratorBasedBuilder):
+class ComparisonsBuilder(common.SourceBuilder):
     """TL;DR human comparisons (chosen vs rejected); splits train / validation / test if present."""
 
     name = "jaxrlhf_tldr_comparisons"
-    code_path = pathlib.Path(__file__)
-    VERSION = tfds.core.Version("1.0.0")
+    SPEC = COMPARISONS_SPEC
     RELEASE_NOTES = {"1.0.0": "OpenAI / CarperAI / vertex formats normalised."}
-    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {COMPARISONS_SPEC.expects} in the manual dir."
 
     def _info(self) -> tfds.core.DatasetInfo:
         names = (*_POST_FEATURES, "chosen", "rejected")
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in names}),
-            homepage="https://github.com/openai/summarize-from-feedback",
-            disable_shuffling=True,
+        return common.dataset_info(
+            self,
+            {k: tfds.features.Text() for k in names},
+            "https://github.com/openai/summarize-from-feedback",
         )
 
     def _split_generators(self, dl_manager):

@@ -40,44 +40,25 @@ DOWNLOADS = {
 }
 
 
-def _find_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    files = [folder / "train.csv", folder / "test.csv"]
-    return files if all(path.is_file() for path in files) else []
+SPEC = common.file_spec("tweets", ("train.csv", "test.csv"), DOWNLOADS)
 
 
-SPEC = common.DataSpec(
-    name="tweets",
-    subdir="tweets",
-    expects="train.csv and test.csv",
-    find_files=_find_files,
-    downloads=DOWNLOADS,
-)
-
-
-class TweetsBuilder(tfds.core.GeneratorBasedBuilder):
+class TweetsBuilder(common.SourceBuilder):
     """Tweet sentiment: features text, sentiment (ClassLabel), text_id; splits train and test."""
 
     name = "jaxrlhf_tweets"
-    code_path = pathlib.Path(__file__)  # TFDS can't locate code in the `jaxrlhf` namespace package
-    VERSION = tfds.core.Version("1.0.0")
+    SPEC = SPEC
     RELEASE_NOTES = {"1.0.0": "Kaggle tweet-sentiment-extraction; empty texts dropped."}
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Put the Kaggle tweet-sentiment-extraction train.csv and test.csv in the manual dir."
-    )
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "text": tfds.features.Text(),
-                    "sentiment": tfds.features.ClassLabel(names=SENTIMENTS),
-                    "text_id": tfds.features.Text(),
-                }
-            ),
-            homepage="https://www.kaggle.com/c/tweet-sentiment-extraction",
-            disable_shuffling=True,  # keep the csv order; shuffling is the batch iterator's job
+        return common.dataset_info(
+            self,
+            {
+                "text": tfds.features.Text(),
+                "sentiment": tfds.features.ClassLabel(names=SENTIMENTS),
+                "text_id": tfds.features.Text(),
+            },
+            "https://www.kaggle.com/c/tweet-sentiment-extraction",
         )
 
     def _split_generators(self, dl_manager):

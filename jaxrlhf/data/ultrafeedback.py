@@ -42,18 +42,7 @@ DOWNLOADS = {
 _FILES = {"train": "train_clean.jsonl", "validation": "eval_clean.jsonl"}
 
 
-def _find_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    files = [folder / name for name in _FILES.values()]
-    return files if all(path.is_file() for path in files) else []
-
-
-SPEC = common.DataSpec(
-    name="ultrafeedback",
-    subdir="ultrafeedback",
-    expects="train_clean.jsonl and eval_clean.jsonl",
-    find_files=_find_files,
-    downloads=DOWNLOADS,
-)
+SPEC = common.file_spec("ultrafeedback", tuple(_FILES.values()), DOWNLOADS)
 
 
 def parse_row(text: str, where: str) -> dict:
@@ -89,33 +78,27 @@ def parse_row(text: str, where: str) -> dict:
     return out
 
 
-class UltraFeedbackBuilder(tfds.core.GeneratorBasedBuilder):
+class UltraFeedbackBuilder(common.SourceBuilder):
     """UltraFeedback binarized: prompt, chosen, rejected (text), score_chosen, score_rejected (float32),
     source_index (int64)."""
 
     name = "jaxrlhf_ultrafeedback"
-    code_path = pathlib.Path(__file__)  # TFDS can't locate code in the `jaxrlhf` namespace package
-    VERSION = tfds.core.Version("1.0.0")
+    SPEC = SPEC
     RELEASE_NOTES = {"1.0.0": "ultrafeedback_binarized rows: prompt, chosen, rejected, GPT-4 scores."}
-    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {SPEC.expects} in the manual dir."
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "prompt": text,
-                    "chosen": text,
-                    "rejected": text,
-                    "score_chosen": tfds.features.Scalar(dtype=np.float32),
-                    "score_rejected": tfds.features.Scalar(dtype=np.float32),
-                    "source_index": tfds.features.Scalar(dtype=np.int64),
-                }
-            ),
-            homepage="https://huggingface.co/datasets/HuggingFaceH4/ultrafeedback_binarized",
-            disable_shuffling=True,  # keep the file order
+        return common.dataset_info(
+            self,
+            {
+                "prompt": text,
+                "chosen": text,
+                "rejected": text,
+                "score_chosen": tfds.features.Scalar(dtype=np.float32),
+                "score_rejected": tfds.features.Scalar(dtype=np.float32),
+                "source_index": tfds.features.Scalar(dtype=np.int64),
+            },
+            "https://huggingface.co/datasets/HuggingFaceH4/ultrafeedback_binarized",
         )
 
     def _split_generators(self, dl_manager):

@@ -715,6 +715,31 @@ def restore(
     return state, meta
 
 
+def restore_params(run_dir: PathLike, stage: str, *, step: int | None = None) -> tuple[Any, dict]:
+    """The `params` of a stage's checkpoint (default: the latest step), as host NumPy arrays, without
+    knowing the state's structure (the stored tree is the target), and its meta: what an export of any
+    stage reads. Typed PRNG keys in the state come back as their raw data (only the params are used).
+
+    Raises:
+      FileNotFoundError, DamagedCheckpointError: as `restore`.
+    """
+    step = verify(run_dir, stage, step)
+    state_dir = _step_dir(run_dir, stage, step) / _STATE
+    try:
+        stored = ocp.StandardCheckpointHandler().metadata(state_dir).tree
+    except Exception as err:
+        raise _unreadable(run_dir, stage, step, err) from None
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # The whole stored tree (orbax 0.12 reads no subtree alone); only the params are kept.
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored)
+    try:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+            state = checkpointer.restore(state_dir, args=ocp.args.StandardRestore(target))
+    except Exception as err:
+        raise _unreadable(run_dir, stage, step, err) from None
+    return jax.tree.map(np.asarray, state["params"]), restore_meta(run_dir, stage, step)
+
+
 def restore_tokenizer(
     run_dir: PathLike, stage: str, dest: PathLike, *, step: int | None = None
 ) -> epath.Path:

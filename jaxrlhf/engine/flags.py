@@ -117,10 +117,19 @@ _ATTRIBUTE_LINE = re.compile(r"^  (\w+(?:, \w+)*):\s?(.*)$")  # "  name: text" o
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
-    """Field name -> its description in the class docstring's `Attributes:` section."""
-    doc = inspect.getdoc(cls) or ""
+    """Field name -> its description in the `Attributes:` sections of the docstrings of `cls` and its
+    bases (a subclass's line wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        docs.update(_own_attribute_docs(klass))
+    return docs
+
+
+def _own_attribute_docs(cls: type) -> dict[str, str]:
+    doc = cls.__doc__ or ""
     if "Attributes:" not in doc:
         return {}
+    doc = inspect.cleandoc(doc)
     docs: dict[str, str] = {}
     names: list[str] = []
     for line in doc.split("Attributes:", 1)[1].splitlines():
@@ -170,6 +179,11 @@ def leaves(cls: type, path: tuple[str, ...] = (), flag_path: tuple[str, ...] = (
 def leaf_paths(config_cls: type) -> list[tuple[str, ...]]:
     """Every leaf field path of a config class (what `--help` must list)."""
     return [leaf.path for leaf in leaves(config_cls)]
+
+
+def value_at(config: Any, path: tuple[str, ...]) -> Any:
+    """The value of the field at `path` of a config (e.g. ("rl", "rl", "kl_coef"))."""
+    return _get(config, path)
 
 
 def _get(config: Any, path: tuple[str, ...]) -> Any:
@@ -225,7 +239,8 @@ def replace_paths(config: Any, overrides: dict[tuple[str, ...], Any], prefix: tu
                   root: type | None = None) -> Any:  # fmt: skip
     """`config` with every field at a path set, each dataclass rebuilt once with all of its new values:
     fields that are validated together (e.g. rl.algo and rl.group_size) never meet half-set. A config's
-    `field=value; fix` ValueError is re-raised as `--flag value; fix` (`prefix`: the path of `config`)."""
+    `field=value; fix` ValueError is re-raised with every `field=value` of it (or of a flattened child)
+    spelled as its flag, `--path.field value` (`prefix`: the path of `config`)."""
     root = root or type(config)
     changes = {path[0]: value for path, value in overrides.items() if len(path) == 1}
     for head in sorted({path[0] for path in overrides if len(path) > 1}):
@@ -234,14 +249,31 @@ def replace_paths(config: Any, overrides: dict[tuple[str, ...], Any], prefix: tu
     try:
         return dataclasses.replace(config, **changes)
     except ValueError as err:
+        raise ValueError(spell_as_flags(str(err), root, prefix)) from None
 
-        def flag(name):
-            try:
-                return flag_of(root, (*prefix, name))
-            except KeyError:  # a nested config field as a whole
-                return "--" + ".".join((*prefix, name))
 
-        raise ValueError(flag_message(str(err), type(config), flag)) from None
+def spell_as_flags(message: str, root: type, prefix: tuple[str, ...] = ()) -> str:
+    """`message` with each `name=value` of a field of the config at `prefix` (its own fields and those of
+    its flattened children) written as its flag, `--flag value`."""
+    by_name = {}
+    for leaf in leaves(root):
+        rest = leaf.path[len(prefix) :]
+        if leaf.path[: len(prefix)] != prefix or not rest:
+            continue
+        if len(rest) == 1 or (len(rest) == 2 and _flattened(root, (*prefix, rest[0]))):
+            by_name.setdefault(rest[-1], flag_names(leaf.flag_path)[0])
+    if not by_name:
+        return message
+    pattern = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, by_name)) + r")=")
+    return pattern.sub(lambda m: f"{by_name[m[1]]} ", message)
+
+
+def _flattened(root: type, path: tuple[str, ...]) -> bool:
+    cls = root
+    for name in path[:-1]:
+        cls = typing.get_type_hints(cls)[name]
+    field = {f.name: f for f in dataclasses.fields(cls)}[path[-1]]
+    return bool(field.metadata.get("flatten"))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -254,7 +286,9 @@ class OneLineParser(argparse.ArgumentParser):
 def make_parser(defaults: Any, *, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
     """A one-line-error parser with `--config FILE` and a flag per leaf field of the dataclass `defaults`."""
     parser = OneLineParser(
-        prog=prog, usage="%(prog)s [--config FILE] [--FLAG VALUE ...]", description=description,
+        prog=prog,
+        usage="%(prog)s [--config FILE] [--FLAG VALUE ...]",
+        description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -282,15 +316,20 @@ def _load_file(path: str) -> Mapping:
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise ValueError(f"--config {path}: expected a mapping of flag names to values, found {type(data).__name__}")
+        raise ValueError(
+            f"--config {path}: expected a mapping of flag names to values, found {type(data).__name__}"
+        )
     return data
 
 
-def file_overrides(defaults: Any, path: str) -> dict[tuple[str, ...], Any]:
+def file_overrides(
+    defaults: Any, path: str, renamed: Mapping[str, str] | None = None
+) -> dict[tuple[str, ...], Any]:
     """config path -> value of every entry of a config file, each parsed as its flag would be.
 
     Raises:
-      ValueError: one line naming the file and the key: an unknown key, or a value its flag refuses.
+      ValueError: one line naming the file and the key: an unknown key (a renamed one with its new name),
+        a list where the flag takes one value, or a value its flag refuses.
     """
     by_flag = {leaf.flag_path: leaf for leaf in leaves(type(defaults))}
     out = {}
@@ -304,8 +343,16 @@ def file_overrides(defaults: Any, path: str) -> dict[tuple[str, ...], Any]:
                 continue
             leaf = by_flag.get(here)
             if leaf is None:
-                raise ValueError(f"--config {path}: {'.'.join(here)!r} is no flag of this command (see --help)")
-            text = "none" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
+                new = _renamed_to("--" + ".".join(here), renamed or {})
+                hint = f"; it is now {new}" if new else " (see --help)"
+                raise ValueError(f"--config {path}: {'.'.join(here)!r} is no flag of this command{hint}")
+            if isinstance(value, list | tuple | set):
+                raise ValueError(
+                    f"--config {path}: {'.'.join(here)}: {value!r} is a list; the flag takes one value"
+                )
+            text = (
+                "none" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
+            )
             try:
                 out[leaf.path] = flag_parser(leaf.annotation)(text)
             except (argparse.ArgumentTypeError, ValueError) as err:
@@ -315,20 +362,25 @@ def file_overrides(defaults: Any, path: str) -> dict[tuple[str, ...], Any]:
     return out
 
 
+def _renamed_to(name: str, renamed: Mapping[str, str]) -> str | None:
+    """The new spelling of flag `name` if an entry point renamed it (a key ending in "." is a prefix, the
+    longest matching one applies: {"--ppo.rl.": "--rl.", "--ppo.": "--rl."} gives `--rl.kl_coef` for
+    `--ppo.rl.kl_coef` and `--rl.iterations` for `--ppo.iterations`), else None."""
+    if name in renamed:
+        return renamed[name]
+    for old in sorted((k for k in renamed if k.endswith(".")), key=len, reverse=True):
+        if name.startswith(old):
+            return renamed[old] + name[len(old) :]
+    return None
+
+
 def _refuse_renamed(parser: argparse.ArgumentParser, argv: Sequence[str], renamed: Mapping[str, str]) -> None:
-    """Exit 2 with one line for the first flag of `argv` an entry point renamed. A key ending in "." is a
-    prefix, the longest matching one applies: {"--ppo.rl.": "--rl.", "--ppo.": "--rl."} names
-    `--rl.kl_coef` for `--ppo.rl.kl_coef` and `--rl.iterations` for `--ppo.iterations`."""
-    prefixes = sorted((k for k in renamed if k.endswith(".")), key=len, reverse=True)
+    """Exit 2 with one line for the first flag of `argv` an entry point renamed."""
     for token in argv:
         name = str(token).split("=", 1)[0]
-        if not name.startswith("--"):
-            continue
-        if name in renamed:
-            parser.error(f"{name} is now {renamed[name]}")
-        for old in prefixes:
-            if name.startswith(old):
-                parser.error(f"{name} is now {renamed[old]}{name[len(old):]}")
+        new = _renamed_to(name, renamed) if name.startswith("--") else None
+        if new is not None:
+            parser.error(f"{name} is now {new}")
 
 
 def parse_checked(defaults: Any, argv: Sequence[str] | None = None, **kwargs) -> Any:
@@ -370,16 +422,19 @@ def parse(
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser(defaults, description=description, prog=prog)
     _refuse_renamed(parser, argv, renamed or {})
-    namespace = vars(parser.parse_args(argv))
+    namespace = vars(parser.parse_args(_joined_negative_values(argv)))
     config_file = namespace.pop("config")
     overrides = {tuple(dest.split(".")): value for dest, value in namespace.items()}
+    cli = set(overrides)
     try:
-        if config_file:
-            overrides = {**file_overrides(defaults, config_file), **overrides}
-        given = list(overrides)
-        if adjust is not None:
-            overrides = adjust(dict(overrides))
-        cfg = replace_paths(defaults, overrides)
+        from_file = file_overrides(defaults, config_file, renamed) if config_file else {}
+        overrides = {**from_file, **overrides}
+        cfg = replace_paths(defaults, adjust(dict(overrides)) if adjust is not None else overrides)
+        # A file entry counts as given where it changes the config: a run's recorded config (every field,
+        # `config_json`) is then not refused for the inactive fields it merely restates.
+        given = [
+            p for p in overrides if p not in from_file or p in cli or _changes(defaults, overrides, p, adjust)
+        ]
         if check is not None:
             check(cfg)
     except (TypeError, ValueError) as err:
@@ -388,6 +443,40 @@ def parse(
     if message:
         parser.error(message)
     return cfg, given
+
+
+def _changes(defaults: Any, overrides: dict, path: tuple[str, ...], adjust) -> bool:
+    """Whether the entry `path` of `overrides` gives the config another value than the rest would."""
+    rest = {p: v for p, v in overrides.items() if p != path}
+    try:
+        without = replace_paths(defaults, adjust(dict(rest)) if adjust is not None else rest)
+    except (TypeError, ValueError):
+        return True
+    return _get(without, path) != overrides[path]
+
+
+_NEGATIVE_VALUE = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _joined_negative_values(argv: Sequence[str]) -> list[str]:
+    """`--flag -1e-3` / `--flag -inf` as `--flag=-1e-3`: argparse takes only plain negative numbers such as
+    -1 or -0.5 for values, anything else starting with "-" for an option."""
+    out, argv = [], list(argv)
+    i = 0
+    while i < len(argv):
+        token = str(argv[i])
+        if (
+            token.startswith("--")
+            and "=" not in token
+            and i + 1 < len(argv)
+            and _NEGATIVE_VALUE.match(str(argv[i + 1]))
+        ):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
 
 
 def config_json(cfg: Any) -> dict:

@@ -22,6 +22,8 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
+import shutil
 import signal
 import sys
 import threading
@@ -112,6 +114,90 @@ class MetricsWriter:
             self._file = None
         else:
             self.flush()
+
+
+class ScalarSinks:
+    """The records of `MetricsWriter` as TensorBoard scalars (tensorboardX event files under
+    <run_dir>/tb/<stage>/) and, when a project is named, Weights & Biases (`wandb`, installed by the user),
+    from process 0. On resume, TensorBoard drops the events after the resumed step (`purge_step`), as the
+    JSONL does. On gs:// the event file is written locally and copied up at each flush."""
+
+    def __init__(self, run_dir: PathLike, stage: str, resume_step: int | None, *, tensorboard: bool = True,
+                 wandb: str | None = None, config: dict | None = None):  # fmt: skip
+        self.stage, self._tb, self._wandb, self._remote, self._logdir = stage, None, None, None, None
+        if jax.process_index() != 0:
+            return
+        if tensorboard:
+            target = checkpoint.resolve(run_dir) / "tb" / stage
+            if checkpoint.is_remote(run_dir):
+                import tempfile  # noqa: PLC0415
+
+                self._remote, logdir = target, tempfile.mkdtemp(prefix="jaxrlhf_tb_")
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                logdir = os.fspath(target)
+            self._logdir = logdir
+            self._tb = self._open(purge_step=resume_step + 1 if resume_step is not None else None)
+        if wandb:
+            import wandb as wandb_lib  # noqa: PLC0415  (checked at parse time: `check_wandb`)
+
+            self._wandb = wandb_lib.init(project=wandb, name=f"{checkpoint.resolve(run_dir).name}/{stage}",
+                                         config=config, resume="allow", reinit=True)  # fmt: skip
+
+    def write(self, record: dict) -> None:
+        step = int(record["step"])
+        values = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(name, value, step)
+        if self._wandb is not None:
+            self._wandb.log(
+                {f"{self.stage}/{k}": v for k, v in values.items()} | {f"{self.stage}/step": step}
+            )
+
+    def _open(self, purge_step: int | None = None):
+        """A tensorboardX writer on a new event file (named to the nanosecond and the process: a resume within
+        the same second must not truncate the file before it)."""
+        from tensorboardX import SummaryWriter  # noqa: PLC0415
+
+        suffix = f".{os.getpid()}.{time.time_ns()}"
+        return SummaryWriter(self._logdir, purge_step=purge_step, flush_secs=30, filename_suffix=suffix)
+
+    def flush(self) -> None:
+        """Every event written so far on disk (and on gs://): tensorboardX's own flush does not wait for its
+        writer thread, its close does; the next events go to a new file."""
+        if self._tb is not None:
+            self._tb.close()
+            self._copy_up()
+            self._tb = self._open()
+
+    def _copy_up(self) -> None:
+        if self._remote is not None:
+            self._remote.mkdir(parents=True, exist_ok=True)
+            for path in pathlib.Path(self._logdir).iterdir():
+                (self._remote / path.name).write_bytes(path.read_bytes())
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._copy_up()
+            if self._remote is not None:  # the local copy of a gs:// log dir
+                shutil.rmtree(self._logdir, ignore_errors=True)
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def check_wandb(project: str) -> None:
+    """Refuse --wandb PROJECT where wandb is not installed (one line, before any work)."""
+    if project:
+        try:
+            import wandb  # noqa: F401, PLC0415
+        except ImportError:
+            raise ValueError(
+                f"wandb={project!r}; Weights & Biases is not installed: pip install wandb, or drop it"
+            ) from None
 
 
 def read_metrics(path: PathLike) -> list[dict]:
@@ -213,6 +299,8 @@ def run_stage(
     tokens_per_step: int | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    tensorboard: bool = True,
+    wandb: str | None = None,
 ) -> StageResult:
     """Run (or resume) one stage and checkpoint it.
 
@@ -236,6 +324,8 @@ def run_stage(
       tokens_per_step: for tokens/s in the summary.
       progress: show a tqdm bar.
       stop_after: stop (without the final save) after this many steps of this call (tests of resume).
+      tensorboard: the metrics as TensorBoard events under <run_dir>/tb/<stage>/ too.
+      wandb: a Weights & Biases project the metrics go to too (None: none).
 
     Returns:
       StageResult(state, history of metric records, summary with wall / compile / step times).
@@ -265,6 +355,8 @@ def run_stage(
     elif checkpoint.has_stage(run_dir, stage):
         raise outdir.exists_error(run_dir, stage)
     writer = MetricsWriter(checkpoint.resolve(run_dir) / f"{stage}.jsonl", start if resume else None)
+    sinks = ScalarSinks(run_dir, stage, start if resume else None, tensorboard=tensorboard, wandb=wandb,
+                        config=(meta or {}).get("config"))  # fmt: skip
     compile_time = CompileTimer()
     history: list[dict] = []
     t_stage = time.perf_counter()
@@ -283,6 +375,7 @@ def run_stage(
 
     def save(step: int):
         writer.flush()  # the metrics up to a checkpoint are stored before it is
+        sinks.flush()
         checkpoint.save(
             run_dir, stage, step, state, meta={**meta, "step": step}, keep=keep, tokenizer=tokenizer
         )
@@ -314,6 +407,7 @@ def run_stage(
                 if values is not None:
                     record = {"step": step + 1, **values, "time_s": round(time.perf_counter() - t_stage, 4)}
                     writer.write(record)
+                    sinks.write(record)
                     history.append(record)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:4]}, refresh=False)
                 bar.update(1)
@@ -331,6 +425,7 @@ def run_stage(
     finally:
         bar.close()
         writer.close()
+        sinks.close()
         compile_time.close()
     if stopped_at is not None:
         signum = _stop_requested(requests)
@@ -363,3 +458,27 @@ def run_stage(
     if tokens_per_step and typical:
         summary["tokens_per_s"] = round(tokens_per_step / typical, 1)
     return StageResult(state=state, history=history, summary=summary)
+
+
+def plot_metrics(path: PathLike, history: list[dict], keys: tuple[str, ...]) -> None:
+    """A PNG at `path` (local or gs://) with one panel per key of `keys` the records of `history` hold,
+    against their "step"; nothing when none does. (matplotlib is imported here only: ~25 MB held.)"""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    series = {k: [(r["step"], r[k]) for r in history if k in r] for k in keys}
+    keys = [k for k, v in series.items() if v]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys, strict=True):
+        xs, ys = zip(*series[k], strict=True)
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    with checkpoint.resolve(path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=80)
+    plt.close(fig)

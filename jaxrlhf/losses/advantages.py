@@ -13,7 +13,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf import ops
-from jaxrlhf.losses._common import _float, _zero_padding
+from jaxrlhf.losses._common import (
+    _check_param,
+    _check_positive,
+    _check_prefix,
+    _check_rank,
+    _check_same_shape,
+    _float,
+    _zero_padding,
+)
 
 
 def compute_gae(
@@ -37,13 +45,20 @@ def compute_gae(
       rewards: [B, R] per-token rewards (e.g. from `shaped_rewards`).
       values: [B, R] value estimates V(s_t).
       response_mask: [B, R] bool, True = real token.
-      gamma: discount.
-      lam: GAE lambda.
-      last_value: optional [B] bootstrap value after the last token.
+      gamma: discount in [0, 1].
+      lam: GAE lambda in [0, 1] (gamma and lam are checked when they are not traced).
+      last_value: optional scalar or [B] bootstrap value after the last token.
 
     Returns:
       (advantages [B, R], returns [B, R]), both 0 on padding.
     """
+    fn = "compute_gae"
+    _check_rank(fn, "[B, R]", rewards=rewards)
+    _check_same_shape(fn, "rewards", rewards, values=values, response_mask=response_mask)
+    if last_value is not None and jnp.ndim(last_value) != 0:
+        _check_prefix(fn, "rewards", rewards, 1, last_value=last_value)
+    _check_param(fn, "gamma", gamma, low=0.0, high=1.0)
+    _check_param(fn, "lam", lam, low=0.0, high=1.0)
     rewards = _float(rewards)
     values = _float(values).astype(rewards.dtype)
     batch = rewards.shape[0]
@@ -81,8 +96,10 @@ def whiten_advantages(
     of per-token rewards (its whiten_rewards). [B, R] -> [B, R], 0 on padding. Statistics are global over
     all axes: the Bessel-corrected variance of every real token; with `axis_name` (inside
     `jax.shard_map`) the mean, the variance and the count are those of every device's real tokens
-    together.
+    together. An all-False mask gives 0 everywhere. `eps` (>= 0) is added to the variance.
     """
+    _check_same_shape("whiten_advantages", "advantages", advantages, response_mask=response_mask)
+    _check_param("whiten_advantages", "eps", eps, low=0.0)
     x = _float(advantages)
     mean = ops.masked_mean(x, response_mask, axis_name=axis_name)
     var = ops.masked_var(x, response_mask, axis_name=axis_name)
@@ -90,6 +107,16 @@ def whiten_advantages(
     if not shift_mean:
         white = white + mean
     return white if response_mask is None else jnp.where(response_mask, white, jnp.zeros_like(white))
+
+
+def _check_groups(fn: str, scores, mask) -> None:
+    """`scores` is [B, K] (one group of K answers per row) and `mask`, if any, has its shape."""
+    if jnp.ndim(scores) != 2:
+        raise ValueError(
+            f"{fn}: scores has shape {tuple(jnp.shape(scores))}; it must be [B, K], one group of K answers "
+            "per row (reshape a flat [N] batch of consecutive groups to [N // K, K])"
+        )
+    _check_same_shape(fn, "scores", scores, mask=mask)
 
 
 def rloo_advantages(scores: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -109,6 +136,7 @@ def rloo_advantages(scores: jax.Array, mask: jax.Array | None = None) -> jax.Arr
     Returns:
       [B, K] advantages, 0 on padding.
     """
+    _check_groups("rloo_advantages", scores, mask)
     scores = _float(scores)
     valid = jnp.ones(scores.shape, bool) if mask is None else mask
     scores = _zero_padding(valid, scores)
@@ -129,13 +157,16 @@ def grpo_advantages(
 
     Args:
       scores: [B, K] sequence scores, group = axis 1.
-      eps: added to the std; a group of equal scores gets advantage 0.
+      eps: added to the std (> 0 when `scale_by_std`); a group of equal scores gets advantage 0.
       mask: optional [B, K] bool, True = real answer.
       scale_by_std: divide by the group std.
 
     Returns:
       [B, K] advantages, 0 on padding.
     """
+    _check_groups("grpo_advantages", scores, mask)
+    if scale_by_std:
+        _check_positive("grpo_advantages", eps=eps)
     scores = _float(scores)
     valid = jnp.ones(scores.shape, bool) if mask is None else mask
     count = jnp.sum(valid, axis=1, keepdims=True, dtype=scores.dtype)  # [B, 1]

@@ -8,8 +8,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf import ops
-from jaxrlhf.losses._common import _float, _zero_padding
-from jaxrlhf.losses.policy import aggregate
+from jaxrlhf.losses._common import (
+    _check_batch,
+    _check_param,
+    _check_positive,
+    _check_rank,
+    _check_same_shape,
+    _float,
+    _zero_padding,
+)
+from jaxrlhf.losses.policy import _check_aggregation, aggregate
 
 
 def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, kind: str = "k1") -> jax.Array:
@@ -30,14 +38,15 @@ def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, kind: str = "k1") -
     Returns:
       [B, R] per-token KL estimates.
     """
+    if kind not in ("k1", "k2", "k3"):
+        raise ValueError(f"kl_penalty: kind={kind!r}; use 'k1', 'k2' or 'k3'.")
+    _check_same_shape("kl_penalty", "logprobs", logprobs, ref_logprobs=ref_logprobs)
     log_ratio = _float(logprobs) - _float(ref_logprobs)  # log pi / pi_ref = -log r
     if kind == "k1":
         return log_ratio
     if kind == "k2":
         return 0.5 * jnp.square(log_ratio)
-    if kind == "k3":
-        return jnp.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"kind={kind!r}; use 'k1', 'k2' or 'k3'.")
+    return jnp.expm1(-log_ratio) + log_ratio
 
 
 def shaped_rewards(
@@ -65,7 +74,8 @@ def shaped_rewards(
       ref_logprobs: [B, R] reference-policy log-probabilities of the same tokens.
       response_mask: [B, R] bool, True = real token. A fully masked row gets no score and no
         penalty.
-      kl_coef: beta, a scalar (e.g. `KLControllerState.kl_coef`).
+      kl_coef: beta >= 0, a scalar (e.g. `KLControllerState.kl_coef`; its value is checked only when
+        it is not traced).
       kind: "k1", the only estimator whose reward has the KL's gradient; "k2" / "k3" are refused.
 
     Returns:
@@ -73,9 +83,16 @@ def shaped_rewards(
     """
     if kind != "k1":
         raise ValueError(
-            f"kind={kind!r} in a reward does not give the gradient of the KL (only k1 does); keep k1 in "
-            "the reward, or put a k2 / k3 penalty in the loss: losses.kl_loss (RLConfig.kl_penalty='loss')"
+            f"shaped_rewards: kind={kind!r} in a reward does not give the gradient of the KL (only k1 "
+            "does); keep k1 in the reward, or put a k2 / k3 penalty in the loss: losses.kl_loss "
+            "(RLConfig.kl_penalty='loss')"
         )
+    fn = "shaped_rewards"
+    _check_rank(fn, "[B, R]", logprobs=logprobs)
+    _check_same_shape(fn, "logprobs", logprobs, ref_logprobs=ref_logprobs, response_mask=response_mask)
+    _check_rank(fn, "[B] (one score per sequence)", scores=scores)
+    _check_batch(fn, "logprobs", logprobs, scores=scores)
+    _check_param(fn, "kl_coef", kl_coef, low=0.0)
     logprobs = _zero_padding(response_mask, _float(logprobs))
     ref_logprobs = _zero_padding(response_mask, _float(ref_logprobs))
     kl = _zero_padding(response_mask, kl_penalty(logprobs, ref_logprobs, kind))  # [B, R]
@@ -120,9 +137,12 @@ def kl_loss(
     """
     if kind not in ("k2", "k3"):
         raise ValueError(
-            f"kind={kind!r} as a KL loss term: k1's gradient is 0 in expectation; use 'k3' (GRPO) or 'k2' "
-            "(the exact reverse-KL gradient), or put k1 in the reward (RLConfig.kl_penalty='reward')"
+            f"kl_loss: kind={kind!r} as a KL loss term: k1's gradient is 0 in expectation; use 'k3' (GRPO) "
+            "or 'k2' (the exact reverse-KL gradient), or put k1 in the reward (RLConfig.kl_penalty='reward')"
         )
+    _check_rank("kl_loss", "[B, R]", logprobs=logprobs)
+    _check_same_shape("kl_loss", "logprobs", logprobs, ref_logprobs=ref_logprobs, response_mask=response_mask)
+    _check_aggregation("kl_loss", aggregation)
     ref_logprobs = jax.lax.stop_gradient(_float(ref_logprobs))
     per_token = kl_penalty(_zero_padding(response_mask, _float(logprobs)), ref_logprobs, kind)  # [B, R]
     loss = aggregate(per_token, response_mask, aggregation, axis_name=axis_name)
@@ -140,7 +160,10 @@ class KLControllerState(NamedTuple):
 def init_kl_controller(
     init_kl_coef: float, target: float | None = None, horizon: float = 10000
 ) -> KLControllerState:
-    """A KL controller at `init_kl_coef`: fixed if `target` is None, else adaptive (see update)."""
+    """A KL controller at `init_kl_coef` >= 0: fixed if `target` is None, else adaptive (see update), with
+    `target` > 0 and `horizon` > 0 (values checked when not traced)."""
+    _check_param("init_kl_controller", "init_kl_coef", init_kl_coef, low=0.0)
+    _check_positive("init_kl_controller", target=target, horizon=horizon)
     return KLControllerState(
         kl_coef=jnp.asarray(init_kl_coef, jnp.float32),
         target=None if target is None else jnp.asarray(target, jnp.float32),
@@ -163,7 +186,7 @@ def update_kl_controller(
     Args:
       state: the current controller.
       observed_kl: mean KL(pi || pi_ref) per sequence over the batch just used.
-      n_steps: number of samples (sequences) in that batch.
+      n_steps: number of samples (sequences) in that batch, >= 0 (values checked when not traced).
       axis_name: mesh axis (or axes) the batch is split over inside `jax.shard_map`. `observed_kl` and
         `n_steps` are then this device's (the mean over its own `n_steps` sequences); the update reads
         the global mean psum(n * KL) / psum(n) and the global count psum(n), so every device keeps the
@@ -172,6 +195,8 @@ def update_kl_controller(
     Returns:
       The new state.
     """
+    _check_param("update_kl_controller", "observed_kl", observed_kl)
+    _check_param("update_kl_controller", "n_steps", n_steps, low=0.0)
     if state.target is None:
         return state
     if axis_name is not None:

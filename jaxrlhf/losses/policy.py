@@ -6,10 +6,31 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf import ops
-from jaxrlhf.losses._common import _float, _zero_padding
+from jaxrlhf.losses._common import (
+    _check_param,
+    _check_positive,
+    _check_prefix,
+    _check_rank,
+    _check_same_shape,
+    _float,
+    _zero_padding,
+)
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "constant")
 RATIO_LEVELS = ("token", "sequence")
+
+KL_METRIC_LOG_RATIO_CAP = 20.0  # |log pi/pi_old| beyond it counts as 20 in "approx_kl"
+
+
+def _check_aggregation(fn: str, aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"{fn}: aggregation={aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
+
+
+def _check_per_token(fn: str, logprobs_name: str, logprobs, **arrays) -> None:
+    """`logprobs` is [B, R] and every other non-None array has its shape."""
+    _check_rank(fn, "[B, R]", **{logprobs_name: logprobs})
+    _check_same_shape(fn, logprobs_name, logprobs, **arrays)
 
 
 def aggregate(
@@ -33,19 +54,29 @@ def aggregate(
     With `axis_name` (inside `jax.shard_map`, rows split over that mesh axis) every sum and count is
     global: the token count, the number of non-empty rows and Dr. GRPO's B.
     """
+    _check_aggregation("aggregate", aggregation)
+    _check_per_token("aggregate", "per_token", per_token, response_mask=response_mask)
     per_token = _zero_padding(response_mask, _float(per_token))
     if aggregation == "token_mean":
         return ops.masked_mean(per_token, response_mask, axis_name=axis_name)
     if aggregation == "constant":
         # psum(size) is the global B * R (jax.lax.psum of a Python int is that int times the axis size).
         return ops.masked_sum(per_token, axis_name=axis_name) / ops.psum(per_token.size, axis_name)
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation={aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
     rows = jnp.any(response_mask, axis=-1)  # [B]
     per_row = jnp.sum(per_token, axis=-1)  # [B]
     if aggregation == "seq_mean_token_mean":
         per_row = per_row / jnp.maximum(jnp.sum(response_mask, axis=-1), 1)
     return ops.masked_mean(per_row, rows, axis_name=axis_name)
+
+
+def _check_seq_or_token(fn: str, name: str, x, logprobs) -> None:
+    """`x` is [B] (one value per sequence) or [B, R] like `logprobs`."""
+    if jnp.ndim(x) == 1:
+        _check_prefix(fn, "logprobs", logprobs, 1, **{name: x})
+    elif jnp.ndim(x) == 2:
+        _check_same_shape(fn, "logprobs", logprobs, **{name: x})
+    else:
+        raise ValueError(f"{fn}: {name} has shape {tuple(jnp.shape(x))}; it must be [B] or [B, R]")
 
 
 def pg_loss(
@@ -75,6 +106,14 @@ def pg_loss(
     Returns:
       (loss, metrics) with "loss" and "advantage_mean".
     """
+    fn = "pg_loss"
+    _check_aggregation(fn, aggregation)
+    _check_per_token(fn, "logprobs", logprobs, response_mask=response_mask)
+    _check_seq_or_token(fn, "advantages", advantages, logprobs)
+    if baseline is not None and jnp.ndim(baseline) == 0:
+        _check_param(fn, "baseline", baseline)
+    elif baseline is not None:
+        _check_seq_or_token(fn, "baseline", baseline, logprobs)
     logprobs = _zero_padding(response_mask, _float(logprobs))
     advantages = _float(advantages)
     if advantages.ndim == 1:
@@ -122,11 +161,13 @@ def ppo_policy_loss(
     Args:
       logprobs: [B, R] log pi of the sampled tokens under the current policy (differentiated).
       old_logprobs: [B, R] log pi_old of the same tokens (the policy that sampled them; constant).
-      advantages: [B, R] advantages (constant), e.g. from `compute_gae`.
+      advantages: [B, R] advantages (constant), e.g. from `compute_gae` (broadcast [B] sequence
+        advantages to [B, R] first).
       response_mask: [B, R] bool, True = real token.
-      clip_eps: eps_low, and eps_high when `clip_eps_high` is None.
-      clip_eps_high: optional upper clip eps (DAPO uses 0.28 with eps_low 0.2).
-      dual_clip: optional c > 1 (3.0 in the paper).
+      clip_eps: eps_low > 0, and eps_high when `clip_eps_high` is None.
+      clip_eps_high: optional upper clip eps > 0 (DAPO uses 0.28 with eps_low 0.2).
+      dual_clip: optional c > 1 (3.0 in the paper). Parameter values are checked when they are Python
+        (or other concrete) numbers, not when traced.
       logits: optional [B, R, V] current-policy logits, only to report the "entropy" metric.
       aggregation: how per-token terms become the loss (`aggregate`): "token_mean" (default),
         "seq_mean_token_sum", "seq_mean_token_mean" (GRPO, GSPO) or "constant" (Dr. GRPO).
@@ -136,14 +177,27 @@ def ppo_policy_loss(
 
     Returns:
       (loss, metrics) with "loss", "clipfrac" (fraction of tokens whose gradient the clip removed),
-      "approx_kl" (k3 estimate of KL(pi_old || pi) per token), "ratio_mean", "ratio_max" (of the
-      token ratio over real tokens, or of s_i over non-empty rows with `ratio_level="sequence"`), plus
-      "dual_clipfrac" with `dual_clip` and "entropy" with `logits`.
+      "approx_kl" (k3 estimate of KL(pi_old || pi) per token, log-ratios capped at +-20), "ratio_mean",
+      "ratio_max" (of the token ratio over real tokens, or of s_i over non-empty rows with
+      `ratio_level="sequence"`), plus "dual_clipfrac" with `dual_clip` and "entropy" with `logits`.
     """
-    if dual_clip is not None and isinstance(dual_clip, int | float) and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip={dual_clip}; it must be > 1 (or None).")
+    fn = "ppo_policy_loss"
+    _check_param(fn, "dual_clip", dual_clip, low=1.0, low_open=True)
     if ratio_level not in RATIO_LEVELS:
-        raise ValueError(f"ratio_level={ratio_level!r}; use 'token' or 'sequence'.")
+        raise ValueError(f"{fn}: ratio_level={ratio_level!r}; use 'token' or 'sequence'.")
+    _check_aggregation(fn, aggregation)
+    _check_positive(fn, clip_eps=clip_eps, clip_eps_high=clip_eps_high)
+    _check_per_token(
+        fn,
+        "logprobs",
+        logprobs,
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        response_mask=response_mask,
+    )
+    if logits is not None:
+        _check_rank(fn, "[B, R, V]", logits=logits)
+        _check_prefix(fn, "logits", logits, 2, logprobs=logprobs)
     clip_high = clip_eps if clip_eps_high is None else clip_eps_high
     old_logprobs = jax.lax.stop_gradient(_float(old_logprobs))
     advantages = _zero_padding(response_mask, jax.lax.stop_gradient(_float(advantages)))
@@ -168,7 +222,10 @@ def ppo_policy_loss(
         )
     loss = aggregate(per_token, response_mask, aggregation, axis_name=axis_name)
     metrics["loss"] = loss
-    approx_kl = jnp.expm1(log_ratio) - log_ratio  # [B, R]
+    # A token that top-k / top-p filtered logprobs push out of the filter has logprob -3.4e38: its
+    # log-ratio is capped for the metric (as exp(20) ~ 5e8), which otherwise overflows to inf.
+    capped = jnp.clip(log_ratio, -KL_METRIC_LOG_RATIO_CAP, KL_METRIC_LOG_RATIO_CAP)
+    approx_kl = jnp.expm1(capped) - capped  # [B, R]
     metrics["approx_kl"] = ops.masked_mean(approx_kl, response_mask, axis_name=axis_name)
     if ratio_level == "token":
         metrics["ratio_mean"] = ops.masked_mean(ratio, response_mask, axis_name=axis_name)
@@ -202,7 +259,7 @@ def value_loss(
       old_values: [B, R] value predictions at rollout time (constant).
       returns: [B, R] value targets G (constant), e.g. from `compute_gae`.
       response_mask: [B, R] bool, True = real token.
-      clip_eps: clip range around `old_values`, or None.
+      clip_eps: clip range > 0 around `old_values`, or None.
       axis_name: mesh axis (or axes) the batch is split over inside `jax.shard_map`; the mean and the
         metrics are then over every device's real tokens.
 
@@ -210,6 +267,10 @@ def value_loss(
       (loss, metrics) with "loss", "clipfrac" (fraction of tokens where the clipped error is used)
       and "value_mean".
     """
+    _check_positive("value_loss", clip_eps=clip_eps)
+    _check_per_token(
+        "value_loss", "values", values, old_values=old_values, returns=returns, response_mask=response_mask
+    )
     values = _zero_padding(response_mask, _float(values))
     old_values = _zero_padding(response_mask, jax.lax.stop_gradient(_float(old_values)))
     returns = _zero_padding(response_mask, jax.lax.stop_gradient(_float(returns)))
@@ -248,5 +309,7 @@ def entropy_bonus(
     Returns:
       (loss, metrics) with "loss" and "entropy" (= -loss).
     """
+    _check_rank("entropy_bonus", "[B, R, V]", logits=logits)
+    _check_prefix("entropy_bonus", "logits", logits, 2, response_mask=response_mask)
     mean_entropy = ops.masked_mean(ops.entropy(logits), response_mask, axis_name=axis_name)
     return -mean_entropy, {"loss": -mean_entropy, "entropy": mean_entropy}

@@ -6,7 +6,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf import ops
-from jaxrlhf.losses._common import _float, _preference_metrics, _zero_padding
+from jaxrlhf.losses._common import (
+    _check_batch,
+    _check_param,
+    _check_positive,
+    _check_rank,
+    _check_same_shape,
+    _float,
+    _preference_metrics,
+    _zero_padding,
+)
 
 
 def _sequence_log_ratio(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -15,8 +24,26 @@ def _sequence_log_ratio(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.
     if log_ratio.ndim == 2:
         return ops.masked_sum(log_ratio, mask, axis=-1)
     if mask is not None:
-        raise ValueError("a mask was given with per-sequence [B] logprobs; pass [B, R] token logprobs.")
+        raise ValueError(
+            "rebel_loss: a mask was given with per-sequence [B] logprobs; pass [B, R] token logprobs."
+        )
     return log_ratio
+
+
+def _check_log_ratio_args(fn: str, side: str, logprobs, ref_logprobs, mask, first) -> None:
+    """[B, R] token or [B] sequence logprobs, the reference's of the same shape, a mask of that shape, and
+    the batch size of `first` (name, array)."""
+    names = {"chosen": ("logprobs_chosen", "ref_logprobs_chosen", "mask_chosen"),
+             "rejected": ("logprobs_rejected", "ref_logprobs_rejected", "mask_rejected")}[side]  # fmt: skip
+    if jnp.ndim(logprobs) not in (1, 2):
+        raise ValueError(
+            f"{fn}: {names[0]} has shape {tuple(jnp.shape(logprobs))}; it must be [B, R] token or [B] "
+            "sequence logprobs"
+        )
+    _check_same_shape(fn, names[0], logprobs, **{names[1]: ref_logprobs})
+    if jnp.ndim(logprobs) == 2:
+        _check_same_shape(fn, names[0], logprobs, **{names[2]: mask})
+    _check_batch(fn, first[0], first[1], **{names[0]: logprobs})
 
 
 def rebel_loss(
@@ -55,7 +82,8 @@ def rebel_loss(
         [B] sequence logprobs of y under pi and pi_0.
       logprobs_rejected, ref_logprobs_rejected: the same for y'.
       rewards_chosen, rewards_rejected: [B] rewards r(y), r(y') (constant).
-      eta: the regression scale (1/eta multiplies the log-ratio difference).
+      eta: the regression scale > 0 (1/eta multiplies the log-ratio difference); checked when it is not
+        traced.
       mask_chosen, mask_rejected: [B, R] bool, True = real token; only with token logprobs.
       pair_mask: optional [B] bool, True = a real pair (False for batch padding).
       axis_name: mesh axis (or axes) the pairs are split over inside `jax.shard_map`; the mean and the
@@ -65,6 +93,15 @@ def rebel_loss(
       (loss, metrics) with "loss", "predicted_diff" (mean of the scaled log-ratio difference) and
       "reward_diff" (mean of r(y) - r(y')).
     """
+    fn = "rebel_loss"
+    _check_positive(fn, eta=eta)
+    _check_rank(fn, "[B]", rewards_chosen=rewards_chosen)
+    _check_same_shape(
+        fn, "rewards_chosen", rewards_chosen, rewards_rejected=rewards_rejected, pair_mask=pair_mask
+    )
+    first = ("rewards_chosen", rewards_chosen)
+    _check_log_ratio_args(fn, "chosen", logprobs_chosen, ref_logprobs_chosen, mask_chosen, first)
+    _check_log_ratio_args(fn, "rejected", logprobs_rejected, ref_logprobs_rejected, mask_rejected, first)
     log_ratio_chosen = _sequence_log_ratio(logprobs_chosen, ref_logprobs_chosen, mask_chosen)
     log_ratio_rejected = _sequence_log_ratio(logprobs_rejected, ref_logprobs_rejected, mask_rejected)
     predicted = _zero_padding(pair_mask, (log_ratio_chosen - log_ratio_rejected) / eta)  # [B]
@@ -105,9 +142,10 @@ def dpo_loss(
       policy_chosen_logps, policy_rejected_logps: [B] sequence logprobs under the policy
         (differentiated).
       ref_chosen_logps, ref_rejected_logps: [B] sequence logprobs under the reference (constant).
-      beta: KL strength (DPO's beta, IPO's tau).
+      beta: KL strength > 0 (DPO's beta, IPO's tau).
       loss_type: "sigmoid" or "ipo".
-      label_smoothing: s in [0, 0.5), assumed probability that a label is flipped; sigmoid only.
+      label_smoothing: s in [0, 0.5), assumed probability that a label is flipped; sigmoid only. beta and
+        label_smoothing are checked when they are not traced.
       mask: optional [B] bool, True = a real pair (False for batch padding).
       axis_name: mesh axis (or axes) the pairs are split over inside `jax.shard_map`; the mean and the
         metrics are then over all pairs.
@@ -116,6 +154,21 @@ def dpo_loss(
       (loss, metrics) with "loss", "accuracy", "reward_margin", "chosen_reward", "rejected_reward"
       (all of the implicit rewards).
     """
+    fn = "dpo_loss"
+    if loss_type not in ("sigmoid", "ipo"):
+        raise ValueError(f"{fn}: loss_type={loss_type!r}; use 'sigmoid' or 'ipo'.")
+    _check_positive(fn, beta=beta)
+    _check_param(fn, "label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
+    _check_rank(fn, "[B] (sequence logprobs)", policy_chosen_logps=policy_chosen_logps)
+    _check_same_shape(
+        fn,
+        "policy_chosen_logps",
+        policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        mask=mask,
+    )
     chosen_log_ratio = _sequence_log_ratio(policy_chosen_logps, ref_chosen_logps, None)  # [B]
     rejected_log_ratio = _sequence_log_ratio(policy_rejected_logps, ref_rejected_logps, None)  # [B]
     chosen_log_ratio = _zero_padding(mask, chosen_log_ratio)
@@ -124,12 +177,12 @@ def dpo_loss(
     if loss_type == "sigmoid":
         per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
         per_pair = per_pair - label_smoothing * jax.nn.log_sigmoid(-beta * h)
-    elif loss_type == "ipo":
+    else:  # ipo
         if isinstance(label_smoothing, int | float) and label_smoothing != 0.0:
-            raise ValueError("label_smoothing applies to loss_type='sigmoid' only.")
+            raise ValueError(
+                f"{fn}: label_smoothing={label_smoothing!r} applies to loss_type='sigmoid' only."
+            )
         per_pair = jnp.square(h - 1.0 / (2.0 * beta))
-    else:
-        raise ValueError(f"loss_type={loss_type!r}; use 'sigmoid' or 'ipo'.")
     loss = ops.masked_mean(per_pair, mask, axis_name=axis_name)
     chosen_rewards = jax.lax.stop_gradient(beta * chosen_log_ratio)
     rejected_rewards = jax.lax.stop_gradient(beta * rejected_log_ratio)

@@ -5,9 +5,27 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrlhf import ops
-from jaxrlhf.losses._common import _float, _preference_metrics, _zero_padding
+from jaxrlhf.losses._common import (
+    _check_finite,
+    _check_param,
+    _check_positive,
+    _check_rank,
+    _check_same_shape,
+    _concrete_mask_is_empty,
+    _float,
+    _is_traced,
+    _preference_metrics,
+    _zero_padding,
+)
+
+
+def _check_pairs(fn: str, chosen, rejected, mask) -> None:
+    """[B] chosen and rejected rewards and an optional [B] mask."""
+    _check_rank(fn, "[B]", chosen_rewards=chosen)
+    _check_same_shape(fn, "chosen_rewards", chosen, rejected_rewards=rejected, mask=mask)
 
 
 def pairwise_rm_loss(
@@ -36,6 +54,11 @@ def pairwise_rm_loss(
       (loss, metrics) with "loss", "accuracy" (r_chosen > r_rejected), "reward_margin",
       "chosen_reward", "rejected_reward".
     """
+    _check_pairs("pairwise_rm_loss", chosen_rewards, rejected_rewards, mask)
+    if margin is not None and jnp.ndim(margin) != 0:
+        _check_same_shape("pairwise_rm_loss", "chosen_rewards", chosen_rewards, margin=margin)
+    elif margin is not None:
+        _check_finite("pairwise_rm_loss", margin=margin)
     chosen, rejected = _float(chosen_rewards), _float(rejected_rewards)
     diff = chosen - rejected  # [B]
     if margin is not None:
@@ -55,7 +78,8 @@ def binary_rm_loss(
 
     Args:
       scores: [B] scores (logits of the positive class).
-      labels: [B] 1 = positive, 0 = negative (int, bool or float).
+      labels: [B] 1 = positive, 0 = negative (int, bool or float); concrete labels (not traced) other than
+        0 / 1 under the mask are refused.
       mask: optional [B] bool, True = real row.
       axis_name: mesh axis (or axes) the rows are split over inside `jax.shard_map`.
 
@@ -63,6 +87,9 @@ def binary_rm_loss(
       (loss, metrics) with "loss", "accuracy" (score > 0 on positives, <= 0 on negatives),
       "positive_score" and "negative_score" (mean scores of each class).
     """
+    _check_rank("binary_rm_loss", "[B]", scores=scores)
+    _check_same_shape("binary_rm_loss", "scores", scores, labels=labels, mask=mask)
+    _check_binary_labels(labels, mask)
     s = _float(scores)
     y = _float(labels) > 0.5  # [B] bool
     sign = jnp.where(y, 1.0, -1.0).astype(s.dtype)
@@ -75,6 +102,22 @@ def binary_rm_loss(
         "positive_score": ops.masked_mean(s, real & y, axis_name=axis_name),
         "negative_score": ops.masked_mean(s, real & ~y, axis_name=axis_name),
     }
+
+
+def _check_binary_labels(labels, mask) -> None:
+    """Refuse concrete labels other than 0 / 1 (e.g. a -1 / +1 convention, read as all negative)."""
+    if _is_traced(labels) or _is_traced(mask):
+        return
+    y = np.asarray(labels)
+    bad = ~((y == 0) | (y == 1))
+    if mask is not None:
+        bad &= np.asarray(mask, bool)
+    if bad.any():
+        i = int(np.argwhere(bad)[0][0])
+        raise ValueError(
+            f"binary_rm_loss: labels[{i}] = {y[i].item()!r}; labels must be 0 (negative) or 1 (positive) "
+            f"({int(bad.sum())} other value(s))"
+        )
 
 
 def kway_rm_loss(
@@ -99,6 +142,8 @@ def kway_rm_loss(
       (loss, metrics) with "loss", "accuracy" and "reward_margin" (means over all valid pairs),
       "npairs".
     """
+    _check_rank("kway_rm_loss", "[B, K]", rewards=rewards)
+    _check_same_shape("kway_rm_loss", "rewards", rewards, rank_mask=rank_mask)
     rewards = _float(rewards)
     k = rewards.shape[1]
     valid = jnp.ones(rewards.shape, bool) if rank_mask is None else rank_mask  # [B, K]
@@ -135,14 +180,24 @@ def reward_gain_bias(
     Args:
       rewards: reward-model outputs of any shape, e.g. [B] scores of policy samples.
       mask: optional bool of the same shape, True = real.
-      target_mean, target_std: the statistics of gain * r + bias.
-      eps: keeps the gain finite for constant rewards.
+      target_mean, target_std: the statistics of gain * r + bias (target_std > 0).
+      eps: keeps the gain finite for constant rewards (>= 0). A concrete mask with no True entry (or an
+        empty `rewards`) is refused: there are no statistics to match.
       axis_name: mesh axis (or axes) axis 0 is split over inside `jax.shard_map`; the mean and the
         variance are then over every device's samples (same gain and bias everywhere).
 
     Returns:
       (gain, bias), two scalars.
     """
+    fn = "reward_gain_bias"
+    _check_same_shape(fn, "rewards", rewards, mask=mask)
+    _check_finite(fn, target_mean=target_mean)
+    _check_positive(fn, target_std=target_std)
+    _check_param(fn, "eps", eps, low=0.0)
+    if jnp.size(rewards) == 0 or _concrete_mask_is_empty(mask):
+        raise ValueError(
+            f"{fn}: mask (or rewards) has no real entry; the statistics of no rewards are undefined"
+        )
     rewards = _float(rewards)
     mean = ops.masked_mean(rewards, mask, axis_name=axis_name)
     var = ops.masked_var(rewards, mask, unbiased=False, axis_name=axis_name)
@@ -171,6 +226,7 @@ def reward_centring_loss(
     Returns:
       (loss, metrics) with "loss" and "reward_mean" (mean of both rewards).
     """
+    _check_pairs("reward_centring_loss", chosen_rewards, rejected_rewards, mask)
     total = _zero_padding(mask, _float(chosen_rewards) + _float(rejected_rewards))  # [B]
     loss = ops.masked_mean(jnp.square(total), mask, axis_name=axis_name)
     return loss, {"loss": loss, "reward_mean": 0.5 * ops.masked_mean(total, mask, axis_name=axis_name)}

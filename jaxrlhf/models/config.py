@@ -121,8 +121,19 @@ class ModelConfig:
     family: str | None = None
 
     def __post_init__(self):
-        check_at_least(self, 1, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio",
-                       "intermediate_size", "n_kv_head", "head_size")
+        check_at_least(
+            self,
+            1,
+            "vocab_size",
+            "block_size",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "mlp_ratio",
+            "intermediate_size",
+            "n_kv_head",
+            "head_size",
+        )
         if self.head_size is None and self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a width that is "
@@ -130,9 +141,13 @@ class ModelConfig:
             )
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}.")
-        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("position", ("learned", "rope")),
-                              ("mlp", ("gelu", "swiglu")), ("param_dtype", tuple(_DTYPES)),
-                              ("compute_dtype", tuple(_DTYPES))):
+        for name, allowed in (
+            ("norm", ("layernorm", "rmsnorm")),
+            ("position", ("learned", "rope")),
+            ("mlp", ("gelu", "swiglu")),
+            ("param_dtype", tuple(_DTYPES)),
+            ("compute_dtype", tuple(_DTYPES)),
+        ):
             check_choice(self, name, allowed)
         if self.family is not None:
             check_choice(self, "family", FAMILIES)
@@ -216,5 +231,3 @@ class ModelConfig:
             lookups += self.vocab_size * self.n_embd  # wte is a lookup; the untied lm_head is the matmul
         n_matmul = self.num_params - lookups
         return 2 * n_matmul + 2 * self.n_layer * seq_len * self.n_head * self.head_dim
-
-

@@ -7,13 +7,12 @@ Python loop over per-layer params (`unstack_blocks`), sliced once outside the sa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf import ops
+from jaxrlhf import ops, xla_cpu
 from jaxrlhf.models import layers, transformer
 from jaxrlhf.models.config import ModelConfig
 
@@ -40,8 +39,6 @@ class KVCache(NamedTuple):
     positions: jax.Array
 
 
-
-
 def unstack_blocks(params: Params) -> Params:
     """Params with `blocks` split into a tuple of L per-layer dicts (the decoding layout).
 
@@ -56,28 +53,11 @@ def unstack_blocks(params: Params) -> Params:
 
 
 def decoding_params(params: Params, batch: int) -> Params:
-    """`unstack_blocks(params)` with every dense bias broadcast to [batch, Dout]: the layout of a decode
-    step (one token per row, `decode_step`), made once per sampling call outside its loop.
-
-    Why: XLA:CPU fuses a [Dout] bias add into the elementwise op after the matmul (GELU's tanh, the
-    residual add) as a broadcast, and at decode sizes it then split those small fusions over threads,
-    which cost more than they saved; a bias of the activations' own shape is a plain elementwise add.
-    gpt-micro sampling 32 x 32: GELU fusions 35 -> 4-9 ms of op time per call; the whole call 0.92x (ratio
-    of minimum times in one run, 40 alternating calls), with identical rollouts.
-    Prefill (T > 1 tokens per row) takes the unstacked params, not these.
-    """
+    """`unstack_blocks(params)` with every dense bias broadcast to [batch, Dout] (`xla_cpu.broadcast_biases`):
+    the layout of a decode step (one token per row, `decode_step`), made once per sampling call outside its
+    loop. Prefill (T > 1 tokens per row) takes the unstacked params, not these."""
     params = unstack_blocks(params)
-
-    def broadcast(tree):
-        if not isinstance(tree, Mapping):
-            return tree
-        if "kernel" in tree and "bias" in tree:
-            bias = tree["bias"]
-            return {**tree, "bias": jnp.broadcast_to(bias, (batch, *bias.shape))}
-        return {k: broadcast(v) for k, v in tree.items()}
-
-    return {**params, "blocks": tuple(broadcast(p) for p in params["blocks"])}
-
+    return {**params, "blocks": tuple(xla_cpu.broadcast_biases(p, batch) for p in params["blocks"])}
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:

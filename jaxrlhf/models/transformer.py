@@ -36,13 +36,12 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf import ops
+from jaxrlhf import ops, xla_cpu
 from jaxrlhf.models import layers
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.parallel import constrain_batch
 
 Params = dict
-_UNROLL_MAX_LAYERS = 12  # deeper models keep a rolled layer scan (compile time grows with unrolling)
 
 
 # ----------------------------------------------------------------------------------------------- init
@@ -256,10 +255,8 @@ def _run_blocks(params, x, mask, cfg: ModelConfig, key, rope=None, unroll: bool 
 
     if cfg.remat:
         body = jax.checkpoint(body, prevent_cse=False)
-    # Unrolled for small depths: a rolled scan's per-layer slicing and the zero-filling of its stacked
-    # [L, ...] residual buffers cost XLA:CPU 1.2-1.5x the gpt-micro train step (same-run ratios).
     if unroll is None:
-        unroll = cfg.n_layer <= _UNROLL_MAX_LAYERS
+        unroll = xla_cpu.unroll_layers(cfg.n_layer)
     x, _ = jax.lax.scan(body, x, (params["blocks"], layer_keys), unroll=cfg.n_layer if unroll else 1)
     return x
 
@@ -293,7 +290,7 @@ def forward(
       cfg: the model config.
       key: dropout key; None means deterministic (evaluation).
       unroll: the layers as one unrolled program (True) or a rolled `lax.scan` (False); None: unrolled
-        up to 12 layers (faster on XLA:CPU, see `_run_blocks`). A rolled forward without gradient runs
+        up to 12 layers (`xla_cpu.unroll_layers`). A rolled forward without gradient runs
         about as fast and compiles to a quarter of the code of gpt-micro's 4 layers (PPO's experience
         forwards: ~15 MB less host memory kept by the compiled program).
 
@@ -323,9 +320,16 @@ LOGPROB_CHUNK = 256  # positions per LM-head call in `lm_token_logprobs`
 
 
 def lm_token_logprobs(
-    params: Params, hidden: jax.Array, targets: jax.Array, cfg: ModelConfig, *, chunk: int = LOGPROB_CHUNK
+    params: Params,
+    hidden: jax.Array,
+    targets: jax.Array,
+    cfg: ModelConfig,
+    *,
+    chunk: int = LOGPROB_CHUNK,
+    temperature: float = 1.0,
 ) -> jax.Array:
-    """log softmax(lm_logits(hidden))[targets] in float32, without the [B, T, V] logits at once.
+    """log softmax(lm_logits(hidden) / temperature)[targets] in float32, without the [B, T, V] logits at once
+    (the tempered policy a sampler at that temperature draws from, `rollout.policy_logits`).
 
     `ops.token_logprobs(lm_logits(params, hidden, cfg), targets)` for T <= chunk. Longer rows run the LM
     head on n = ceil(T / chunk) slices of ceil(T / n) positions in a `lax.map`, each under
@@ -340,13 +344,19 @@ def lm_token_logprobs(
       targets: [B, T] int ids.
       cfg: the model config.
       chunk: the most positions per LM-head call.
+      temperature: the policy's temperature (a Python float; 1.0 divides nothing).
 
     Returns:
       [B, T] float32 log-probabilities.
     """
     B, T, D = hidden.shape
+
+    def logits(h):
+        out = lm_logits(params, h, cfg)
+        return out if temperature == 1.0 else out / temperature
+
     if T <= chunk:
-        return ops.token_logprobs(lm_logits(params, hidden, cfg), targets)
+        return ops.token_logprobs(logits(hidden), targets)
     n = -(-T // chunk)
     size = -(-T // n)
     pad = n * size - T
@@ -356,7 +366,7 @@ def lm_token_logprobs(
     @jax.checkpoint
     def one_slice(xs):
         h, t = xs  # [B, size, D], [B, size]
-        return ops.token_logprobs(lm_logits(params, constrain_batch(h), cfg), t)  # [B, size]
+        return ops.token_logprobs(logits(constrain_batch(h)), t)  # [B, size]
 
     logprobs = jax.lax.map(one_slice, (hidden, targets))  # [n, B, size]
     return logprobs.swapaxes(0, 1).reshape(B, n * size)[:, :T]
@@ -375,8 +385,6 @@ def logits_fn(params, tokens, mask, cfg: ModelConfig, *, key=None, unroll: bool 
 def scalar_fn(params, tokens, mask, cfg: ModelConfig, *, key=None, unroll: bool | None = None) -> jax.Array:
     """A scalar model ({"gpt", "head"}) on every position: [B, T] -> [B, T] float32."""
     return scalar_head(params["head"], forward(params["gpt"], tokens, mask, cfg, key=key, unroll=unroll))
-
-
 
 
 def sequence_scores(scalar_params, tokens, mask, cfg: ModelConfig, *, key=None) -> jax.Array:
@@ -404,11 +412,14 @@ def check_scalar_model(scalar_params, cfg: ModelConfig, what: str = "reward mode
         )
 
 
-def answer_logprobs(params: Params, tokens, mask, loss_mask, cfg: ModelConfig, *, key=None) -> jax.Array:
-    """Sum of log pi(token_t | tokens_<t) over the tokens where loss_mask: [B, T] -> [B] float32.
+def answer_logprobs(
+    params: Params, tokens, mask, loss_mask, cfg: ModelConfig, *, key=None, temperature: float = 1.0
+) -> jax.Array:
+    """Sum of log pi(token_t | tokens_<t) over the tokens where loss_mask: [B, T] -> [B] float32, pi the
+    model's policy at `temperature` (logits / temperature).
 
     The LM head runs on slices of positions (`lm_token_logprobs`): the [B, T, V] logits are never held at
     once (DPO / REBEL steps and the online stages' teacher-forced logprobs)."""
     hidden = forward(params, tokens, mask, cfg, key=key)  # [B, T, D]
-    token_lp = lm_token_logprobs(params, hidden[:, :-1], tokens[:, 1:], cfg)  # [B, T-1]
+    token_lp = lm_token_logprobs(params, hidden[:, :-1], tokens[:, 1:], cfg, temperature=temperature)  # [B, T-1]
     return ops.masked_sum(token_lp, loss_mask[:, 1:] & mask[:, 1:], axis=-1)

@@ -67,30 +67,36 @@ def answer_loss_mask(rollout: Rollout) -> jax.Array:
     return jnp.concatenate([jnp.zeros_like(rollout.prompt_mask, bool), rollout.response_mask], axis=1)
 
 
-def rollout_logprobs(params, rollout: Rollout, cfg: ModelConfig) -> jax.Array:
-    """Sequence logprob of every answer under `params`, from a teacher-forced training forward.
+def rollout_logprobs(params, rollout: Rollout, cfg: ModelConfig, *, temperature: float = 1.0) -> jax.Array:
+    """Sequence logprob of every answer under `params` at `temperature`, from a teacher-forced forward.
 
-    log pi(y | x) = sum_t log pi(y_t | x, y_<t) over the response tokens (EOS included), computed with
-    `models.transformer.answer_logprobs`, i.e. exactly as the DPO / REBEL steps compute the policy side.
+    log pi(y | x) = sum_t log pi(y_t | x, y_<t) over the response tokens (EOS included), pi the model's
+    policy at `temperature` (logits / T: the policy the sampler draws from at T, before top-k / top-p),
+    computed with `models.transformer.answer_logprobs`, exactly as the DPO / REBEL steps compute the policy
+    side at the same temperature. REBEL's pi_t and its KL term, and online DPO's reference, are taken at
+    the sampling temperature (as the REBEL authors' code does: logits / T everywhere).
 
     Args:
       params: GPT params (the DPO reference, or REBEL's pi_t: the policy that generated the rollout).
       rollout: [B*n] rows.
       cfg: the model config of `params`.
+      temperature: the sampling temperature (a Python float).
 
     Returns:
       [B*n] float32.
     """
-    return transformer.answer_logprobs(params, rollout.tokens, rollout.mask, answer_loss_mask(rollout), cfg)
+    return transformer.answer_logprobs(
+        params, rollout.tokens, rollout.mask, answer_loss_mask(rollout), cfg, temperature=temperature
+    )
 
 
 def sampler_logprobs(rollout: Rollout) -> jax.Array:
     """Sequence logprobs recorded by the sampler: rollout.logprobs summed over response_mask, [B*n].
 
-    Free (no forward pass) and equal to `rollout_logprobs(sampling params, ...)` up to float error
-    at temperature 1 (the sampler records the tempered, unfiltered logprobs log_softmax(logits / T)), but
-    computed by the KV-cache decode path, so
-    not bit-identical to the training forward. Prefer `rollout_logprobs` for REBEL's pi_t.
+    Free (no forward pass) and equal to `rollout_logprobs(sampling params, ..., temperature=T)` up to
+    float error (the sampler records the tempered, unfiltered logprobs log_softmax(logits / T)), but
+    computed by the KV-cache decode path, so not bit-identical to the training forward. Prefer
+    `rollout_logprobs` for REBEL's pi_t.
     """
     return jnp.sum(jnp.where(rollout.response_mask, rollout.logprobs, 0.0), axis=-1)
 

@@ -11,10 +11,9 @@ sequence gives at the same temperature, which is what RL losses optimise (as lm-
 do). With top-k / top-p the tokens are drawn from the filtered distribution, so an update on these logprobs
 is slightly off-policy; `rl` reports how far (the KL between the two) and can use the filtered ones instead.
 
-XLA:CPU runs a decode step as ~140 small ops, so its cost at small sizes is as much per-op overhead as
-matmul time (`scripts/bench_sampling.py` counts the ops and splits the time). Hence: top-k / top-p from a
-sort of int32 keys, decode-time params with the biases already broadcast (`kv_cache.decoding_params`), and a
-response mask derived after the loop rather than written each step.
+The response mask is derived after the loop rather than written each step; the XLA:CPU tunings of the
+loop (top-k / top-p from an int32-key sort, pre-broadcast decode biases, pre-drawn noise) are named helpers
+in `jaxrlhf.xla_cpu`.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf import ops
+from jaxrlhf import ops, xla_cpu
 from jaxrlhf.models import ModelConfig, kv_cache, transformer
 
 
@@ -80,7 +79,6 @@ class SampleConfig:
     def stops(self) -> tuple[int, ...]:
         """Every id a sequence stops after: eos_id (when set) and stop_ids, sorted."""
         return tuple(sorted({*self.stop_ids, *(() if self.eos_id is None else (self.eos_id,))}))
-
 
 
 @flax.struct.dataclass
@@ -137,42 +135,15 @@ def truncate_logits(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
     return _truncate_rows(logits.astype(jnp.float32).reshape(-1, shape[-1]), cfg).reshape(shape)
 
 
-def sortable_keys(x: jax.Array) -> jax.Array:
-    """int32 keys ordered as the float32 values x (not NaN), -0.0 equal to 0.0: a >= b iff key(a) >= key(b).
-
-    The float's bits read as int32 order the non-negative values; flipping the magnitude bits of the
-    negative ones reverses their order below zero.
-    """
-    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x).astype(jnp.float32), jnp.int32)
-    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
-
-
-def _from_sortable_keys(keys: jax.Array) -> jax.Array:
-    """The float32 values of `sortable_keys` (-0.0 comes back as 0.0)."""
-    bits = jnp.where(keys < 0, keys ^ jnp.int32(0x7FFFFFFF), keys)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
 def _truncate_rows(logits: jax.Array, cfg: SampleConfig) -> jax.Array:  # [B, V] -> [B, V]
     """Top-k keeps every entry >= the k-th largest value (ties with it are all kept, so more than k may
     survive); top-p the smallest set of largest entries whose mass reaches top_p. NaN logits are not
     ordered (a NaN row samples garbage either way)."""
     neg = jnp.finfo(jnp.float32).min
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
-        if logits.shape[-1] <= 512:
-            # Small vocabularies: the k-th largest value from one sort of order-preserving int32 keys.
-            # XLA:CPU sorts int32 with a plain comparator: at [32, 100] in a 32-step loop it took 45 us a
-            # step against 363 for a float sort (a NaN-aware comparator), 326 for top_k (a full float
-            # sort) and 132 for counting the larger entries of each one ([B, V, V], the filter before).
-            key = sortable_keys(logits)  # [B, V]
-            kth = jnp.sort(key, axis=-1)[:, -cfg.top_k][:, None]  # [B, 1]
-            logits = jnp.where(key >= kth, logits, neg)
-        else:
-            kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]  # [B, 1]
-            logits = jnp.where(logits < kth, neg, logits)
+        logits = jnp.where(logits < xla_cpu.kth_largest(logits, cfg.top_k), neg, logits)
     if cfg.top_p < 1.0:
-        # The int32-key sort again (same values as a float sort, faster); [B, V] descending.
-        sorted_logits = _from_sortable_keys(jnp.sort(sortable_keys(logits), axis=-1)[:, ::-1])
+        sorted_logits = xla_cpu.sort_descending(logits)  # [B, V]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         # The smallest prefix with mass >= top_p: keep a token while the mass before it is < top_p.
@@ -180,9 +151,6 @@ def _truncate_rows(logits: jax.Array, cfg: SampleConfig) -> jax.Array:  # [B, V]
         threshold = jnp.min(kept, axis=-1, keepdims=True)  # [B, 1]
         logits = jnp.where(logits < threshold, neg, logits)
     return logits
-
-
-_PREDRAW_MAX = 1 << 22  # elements of pre-drawn Gumbel noise (16 MiB of float32)
 
 
 class _LoopState(flax.struct.PyTreeNode):
@@ -251,10 +219,9 @@ def _sample_impl(params, prompt, prompt_mask, model_cfg: ModelConfig, cfg: Sampl
         return (s.step < R) & ~jnp.all(s.done)
 
     V = model_cfg.vocab_size
-    # Gumbel-max sampling. When the noise for all R steps is small, draw it before the loop: on XLA:CPU
-    # every in-loop threefry call is an inner while loop of tiny ops that costs more than the model step.
-    predraw = not cfg.greedy and R * B * V <= _PREDRAW_MAX
-    noise = jax.random.gumbel(key, (R, B, V), jnp.float32) if predraw else None
+    # Gumbel-max sampling, its noise drawn before the loop when small (xla_cpu.predraw_gumbel).
+    noise = None if cfg.greedy else xla_cpu.predraw_gumbel(key, R, B, V)
+    predraw = noise is not None
 
     def body(s: _LoopState):
         key, k_tok = jax.random.split(s.key) if not predraw else (s.key, None)

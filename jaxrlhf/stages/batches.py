@@ -16,7 +16,6 @@ import numpy as np
 from jaxrlhf import parallel, train
 from jaxrlhf.text import pad_batch
 
-
 # --------------------------------------------------------------------------------------------- rows
 
 
@@ -76,7 +75,9 @@ def train_rows(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndarray
     if per_epoch == 0:
         raise ValueError(f"{n_rows} rows are fewer than one batch of {batch_size}; lower the batch size")
     epoch, b = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n_rows)  # the epoch's order, fixed by (seed, epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(
+        n_rows
+    )  # the epoch's order, fixed by (seed, epoch)
     return order[b * batch_size : (b + 1) * batch_size]
 
 

@@ -5,17 +5,51 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 from etils import epath
 
 from jaxrlhf import parallel
-from jaxrlhf.engine import checkpoint, memory
+from jaxrlhf.engine import checkpoint, loop, memory
+from jaxrlhf.rollout import Rollout
+from jaxrlhf.validate import check_at_least
 
 
 class StageError(RuntimeError):
     """An earlier stage's checkpoint is missing or unfinished (run or finish that stage first)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepsConfig:
+    """What a supervised stage's loop needs (LM and reward stages add their data fields and optimizer).
+
+    Attributes:
+      steps: optimizer steps.
+      batch_size: global rows (or comparisons) per step (a multiple of the device count).
+      eval_batch_size: global rows (or comparisons) per held-out batch.
+      eval_every: held-out evaluation every this many steps (and at the end).
+      ckpt_every: checkpoint every this many steps (and at the end).
+      log_every: write metrics every this many steps.
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    eval_batch_size: int = 64
+    eval_every: int = 200
+    ckpt_every: int = 500
+    log_every: int = 10
+
+    def __post_init__(self):
+        check_at_least(self, 1, "steps", "batch_size", "eval_batch_size", "log_every")
+        check_at_least(self, 0, "eval_every", "ckpt_every")
+
+    @property
+    def full_optim(self):
+        """The stage's `optim` with total_steps filled in (default: `steps`)."""
+        return dataclasses.replace(self.optim, total_steps=self.optim.total_steps or self.steps)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,6 +68,8 @@ class StageRun:
       stop_after: stop after this many steps of this invocation (None: to the end).
       aux_keys: [2] keys a stage uses beside its steps' (the RL stage's evaluations and normalisation
         samples); None: folded from root_key.
+      tensorboard: the metrics as TensorBoard events too (<out>/tb/<stage>/).
+      wandb: a Weights & Biases project the metrics go to too (None: none).
     """
 
     stage: str
@@ -45,10 +81,35 @@ class StageRun:
     progress: bool = True
     stop_after: int | None = None
     aux_keys: jax.Array | None = None
+    tensorboard: bool = True
+    wandb: str | None = None
 
     @property
     def out_path(self) -> epath.Path:
         return epath.Path(self.out)
+
+
+def run_meta(run: StageRun, setup, **extra) -> dict:
+    """The meta saved with the stage's checkpoints: `run.meta` (checked on resume), the model config the
+    params are for (what an export reads: `jaxrlhf.export`) and `extra`."""
+    return {**run.meta, "model_config": json.loads(json.dumps(dataclasses.asdict(setup.model_cfg))), **extra}
+
+
+def run_loop(run: StageRun, setup, scfg, state, step_fn, n_steps: int, *, root_key=None, meta: dict | None = None,
+             **options) -> loop.StageResult:  # fmt: skip
+    """`loop.run_stage` for the stage `run` describes: its directory, name, resume flag, meta (`run_meta`
+    plus `meta`), tokenizer, progress, stop-after and metric sinks, the stage config `scfg`'s ckpt_every,
+    log_every (and eval_every when it has one); `root_key` defaults to the run's; `options` (eval_fn,
+    tokens_per_step) pass through."""
+    if hasattr(scfg, "eval_every"):
+        options.setdefault("eval_every", scfg.eval_every)
+    return loop.run_stage(
+        run_dir=run.out, stage=run.stage, state=state, step_fn=step_fn, n_steps=n_steps,
+        root_key=run.root_key if root_key is None else root_key, resume=run.resume,
+        meta=run_meta(run, setup, **(meta or {})), tokenizer=setup.tokenizer_path, progress=run.progress,
+        stop_after=run.stop_after, tensorboard=run.tensorboard, wandb=run.wandb, ckpt_every=scfg.ckpt_every,
+        log_every=scfg.log_every, **options,
+    )  # fmt: skip
 
 
 def place_state(state: Any, mesh) -> Any:
@@ -105,3 +166,27 @@ def write_json(path: epath.Path, record: dict) -> None:
         path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+# ------------------------------------------------------------------- rewards handed to an RL stage
+
+
+class LearnedReward(NamedTuple):
+    """A reward model {"gpt", "head"} of the policy's architecture, scored inside the jitted iteration.
+
+    Attributes:
+      params: the scalar model.
+      reference: the reward stage's statistics of reference-row scores ({"mean", "std", "rows"}), for
+        reward_norm "reference_mean".
+    """
+
+    params: dict
+    reference: dict
+
+
+class HostReward(NamedTuple):
+    """A reward computed on the host between the sampler and the learner.
+
+    Attributes:
+      score: rollout (host NumPy arrays) -> [B] float32 scores (e.g. `rollout.make_text_reward`).
+    """
+
+    score: Callable[[Rollout], np.ndarray]

@@ -155,5 +155,6 @@ def make_recipe(name: str, defaults: InstructConfig, data: Data, *, renamed: Map
     return recipe.Recipe(
         name=name, defaults=defaults, make_setup=make_setup, runners={"sft": run_sft, "rm": run_rm, "rl": run_rl},
         steps=steps, finished=finished, check=check, inactive=inactive, renamed={**RENAMED, **(renamed or {})},
+        exports=lambda cfg: {"policy": "rl", "reward_model": "rm"},
         description=description,
     )  # fmt: skip

@@ -6,52 +6,34 @@ from __future__ import annotations
 
 import dataclasses
 
-
 import numpy as np
 
 from jaxrlhf import models, parallel, train
 from jaxrlhf.engine import loop
-from jaxrlhf.validate import check_at_least
 from jaxrlhf.stages import batches, handoff
 from jaxrlhf.stages.batches import PromptAnswers
 from jaxrlhf.stages.handoff import StageRun
 from jaxrlhf.stages.setup import Setup
+from jaxrlhf.validate import check_at_least
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LMStageConfig:
+class LMStageConfig(handoff.StepsConfig):
     """Supervised fine-tuning on prompt -> answer (loss on answer tokens only).
 
     Attributes:
-      steps: optimizer steps.
-      batch_size: global batch (a multiple of the device count).
-      eval_batch_size: global batch of the held-out loss.
       eval_every: held-out loss every this many steps (and at the end).
-      ckpt_every: checkpoint every this many steps (and at the end).
-      log_every: write metrics every this many steps.
       eval_rows: held-out rows the loss is measured on (the first ones; 0: all).
       optim: the optimizer (AdamW or Muon) and its schedule; total_steps None means `steps`.
     """
 
     steps: int = 1800
-    batch_size: int = 64
-    eval_batch_size: int = 64
-    eval_every: int = 200
-    ckpt_every: int = 500
-    log_every: int = 10
     eval_rows: int = 0
-    optim: train.OptimConfig = dataclasses.field(
-        default_factory=lambda: train.OptimConfig(lr=5e-5, warmup_steps=100, weight_decay=0.0)
-    )
+    optim: train.OptimConfig = train.optim_field(lr=5e-5, warmup_steps=100, weight_decay=0.0)
 
     def __post_init__(self):
-        check_at_least(self, 1, "steps", "batch_size", "eval_batch_size", "log_every")
-        check_at_least(self, 0, "eval_every", "ckpt_every", "eval_rows")
-
-    @property
-    def full_optim(self) -> train.OptimConfig:
-        """`optim` with total_steps filled in."""
-        return dataclasses.replace(self.optim, total_steps=self.optim.total_steps or self.steps)
+        super().__post_init__()
+        check_at_least(self, 0, "eval_rows")
 
 
 def lm_state_init(setup: Setup, scfg: LMStageConfig):
@@ -103,24 +85,10 @@ def run_lm_stage(
         )
         return {"val_loss": nll / max(n_tokens, 1.0), "val_tokens": n_tokens}
 
-    result = loop.run_stage(
-        run_dir=run.out,
-        stage=run.stage,
-        state=state,
-        step_fn=step_fn,
-        n_steps=scfg.steps,
-        root_key=run.root_key,
-        resume=run.resume,
-        meta=run.meta,
-        ckpt_every=scfg.ckpt_every,
-        tokenizer=setup.tokenizer_path,
-        eval_fn=eval_fn if len(val.prompt) else None,
-        eval_every=scfg.eval_every,
-        log_every=scfg.log_every,
+    result = handoff.run_loop(
+        run, setup, scfg, state, step_fn, scfg.steps, eval_fn=eval_fn if len(val.prompt) else None,
         tokens_per_step=batch_size * (rows.prompt.shape[1] + rows.answer.shape[1]),
-        progress=run.progress,
-        stop_after=run.stop_after,
-    )
+    )  # fmt: skip
     handoff.write_json(
         run.out_path / f"{run.stage}_summary.json",
         {

@@ -35,10 +35,10 @@ from jaxrlhf import parallel
 from jaxrlhf.engine import loop
 from jaxrlhf.rollout import SampleConfig
 from jaxrlhf.rollout import pairs as pairs_lib
-from jaxrlhf.validate import check_at_least
 from jaxrlhf.stages import batches, handoff
 from jaxrlhf.stages.handoff import StageError
 from jaxrlhf.stages.setup import Setup
+from jaxrlhf.validate import check_at_least
 
 # ------------------------------------------------------------------------------------------- files
 
@@ -230,13 +230,16 @@ def _bar(total: int, done_: int, name: str, progress: bool) -> tqdm:
 
 def make_generate(setup: Setup, params, sample_cfg: SampleConfig, n: int, reference=None):
     """jit of (params, reference, prompt, prompt_mask, key) -> rollout of B * n rows, the policy's and the
-    reference's teacher-forced answer logprobs [B * n] (the reference's only with `reference`)."""
+    reference's teacher-forced answer logprobs [B * n] (the reference's only with `reference`), both at the
+    sampling temperature."""
     mesh, mcfg = setup.mesh, setup.model_cfg
+    temperature = 1.0 if sample_cfg.greedy else sample_cfg.temperature  # the answers' pi_t (and reference)
 
     def gen(params, reference, prompt, prompt_mask, key):
         rollout = pairs_lib.generate_answers(params, prompt, prompt_mask, mcfg, sample_cfg, n, key=key)
-        policy_lp = pairs_lib.rollout_logprobs(params, rollout, mcfg)
-        ref_lp = policy_lp if reference is None else pairs_lib.rollout_logprobs(reference, rollout, mcfg)
+        policy_lp = pairs_lib.rollout_logprobs(params, rollout, mcfg, temperature=temperature)
+        ref_lp = policy_lp if reference is None else pairs_lib.rollout_logprobs(reference, rollout, mcfg,
+                                                                                temperature=temperature)  # fmt: skip
         return rollout, policy_lp, ref_lp
 
     shardings = parallel.tree_shardings(params, mesh)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
-from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +30,12 @@ from etils import epath
 
 from jaxrlhf import losses, models, parallel, train
 from jaxrlhf.engine import checkpoint, flags, loop
-from jaxrlhf.rollout import Rollout, SampleConfig, scoring
+from jaxrlhf.rollout import SampleConfig, scoring
 from jaxrlhf.stages import batches, handoff, policy_programs
 from jaxrlhf.stages.batches import PromptAnswers
-from jaxrlhf.stages.handoff import StageError, StageRun
+from jaxrlhf.stages.handoff import HostReward, LearnedReward, StageError, StageRun
 from jaxrlhf.stages.setup import Setup
-from jaxrlhf.train.policy import RLConfig, check_batch_split, inactive_fields
+from jaxrlhf.train.policy import RLConfig, inactive_fields
 from jaxrlhf.validate import check_at_least, check_range
 
 REWARD_NORMS = ("reference_mean", "policy_gain_bias", "none")
@@ -91,8 +91,8 @@ class RLStageConfig:
     samples_logged: int = 4
     ckpt_every: int = 100
     log_every: int = 1
-    optim: train.OptimConfig = dataclasses.field(
-        default_factory=lambda: train.OptimConfig(lr=1e-5, schedule="linear", min_lr_ratio=0.0, weight_decay=0.0)
+    optim: train.OptimConfig = train.optim_field(
+        lr=1e-5, schedule="linear", min_lr_ratio=0.0, weight_decay=0.0
     )
     value_lr: float | None = None
     value_from: Literal["reward_model", "policy"] = "reward_model"
@@ -105,8 +105,11 @@ class RLStageConfig:
 
     def __post_init__(self):
         check_at_least(self, 1, "iterations", "batch_size", "norm_prompts", "log_every")
-        check_at_least(self, 0, "eval_every", "eval_batches", "sample_every", "samples_logged", "ckpt_every",
-                       "top_k", "temperature")  # fmt: skip
+        check_at_least(self, 0, "eval_every", "eval_batches", "sample_every", "samples_logged", "ckpt_every")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature}; use a finite value >= 0 (0 = greedy)")
+        if not self.top_k >= 0:
+            raise ValueError(f"top_k={self.top_k}; use 0 (off) or a positive k")
         check_range(self, "top_p", 0.0, 1.0, low_open=True)
         if self.value_lr is not None and not self.value_lr > 0:
             raise ValueError(f"value_lr={self.value_lr}; use a positive learning rate, or none (optim.lr)")
@@ -125,16 +128,26 @@ class RLStageConfig:
             pairs = self.batch_size // rl.group_size  # one pair per prompt at most
             if pairs % rl.minibatches:
                 raise ValueError(
-                    f"minibatches={rl.minibatches} must divide the {pairs} pairs of an iteration (batch_size "
-                    f"{self.batch_size} / group_size {rl.group_size}, one pair per prompt)"
+                    f"minibatches={rl.minibatches} must divide the {pairs} pairs of an iteration "
+                    f"(batch_size={self.batch_size} / group_size={rl.group_size}, one pair per prompt)"
                 )
             return
         if self.temperature == 0:
             raise ValueError("temperature=0 (greedy) has no stochastic policy to optimise; sample at T > 0")
-        try:  # the minibatches and micro-batches of each update, as the update will check them
-            check_batch_split(self.batch_size, rl)
-        except ValueError as err:
-            raise ValueError(f"batch_size={self.batch_size}: {err}") from None
+        minibatches = 1 if rl.algo == "pg" else rl.minibatches  # pg: one update on the whole batch
+        if self.batch_size % minibatches:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by minibatches={rl.minibatches}; change one"
+            )
+        rows = self.batch_size // minibatches
+        if rows % rl.micro_batches:
+            split = f"batch_size={self.batch_size}" + (
+                f" / minibatches={rl.minibatches}" if minibatches > 1 else ""
+            )
+            raise ValueError(
+                f"micro_batches={rl.micro_batches} must divide an update's {rows} rows ({split}); "
+                "micro_batches=1 runs each update whole"
+            )
 
     def sample_config(self, tokenizer, response_len: int) -> SampleConfig:
         """The sampler settings of the rollouts (the tokenizer's stop ids end a response)."""
@@ -142,29 +155,6 @@ class RLStageConfig:
             max_new_tokens=response_len, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             eos_id=tokenizer.eos_id, stop_ids=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id,
         )  # fmt: skip
-
-
-class LearnedReward(NamedTuple):
-    """A reward model {"gpt", "head"} of the policy's architecture, scored inside the jitted iteration.
-
-    Attributes:
-      params: the scalar model.
-      reference: the reward stage's statistics of reference-row scores ({"mean", "std", "rows"}), for
-        reward_norm "reference_mean".
-    """
-
-    params: dict
-    reference: dict
-
-
-class HostReward(NamedTuple):
-    """A reward computed on the host between the sampler and the learner.
-
-    Attributes:
-      score: rollout (host NumPy arrays) -> [B] float32 scores (e.g. `rollout.make_text_reward`).
-    """
-
-    score: Callable[[Rollout], np.ndarray]
 
 
 def inactive_flags(pcfg: RLStageConfig, given, prefix: str = "--rl") -> list[str]:
@@ -247,7 +237,11 @@ def stage_keys(run: StageRun) -> tuple[jax.Array, jax.Array, jax.Array]:
     two keys folded from it, or `run.aux_keys` when the pipeline fixed them."""
     if run.aux_keys is not None:
         return run.root_key, run.aux_keys[0], run.aux_keys[1]
-    return run.root_key, jax.random.fold_in(run.root_key, 1 << 30), jax.random.fold_in(run.root_key, (1 << 30) + 1)
+    return (
+        run.root_key,
+        jax.random.fold_in(run.root_key, 1 << 30),
+        jax.random.fold_in(run.root_key, (1 << 30) + 1),
+    )
 
 
 def run_rl_stage(
@@ -326,7 +320,9 @@ def run_rl_stage(
             out.append(({k: v[valid] for k, v in rows.items()}, rollout))
         return out
 
-    saved = checkpoint.restore_meta(run.out, run.stage, resume_from).get("reward_norm") if resume_from else None
+    saved = (
+        checkpoint.restore_meta(run.out, run.stage, resume_from).get("reward_norm") if resume_from else None
+    )
     if saved is not None:
         norm = saved  # the normalisation the run started with
     elif pcfg.reward_norm == "policy_gain_bias":
@@ -347,7 +343,9 @@ def run_rl_stage(
         value = scoring.value_from_reward_model(reward.params, norm)
     else:  # the initial policy's trunk with a zero head: values start at 0
         value = {"gpt": policy, "head": models.init_scalar_head(jax.random.key(1), setup.model_cfg)}
-    state = handoff.place_state(train.init_rl_state(train.init_rl_params(policy, value, rl_cfg), tx, rl_cfg), mesh)
+    state = handoff.place_state(
+        train.init_rl_state(train.init_rl_params(policy, value, rl_cfg), tx, rl_cfg), mesh
+    )
     del value
     if learned:
         iteration = policy_programs.jit_iteration(
@@ -357,7 +355,10 @@ def run_rl_stage(
     else:
         sample = policy_programs.jit_sample(policy_cfg, sample_cfg, mesh, policy)
         learn = policy_programs.jit_learn(
-            train.make_learn(policy_cfg, tx, rl_cfg, frozen_cfg, sample_cfg=sample_cfg), mesh, state, ref_params
+            train.make_learn(policy_cfg, tx, rl_cfg, frozen_cfg, sample_cfg=sample_cfg),
+            mesh,
+            state,
+            ref_params,
         )
     samples = SampleLog(run.out_path / f"{run.stage}_samples.jsonl", resume_from)
     position = {"iteration": resume_from or 0}
@@ -368,7 +369,9 @@ def run_rl_stage(
         drawn apart from the RL prompts (another seed)."""
         if not rl_cfg.ptx_coef:
             return None
-        batch = batches.lm_batch(ptx_rows, batches.train_rows(len(ptx_rows.prompt), batch_size, i, run.data_seed + 1))
+        batch = batches.lm_batch(
+            ptx_rows, batches.train_rows(len(ptx_rows.prompt), batch_size, i, run.data_seed + 1)
+        )
         return batches.put_batch(batch._replace(loss_mask=batch.mask), mesh)
 
     def step_fn(state, i, key):
@@ -386,7 +389,9 @@ def run_rl_stage(
             t0 = time.perf_counter()
             scores = np.asarray(reward.score(parallel.to_host(rollout)), np.float32)
             reward_s = time.perf_counter() - t0
-            state, metrics = learn(state, ref_params, rollout, batches.put_batch(scores, mesh), k_learn, ptx_at(i))
+            state, metrics = learn(
+                state, ref_params, rollout, batches.put_batch(scores, mesh), k_learn, ptx_at(i)
+            )
             metrics = {**metrics, "reward_host_s": reward_s}
         position["iteration"] = i + 1
         if pcfg.sample_every and (i + 1) % pcfg.sample_every == 0:
@@ -424,23 +429,10 @@ def run_rl_stage(
     if evaluates and resume_from is None:
         handoff.write_json(initial_path, eval_fn(state))
     initial_eval = json.loads(initial_path.read_text()) if evaluates and initial_path.exists() else None
-    result = loop.run_stage(
-        run_dir=run.out,
-        stage=run.stage,
-        state=state,
-        step_fn=step_fn,
-        n_steps=pcfg.iterations,
-        root_key=k_steps,
-        resume=run.resume,
-        meta={**run.meta, "reward_norm": norm},
-        ckpt_every=pcfg.ckpt_every,
-        tokenizer=setup.tokenizer_path,
+    result = handoff.run_loop(
+        run, setup, pcfg, state, step_fn, pcfg.iterations, root_key=k_steps, meta={"reward_norm": norm},
         eval_fn=eval_fn if evaluates else None,
-        eval_every=pcfg.eval_every,
-        log_every=pcfg.log_every,
-        progress=run.progress,
-        stop_after=run.stop_after,
-    )
+    )  # fmt: skip
     if result.history:
         handoff.write_json(
             run.out_path / f"{run.stage}_summary.json",
@@ -471,7 +463,9 @@ def rl_state_init(setup: Setup, pcfg: RLStageConfig):
 
     def init(key):
         value = models.init_scalar_model(key, mcfg) if rl_cfg.algo == "ppo" else None
-        return train.init_rl_state(train.init_rl_params(models.init_params(key, mcfg), value, rl_cfg), tx, rl_cfg)
+        return train.init_rl_state(
+            train.init_rl_params(models.init_params(key, mcfg), value, rl_cfg), tx, rl_cfg
+        )
 
     return init
 

@@ -103,7 +103,9 @@ def jit_sample(cfg: ModelConfig, sample_cfg: SampleConfig, mesh, policy):
     reward's first program)."""
     batch_sh = parallel.batch_sharding(mesh)
     return jax.jit(
-        parallel.on_mesh(lambda p, prompt, mask, key: sampler.sample_fn(p, prompt, mask, cfg, sample_cfg, key), mesh),
+        parallel.on_mesh(
+            lambda p, prompt, mask, key: sampler.sample_fn(p, prompt, mask, cfg, sample_cfg, key), mesh
+        ),
         in_shardings=(parallel.tree_shardings(policy, mesh), batch_sh, batch_sh, parallel.replicated(mesh)),
         out_shardings=batch_sh,
     )

@@ -34,9 +34,11 @@ def filter_answers(
     special_ids,
     max_answer_tokens: int | None,
     min_answer_tokens: int = 1,
+    keep_unfinished: bool = False,
 ) -> pairs_lib.PairSelection:
     """(best, worst) pairs of the written answers (`pairs_lib.select_pairs`, n answers per prompt in
-    order): unfinished answers, answers longer than `max_answer_tokens` or shorter than
+    order): unfinished answers (unless `keep_unfinished`: they then compete with the reward they were
+    given, e.g. a no-EOS penalty), answers longer than `max_answer_tokens` or shorter than
     `min_answer_tokens` (in tokens, special tokens not counted), repeats of an earlier answer to the same
     prompt, prompts with fewer than two answers left and prompts whose answers all tie are dropped and
     counted."""
@@ -49,7 +51,7 @@ def filter_answers(
         n,
         max_answer_tokens=max_answer_tokens,
         min_answer_tokens=min_answer_tokens,
-        finished=rows["finished"],
+        finished=None if keep_unfinished else rows["finished"],
     )
 
 
@@ -75,7 +77,9 @@ def pref_pairs(rows: Mapping[str, np.ndarray], pairs: Mapping[str, np.ndarray], 
     """The pairs as a host `PrefBatch` of every pair (`rollout.build_pref_batch` of the written rows), with
     ref_logprobs pi_t's (REBEL: the policy that sampled) or the reference's (DPO / IPO)."""
     rollout = pairs_lib.rows_as_rollout(rows)
-    chosen = pairs_lib.Pairs(pairs["chosen"], pairs["rejected"], pairs["chosen_reward"], pairs["rejected_reward"])
+    chosen = pairs_lib.Pairs(
+        pairs["chosen"], pairs["rejected"], pairs["chosen_reward"], pairs["rejected_reward"]
+    )
     ref = rows["policy_logprobs"] if algo == "rebel" else rows["ref_logprobs"]
     return pairs_lib.build_pref_batch(rollout, chosen, ref, num_pairs=len(pairs["chosen"]))
 
@@ -111,10 +115,8 @@ class PairStageConfig:
     minibatches: int = 1
     log_every: int = 1
     ckpt_every: int = 50
-    optim: train.OptimConfig = dataclasses.field(
-        default_factory=lambda: train.OptimConfig(
-            lr=3e-7, warmup_steps=0, schedule="linear", min_lr_ratio=0.0, weight_decay=0.0
-        )
+    optim: train.OptimConfig = train.optim_field(
+        lr=3e-7, warmup_steps=0, schedule="linear", min_lr_ratio=0.0, weight_decay=0.0
     )
 
     def __post_init__(self):
@@ -141,10 +143,11 @@ class PairStageConfig:
         )
 
 
-def make_pair_step(setup: Setup, pcfg: PairStageConfig, tx):
-    """step(state, PrefBatch, *, key) of `pcfg.algo` (`train.make_pair_step`)."""
+def make_pair_step(setup: Setup, pcfg: PairStageConfig, tx, temperature: float = 1.0):
+    """step(state, PrefBatch, *, key) of `pcfg.algo` (`train.make_pair_step`) at the pairs' sampling
+    `temperature`."""
     return train.make_pair_step(setup.model_cfg, tx, algo=pcfg.algo, eta=pcfg.eta, beta=pcfg.beta,
-                                epochs=pcfg.epochs, minibatches=pcfg.minibatches)  # fmt: skip
+                                epochs=pcfg.epochs, minibatches=pcfg.minibatches, temperature=temperature)  # fmt: skip
 
 
 def pair_state_init(setup: Setup, pcfg: PairStageConfig, n_pairs: int):
@@ -153,12 +156,15 @@ def pair_state_init(setup: Setup, pcfg: PairStageConfig, n_pairs: int):
     return lambda key: train.init_train_state(models.init_params(key, setup.model_cfg), tx)
 
 
-def log_ratio_gaps(setup: Setup, params, pairs: train.PrefBatch, batch_size: int) -> np.ndarray:
-    """[M] (log pi/pi_0 (chosen) - log pi/pi_0 (rejected)) of `params` against the pairs' ref_logprobs."""
+def log_ratio_gaps(
+    setup: Setup, params, pairs: train.PrefBatch, batch_size: int, temperature: float = 1.0
+) -> np.ndarray:
+    """[M] (log pi/pi_0 (chosen) - log pi/pi_0 (rejected)) of `params` at `temperature` against the pairs'
+    ref_logprobs."""
     mcfg = setup.model_cfg
 
     def gap(params, batch):
-        lp = train.pair_logprobs(params, batch, mcfg)
+        lp = train.pair_logprobs(params, batch, mcfg, temperature=temperature)
         ratio = lp - batch.ref_logprobs
         return ratio[:, 0] - ratio[:, 1]
 
@@ -174,9 +180,12 @@ def run_pair_stage(
     *,
     pairs: train.PrefBatch,
     params,
+    temperature: float = 1.0,
     summary: dict | None = None,
 ) -> loop.StageResult:
     """The update on a fixed pair set; writes <out>/<stage>/, <stage>.jsonl and <stage>_summary.json.
+    `temperature`: the pairs' sampling temperature; the policy's logprobs are taken at it, as the pairs'
+    ref_logprobs must be (`rollout.rollout_logprobs(..., temperature=T)`).
 
     The pairs are shuffled once (by run.data_seed) and cut into steps of `pcfg.batch_size` pairs (the
     last padded with pair_mask False); each step is `pcfg.epochs` passes of `pcfg.minibatches` updates.
@@ -197,7 +206,7 @@ def run_pair_stage(
     n_steps, b = pcfg.steps(n_pairs), pcfg.batch_size
     tx = pcfg.optimizer(n_pairs)
     state = handoff.place_state(train.init_train_state(params, tx), mesh)
-    step = parallel.jit_step(make_pair_step(setup, pcfg, tx), mesh, state)
+    step = parallel.jit_step(make_pair_step(setup, pcfg, tx, temperature), mesh, state)
 
     def step_fn(state, i, key):
         idx = np.arange(i * b, (i + 1) * b)
@@ -206,15 +215,18 @@ def run_pair_stage(
         batch = batch._replace(pair_mask=batch.pair_mask & valid)
         return step(state, batches.put_batch(batch, mesh), key)
 
-    result = loop.run_stage(
-        run_dir=run.out, stage=run.stage, state=state, step_fn=step_fn, n_steps=n_steps,
-        root_key=run.root_key, resume=run.resume, meta=run.meta, ckpt_every=pcfg.ckpt_every,
-        tokenizer=setup.tokenizer_path, log_every=pcfg.log_every, progress=run.progress,
-        tokens_per_step=2 * b * pairs.tokens.shape[-1] * pcfg.epochs, stop_after=run.stop_after,
-    )  # fmt: skip
+    result = handoff.run_loop(
+        run,
+        setup,
+        pcfg,
+        state,
+        step_fn,
+        n_steps,
+        tokens_per_step=2 * b * pairs.tokens.shape[-1] * pcfg.epochs,
+    )
     if not handoff.stage_finished(run.out, run.stage, n_steps) or not result.history:
         return result
-    gap = log_ratio_gaps(setup, result.state.params, pairs, b)
+    gap = log_ratio_gaps(setup, result.state.params, pairs, b, temperature)
     target = pcfg.eta * (pairs.rewards[:, 0] - pairs.rewards[:, 1])
     record = {**result.summary, **(summary or {}), "pairs": n_pairs, "algo": pcfg.algo}
     if pcfg.algo == "rebel":
@@ -250,22 +262,24 @@ def run_online_pairs(setup: Setup, pcfg, run: StageRun, *, prompts, policy, rewa
 
     Args: as `policy.run_rl_stage` (pcfg an RLStageConfig with a pair algorithm).
     """
-    from jaxrlhf.stages.policy import LearnedReward  # noqa: PLC0415  (policy imports this module)
-
     rl = pcfg.rl.resolved()
-    if isinstance(reward, LearnedReward) and pcfg.reward_norm == "policy_gain_bias":
-        raise ValueError("reward_norm 'policy_gain_bias' acts for ppo / pg / grpo / rloo; use reference_mean or none")
+    if isinstance(reward, handoff.LearnedReward) and pcfg.reward_norm == "policy_gain_bias":
+        raise ValueError(
+            "reward_norm 'policy_gain_bias' acts for ppo / pg / grpo / rloo; use reference_mean or none"
+        )
     mesh = setup.mesh
     mcfg = dataclasses.replace(setup.model_cfg, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
     n, n_prompts = rl.group_size, pcfg.batch_size // rl.group_size
     sample_cfg = pcfg.sample_config(setup.tokenizer, response_len)
+    temperature = 1.0 if sample_cfg.greedy else sample_cfg.temperature  # pi_t: the policy that samples
     tx = train.make_optimizer(dataclasses.replace(
         pcfg.optim, total_steps=pcfg.optim.total_steps or pcfg.iterations * rl.epochs * rl.minibatches))  # fmt: skip
     ref = parallel.put(policy, mesh)
     state = handoff.place_state(train.init_train_state(policy, tx), mesh)
     step = parallel.jit_step(
         train.make_pair_step(mcfg, tx, algo=rl.algo, eta=rl.eta, beta=rl.beta, epochs=rl.epochs,
-                             minibatches=rl.minibatches, average_logprobs=rl.average_logprobs),
+                             minibatches=rl.minibatches, average_logprobs=rl.average_logprobs,
+                             temperature=temperature),
         mesh, state,
     )  # fmt: skip
     shard, rep, batch_sh = parallel.tree_shardings, parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -274,10 +288,10 @@ def run_online_pairs(setup: Setup, pcfg, run: StageRun, *, prompts, policy, rewa
         in_shardings=(shard(policy, mesh), batch_sh, batch_sh, rep), out_shardings=batch_sh,
     )  # fmt: skip
     logprobs = jax.jit(
-        parallel.on_mesh(lambda p, rollout: pairs_lib.rollout_logprobs(p, rollout, mcfg), mesh),
+        parallel.on_mesh(lambda p, ro: pairs_lib.rollout_logprobs(p, ro, mcfg, temperature=temperature), mesh),
         in_shardings=(shard(policy, mesh), batch_sh), out_shardings=batch_sh,
     )  # fmt: skip
-    if isinstance(reward, LearnedReward):
+    if isinstance(reward, handoff.LearnedReward):
         norm = scoring.reference_norm(pcfg.reward_norm, reward.reference)
         rm = parallel.put(reward.params, mesh)
         learned = jax.jit(
@@ -313,11 +327,7 @@ def run_online_pairs(setup: Setup, pcfg, run: StageRun, *, prompts, policy, rewa
         return state, {**metrics, **pair_metrics, "reward": float(np.mean(scores)), "kl_per_token": kl_tok,
                        "response_length": float(rmask.sum(-1).mean())}  # fmt: skip
 
-    result = loop.run_stage(
-        run_dir=run.out, stage=run.stage, state=state, step_fn=step_fn, n_steps=pcfg.iterations,
-        root_key=run.root_key, resume=run.resume, meta=run.meta, ckpt_every=pcfg.ckpt_every,
-        tokenizer=setup.tokenizer_path, log_every=pcfg.log_every, progress=run.progress, stop_after=run.stop_after,
-    )  # fmt: skip
+    result = handoff.run_loop(run, setup, pcfg, state, step_fn, pcfg.iterations)
     check_pairs(rl, result, run.out_path / f"{run.stage}.jsonl")
     if result.history:
         batches_summary = {**result.summary, **(summary or {}), "algo": rl.algo, "first": result.history[0],

@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -26,7 +27,7 @@ from typing import Any, ClassVar
 import jax
 from etils import epath
 
-from jaxrlhf.engine import checkpoint, flags, loop, outdir
+from jaxrlhf.engine import checkpoint, flags, loop, memory, outdir
 from jaxrlhf.engine.flags import flag_message
 from jaxrlhf.stages import handoff, setup
 from jaxrlhf.stages.handoff import StageError, StageRun
@@ -41,7 +42,7 @@ RUN_FILE = "run.json"  # <out>/run.json: which pipeline wrote the run, with its 
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RecipeConfig:
+class RecipeConfig(setup.ModelSpec):
     """The fields every pipeline has (subclasses add `data` and one config per stage).
 
     Attributes:
@@ -68,18 +69,13 @@ class RecipeConfig:
         (a preemption drill); continue with --resume.
       progress: show tqdm progress bars (and, where a pipeline prints them, samples).
       compile_cache: persistent XLA compilation cache directory ("" disables it).
+      tensorboard: write every stage's metrics as TensorBoard events too (<out>/tb/<stage>/), beside the
+        JSONL.
+      wandb: a Weights & Biases project to send the metrics to ("" : none; needs `pip install wandb`).
     """
 
     STAGES: ClassVar[tuple[str, ...]] = ()
 
-    model: str | None = None
-    init_from: str | None = None
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    dropout: float = 0.0
-    bf16: bool = False
-    remat: bool = False
     out: str = "runs/run"
     resume: bool = False
     mesh_fsdp: int = 1
@@ -89,10 +85,12 @@ class RecipeConfig:
     stop_after: str = ""
     progress: bool = True
     compile_cache: str = "~/.cache/jaxrlhf/xla"
+    tensorboard: bool = True
+    wandb: str = ""
 
     def __post_init__(self):
         try:
-            setup.model_spec(self)
+            super().__post_init__()
         except ValueError as err:
             raise ValueError(flag_message(str(err), setup.ModelSpec, setup.flag)) from None
         if not self.out.strip():
@@ -100,6 +98,7 @@ class RecipeConfig:
         check_at_least(self, 1, "mesh_fsdp")
         check_at_least(self, 0, "seed")
         check_stages(self.stages or ",".join(self.STAGES), self.stop_after, self.STAGES)
+        loop.check_wandb(self.wandb)
 
     @property
     def stage_list(self) -> list[str]:
@@ -135,6 +134,11 @@ class Recipe:
         levers).
       after: (setup, cfg) -> None, run once every stage of this invocation finished (plots, summaries).
       complete: cfg -> whether `after`'s outputs exist (a --resume of a finished run then changes nothing).
+      exports: cfg -> {name: stage}: the stages whose final params are written as Hugging Face directories
+        under <out>/hf/<name>/ once every stage finished (`jaxrlhf.export`).
+      track_memory: each stage's host memory (`engine.memory.track`) goes to setup.extras["memory"][stage],
+        and its compiled programs are dropped after it (before the next stage's compile: a laptop run's
+        peak); off where stages reuse programs (online iterations).
       description: the --help text.
     """
 
@@ -155,6 +159,8 @@ class Recipe:
     prepare: Callable[[], Any] | None = None
     after: Callable[[Setup, Any], None] | None = None
     complete: Callable[[Any], bool] | None = None
+    exports: Callable[[Any], Mapping[str, str]] | None = None
+    track_memory: bool = False
     description: str = ""
 
     def stage_names(self, cfg) -> list[str]:
@@ -232,6 +238,8 @@ def stage_run(cfg: Any, stage: str, index: int, meta: dict | None = None) -> Sta
         data_seed=cfg.data.seed,
         progress=cfg.progress,
         stop_after=stop_after_for(cfg.stop_after, stage),
+        tensorboard=cfg.tensorboard,
+        wandb=cfg.wandb or None,
     )
 
 
@@ -251,7 +259,13 @@ def run_stages(recipe: Recipe, setup_: Setup, names: Sequence[str]) -> bool:
             say(f"[{recipe.name}] {name}: finished earlier, skipped")
             continue
         t0 = time.perf_counter()
-        result = recipe.runners[name](setup_)
+        if recipe.track_memory:
+            with memory.track() as mem:
+                result = recipe.runners[name](setup_)
+                memory.drop_programs()
+            setup_.extras.setdefault("memory", {})[name] = mem.summary()
+        else:
+            result = recipe.runners[name](setup_)
         summary = getattr(result, "summary", result)
         say(f"[{recipe.name}] {name}: {summary} ({time.perf_counter() - t0:.1f} s)")
         if not recipe.is_finished(setup_, name):
@@ -292,20 +306,76 @@ def guard_out(recipe: Recipe, cfg, metas: Mapping[str, dict]) -> None:
     outdir.check_resume(cfg.out, dict(metas), resume=cfg.resume)
 
 
-def _write_run_file(recipe: Recipe, cfg) -> None:
-    if handoff.main_process():
-        root = checkpoint.resolve(cfg.out)
-        if not (root / RUN_FILE).exists():
-            record = {"pipeline": recipe.name, "flags": flags.config_json(cfg)}
-            (root / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+def _write_run_file(recipe: Recipe, cfg) -> bool:
+    """<out>/run.json: the pipeline and its flags (what `guard_out` reads on --resume); whether this wrote it."""
+    root = checkpoint.resolve(cfg.out)
+    if not handoff.main_process() or (root / RUN_FILE).exists():
+        return False
+    record = {"pipeline": recipe.name, "flags": flags.config_json(cfg)}
+    (root / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return True
 
 
-def _unused_stage_flags(recipe: Recipe, cfg, given, running: Sequence[str]) -> list[str]:
-    """Flags of a stage config whose stage does not run in this invocation (not in --stages, or finished
-    and skipped by --resume): refused, as they would be silently ignored."""
+def _forget_run_file(cfg) -> None:
+    """Remove run.json when it is all --out holds: a run refused before its first write leaves --out as it
+    was."""
+    root = checkpoint.resolve(cfg.out)
+    if [n for n in _listing(root) if n != outdir.LOCK_FILE] == [RUN_FILE]:
+        (root / RUN_FILE).unlink(missing_ok=True)
+
+
+def export_final(recipe: Recipe, cfg) -> None:
+    """The pipeline's final policy (and reward model) as Hugging Face directories under <out>/hf/ (on
+    gs://, written locally and copied up)."""
+    from jaxrlhf import export  # noqa: PLC0415  (an entry point over this layer)
+
+    if recipe.exports is None or not handoff.main_process():
+        return
+    for name, stage in recipe.exports(cfg).items():
+        if not checkpoint.has_stage(cfg.out, stage):
+            continue
+        dest = checkpoint.resolve(cfg.out) / "hf" / name
+        if checkpoint.is_remote(cfg.out):
+            with tempfile.TemporaryDirectory() as tmp:
+                export.export(cfg.out, stage, tmp)
+                dest.mkdir(parents=True, exist_ok=True)
+                for path in sorted(os.listdir(tmp)):
+                    (dest / path).write_bytes(epath.Path(tmp, path).read_bytes())
+        else:
+            export.export(cfg.out, stage, os.fspath(dest))
+        say(f"[{recipe.name}] exported {stage} to {dest}")
+
+
+def _acts(recipe: Recipe, cfg, other, names: Sequence[str], earlier: Sequence[str]) -> bool:
+    """Whether `cfg` and `other` differ in a running stage's meta or in the length of another stage."""
+    if any(recipe.stage_meta(cfg, n) != recipe.stage_meta(other, n) for n in names):
+        return True
+    for stage in earlier:
+        try:
+            if recipe.steps(cfg, stage) != recipe.steps(other, stage):
+                return True
+        except (KeyError, ValueError, TypeError):  # a stage known only by its instances (rebel_1, ...)
+            continue
+    return False
+
+
+def _unused_stage_flags(recipe: Recipe, cfg, given, names: Sequence[str]) -> list[str]:
+    """Flags of a stage config whose stage is not among this invocation's --stages and that act on none of
+    them: refused, as they would be silently ignored. A flag of another stage acts when it changes what a
+    running stage must match to resume (its meta: e.g. UltraFeedback's filter reads --generate.answers)
+    or the length of a stage whose finished checkpoint a running stage restores (--sft.steps for
+    `--stages rl`). (A finished stage skipped by --resume keeps the flags it ran with: the resume check
+    refuses other values.)"""
+    running = {n.rpartition("_")[0] or n for n in names}
     out = []
     for path in given:
-        if len(path) > 1 and path[0] in cfg.STAGES and path[0] not in {n.rpartition("_")[0] or n for n in running}:
+        if len(path) < 2 or path[0] not in cfg.STAGES or path[0] in running:
+            continue
+        try:
+            other = flags.replace_paths(cfg, {path: flags.value_at(recipe.defaults, path)})
+        except (TypeError, ValueError):
+            continue  # the config cannot do without it
+        if not _acts(recipe, cfg, other, names, [s for s in cfg.STAGES if s not in running]):
             out.append(flags.flag_of(type(cfg), path))
     return out
 
@@ -319,7 +389,9 @@ def _os_error(err: OSError, cfg) -> str:
     if err.errno == errno.ENAMETOOLONG:
         return f"--out {cfg.out}: a path under it is too long for the file system{where}; use a shorter --out"
     if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"--out {cfg.out}: cannot write there{where} ({os.strerror(err.errno)}); use a writable directory"
+        return (
+            f"--out {cfg.out}: cannot write there{where} ({os.strerror(err.errno)}); use a writable directory"
+        )
     return str(err)
 
 
@@ -342,8 +414,13 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None, *, prog: str | None 
             parallel.initialize_distributed()
         setup.use_compile_cache(cfg.compile_cache)
         outdir.check_output_dir(cfg.out, flag="--out")
-        setup_ = recipe.make_setup(cfg)
         names = recipe.stage_names(cfg)
+        unused = _unused_stage_flags(recipe, cfg, given, names)
+        if unused:
+            print(f"error: {', '.join(unused)} act on stages this run does not train (--stages "
+                  f"{','.join(names)}): drop them", file=sys.stderr)  # fmt: skip
+            return 2
+        setup_ = recipe.make_setup(cfg)
         if recipe.checkpointed is not None:
             checkpointed = [n for n in names if recipe.checkpointed(n)]
         else:
@@ -353,18 +430,21 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None, *, prog: str | None 
             if recipe.guard is not None:
                 recipe.guard(setup_, names)
             running = [n for n in names if not (cfg.resume and recipe.is_finished(setup_, n))]
-            unused = _unused_stage_flags(recipe, cfg, given, running)
-            if unused:
-                print(f"error: {', '.join(unused)} act on stages this run does not train (--stages "
-                      f"{','.join(names)}; finished ones are skipped): drop them", file=sys.stderr)  # fmt: skip
-                return 2
             if not running and cfg.resume and (recipe.complete is None or recipe.complete(cfg)):
                 print(f"nothing to do: {cfg.out} holds a finished {recipe.name} run (every stage at its last "
                       "step); it was left as it is. Use a fresh --out to run again.", file=sys.stderr)  # fmt: skip
                 return 0
-            _write_run_file(recipe, cfg)
-            if run_stages(recipe, setup_, names) and recipe.after is not None:
-                recipe.after(setup_, cfg)
+            wrote_run_file = _write_run_file(recipe, cfg)
+            try:
+                finished = run_stages(recipe, setup_, names)
+            except BaseException:
+                if wrote_run_file:
+                    _forget_run_file(cfg)
+                raise
+            if finished:
+                if recipe.after is not None:
+                    recipe.after(setup_, cfg)
+                export_final(recipe, cfg)
         return 0
     except loop.Preempted as err:
         return err.code

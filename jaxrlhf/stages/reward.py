@@ -19,50 +19,35 @@ import numpy as np
 
 from jaxrlhf import models, parallel, train
 from jaxrlhf.engine import checkpoint, loop
-from jaxrlhf.train.reward import LabelBatch
-from jaxrlhf.validate import check_at_least
 from jaxrlhf.stages import batches, handoff
 from jaxrlhf.stages.batches import PromptAnswers
 from jaxrlhf.stages.handoff import StageRun
 from jaxrlhf.stages.setup import Setup
+from jaxrlhf.train.reward import LabelBatch
+from jaxrlhf.validate import check_at_least
 
 KINDS = ("pairwise", "binary")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RewardStageConfig:
+class RewardStageConfig(handoff.StepsConfig):
     """A reward model on comparisons or labels, read at the last real token.
 
     Attributes:
-      steps: optimizer steps.
       batch_size: global comparisons (or labelled rows) per step.
       eval_batch_size: global comparisons (or rows) per held-out accuracy batch.
       eval_every: held-out accuracy every this many steps (and at the end).
-      ckpt_every: checkpoint every this many steps (and at the end).
-      log_every: write metrics every this many steps.
       norm_rows: reference rows scored for the reward normalisation (mean / std).
       optim: AdamW settings; total_steps None means `steps`.
     """
 
     steps: int = 1450
-    batch_size: int = 64
-    eval_batch_size: int = 64
-    eval_every: int = 200
-    ckpt_every: int = 500
-    log_every: int = 10
     norm_rows: int = 1024
-    optim: train.OptimConfig = dataclasses.field(
-        default_factory=lambda: train.OptimConfig(lr=3e-5, warmup_steps=50, weight_decay=0.0)
-    )
+    optim: train.OptimConfig = train.optim_field(lr=3e-5, warmup_steps=50, weight_decay=0.0)
 
     def __post_init__(self):
-        check_at_least(self, 1, "steps", "batch_size", "eval_batch_size", "log_every", "norm_rows")
-        check_at_least(self, 0, "eval_every", "ckpt_every")
-
-    @property
-    def full_optim(self) -> train.OptimConfig:
-        """`optim` with total_steps filled in."""
-        return dataclasses.replace(self.optim, total_steps=self.optim.total_steps or self.steps)
+        super().__post_init__()
+        check_at_least(self, 1, "norm_rows")
 
 
 class Comparisons(NamedTuple):
@@ -204,24 +189,10 @@ def run_reward_stage(
         )
         return {"val_accuracy": correct / max(count, 1.0), f"val_{what}": count}
 
-    result = loop.run_stage(
-        run_dir=run.out,
-        stage=run.stage,
-        state=state,
-        step_fn=step_fn,
-        n_steps=scfg.steps,
-        root_key=k_steps,
-        resume=run.resume,
-        meta=run.meta,
-        ckpt_every=scfg.ckpt_every,
-        tokenizer=setup.tokenizer_path,
-        eval_fn=eval_fn if len(val.prompt) else None,
-        eval_every=scfg.eval_every,
-        log_every=scfg.log_every,
-        tokens_per_step=per_row * batch_size * mcfg.block_size,
-        progress=run.progress,
-        stop_after=run.stop_after,
-    )
+    result = handoff.run_loop(
+        run, setup, scfg, state, step_fn, scfg.steps, root_key=k_steps,
+        eval_fn=eval_fn if len(val.prompt) else None, tokens_per_step=per_row * batch_size * mcfg.block_size,
+    )  # fmt: skip
     if not handoff.stage_finished(run.out, run.stage, scfg.steps):
         return result
     meta = checkpoint.restore_meta(run.out, run.stage)

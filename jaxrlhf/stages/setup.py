@@ -6,6 +6,7 @@ A pipeline's config keeps the model flags at its top level (`--model`, `--init-f
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import shutil
@@ -75,7 +76,9 @@ def init_source(spec: ModelSpec) -> str | None:
 def _preset(spec: ModelSpec, vocab_size: int, block_size: int = 1024) -> ModelConfig:
     """--model's preset with the tokenizer's vocabulary (and `block_size` where the preset has none)."""
     name = spec.model or "gpt2"
-    return ModelConfig.preset(name, vocab_size=vocab_size, block_size=PRESETS[name].get("block_size", block_size))
+    return ModelConfig.preset(
+        name, vocab_size=vocab_size, block_size=PRESETS[name].get("block_size", block_size)
+    )
 
 
 def model_config(spec: ModelSpec, length: int, length_flags: str, vocab_size: int = 50257) -> ModelConfig:
@@ -278,6 +281,7 @@ def make_setup(
             "(--data.tokenizer_dir)"
         )
     tokenizer_path = tempfile.mkdtemp(prefix="jaxrlhf_tokenizer_")
+    atexit.register(shutil.rmtree, tokenizer_path, ignore_errors=True)  # the copy checkpoints are saved from
     try:
         tokenizer.save(tokenizer_path)
     except BaseException:

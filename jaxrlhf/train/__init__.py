@@ -1,7 +1,7 @@
 """Train steps: `make_*_step(cfg, tx, ...) -> step(state, batch, *, key) -> (state, metrics)`, un-jitted and
 written for the whole (global) batch; `parallel.jit_step` compiles one per entry point.
 
-    state           TrainState, OptimConfig / make_optimizer (AdamW, Muon), update, run_epochs
+    state           TrainState, OptimConfig / optim_field / make_optimizer (AdamW, Muon), update, run_epochs
     lm              LMBatch, lm_loss, make_lm_step / make_lm_eval (pretraining, SFT, PPO-ptx)
     reward          RankBatch, LabelBatch, make_rm_step (pairwise, K-way), make_binary_step, evals
     preference      pair_logprobs, make_dpo_step, make_rebel_step, make_pair_step
@@ -16,6 +16,7 @@ from jaxrlhf.train import experience, lm, micro_batching, policy, preference, re
 
 # ----------------------------------------------------------------------------------------------- state
 from jaxrlhf.train.state import OptimConfig as OptimConfig
+from jaxrlhf.train.state import optim_field as optim_field
 from jaxrlhf.train.state import TrainState as TrainState
 from jaxrlhf.train.state import apply_gradients as apply_gradients
 from jaxrlhf.train.state import init_train_state as init_train_state
@@ -62,6 +63,6 @@ __all__ = [
     "apply_gradients", "experience", "init_rl_params", "init_rl_state", "init_train_state", "lm", "lm_loss",
     "make_binary_eval", "make_binary_step", "make_dpo_step", "make_experience", "make_fused_iteration",
     "make_learn", "make_lm_eval", "make_lm_step", "make_optimizer", "make_pair_step", "make_per_model_optimizer",
-    "make_rebel_step", "make_rl_step", "make_rm_eval", "make_rm_step", "mean_metrics", "micro_batching",
+    "make_rebel_step", "make_rl_step", "make_rm_eval", "make_rm_step", "mean_metrics", "micro_batching", "optim_field",
     "pair_logprobs", "pair_passes_step", "policy", "preference", "reward", "run_epochs", "state", "update",
 ]  # fmt: skip

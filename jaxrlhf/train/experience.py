@@ -71,7 +71,9 @@ def response_logprobs(
     `filtered` (`sampler.policy_logits`); without it, the raw model at temperature 1. `unroll`: see
     `transformer.forward`.
     """
-    logits = transformer.logits_fn(params, tokens, mask, cfg, key=key, unroll=unroll)[:, -response_len - 1 : -1]
+    logits = transformer.logits_fn(params, tokens, mask, cfg, key=key, unroll=unroll)[
+        :, -response_len - 1 : -1
+    ]
     if sample_cfg is not None:
         logits = sampler.policy_logits(logits, sample_cfg, filtered=filtered)
     return ops.token_logprobs(logits, tokens[:, -response_len:]), logits  # [B, R], [B, R, V]
@@ -88,7 +90,9 @@ def response_values(
     value_params, tokens, mask, response_len: int, cfg: ModelConfig, *, key=None, unroll=None
 ):
     """Critic value of the state before each response token: [B, P + R] -> [B, R] float32."""
-    return transformer.scalar_fn(value_params, tokens, mask, cfg, key=key, unroll=unroll)[:, -response_len - 1 : -1]
+    return transformer.scalar_fn(value_params, tokens, mask, cfg, key=key, unroll=unroll)[
+        :, -response_len - 1 : -1
+    ]
 
 
 def make_experience(

@@ -38,7 +38,9 @@ class LMBatch(NamedTuple):
 def answer_logits(params, batch: LMBatch, cfg: ModelConfig, *, prompt_len: int = 1, key=None) -> jax.Array:
     """Next-token logits of the tokens after the first `prompt_len`: [B, T] -> [B, T - P, V] float32."""
     # The last position predicts nothing: run the model on T - 1 tokens (T may be block_size + 1).
-    hidden = transformer.forward(params, batch.tokens[:, :-1], batch.mask[:, :-1], cfg, key=key)  # [B, T-1, D]
+    hidden = transformer.forward(
+        params, batch.tokens[:, :-1], batch.mask[:, :-1], cfg, key=key
+    )  # [B, T-1, D]
     return transformer.lm_logits(params, hidden[:, prompt_len - 1 :], cfg)  # [B, T-P, V]
 
 
@@ -50,7 +52,9 @@ def lm_loss(params, batch: LMBatch, cfg: ModelConfig, *, prompt_len: int = 1, ke
     """Token-mean next-token cross-entropy on the `loss_mask` tokens after the prompt (losses.sft_loss):
     (loss, metrics)."""
     targets, targets_mask = _targets(batch, prompt_len)
-    return losses.sft_loss(answer_logits(params, batch, cfg, prompt_len=prompt_len, key=key), targets, targets_mask)
+    return losses.sft_loss(
+        answer_logits(params, batch, cfg, prompt_len=prompt_len, key=key), targets, targets_mask
+    )
 
 
 def make_lm_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, prompt_len: int = 1) -> StepFn:

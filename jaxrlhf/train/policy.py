@@ -20,6 +20,7 @@ model). The frozen reference is an argument, never part of the trained state.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -27,11 +28,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrlhf import losses
+from jaxrlhf import losses, xla_cpu
 from jaxrlhf.models import ModelConfig
 from jaxrlhf.rollout import sampler
 from jaxrlhf.rollout.sampler import Rollout, SampleConfig
 from jaxrlhf.train import micro_batching
+from jaxrlhf.train.micro_batching import UNIT
 from jaxrlhf.train.experience import Experience, make_experience, response_logprobs, response_values
 from jaxrlhf.train.lm import LMBatch, lm_loss
 from jaxrlhf.train.state import TrainState, apply_gradients, init_train_state, mean_metrics, run_epochs
@@ -68,7 +70,15 @@ ALGO_DEFAULTS = {
     "dpo": dict(epochs=1, average_logprobs=False),
     "ipo": dict(epochs=1, average_logprobs=True),
 }  # fmt: skip
-_RESOLVED = ("kl_coef", "kl_penalty", "kl_kind", "loss_agg", "whiten_advantages", "epochs", "average_logprobs")
+_RESOLVED = (
+    "kl_coef",
+    "kl_penalty",
+    "kl_kind",
+    "loss_agg",
+    "whiten_advantages",
+    "epochs",
+    "average_logprobs",
+)
 # RLConfig fields that act only for some algorithms: a pipeline refuses one given for another algorithm
 # (`inactive_fields`) instead of ignoring it.
 FIELD_ALGOS = {
@@ -228,17 +238,27 @@ class RLConfig:
                 f"ratio_level acts for the clipped algorithms (ppo, grpo, rloo); {self.algo} has no ratio."
             )
         grouped = self.algo in FIELD_ALGOS["group_size"]
-        if grouped and (self.group_size is None or self.group_size < 2):
-            raise ValueError(f"group_size={self.group_size}: {self.algo} needs >= 2 answers per prompt.")
+        if grouped and (self.group_size is None or not self.group_size >= 2):
+            raise ValueError(
+                f"group_size={self.group_size}; {self.algo} needs >= 2 answers per prompt (a group or a pair needs "
+                "at least 2 answers per prompt)"
+            )
         if not grouped and self.group_size is not None:
-            raise ValueError(f"group_size acts for {', '.join(FIELD_ALGOS['group_size'])}; drop it for algo {self.algo!r}.")
+            raise ValueError(
+                f"group_size={self.group_size} does nothing with algo={self.algo} (group_size acts for grpo and "
+                "rloo only, and rebel, dpo, ipo: the answers a pair is chosen from); drop it"
+            )
         if not self.grpo_scale_by_std and self.algo != "grpo":
             raise ValueError(f"grpo_scale_by_std=False acts for grpo only; drop it for algo {self.algo!r}.")
         check_at_least(self, 1, "epochs", "minibatches", "micro_batches")
         if self.whiten_rewards and self.algo not in ("ppo", "pg"):
             raise ValueError(f"whiten_rewards acts for ppo and pg; {self.algo} uses its group baseline.")
         check_at_least(self, 0, "ptx_coef", "kl_coef", "vf_coef", "ent_coef", "kl_horizon")
-        check_positive(self, "clip_eps", "value_clip_eps", "eta", "beta", "kl_target")
+        check_positive(self, "clip_eps", "value_clip_eps", "eta", "beta")
+        if self.kl_target is not None and not (math.isfinite(self.kl_target) and self.kl_target > 0):
+            raise ValueError(
+                f"kl_target={self.kl_target}; use a positive KL per sequence, or none (fixed beta)"
+            )
         check_range(self, "gamma", 0.0, 1.0)
         check_range(self, "lam", 0.0, 1.0)
         check_finite(self, "no_eos_penalty")
@@ -323,7 +343,7 @@ def check_batch_split(batch_size: int, rl: RLConfig, ptx=None) -> None:
 
 
 def _policy_loss(
-    policy, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key, scale=micro_batching.UNIT
+    policy, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key, scale=UNIT
 ):
     """The minibatch loss terms of the policy's params: (PG or clipped PPO) [+ KL] [+ ptx] [- entropy].
 
@@ -331,6 +351,7 @@ def _policy_loss(
     entropy, "ptx": the ptx term): 1 for a whole minibatch, a slice's share of it for a micro-batch
     (`micro_batching.accumulate`). The metrics are the slice's own, unweighted.
     """
+    rl = rl.resolved()
     r = mb.response_mask.shape[1]
     # Dropout only by explicit choice: old / reference logprobs were computed without it.
     k_pol = jax.random.split(key)[0] if key is not None and rl.dropout else None
@@ -376,24 +397,20 @@ def _value_loss(value, mb: Experience, cfg: ModelConfig, rl: RLConfig, key, scal
 
 
 def _minibatch_grads(
-    params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key, scale=micro_batching.UNIT
+    params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key, scale=UNIT
 ):
     """(loss, metrics, grads) of one minibatch: the policy's terms, then (PPO) the critic's.
 
     The loss is a sum of a term of the policy's params and one of the value's (they share no params),
     so each gradient is its own term's. The critic's forward and backward wait for the policy's
-    gradient (its params read through a zero computed from that gradient's norm; XLA:CPU drops an
-    `optimization_barrier`), so the two models' activations never live at the same time: HappyGPT's
-    update needs 48 MB of XLA temporaries instead of 99, with bit-identical params after it.
+    gradient (`xla_cpu.after`), so the two models' activations never live at the same time.
     """
     (loss, metrics), g_policy = jax.value_and_grad(_policy_loss, has_aux=True)(
         params["policy"], mb, ptx, kl_coef, cfg, rl, sample_cfg, key, scale
     )
     grads = {"policy": g_policy}
     if rl.algo == "ppo":
-        norm = optax.tree.norm(g_policy)
-        zero = jnp.where(jnp.isfinite(norm), norm * 0.0, 0.0)
-        value = jax.tree.map(lambda v: v + zero.astype(v.dtype), params["value"])
+        value = xla_cpu.after(params["value"], optax.tree.norm(g_policy))
         (vf_term, vf_metrics), g_value = jax.value_and_grad(_value_loss, has_aux=True)(
             value, mb, cfg, rl, key, scale
         )

@@ -18,11 +18,11 @@ from jaxrlhf.train.state import StepFn, TrainState, mean_metrics, run_epochs, up
 ALGOS = ("rebel", "dpo", "ipo")  # = policy.PAIR_ALGOS (the policy module builds on this one)
 
 
-def pair_logprobs(params, batch: PrefBatch, cfg: ModelConfig, *, key=None) -> jax.Array:
-    """Policy sequence logprobs of both answers of every pair: [B, 2]."""
+def pair_logprobs(params, batch: PrefBatch, cfg: ModelConfig, *, key=None, temperature: float = 1.0) -> jax.Array:
+    """Policy sequence logprobs of both answers of every pair at `temperature`: [B, 2]."""
     b, _, t = batch.tokens.shape
     flat = [x.reshape(2 * b, t) for x in (batch.tokens, batch.mask, batch.loss_mask)]
-    return answer_logprobs(params, *flat, cfg, key=key).reshape(b, 2)
+    return answer_logprobs(params, *flat, cfg, key=key, temperature=temperature).reshape(b, 2)
 
 
 def make_dpo_step(
@@ -34,8 +34,12 @@ def make_dpo_step(
     label_smoothing: float = 0.0,
     average_logprobs: bool = False,
     dropout: bool = False,
+    temperature: float = 1.0,
 ) -> StepFn:
     """DPO (loss_type "sigmoid") or IPO ("ipo") against the reference logprobs in the batch.
+
+    `temperature`: the policy's logprobs are those of logits / temperature; the batch's reference logprobs
+    must be at the same temperature (online DPO on answers sampled at T: the sampler's policy).
 
     `average_logprobs`: use each answer's per-token mean logprob (policy and reference, both divided by
     the answer's token count) instead of the sum; TRL does so for IPO, the length-normalised form.
@@ -44,7 +48,7 @@ def make_dpo_step(
     REBEL code update without dropout)."""
 
     def loss_fn(params, batch: PrefBatch, key):
-        lp = pair_logprobs(params, batch, cfg, key=key if dropout else None)  # [B, 2]
+        lp = pair_logprobs(params, batch, cfg, key=key if dropout else None, temperature=temperature)  # [B, 2]
         ref = batch.ref_logprobs
         if average_logprobs:
             # The tokens answer_logprobs sums over: targets 1..T-1 that are answer tokens.
@@ -76,6 +80,7 @@ def make_rebel_step(
     epochs: int = 4,
     minibatches: int = 1,
     dropout: bool = False,
+    temperature: float = 1.0,
 ) -> StepFn:
     """REBEL's update on one fixed pair set (Gao et al. 2024, "REBEL: Reinforcement Learning via Regressing
     Relative Rewards", Algorithm 1): regress (1/eta)[log pi/pi_t (y) - log pi/pi_t (y')] onto r(y) - r(y')
@@ -95,7 +100,9 @@ def make_rebel_step(
     An update on a minibatch without a real pair (`pair_mask` all False) is skipped, so that Adam's
     momentum does not move the policy on no data. `key` shuffles the pairs (required for minibatches > 1)
     and drives dropout. `dropout`: as in `make_dpo_step` (off by default, so pi = pi_t exactly at the first
-    update).
+    update). `temperature`: the sampling temperature of the pairs; pi and pi_t are both the policies at it
+    (logits / T, as the REBEL authors' code), so the fixed point is pi_t exp(eta r) at that temperature
+    (with temperature-1 logprobs on answers sampled at T it would be pi_t exp(eta r / T)).
 
     Metrics: the means over the epochs x minibatches updates, "finite" their minimum, and "initial_loss" /
     "final_loss": the mean loss of the first / last pass (each minibatch's loss before its update).
@@ -105,7 +112,7 @@ def make_rebel_step(
             raise ValueError(f"{name}={value}; it must be >= 1.")
 
     def loss_fn(params, batch: PrefBatch, key):
-        lp = pair_logprobs(params, batch, cfg, key=key if dropout else None)
+        lp = pair_logprobs(params, batch, cfg, key=key if dropout else None, temperature=temperature)
         return losses.rebel_loss(
             lp[:, 0],
             batch.ref_logprobs[:, 0],
@@ -159,15 +166,19 @@ def make_pair_step(
     epochs: int = 1,
     minibatches: int = 1,
     average_logprobs: bool | None = None,
+    temperature: float = 1.0,
 ) -> StepFn:
     """step(state, PrefBatch, *, key) of `algo`: REBEL's `make_rebel_step`, or DPO / IPO updates in the same
     `epochs` x `minibatches` passes over the pair set (`pair_passes_step`). IPO averages each answer's
-    logprobs over its tokens by default, as TRL does (`average_logprobs`)."""
+    logprobs over its tokens by default, as TRL does (`average_logprobs`). `temperature`: the pairs'
+    sampling temperature, at which the policy's logprobs are taken (the batch's reference ones must be)."""
     if algo not in ALGOS:
         raise ValueError(f"algo={algo!r}; use one of {', '.join(ALGOS)}")
     if algo == "rebel":
-        return make_rebel_step(cfg, tx, eta=eta, epochs=epochs, minibatches=minibatches)
+        return make_rebel_step(cfg, tx, eta=eta, epochs=epochs, minibatches=minibatches, temperature=temperature)
     average = algo == "ipo" if average_logprobs is None else average_logprobs
     dpo = make_dpo_step(cfg, tx, beta=beta, loss_type="sigmoid" if algo == "dpo" else "ipo",
-                        average_logprobs=average)  # fmt: skip
-    return pair_passes_step(lambda state, mb, key: dpo(state, mb, key=key), epochs=epochs, minibatches=minibatches)
+                        average_logprobs=average, temperature=temperature)  # fmt: skip
+    return pair_passes_step(
+        lambda state, mb, key: dpo(state, mb, key=key), epochs=epochs, minibatches=minibatches
+    )

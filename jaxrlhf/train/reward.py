@@ -46,7 +46,9 @@ class LabelBatch(NamedTuple):
 def ranked_scores(params, batch: RankBatch, cfg: ModelConfig, *, key=None) -> jax.Array:
     """The scores of every answer: [B, K]."""
     b, k, t = batch.tokens.shape
-    scores = sequence_scores(params, batch.tokens.reshape(b * k, t), batch.mask.reshape(b * k, t), cfg, key=key)
+    scores = sequence_scores(
+        params, batch.tokens.reshape(b * k, t), batch.mask.reshape(b * k, t), cfg, key=key
+    )
     return scores.reshape(b, k)
 
 

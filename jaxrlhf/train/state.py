@@ -128,6 +128,11 @@ class OptimConfig:
             raise ValueError(f"eps={self.eps}; use a small positive number (Adam's default 1e-8)")
 
 
+def optim_field(**settings) -> dataclasses.Field:
+    """A config field holding an OptimConfig with these `settings` by default (each instance its own)."""
+    return dataclasses.field(default_factory=lambda: OptimConfig(**settings))
+
+
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     """Linear warmup to cfg.lr, then cosine / linear decay to cfg.lr * min_lr_ratio at total_steps."""
     end = cfg.lr * cfg.min_lr_ratio
@@ -295,5 +300,3 @@ def mean_metrics(metrics: dict) -> dict:
     if "finite" in metrics:
         out["finite"] = jnp.min(metrics["finite"])
     return out
-
-

@@ -52,7 +52,9 @@ FAMILY_MODULES: dict[str, ModuleType] = {
 }
 CAUSAL_LM = tuple(name for m in _MODULES for name in m.ARCHITECTURES)
 REWARD_MODELS = tuple(name for m in _MODULES for name in m.REWARD_ARCHITECTURES)
-_BY_ARCH = {name: family for m in _MODULES for name, family in {**m.ARCHITECTURES, **m.REWARD_ARCHITECTURES}.items()}
+_BY_ARCH = {
+    name: family for m in _MODULES for name, family in {**m.ARCHITECTURES, **m.REWARD_ARCHITECTURES}.items()
+}
 SCORE = "score.weight"  # a *ForSequenceClassification's head: [num_labels, D], no bias
 SCORE_BIAS = "jaxrlhf_score_bias"  # config.json key of our head's bias, which transformers' score lacks
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -249,7 +251,9 @@ def load_reward_model(
     cfg = _resolve(directory, {**hf_config, "tie_word_embeddings": True}, cfg)
     views = files.tensor_views(directory)
     if SCORE not in views:
-        raise ValueError(f"{directory} has no tensor 'score.weight' (the {arch} head); copy the weights again")
+        raise ValueError(
+            f"{directory} has no tensor 'score.weight' (the {arch} head); copy the weights again"
+        )
     score = views[SCORE]()
     if score.shape != (1, cfg.n_embd):
         raise ValueError(
@@ -286,7 +290,9 @@ def save(
     eos_token_id, pad_token_id for config.json."""
     module = _module(cfg)
     dtype = np.dtype(jax.tree.leaves(params)[0].dtype)
-    tensors = ((_prefixed(module, n), x) for n, x in tensors_from_params(module.tensors(cfg), cfg, params, dtype))
+    tensors = (
+        (_prefixed(module, n), x) for n, x in tensors_from_params(module.tensors(cfg), cfg, params, dtype)
+    )
     _write(tensors, cfg, config_to_hf(cfg, **token_ids), out_dir, dtype, max_shard_bytes)
 
 

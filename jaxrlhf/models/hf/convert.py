@@ -108,7 +108,9 @@ def params_from_tensors(
       dtype: the leaves' dtype.
     """
     dtype = np.dtype(cfg.pdtype if dtype is None else dtype)
-    wanted = {n.format(i=i) for t in table for n in t.names for i in (range(cfg.n_layer) if t.layered else [0])}
+    wanted = {
+        n.format(i=i) for t in table for n in t.names for i in (range(cfg.n_layer) if t.layered else [0])
+    }
     missing = sorted(n for n in wanted if n not in read)
     if missing:
         raise ValueError(

@@ -78,7 +78,10 @@ def safetensors_views(path: str) -> dict[str, Callable[[], np.ndarray]]:
     base = 8 + size
     last = max((info["data_offsets"][1] for info in header.values()), default=0)
     if base + last > end:
-        raise ValueError(f"{path} is truncated: its tensors need {base + last} bytes, it has {end}; copy it again")
+        raise ValueError(
+            f"{path}: not a readable safetensors file: it is truncated or corrupt (its tensors need "
+            f"{base + last} bytes, it has {end}); copy it again"
+        )
 
     def read(info):
         start, stop = info["data_offsets"]
@@ -86,7 +89,9 @@ def safetensors_views(path: str) -> dict[str, Callable[[], np.ndarray]]:
         with open(path, "rb") as f:
             f.seek(base + start)
             if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != stop - start:
-                raise ValueError(f"{path} is truncated: tensor data ends early; copy it again")
+                raise ValueError(
+                    f"{path}: not a readable safetensors file: it is truncated (tensor data ends early); copy it again"
+                )
         return out
 
     return {name: (lambda info=info: read(info)) for name, info in header.items()}
@@ -108,8 +113,11 @@ def tensor_views(directory: str) -> dict[str, Callable[[], np.ndarray]]:
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
         if missing:
-            beside = f" ({SINGLE} beside it is a whole checkpoint: remove the index to load that)" if (
-                os.path.isfile(single)) else ""
+            beside = (
+                f" ({SINGLE} beside it is a whole checkpoint: remove the index to load that)"
+                if (os.path.isfile(single))
+                else ""
+            )
             raise FileNotFoundError(
                 f"{index} names {missing[0]}, which is not in {directory}{beside}; copy the missing shard"
             )
@@ -133,7 +141,9 @@ def _torch_views(path: str) -> dict[str, Callable[[], np.ndarray]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a cut file raises zipfile / pickle errors of many kinds
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}); copy it again") from None
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}); copy it again"
+        ) from None
 
     def host(tensor):
         if tensor.dtype == torch.bfloat16:
@@ -166,7 +176,9 @@ def write_safetensors(
         weight_map.update(dict.fromkeys(names, name))
     if len(shards) > 1:
         total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in final)
-        write_json(os.path.join(out_dir, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(
+            os.path.join(out_dir, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
 
 
 def _write_shard(out_dir: str, i: int, tensors: Mapping[str, np.ndarray]) -> tuple[str, list[str]]:

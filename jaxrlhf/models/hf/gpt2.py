@@ -53,7 +53,9 @@ def skip(name: str, state: Mapping) -> bool:
     if name == "lm_head.weight":
         lm_head, wte = state[name](), state["wte.weight"]() if "wte.weight" in state else None
         if wte is None or not np.array_equal(lm_head, wte):
-            raise ValueError("lm_head.weight differs from wte.weight; only tied GPT-2 LM heads are supported.")
+            raise ValueError(
+                "lm_head.weight differs from wte.weight; only tied GPT-2 LM heads are supported."
+            )
         return True
     return False
 

@@ -181,5 +181,3 @@ def config_to_hf(cfg: ModelConfig, architecture: str, **token_ids) -> dict:
     if family in ("llama", "qwen3"):
         out["attention_bias"] = cfg.bias
     return out
-
-

@@ -1,11 +1,15 @@
-"""`load_tokenizer`: any tokenizer back from its files, whichever kind wrote them."""
+"""Tokenizer files: `load_tokenizer` reads any kind back; `save_for_transformers` writes any kind as a
+`transformers` fast tokenizer (tokenizer.json + tokenizer_config.json)."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from jaxrlhf.text.hf_tokenizer import HFTokenizer
+import tokenizers as hf_tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+from jaxrlhf.text.hf_tokenizer import HF_CONFIG_FILE, HFTokenizer
 from jaxrlhf.text.tokenizer import (
     _CHAR_FILE_MAX_BYTES,
     _HF_FILES,
@@ -14,6 +18,7 @@ from jaxrlhf.text.tokenizer import (
     HF_TOKENIZER_FILE,
     CharTokenizer,
     GPT2Tokenizer,
+    HFBackedTokenizer,
     Tokenizer,
 )
 
@@ -56,3 +61,37 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             "was saved to"
         )
     raise FileNotFoundError(f"no tokenizer at {path}: expected a .json file or a directory.")
+
+
+def _char_model(tokenizer: CharTokenizer) -> hf_tokenizers.Tokenizer:
+    """A CharTokenizer as a `tokenizers` one: a word-level vocabulary over single code points, the text
+    split into code points, decoded by concatenation (unknown characters map to `unk`)."""
+    vocab = {c: i for i, c in enumerate(tokenizer.chars)}
+    tok = hf_tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=tokenizer.unk or tokenizer.eos))
+    tok.pre_tokenizer = pre_tokenizers.Split(hf_tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
+def save_for_transformers(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
+    """Write `tokenizer` where `transformers.AutoTokenizer.from_pretrained(path)` reads it as a fast
+    tokenizer giving the same ids: an HFTokenizer's own files, else tokenizer.json (GPT-2's BPE, or a
+    CharTokenizer as a word-level model over characters) and a tokenizer_config.json naming the
+    end-of-text (and pad) token."""
+    os.makedirs(path, exist_ok=True)
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save(path)
+        return
+    if isinstance(tokenizer, CharTokenizer):
+        tok, eos, unk = _char_model(tokenizer), tokenizer.eos, tokenizer.unk
+    elif isinstance(tokenizer, HFBackedTokenizer):
+        tok, eos, unk = tokenizer._tok, tokenizer.eos, None
+    else:
+        raise TypeError(f"no transformers format for a {type(tokenizer).__name__}")
+    tok.save(os.path.join(path, HF_TOKENIZER_FILE))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": eos,
+              "clean_up_tokenization_spaces": False}  # fmt: skip
+    if unk is not None:
+        config["unk_token"] = unk
+    with open(os.path.join(path, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False, indent=2)
