@@ -139,6 +139,9 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
     Returns:
       [B, T] float32 log-probabilities.
+
+    Ids must lie in [0, V): this is a plain gather, so an id >= V reads NaN and a negative one wraps (-1
+    reads the last entry). `losses.sft_loss` refuses or NaN-marks such ids under its mask.
     """
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]

@@ -124,6 +124,8 @@ def test_rebel_loss_shapes():
         losses.rebel_loss(LP, LP, LP[:3], LP[:3], SEQ, SEQ, 1.0, MASK, MASK[:3])
     with raises("rebel_loss", "pair_mask has shape (3,)", "rewards_chosen has shape (4,)"):
         losses.rebel_loss(**REBEL_SEQ, eta=1.0, pair_mask=jnp.ones(3, bool))
+    with raises("rebel_loss", "mask_rejected was given with per-sequence logprobs_rejected of shape (4,)"):
+        losses.rebel_loss(**REBEL_SEQ, eta=1.0, mask_rejected=jnp.ones(B, bool))
     with raises("rebel_loss", "rewards_chosen has shape (4, 6)", "[B]"):
         losses.rebel_loss(LP, LP, LP, LP, LP, LP, 1.0, MASK, MASK)
     # Chosen and rejected answers may have different widths.

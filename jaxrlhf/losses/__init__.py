@@ -16,6 +16,13 @@ hidden state, jittable and vmappable. Conventions:
 - String and None options (`kind`, `loss_type`, `clip_eps_high`, `dual_clip`, `logits`,
   `aggregation`, `ratio_level`) are static Python values; an unknown option raises ValueError.
 - Computation runs in at least float32 (bf16 inputs are promoted).
+- Arguments are checked before anything is computed, with a one-line ValueError naming the function and
+  the argument: every array's shape against the others (static, so also under `jax.jit`, `jax.vmap` and
+  `jax.shard_map`, with the per-example / per-device shapes), and parameters (beta, eta, clip ranges > 0;
+  gamma, lam in [0, 1]; label_smoothing in [0, 0.5); finiteness) when they arrive as concrete numbers.
+  A parameter passed as a traced value is checked for its rank only. The checks are Python code that
+  runs at trace time: compiled programs contain none of them. An all-False mask where a mean is taken
+  gives 0, never NaN (a fully padded micro-batch or shard is legal).
 
 Data parallelism with `jax.shard_map`: every loss or estimator that reduces over the batch takes an
 optional keyword `axis_name` (a mesh axis name or a tuple of them) over which axis 0 is split. Inside

@@ -43,6 +43,11 @@ def _check_log_ratio_args(fn: str, side: str, logprobs, ref_logprobs, mask, firs
     _check_same_shape(fn, names[0], logprobs, **{names[1]: ref_logprobs})
     if jnp.ndim(logprobs) == 2:
         _check_same_shape(fn, names[0], logprobs, **{names[2]: mask})
+    elif mask is not None:
+        raise ValueError(
+            f"{fn}: {names[2]} was given with per-sequence {names[0]} of shape {tuple(jnp.shape(logprobs))}; "
+            "pass [B, R] token logprobs with a mask, or no mask"
+        )
     _check_batch(fn, first[0], first[1], **{names[0]: logprobs})
 
 
