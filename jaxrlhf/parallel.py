@@ -109,12 +109,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def leaf_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2**12) -> NamedSharding:
-    """FSDP rule: split the largest dimension divisible by the 'fsdp' size; small leaves replicated."""
+EMBEDDING_TABLES = ("wte", "wpe")  # [rows, D] tables read by a gather: split over rows only
+
+
+def leaf_sharding(
+    shape: tuple[int, ...], mesh: Mesh, min_size: int = 2**12, *, table: bool = False
+) -> NamedSharding:
+    """FSDP rule: split the largest dimension divisible by the 'fsdp' size; small leaves replicated. An
+    embedding `table` is split over its rows (vocabulary or positions) or replicated, never over D: the
+    gather from a D-split table gives D-split activations, which XLA cannot move to the batch split without
+    replicating them first ("Involuntary full rematerialization")."""
     n = mesh.shape["fsdp"]
     if n == 1 or math.prod(shape) < min_size:
         return replicated(mesh)
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    dims = [0] if table else sorted(range(len(shape)), key=lambda d: -shape[d])
+    for dim in dims:
         if shape[dim] % n == 0:
             spec = [None] * len(shape)
             spec[dim] = "fsdp"
@@ -123,9 +132,15 @@ def leaf_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2**12) -> 
 
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-    """Shardings for params, optimizer state or a whole TrainState (Adam moments follow their params,
-    since the rule depends only on the shape)."""
-    return jax.tree.map(lambda x: leaf_sharding(np.shape(x), mesh), tree)
+    """Shardings for params, optimizer state or a whole TrainState (Adam moments follow their params: the
+    rule depends on the shape and on whether the leaf's path ends in an embedding table's name)."""
+
+    def rule(path, x):
+        last = path[-1] if path else None
+        name = getattr(last, "key", getattr(last, "name", None))
+        return leaf_sharding(np.shape(x), mesh, table=name in EMBEDDING_TABLES)
+
+    return jax.tree_util.tree_map_with_path(rule, tree)
 
 
 def put(tree: Any, mesh: Mesh) -> Any:
@@ -161,13 +176,19 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+def tracing_on(mesh: Mesh):
+    """A context under which a function is traced with `mesh` as the abstract mesh, so that the model keeps
+    its activations split over the batch axes (`constrain_batch`) whatever the weights' FSDP sharding: the
+    body of a function given to `jax.jit` (`on_mesh` wraps one)."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """`fn` traced with `mesh` as the abstract mesh, so that the model keeps its activations split over
-    the batch axes (`constrain_batch`) whatever the weights' FSDP sharding; for `jax.jit`."""
+    """`fn` traced `tracing_on(mesh)`; for `jax.jit`."""
 
     @functools.wraps(fn)
     def traced(*args, **kwargs):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with tracing_on(mesh):
             return fn(*args, **kwargs)
 
     return traced
@@ -178,15 +199,16 @@ def jit_step(step: Callable, mesh: Mesh, state: Any, *, donate: bool = True) -> 
 
     Returns `f(state, batch, key) -> (state, metrics)` with the state sharded by `tree_shardings`, the
     batch split over the mesh, the key and metrics replicated, and the input state donated. The step is
-    traced `on_mesh`: activations stay split over the batch, the weights are gathered (FSDP).
+    traced `tracing_on(mesh)`: activations stay split over the batch, the weights are gathered (FSDP).
     """
     state_sh = tree_shardings(state, mesh)
 
     def fn(state, batch, key):
-        return step(state, batch, key=key)
+        with tracing_on(mesh):
+            return step(state, batch, key=key)
 
     return jax.jit(
-        on_mesh(fn, mesh),
+        fn,
         in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh)),
         out_shardings=(state_sh, replicated(mesh)),
         donate_argnums=(0,) if donate else (),

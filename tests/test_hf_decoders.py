@@ -372,3 +372,55 @@ def test_bf16_compute_keeps_float32_logits_and_scores():
     assert 1e-3 < err < 0.05 * np.abs(theirs).max(), err
     scalar = {"gpt": params, "head": models.init_scalar_head(jax.random.key(0), cfg, scale=1.0)}
     assert jax.jit(models.scalar_fn, static_argnums=3)(scalar, tokens, mask, bf16).dtype == jnp.float32
+
+
+def _edited_checkpoint(tmp_path, name, *, config=None, tensors=None, dtype=None):
+    """A tiny untied Llama saved by transformers, then its config.json / tensors edited as a careless copy
+    or a mismatched download would have them."""
+    import json  # noqa: PLC0415
+
+    from safetensors.numpy import load_file, save_file  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False))  # fmt: skip
+    if dtype is not None:
+        m = m.to(dtype)
+    out = tmp_path / name
+    m.save_pretrained(out)
+    if config:
+        path = out / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if tensors:
+        path = str(out / "model.safetensors")
+        save_file(tensors(load_file(path)), path, metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("case,edit,message", [
+    ("fewer_layers_in_config", dict(config={"num_hidden_layers": 1}),
+     r"holds tensors a 1-layer llama model of its config does not have: unexpected \['layers\.1\."),
+    ("untied_without_head", dict(tensors=lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"}),
+     r"has no tensor 'lm_head\.weight'"),
+    ("unknown_tensor", dict(tensors=lambda t: {**t, "model.extra.weight": np.zeros(3, np.float32)}),
+     r"unexpected \['extra\.weight'\]"),
+    ("tied_config_untied_file", dict(config={"tie_word_embeddings": True}), r"lm_head\.weight"),
+])  # fmt: skip
+def test_load_refuses_a_config_the_tensors_contradict(tmp_path, case, edit, message):
+    """Issue #29: a 1-layer config over a 2-layer file loaded 1 layer, an untied config without
+    lm_head.weight got the embeddings copied in, unknown tensors were ignored. Each is one line now."""
+    path = _edited_checkpoint(tmp_path, case, **edit)
+    with pytest.raises(ValueError, match=message) as err:
+        hf.load(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_float16_weights_load_as_float16(tmp_path):
+    """A float16 checkpoint keeps its dtype (as bfloat16 does), bit for bit."""
+    path = _edited_checkpoint(tmp_path, "fp16", dtype=torch.float16)
+    params, cfg = hf.load(path)
+    leaves = jax.tree.leaves(params)
+    assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.float16)}
+    m = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float16)
+    np.testing.assert_array_equal(np.asarray(params["wte"]), m.model.embed_tokens.weight.detach().numpy())

@@ -2,8 +2,6 @@
 
 import functools
 import math
-import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +20,6 @@ SEEDS = st.integers(0, 2**32 - 1)
 BATCH = st.sampled_from([1, 3])
 LENGTH = st.sampled_from([1, 6])
 V = 5  # vocabulary size in the logits-based tests
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-README_HEADING = "## Use the losses in your own code"
 
 
 def assert_close(actual, expected):
@@ -1263,7 +1259,7 @@ def test_check_grads_rebel_and_dpo():
         _check(dpo, pc, pr, order=2 if loss_type == "sigmoid" else 1)
 
 
-# -------------------------------------------------------------------- vmap and the README
+# ------------------------------------------------------------------------------------------- vmap
 
 
 def test_losses_vmap_over_a_leading_axis():
@@ -1283,18 +1279,3 @@ def test_losses_vmap_over_a_leading_axis():
         assert_close(batched_gae[0][i], expected_adv)
 
 
-def test_readme_example_runs():
-    """The README's "Use the losses in your own code" block runs as written."""
-    if not README.is_file():
-        pytest.fail(f"{README} is missing; it must hold a {README_HEADING!r} section.")
-    text = README.read_text()
-    if README_HEADING not in text:
-        pytest.fail(f"README.md has no {README_HEADING!r} section with a python example.")
-    section = text.split(README_HEADING, 1)[1]
-    section = re.split(r"\n## ", section, maxsplit=1)[0]
-    block = re.search(r"```python\n(.*?)```", section, re.S)
-    if block is None:
-        pytest.fail(f"the {README_HEADING!r} section has no ```python block.")
-    namespace = {"__name__": "readme_example"}
-    exec(compile(block.group(1), str(README), "exec"), namespace)
-    assert "losses" in namespace  # the example imports jaxrlhf.losses

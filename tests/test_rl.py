@@ -622,3 +622,79 @@ def test_micro_batches_hold_a_slice_of_the_activations_and_are_checked(tiny_cfg)
         ValueError, match="micro_batches=3 must divide an update's 16 rows"
     ):
         RLStageConfig(batch_size=n, rl=rlc)
+
+
+# ------------------------------------------------------------------ GRPO / RLOO: the published defaults
+
+
+def _grouped_rollout(cfg, lengths, seed=0):
+    """A rollout of len(lengths) rows, row i with lengths[i] response tokens (the last one EOS = 0)."""
+    rng = np.random.default_rng(seed)
+    b, r = len(lengths), max(lengths)
+    response = rng.integers(1, cfg.vocab_size, (b, r)).astype(np.int32)
+    mask = np.arange(r)[None] < np.array(lengths)[:, None]
+    response[np.arange(b), np.array(lengths) - 1] = 0
+    response = np.where(mask, response, 0)
+    prompt = rng.integers(1, cfg.vocab_size, (b, 3)).astype(np.int32)
+    return sampler.Rollout(
+        prompt=jnp.asarray(prompt), prompt_mask=jnp.ones((b, 3), bool), response=jnp.asarray(response),
+        response_mask=jnp.asarray(mask), logprobs=jnp.zeros((b, r)), finished=jnp.ones(b, bool),
+    )  # fmt: skip
+
+
+def test_default_grpo_advantages_are_the_group_standardised_scores(tiny_cfg):
+    """Issue #29's example: two groups of four, binary scores, lengths [6,1,1,1 | 6,6,2,2]. GRPO
+    (DeepSeekMath eq. 3 / TRL GRPOTrainer: (r - group mean) / (group std + eps), std with Bessel's
+    correction) gives every token of a row its group advantage, with no re-whitening over tokens; each
+    group's advantages sum to zero."""
+    rl = train.RLConfig(algo="grpo", group_size=4)
+    scfg = SampleConfig(max_new_tokens=6, temperature=1.0, eos_id=0)
+    rollout = _grouped_rollout(tiny_cfg, [6, 1, 1, 1, 6, 6, 2, 2])
+    scores = jnp.array([1.0, 0, 0, 0, 1, 1, 0, 0])
+    policy = models.init_params(jax.random.key(0), tiny_cfg)
+    state = train.init_rl_state(train.init_rl_params(policy, None, rl), optax.sgd(0.1), rl)
+    exp, _ = train.make_experience(state, policy, rollout, scores, tiny_cfg, rl, sample_cfg=scfg)
+    want = np.array([1.5, -0.5, -0.5, -0.5, 0.8660254, 0.8660254, -0.8660254, -0.8660254])
+    adv = np.asarray(exp.advantages)
+    mask = np.asarray(rollout.response_mask)
+    np.testing.assert_allclose(adv, np.where(mask, want[:, None], 0.0), atol=2e-4)  # eps = 1e-4 in the std
+    assert rl.resolved().kl_penalty == "loss" and rl.resolved().kl_kind == "k3"  # the KL is a k3 loss term
+    assert rl.resolved().loss_agg == "seq_mean_token_mean" and not rl.resolved().whiten_advantages
+
+
+def test_default_grpo_loss_is_trls_written_out(tiny_cfg):
+    """The default GRPO update's loss for a policy moved away from pi_old, against TRL's GRPOTrainer
+    conventions written out here in NumPy (trl/trainer/grpo_trainer.py, loss_type "grpo", epsilon 0.2):
+    per token -min(ratio A, clip(ratio, 0.8, 1.2) A) + beta k3, k3 = exp(ref - logp) - (ref - logp) - 1,
+    averaged over each sequence's tokens, then over sequences; A the group-standardised score."""
+    rl = train.RLConfig(algo="grpo", group_size=4)
+    beta = rl.resolved().kl_coef
+    assert beta == 0.04  # DeepSeekMath section 4.2
+    scfg = SampleConfig(max_new_tokens=6, temperature=1.0, eos_id=0)
+    rollout = _grouped_rollout(tiny_cfg, [6, 1, 3, 2, 6, 5, 2, 4], seed=1)
+    scores = jnp.array([0.3, -1.0, 2.0, 0.5, 1.0, 1.5, 0.0, -0.2])
+    old, ref = (models.init_params(jax.random.key(k), tiny_cfg) for k in (1, 2))
+    old["wte"], ref["wte"] = old["wte"] * 20, ref["wte"] * 20  # far from uniform policies
+    new = jax.tree.map(lambda o, r: o + 0.3 * (r - o), old, ref)  # a policy an update moved
+    state = train.init_rl_state(train.init_rl_params(old, None, rl), optax.sgd(0.0), rl)
+    exp, _ = train.make_experience(state, ref, rollout, scores, tiny_cfg, rl, sample_cfg=scfg)
+    loss, _ = train.policy._policy_loss(new, exp, None, beta, tiny_cfg, rl.resolved(), scfg, None)
+    # TRL, written out.
+    mask = np.asarray(rollout.response_mask)
+    resp = np.asarray(rollout.response)
+
+    def token_logprobs(params):
+        lp = _np_log_softmax(_teacher_forced(params, rollout, tiny_cfg))
+        return np.take_along_axis(lp, resp[..., None], -1)[..., 0]
+
+    logp, old_lp, ref_lp = token_logprobs(new), token_logprobs(old), token_logprobs(ref)
+    r = np.asarray(scores, np.float64).reshape(2, 4)
+    adv = ((r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)[:, None]
+    ratio = np.exp(logp - old_lp)
+    k3 = np.exp(ref_lp - logp) - (ref_lp - logp) - 1.0
+    per_token = -np.minimum(ratio * adv, np.clip(ratio, 0.8, 1.2) * adv) + beta * k3
+    want = np.mean((per_token * mask).sum(1) / mask.sum(1))
+    np.testing.assert_allclose(float(loss), want, rtol=5e-4)  # float32 logprobs of far-from-uniform logits
+    assert abs(want) > 1e-2 and np.abs(ratio[mask] - 1).max() > 0.2  # clipping and KL both act
+    token_mean = (per_token * mask).sum() / mask.sum()  # the aggregation GRPO does not use by default
+    assert abs(token_mean - want) > 1e-2 * abs(want)

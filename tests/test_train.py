@@ -232,10 +232,14 @@ def test_mu_dtype_is_validated_and_is_a_flag(capsys):
         ValueError, match=r"^mu_dtype='float16'; use none \(the params' dtype\) or one of float32"
     ):
         train.OptimConfig(mu_dtype="float16")
-    from experiments.ultrafeedback import common  # every stage's optim is a flag: --<stage>.optim.mu_dtype
+    from experiments.ultrafeedback.recipe import RECIPE  # every stage's optim is a flag: --<stage>.optim.mu_dtype
+    from jaxrlhf.engine import flags
 
     def parse(*argv):
-        return common.parse_args(["--model", "tiny-llama", *argv]).rebel.optim.mu_dtype
+        r = RECIPE
+        cfg, _ = flags.parse(r.defaults, ["--model", "tiny-llama", *argv], check=r.check, inactive=r.inactive,
+                             renamed=r.renamed, adjust=r.adjust)  # fmt: skip
+        return cfg.rebel.optim.mu_dtype
 
     assert parse("--rebel.optim.mu_dtype", "bfloat16") == "bfloat16"
     assert parse("--rebel.optim.mu_dtype", "none") is None and parse() is None

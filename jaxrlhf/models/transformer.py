@@ -421,5 +421,7 @@ def answer_logprobs(
     The LM head runs on slices of positions (`lm_token_logprobs`): the [B, T, V] logits are never held at
     once (DPO / REBEL steps and the online stages' teacher-forced logprobs)."""
     hidden = forward(params, tokens, mask, cfg, key=key)  # [B, T, D]
-    token_lp = lm_token_logprobs(params, hidden[:, :-1], tokens[:, 1:], cfg, temperature=temperature)  # [B, T-1]
+    token_lp = lm_token_logprobs(
+        params, hidden[:, :-1], tokens[:, 1:], cfg, temperature=temperature
+    )  # [B, T-1]
     return ops.masked_sum(token_lp, loss_mask[:, 1:] & mask[:, 1:], axis=-1)

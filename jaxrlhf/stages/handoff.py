@@ -13,7 +13,7 @@ import numpy as np
 from etils import epath
 
 from jaxrlhf import parallel
-from jaxrlhf.engine import checkpoint, loop, memory
+from jaxrlhf.engine import checkpoint, memory
 from jaxrlhf.rollout import Rollout
 from jaxrlhf.validate import check_at_least
 
@@ -95,21 +95,20 @@ def run_meta(run: StageRun, setup, **extra) -> dict:
     return {**run.meta, "model_config": json.loads(json.dumps(dataclasses.asdict(setup.model_cfg))), **extra}
 
 
-def run_loop(run: StageRun, setup, scfg, state, step_fn, n_steps: int, *, root_key=None, meta: dict | None = None,
-             **options) -> loop.StageResult:  # fmt: skip
-    """`loop.run_stage` for the stage `run` describes: its directory, name, resume flag, meta (`run_meta`
-    plus `meta`), tokenizer, progress, stop-after and metric sinks, the stage config `scfg`'s ckpt_every,
-    log_every (and eval_every when it has one); `root_key` defaults to the run's; `options` (eval_fn,
-    tokens_per_step) pass through."""
-    if hasattr(scfg, "eval_every"):
-        options.setdefault("eval_every", scfg.eval_every)
-    return loop.run_stage(
-        run_dir=run.out, stage=run.stage, state=state, step_fn=step_fn, n_steps=n_steps,
-        root_key=run.root_key if root_key is None else root_key, resume=run.resume,
-        meta=run_meta(run, setup, **(meta or {})), tokenizer=setup.tokenizer_path, progress=run.progress,
-        stop_after=run.stop_after, tensorboard=run.tensorboard, wandb=run.wandb, ckpt_every=scfg.ckpt_every,
-        log_every=scfg.log_every, **options,
+def loop_args(run: StageRun, setup, scfg, *, root_key=None, meta: dict | None = None) -> dict:
+    """The arguments of `loop.run_stage` that the stage `run` describes: its directory, name, resume flag,
+    meta (`run_meta` plus `meta`), tokenizer, progress, stop-after, metric sinks, and the stage config
+    `scfg`'s ckpt_every and log_every (and eval_every when it has one); `root_key` defaults to the run's.
+    A stage adds its state, step_fn, n_steps (and eval_fn, tokens_per_step)."""
+    out = dict(
+        run_dir=run.out, stage=run.stage, root_key=run.root_key if root_key is None else root_key,
+        resume=run.resume, meta=run_meta(run, setup, **(meta or {})), tokenizer=setup.tokenizer_path,
+        progress=run.progress, stop_after=run.stop_after, tensorboard=run.tensorboard, wandb=run.wandb,
+        ckpt_every=scfg.ckpt_every, log_every=scfg.log_every,
     )  # fmt: skip
+    if hasattr(scfg, "eval_every"):
+        out["eval_every"] = scfg.eval_every
+    return out
 
 
 def place_state(state: Any, mesh) -> Any:

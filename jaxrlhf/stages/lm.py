@@ -85,8 +85,9 @@ def run_lm_stage(
         )
         return {"val_loss": nll / max(n_tokens, 1.0), "val_tokens": n_tokens}
 
-    result = handoff.run_loop(
-        run, setup, scfg, state, step_fn, scfg.steps, eval_fn=eval_fn if len(val.prompt) else None,
+    result = loop.run_stage(
+        **handoff.loop_args(run, setup, scfg),
+        state=state, step_fn=step_fn, n_steps=scfg.steps, eval_fn=eval_fn if len(val.prompt) else None,
         tokens_per_step=batch_size * (rows.prompt.shape[1] + rows.answer.shape[1]),
     )  # fmt: skip
     handoff.write_json(

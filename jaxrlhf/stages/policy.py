@@ -429,9 +429,9 @@ def run_rl_stage(
     if evaluates and resume_from is None:
         handoff.write_json(initial_path, eval_fn(state))
     initial_eval = json.loads(initial_path.read_text()) if evaluates and initial_path.exists() else None
-    result = handoff.run_loop(
-        run, setup, pcfg, state, step_fn, pcfg.iterations, root_key=k_steps, meta={"reward_norm": norm},
-        eval_fn=eval_fn if evaluates else None,
+    result = loop.run_stage(
+        **handoff.loop_args(run, setup, pcfg, root_key=k_steps, meta={"reward_norm": norm}),
+        state=state, step_fn=step_fn, n_steps=pcfg.iterations, eval_fn=eval_fn if evaluates else None,
     )  # fmt: skip
     if result.history:
         handoff.write_json(

@@ -118,10 +118,11 @@ def jit_learn(learn, mesh, state, ref_params):
     state_sh = shard(state, mesh)
 
     def fn(state, ref_params, rollout, scores, key, ptx):
-        return learn(state, ref_params, rollout, scores, key=key, ptx=ptx)
+        with parallel.tracing_on(mesh):
+            return learn(state, ref_params, rollout, scores, key=key, ptx=ptx)
 
     return jax.jit(
-        parallel.on_mesh(fn, mesh),
+        fn,
         in_shardings=(state_sh, shard(ref_params, mesh), batch_sh, batch_sh, rep, batch_sh),
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),

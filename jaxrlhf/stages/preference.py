@@ -215,15 +215,10 @@ def run_pair_stage(
         batch = batch._replace(pair_mask=batch.pair_mask & valid)
         return step(state, batches.put_batch(batch, mesh), key)
 
-    result = handoff.run_loop(
-        run,
-        setup,
-        pcfg,
-        state,
-        step_fn,
-        n_steps,
-        tokens_per_step=2 * b * pairs.tokens.shape[-1] * pcfg.epochs,
-    )
+    result = loop.run_stage(
+        **handoff.loop_args(run, setup, pcfg),
+        state=state, step_fn=step_fn, n_steps=n_steps, tokens_per_step=2 * b * pairs.tokens.shape[-1] * pcfg.epochs,
+    )  # fmt: skip
     if not handoff.stage_finished(run.out, run.stage, n_steps) or not result.history:
         return result
     gap = log_ratio_gaps(setup, result.state.params, pairs, b, temperature)
@@ -327,7 +322,9 @@ def run_online_pairs(setup: Setup, pcfg, run: StageRun, *, prompts, policy, rewa
         return state, {**metrics, **pair_metrics, "reward": float(np.mean(scores)), "kl_per_token": kl_tok,
                        "response_length": float(rmask.sum(-1).mean())}  # fmt: skip
 
-    result = handoff.run_loop(run, setup, pcfg, state, step_fn, pcfg.iterations)
+    result = loop.run_stage(
+        **handoff.loop_args(run, setup, pcfg), state=state, step_fn=step_fn, n_steps=pcfg.iterations
+    )
     check_pairs(rl, result, run.out_path / f"{run.stage}.jsonl")
     if result.history:
         batches_summary = {**result.summary, **(summary or {}), "algo": rl.algo, "first": result.history[0],

@@ -189,9 +189,10 @@ def run_reward_stage(
         )
         return {"val_accuracy": correct / max(count, 1.0), f"val_{what}": count}
 
-    result = handoff.run_loop(
-        run, setup, scfg, state, step_fn, scfg.steps, root_key=k_steps,
-        eval_fn=eval_fn if len(val.prompt) else None, tokens_per_step=per_row * batch_size * mcfg.block_size,
+    result = loop.run_stage(
+        **handoff.loop_args(run, setup, scfg, root_key=k_steps),
+        state=state, step_fn=step_fn, n_steps=scfg.steps, eval_fn=eval_fn if len(val.prompt) else None,
+        tokens_per_step=per_row * batch_size * mcfg.block_size,
     )  # fmt: skip
     if not handoff.stage_finished(run.out, run.stage, scfg.steps):
         return result

@@ -8,6 +8,7 @@ of `METRIC_WEIGHTS` (a metric without a rule is an error, never silently wrong).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -86,7 +87,7 @@ def accumulate(
 
     # The carry's zeros: one slice's outputs, with -inf for maxima.
     m0, p0, _ = jax.tree.map(lambda x: x[0], xs)
-    shapes = jax.eval_shape(lambda m, p: grads_fn(m, p, key, UNIT), m0, p0)
+    shapes = jax.eval_shape(functools.partial(grads_fn, key=key, scale=UNIT), m0, p0)
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     init[1].update({k: jnp.full((), -jnp.inf, init[1][k].dtype) for k in init[1] if how.get(k) == "max"})
     (loss, metrics, grads), _ = jax.lax.scan(one_slice, init, xs)

@@ -20,6 +20,7 @@ model). The frozen reference is an argument, never part of the trained state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -33,9 +34,9 @@ from jaxrlhf.models import ModelConfig
 from jaxrlhf.rollout import sampler
 from jaxrlhf.rollout.sampler import Rollout, SampleConfig
 from jaxrlhf.train import micro_batching
-from jaxrlhf.train.micro_batching import UNIT
 from jaxrlhf.train.experience import Experience, make_experience, response_logprobs, response_values
 from jaxrlhf.train.lm import LMBatch, lm_loss
+from jaxrlhf.train.micro_batching import UNIT
 from jaxrlhf.train.state import TrainState, apply_gradients, init_train_state, mean_metrics, run_epochs
 from jaxrlhf.validate import check_at_least, check_choice, check_finite, check_positive, check_range
 
@@ -397,7 +398,7 @@ def _value_loss(value, mb: Experience, cfg: ModelConfig, rl: RLConfig, key, scal
 
 
 def _minibatch_grads(
-    params, mb: Experience, ptx, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, key, scale=UNIT
+    params, kl_coef, cfg: ModelConfig, rl: RLConfig, sample_cfg, mb: Experience, ptx, key, scale=UNIT
 ):
     """(loss, metrics, grads) of one minibatch: the policy's terms, then (PPO) the critic's.
 
@@ -429,10 +430,8 @@ def make_rl_step(
     rl = _learnable(rl)
     _check_sample_cfg(sample_cfg, rl)
 
-    def update(state, mb, ptx, key):
-        def grads_fn(m, p, k, scale=micro_batching.UNIT):
-            return _minibatch_grads(state.params, m, p, state.kl.kl_coef, cfg, rl, sample_cfg, k, scale)
-
+    def update(state, mb, key, ptx):
+        grads_fn = functools.partial(_minibatch_grads, state.params, state.kl.kl_coef, cfg, rl, sample_cfg)
         if rl.micro_batches > 1:
             loss, metrics, grads = micro_batching.accumulate(
                 grads_fn, mb, ptx, micro_batches=rl.micro_batches, loss_agg=rl.loss_agg,
@@ -448,12 +447,10 @@ def make_rl_step(
         b = exp.tokens.shape[0]
         check_batch_split(b, rl, ptx)
         if rl.algo == "pg":
-            state, metrics = update(state, exp, ptx, jax.random.fold_in(key, 0))
+            state, metrics = update(state, exp, jax.random.fold_in(key, 0), ptx)
         else:
-            state, metrics = run_epochs(
-                lambda s, mb, k: update(s, mb, ptx, k), state, exp, key=key, epochs=rl.epochs,
-                minibatches=rl.minibatches,
-            )  # fmt: skip
+            state, metrics = run_epochs(functools.partial(update, ptx=ptx), state, exp, key=key, epochs=rl.epochs,
+                                        minibatches=rl.minibatches)  # fmt: skip
             metrics = mean_metrics(metrics)
         seq_kl = jnp.mean(jnp.sum(exp.kl, axis=-1))
         state = state.replace(kl=losses.update_kl_controller(state.kl, seq_kl, b))

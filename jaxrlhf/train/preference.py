@@ -18,7 +18,9 @@ from jaxrlhf.train.state import StepFn, TrainState, mean_metrics, run_epochs, up
 ALGOS = ("rebel", "dpo", "ipo")  # = policy.PAIR_ALGOS (the policy module builds on this one)
 
 
-def pair_logprobs(params, batch: PrefBatch, cfg: ModelConfig, *, key=None, temperature: float = 1.0) -> jax.Array:
+def pair_logprobs(
+    params, batch: PrefBatch, cfg: ModelConfig, *, key=None, temperature: float = 1.0
+) -> jax.Array:
     """Policy sequence logprobs of both answers of every pair at `temperature`: [B, 2]."""
     b, _, t = batch.tokens.shape
     flat = [x.reshape(2 * b, t) for x in (batch.tokens, batch.mask, batch.loss_mask)]
@@ -48,7 +50,9 @@ def make_dpo_step(
     REBEL code update without dropout)."""
 
     def loss_fn(params, batch: PrefBatch, key):
-        lp = pair_logprobs(params, batch, cfg, key=key if dropout else None, temperature=temperature)  # [B, 2]
+        lp = pair_logprobs(
+            params, batch, cfg, key=key if dropout else None, temperature=temperature
+        )  # [B, 2]
         ref = batch.ref_logprobs
         if average_logprobs:
             # The tokens answer_logprobs sums over: targets 1..T-1 that are answer tokens.
@@ -175,7 +179,9 @@ def make_pair_step(
     if algo not in ALGOS:
         raise ValueError(f"algo={algo!r}; use one of {', '.join(ALGOS)}")
     if algo == "rebel":
-        return make_rebel_step(cfg, tx, eta=eta, epochs=epochs, minibatches=minibatches, temperature=temperature)
+        return make_rebel_step(
+            cfg, tx, eta=eta, epochs=epochs, minibatches=minibatches, temperature=temperature
+        )
     average = algo == "ipo" if average_logprobs is None else average_logprobs
     dpo = make_dpo_step(cfg, tx, beta=beta, loss_type="sigmoid" if algo == "dpo" else "ipo",
                         average_logprobs=average, temperature=temperature)  # fmt: skip

@@ -155,10 +155,16 @@ def _strip(names, prefix: str) -> dict[str, str]:
 def _read(views: Mapping, cfg: ModelConfig, where: str, *, extra=(), shardings=None):
     module = _module(cfg)
     views = {table: views[name] for name, table in _strip(views, module.PREFIX).items()}
+
+    def skip(name: str) -> bool:
+        try:
+            return name in extra or module.skip(name, views)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
     return params_from_tensors(
-        module.tensors(cfg), cfg, views, _leaf_shapes(cfg), where, cfg.hf_family,
-        skip=lambda n: n in extra or module.skip(n, views), shardings=shardings,
-    )  # fmt: skip
+        module.tensors(cfg), cfg, views, _leaf_shapes(cfg), where, cfg.hf_family, skip=skip, shardings=shardings
+    )
 
 
 def params_from_hf(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> transformer.Params:

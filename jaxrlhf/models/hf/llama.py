@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.hf.convert import Tensor
 
@@ -62,8 +64,16 @@ def tensors(cfg: ModelConfig) -> list[Tensor]:
 
 
 def skip(name: str, state: Mapping) -> bool:
-    """Tensors of a checkpoint that carry nothing of ours: a tied head's copy of the embeddings."""
-    return name == "lm_head.weight" and "embed_tokens.weight" in state
+    """Tensors of a checkpoint that carry nothing of ours: a tied head's copy of the embeddings (one that
+    differs from them contradicts a config that ties them, and is refused)."""
+    if name != "lm_head.weight" or "embed_tokens.weight" not in state:
+        return False
+    if not np.array_equal(state[name](), state["embed_tokens.weight"]()):
+        raise ValueError(
+            "lm_head.weight differs from embed_tokens.weight, and config.json ties them (tie_word_embeddings "
+            "true): the weights and config.json disagree"
+        )
+    return True
 
 
 def _rope(get) -> tuple[float, tuple | None]:
