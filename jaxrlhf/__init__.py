@@ -15,7 +15,8 @@ above its own (tests/test_layout.py holds the arrow), so each concept reads as o
                run directory and its lock, the one flag parser, host-memory tracking
     export     any stage checkpoint as a Hugging Face directory (`python -m jaxrlhf.export`)
     stages/    a pipeline's stages (lm, reward, policy, preference, online), their hand-off through
-               checkpoints, and `recipe.main`: one command line, lock, resume and exit codes for every pipeline
+               checkpoints, and `recipe.main`: one command line, lock, resume and exit codes for every
+               pipeline
     happy      HappyGPT, the laptop pipeline (`python -m jaxrlhf.happy`); experiments/ holds the others
 
 Import what you use from its subpackage (`from jaxrlhf import losses`); this file imports nothing, so

@@ -63,8 +63,8 @@ class DataConfig:
     def __post_init__(self):
         if not self.block_size >= 2:
             raise ValueError(
-                f"block_size={self.block_size}; HappyGPT samples block_size - 1 characters after a one-character "
-                "prompt, so use >= 2"
+                f"block_size={self.block_size}; HappyGPT samples block_size - 1 characters after a "
+                "one-character prompt, so use >= 2"
             )
         check_at_least(self, 0, "seed")
 
@@ -125,8 +125,8 @@ QUICK = {
     ("pretrain", "optim", "warmup_steps"): 5, ("pretrain", "optim", "weight_decay"): 0.1,
     ("sft", "steps"): 10, ("sft", "eval_rows"): 256, ("sft", "ckpt_every"): 2, ("sft", "optim", "lr"): 1e-3,
     ("sft", "optim", "warmup_steps"): 2, ("sft", "optim", "min_lr_ratio"): 0.1,
-    ("rl", "iterations"): 16, ("rl", "ckpt_every"): 4, ("rl", "optim", "lr"): 3e-3, ("rl", "rl", "kl_coef"): 0.02,
-    ("rl", "rl", "epochs"): 4, ("rl", "rl", "minibatches"): 2,
+    ("rl", "iterations"): 16, ("rl", "ckpt_every"): 4, ("rl", "optim", "lr"): 3e-3,
+    ("rl", "rl", "kl_coef"): 0.02, ("rl", "rl", "epochs"): 4, ("rl", "rl", "minibatches"): 2,
 }  # fmt: skip
 # One pass per rollout for ppo / grpo / rloo (HappyGPT's time-to-quality setting); REBEL: its authors' 4
 # passes (ZhaolinGao/REBEL src/tldr/rebel.py noptepochs) at a 10x lower lr (3e-4 overshoots each pair set
@@ -218,14 +218,16 @@ def check_data(cfg: HappyConfig, train_rows: list[dict], test_rows: list[dict]) 
         if flag is None:
             raise ValueError(f"{path} has {what}; {stage} needs at least {need}: use a fuller file")
         raise ValueError(
-            f"{path} has {what}, fewer than one {flag} {need} batch for {stage}: lower {flag} or use more data"
+            f"{path} has {what}, fewer than one {flag} {need} batch for {stage}: lower {flag} "
+            "or use more data"
         )
 
 
 def make_setup(cfg: HappyConfig) -> stage_setup.Setup:
     """The tweets (checked), their character tokenizer (checked against --out's on --resume), the model and
     the mesh."""
-    data = {s: [r for r in load_tweets(s, cfg.data.data_dir, cache_dir=cfg.data.cache_dir) if r["text"].strip()]
+    data = {s: [r for r in load_tweets(s, cfg.data.data_dir, cache_dir=cfg.data.cache_dir)
+                if r["text"].strip()]
             for s in ("train", "test")}  # fmt: skip
     check_data(cfg, data["train"], data["test"])
     tokenizer = CharTokenizer.from_corpus([r["text"] for r in data["train"]], eos=EOS, unk="?")
@@ -237,9 +239,10 @@ def make_setup(cfg: HappyConfig) -> stage_setup.Setup:
             old = None
         if old != tokenizer:
             raise ValueError(
-                f"the tokenizer built from this --data.data_dir ({tokenizer.vocab_size} characters) differs from "
-                f"{saved} ({f'{old.vocab_size} characters' if old else 'unreadable'}), which the checkpoints were "
-                "trained with: resume with the --data.data_dir the run started with, or use a fresh --out"
+                f"the tokenizer built from this --data.data_dir ({tokenizer.vocab_size} characters) differs "
+                f"from {saved} ({f'{old.vocab_size} characters' if old else 'unreadable'}), which the "
+                "checkpoints were trained with: resume with the --data.data_dir the run started with, or use "
+                "a fresh --out"
             )
     sizes = {"--pretrain.batch_size": cfg.pretrain.batch_size, "--sft.batch_size": cfg.sft.batch_size,
              "--rl.batch_size": cfg.rl.batch_size}  # fmt: skip
@@ -311,9 +314,9 @@ def comparisons(setup_: stage_setup.Setup, split: str, seed: int) -> reward.Comp
 def run_rm(setup_: stage_setup.Setup):
     cfg = setup_.cfg
     return reward.run_reward_stage(
-        setup_, cfg.rm, stage_run(cfg, "rm"), kind="pairwise", rows=comparisons(setup_, "train", cfg.data.seed),
-        val=comparisons(setup_, "test", cfg.data.seed), trunk=_final_params(setup_, "pretrain"),
-        reference=lambda: setup_.extras["positive"]["train"],
+        setup_, cfg.rm, stage_run(cfg, "rm"), kind="pairwise",
+        rows=comparisons(setup_, "train", cfg.data.seed), val=comparisons(setup_, "test", cfg.data.seed),
+        trunk=_final_params(setup_, "pretrain"), reference=lambda: setup_.extras["positive"]["train"],
     )  # fmt: skip
 
 
@@ -327,7 +330,8 @@ def run_rl(setup_: stage_setup.Setup):
     # Every row's prompt is the "⏎" that starts a tweet; the rows' tweets are PPO-ptx's pretraining text.
     return policy.run_rl_stage(
         setup_, cfg.rl, stage_run(cfg, "rl"), prompts=rows["train"], val=rows["test"],
-        policy=_final_params(setup_, "sft"), reward=score, response_len=cfg.data.block_size - 1, ptx_rows=rows["train"],
+        policy=_final_params(setup_, "sft"), reward=score, response_len=cfg.data.block_size - 1,
+        ptx_rows=rows["train"],
     )  # fmt: skip
 
 
@@ -363,7 +367,8 @@ def after(setup_: stage_setup.Setup, cfg: HappyConfig) -> None:
                 _final_params(setup_, stage), setup_, 32, key=jax.random.key(100 + i)
             )
             scores[stage] = vader_scores(texts[stage])
-            say(f"\n--- {title}: mean VADER {scores[stage].mean():.3f}, distinct-2 {distinct_n(texts[stage]):.3f}",
+            say(f"\n--- {title}: mean VADER {scores[stage].mean():.3f}, "
+                f"distinct-2 {distinct_n(texts[stage]):.3f}",
                 *(f"  {t}" for t in texts[stage][:8]), sep="\n")  # fmt: skip
             f.write(f"# {title}\n" + "".join(f"{t}\n" for t in texts[stage]) + "\n")
     memory.drop_programs()
@@ -400,9 +405,10 @@ def after(setup_: stage_setup.Setup, cfg: HappyConfig) -> None:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }  # lean_host_memory's, if it acted
     handoff.write_json(out / "summary.json", summary)
-    print(f"\nHappyGPT done in {summary['wall_s']:.0f} s: pretrain val {summary['val_loss']['pretrain']:.3f}, SFT val "
-          f"{summary['val_loss']['sft']:.3f}, RL reward {summary['rl']['reward_last10']:.3f} (KL/token "
-          f"{summary['rl']['kl_per_token_last10']:.3f}), outputs in {cfg.out}", flush=True)  # fmt: skip
+    print(f"\nHappyGPT done in {summary['wall_s']:.0f} s: pretrain val "
+          f"{summary['val_loss']['pretrain']:.3f}, SFT val {summary['val_loss']['sft']:.3f}, RL reward "
+          f"{summary['rl']['reward_last10']:.3f} (KL/token {summary['rl']['kl_per_token_last10']:.3f}), "
+          f"outputs in {cfg.out}", flush=True)  # fmt: skip
 
 
 @contextlib.contextmanager

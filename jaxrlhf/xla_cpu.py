@@ -5,7 +5,8 @@ Their measurements are in docs/benchmarks.md ("XLA:CPU tunings").
     unroll_layers            the layer scan unrolled up to 12 layers (the trunk, `models.transformer`)
     broadcast_biases         decode-time dense biases pre-broadcast to [batch, Dout] (`models.kv_cache`)
     kth_largest / sort_descending   top-k / top-p thresholds from one int32-key sort (`rollout.sampler`)
-    predraw_gumbel           all of a rollout's sampling noise drawn before the decode loop (`rollout.sampler`)
+    predraw_gumbel           all of a rollout's sampling noise drawn before the decode loop
+                             (`rollout.sampler`)
     after                    the critic's forward and backward ordered after the policy's (`train.policy`)
 
 Elsewhere, by nature rather than by option: `layers.dense` runs matmuls on 2-D views, `layers.gelu` keeps only

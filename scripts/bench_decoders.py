@@ -28,11 +28,9 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train_step import matmul_peak_gflops  # noqa: E402
 
-from jaxrlhf import train  # noqa: E402
-from jaxrlhf import models
-from jaxrlhf.rollout import sampler
+from jaxrlhf import models, train  # noqa: E402
 from jaxrlhf.models import ModelConfig  # noqa: E402
-from jaxrlhf.rollout import SampleConfig
+from jaxrlhf.rollout import SampleConfig, sampler
 
 SEQ, PROMPT, NEW, SAMPLE_BATCH = 128, 32, 32, 8
 CONFIGS = {

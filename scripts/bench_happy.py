@@ -45,7 +45,11 @@ def main() -> int:
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="bench_happy_")
     if pathlib.Path(run_dir).exists():
         shutil.rmtree(run_dir)
-    argv = ["--out", run_dir, "--quiet"] + (["--data-dir", args.data_dir] if args.data_dir else []) + extra
+    argv = (
+        ["--out", run_dir, "--progress", "false"]
+        + (["--data.data_dir", args.data_dir] if args.data_dir else [])
+        + extra
+    )
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "jaxrlhf.happy", *argv], check=True)
     wall = time.perf_counter() - t0

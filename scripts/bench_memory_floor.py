@@ -57,12 +57,10 @@ def child(case: str, cache: str, steps: int, lean: bool) -> dict:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from jaxrlhf import train  # noqa: PLC0415
+    from jaxrlhf import models, train  # noqa: PLC0415
     from jaxrlhf.engine import memory
-    from jaxrlhf import models
-    from jaxrlhf.rollout import sampler
     from jaxrlhf.models import ModelConfig  # noqa: PLC0415
-    from jaxrlhf.rollout import SampleConfig
+    from jaxrlhf.rollout import SampleConfig, sampler
 
     mark("import jaxrlhf")
     jax.block_until_ready(jnp.ones(3) + 1)

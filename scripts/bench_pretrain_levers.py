@@ -24,8 +24,7 @@ import time
 import jax
 import numpy as np
 
-from jaxrlhf import happy, parallel, train
-from jaxrlhf import models
+from jaxrlhf import happy, models, parallel, train
 from jaxrlhf.text import CharTokenizer
 
 TARGET = 1.66  # issue #16's pretraining target (minRLHF's level)

@@ -2,8 +2,8 @@
 
     python scripts/bench_rl_algos.py --from runs/happy --data-dir ../shared/data/tweets --out bench_rl.json
 
-`--from` is a finished (or at least SFT-finished) `python -m jaxrlhf.happy` run: its pretrain/ and sft/
-stages are copied into a fresh directory per algorithm, and `--resume` then runs only the RL stage. Writes
+`--from` is a finished (or at least SFT-finished) `python -m jaxrlhf.happy` run: it is copied without its
+RL stage into a fresh directory per algorithm, and `--resume` then runs only the RL stage. Writes
 JSON with, per algorithm: mean reward over the last 10 iterations, per-token KL to the SFT model,
 distinct-2 of 32 samples before and after RL, RL wall time and steady iteration time. `--rewards` adds the
 learned-reward run (whole RL iteration as one jitted program) next to VADER for PPO.
@@ -24,16 +24,15 @@ def run_algo(src: pathlib.Path, work: pathlib.Path, algo: str, reward: str, data
     dst = work / f"{algo}_{reward}"
     if dst.exists():
         shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    for name in ("pretrain", "sft"):
-        shutil.copytree(src / name, dst / name)
-        shutil.copy(src / f"{name}.jsonl", dst / f"{name}.jsonl")
-    if reward == "learned" and (src / "reward_model").is_dir():
-        shutil.copytree(src / "reward_model", dst / "reward_model")
-    cmd = [sys.executable, "-m", "jaxrlhf.happy", "--out", str(dst), "--resume", "--quiet",
-           "--algo", algo, "--reward", reward, *extra]  # fmt: skip
+    # The run as it stood after SFT (its run.json and tokenizer too); `--resume` then runs the RL stage
+    # (and, for the learned reward, the reward model's stage first if the source has none).
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(
+        "rl", "rl.*", "rl_summary.json", "summary.json", "samples.txt", "hf", "tb", "*.png", "*.lock"
+    ))  # fmt: skip
+    cmd = [sys.executable, "-m", "jaxrlhf.happy", "--out", str(dst), "--resume", "--progress", "false",
+           "--rl.algo", algo, "--reward", reward, *extra]  # fmt: skip
     if data_dir:
-        cmd += ["--data-dir", data_dir]
+        cmd += ["--data.data_dir", data_dir]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}

@@ -40,13 +40,13 @@ import orbax.checkpoint as ocp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sampling  # noqa: E402  (its HLO parsing and trace reader)
 
-from jaxrlhf import happy, train  # noqa: E402
+from jaxrlhf import happy, models, text, train  # noqa: E402
 from jaxrlhf.engine import checkpoint
-from jaxrlhf import models
-from jaxrlhf.rollout import scoring
-from jaxrlhf.rollout import sampler
-from jaxrlhf import text
-from jaxrlhf.rollout import SampleConfig  # noqa: E402
+from jaxrlhf.rollout import (
+    SampleConfig,  # noqa: E402
+    sampler,
+    scoring,
+)
 
 
 def load_sft(run_dir: str):

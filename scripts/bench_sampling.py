@@ -44,9 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import models
-from jaxrlhf.rollout import sampler
 from jaxrlhf.models import ModelConfig
-from jaxrlhf.rollout import SampleConfig
+from jaxrlhf.rollout import SampleConfig, sampler
 
 _BASELINE_MODULES = ("ops", "layers", "model", "sampling")
 

@@ -18,8 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf import train
-from jaxrlhf import models
+from jaxrlhf import models, train
 from jaxrlhf.models import ModelConfig
 
 

@@ -4,10 +4,10 @@
 # checkpoint left off: the command always passes --resume (a fresh --out simply starts from scratch).
 #
 #   TPU_NAME=jaxrlhf-tldr ZONE=us-central2-b OUT=gs://my-bucket/tldr-gpt2 scripts/launch_tldr_tpu.sh
-#   MODEL=gpt2-large FSDP=4 OUT=gs://my-bucket/tldr-large scripts/launch_tldr_tpu.sh --ppo.rl.kl_target 6
+#   MODEL=gpt2-large FSDP=4 OUT=gs://my-bucket/tldr-large scripts/launch_tldr_tpu.sh --rl.kl_target 6
 #   scripts/launch_tldr_tpu.sh --logs       # tail the log of worker 0
 #
-# Extra arguments are passed to `python -m experiments.tldr.run` (every config field is a flag: --help).
+# Extra arguments are passed to `python -m experiments.tldr` (every config field is a flag: --help).
 set -euo pipefail
 
 TPU_NAME="${TPU_NAME:-jaxrlhf-tldr}"
@@ -29,11 +29,11 @@ multihost=()
 [[ "$workers" -gt 1 ]] && multihost=(--multihost)
 args=(--model "$MODEL" --out "$OUT" --mesh-fsdp "$FSDP" --bf16 --resume "${multihost[@]}" --progress false "$@")
 printf -v quoted '%q ' "${args[@]}"
-echo "== $TPU_NAME: $workers worker(s): python -m experiments.tldr.run $quoted"
+echo "== $TPU_NAME: $workers worker(s): python -m experiments.tldr $quoted"
 "${tpu[@]}" ssh "$TPU_NAME" --worker=all --command "
   cd ~/$REMOTE_DIR && source ~/venv/bin/activate
   if [[ -f ~/tldr.pid ]]; then kill \$(cat ~/tldr.pid) 2>/dev/null || true; sleep 5; fi  # an earlier launch
-  nohup python -m experiments.tldr.run $quoted > ~/tldr.log 2>&1 &
+  nohup python -m experiments.tldr $quoted > ~/tldr.log 2>&1 &
   echo \$! > ~/tldr.pid
   echo \"worker \$(hostname): started pid \$(cat ~/tldr.pid), log ~/tldr.log\"
 "

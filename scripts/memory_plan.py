@@ -134,8 +134,7 @@ def block_activations(cfg, rows: int, t: int, s: int, act: int, train: bool) -> 
 
 
 def model_cfg(args, *, reward: bool = False):
-    from jaxrlhf.models import hf
-    from jaxrlhf.models import ModelConfig
+    from jaxrlhf.models import ModelConfig, hf
 
     dtype = "bfloat16" if args.bf16 else "float32"
     length = max(p_len(args) + r_len(args), score_len(args))
@@ -170,8 +169,7 @@ def plan(args, hardware: str) -> dict:
     """Bytes per device of every component of generate, score and rebel on `hardware`."""
     import jax.numpy as jnp
 
-    from jaxrlhf import parallel, train
-    from jaxrlhf import models
+    from jaxrlhf import models, parallel, train
 
     devices, hbm_gib, what = HARDWARE[hardware]
     fsdp = args.mesh_fsdp or devices
@@ -284,8 +282,7 @@ def xla_check(args, cfg, rm_cfg, tx, mesh, pairs, score_rows, T, t_s) -> dict:
     (batches.jit_eval of models.sequence_scores), compiled for `mesh` from abstract inputs."""
     import jax.numpy as jnp
 
-    from jaxrlhf import parallel, train
-    from jaxrlhf import models
+    from jaxrlhf import models, parallel, train
     from jaxrlhf.stages import batches
 
     S = jax.ShapeDtypeStruct

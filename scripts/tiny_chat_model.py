@@ -26,10 +26,8 @@ import optax
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jaxrlhf import data, train  # noqa: E402
-from jaxrlhf.models import hf
-from jaxrlhf import models
-from jaxrlhf.models import ModelConfig  # noqa: E402
+from jaxrlhf import data, models, train  # noqa: E402
+from jaxrlhf.models import ModelConfig, hf  # noqa: E402
 from jaxrlhf.text import HFTokenizer, pad_batch  # noqa: E402
 
 TEMPLATES = REPO / "tests" / "fixtures" / "chat_templates"

@@ -1,6 +1,6 @@
 """Bad input is refused before any work, in one line that says what is wrong and what to do (issue 15).
 
-Two tables. Pipeline cases call the entry points in-process (`happy.main`, the TL;DR recipe's main) on
+Two tables. Pipeline cases call the entry points in-process (`happy.main`, the TL;DR and SST-2 recipes') on
 small copies of the shared data with one fault injected, and check the exit code, that stderr is exactly
 one line holding the expected words, and that the `--out` tree is byte-identical afterwards (every file
 hashed; mostly it must still not exist). Library cases call the function and check its one-line ValueError.
@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 
@@ -24,13 +23,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
-    sys.path.insert(0, str(REPO))
-
+from experiments.sst2 import recipe as sst2_recipe  # noqa: E402
 from experiments.tldr import recipe as tldr_recipe  # noqa: E402
 from jaxrlhf import happy, models  # noqa: E402
-from jaxrlhf.data import load_tweets, tweets  # noqa: E402
+from jaxrlhf.data import load_sst2, load_tweets, tweets  # noqa: E402
 from jaxrlhf.engine import flags, loop, outdir  # noqa: E402
 from jaxrlhf.models import ModelConfig, hf  # noqa: E402
 from jaxrlhf.rollout import SampleConfig, sampler, scoring  # noqa: E402
@@ -45,6 +41,11 @@ N_DEVICES = 8  # conftest.py
 def tldr_main(argv):
     """`python -m experiments.tldr` in this process."""
     return stage_recipe.main(tldr_recipe.RECIPE, argv)
+
+
+def sst2_main(argv):
+    """`python -m experiments.sst2` in this process."""
+    return stage_recipe.main(sst2_recipe.RECIPE, argv)
 
 
 def parse_args(recipe, argv):
@@ -110,6 +111,16 @@ def tldr_dir(tmp_path_factory, shared_data) -> pathlib.Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def sst2_dir(tmp_path_factory, shared_data) -> pathlib.Path:
+    """The first 200 train and 64 dev sentences of the shared SST-2 tsv files (both classes in each)."""
+    folder = tmp_path_factory.mktemp("sst2")
+    for name, rows in (("train.tsv", 200), ("dev.tsv", 64)):
+        lines = (shared_data / "sst2" / name).read_text(encoding="utf-8").splitlines(keepends=True)
+        (folder / name).write_text("".join(lines[: rows + 1]), encoding="utf-8")
+    return folder
+
+
 @dataclasses.dataclass
 class Inputs:
     """What a pipeline case builds on: fresh copies of the small data sets under its tmp_path."""
@@ -118,6 +129,7 @@ class Inputs:
     shared: pathlib.Path
     tweets_src: pathlib.Path
     tldr_src: pathlib.Path
+    sst2_src: pathlib.Path | None = None
 
     @property
     def out(self) -> pathlib.Path:
@@ -135,6 +147,13 @@ class Inputs:
         shutil.copytree(self.tldr_src, folder)
         if fault is not None:
             fault(folder / "tldr_test_small.jsonl")
+        return folder
+
+    def sst2(self, fault: Callable[[pathlib.Path], None] | None = None):
+        folder = self.tmp / "sst2"
+        shutil.copytree(self.sst2_src, folder)
+        if fault is not None:
+            fault(folder / "train.tsv")
         return folder
 
 
@@ -156,6 +175,17 @@ def tldr_args(inputs: Inputs, *extra: str, data_dir=None, tokenizer_dir=None) ->
         "--data.tokenizer_dir", str(tokenizer_dir), "--data.summary_split", "test",
         "--data.summary_val_split", "", "--data.val_size", "8", "--data.max_prompt_tokens", "64",
         "--data.max_summary_tokens", "16", "--sft.batch_size", "8", "--sft.eval_batch_size", "8", *extra,
+    ]  # fmt: skip
+
+
+def sst2_args(inputs: Inputs, *extra: str, data_dir=None) -> list[str]:
+    data_dir = inputs.sst2() if data_dir is None else data_dir
+    return [
+        "--model", "tiny", "--out", str(inputs.out), "--progress", "false", "--compile-cache", "",
+        "--data.data_dir", str(data_dir), "--data.cache_dir", str(inputs.tmp / "cache"),
+        "--data.tokenizer_dir", str(inputs.shared / "gpt2_tokenizer"), "--data.max_tokens", "16",
+        "--sft.batch_size", "8", "--sft.eval_batch_size", "8", "--rm.batch_size", "8",
+        "--rm.eval_batch_size", "8", "--rl.batch_size", "8", *extra,
     ]  # fmt: skip
 
 
@@ -202,6 +232,7 @@ class Case:
     build: Callable  # (inputs, monkeypatch) -> (main, argv, the --out path)
     expect: tuple[str, ...]
     code: int = 1
+    error: type[Exception] = ValueError  # what a library case raises
 
 
 def happy_case(*extra, data=None):
@@ -249,6 +280,46 @@ def _empty_out_case(pipeline: str):
         return (happy.main if pipeline == "happy" else tldr_main), args, inputs.out
 
     return build
+
+
+def sst2_case(*extra, fault=None):
+    """An SST-2 case's build: its flags, and optionally a fault in its train.tsv."""
+
+    def build(inputs, monkeypatch):
+        return sst2_main, sst2_args(inputs, *extra, data_dir=inputs.sst2(fault)), inputs.out
+
+    return build
+
+
+def _sst2_only(label: str):
+    """Keep the header and the rows of one label."""
+
+    def fault(path):
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [x for x in lines[1:] if x.rstrip("\n").split("\t")[1] == label]
+        path.write_text(lines[0] + "".join(kept), encoding="utf-8")
+
+    return fault
+
+
+def _sst2_negative_first(path):
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text(lines[0] + "".join(sorted(lines[1:], key=lambda x: x.rstrip("\n")[-1])), encoding="utf-8")
+
+
+def _unwritable_home(inputs, monkeypatch):
+    """A happy run with no JAXRLHF_CACHE_DIR and a HOME where ~/.cache cannot be made: a folder without
+    write permission, or as root (where chmod stops no write) a path under a regular file."""
+    home = inputs.tmp / "home"
+    home.mkdir()
+    home.chmod(0o500)
+    if os.access(home, os.W_OK):
+        home.chmod(0o700)
+        home.rmdir()
+        home = _make_file(inputs.tmp / "home_file") / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("JAXRLHF_CACHE_DIR")
+    return happy.main, happy_args(inputs), inputs.out
 
 
 def _train_csv(fault):
@@ -418,6 +489,44 @@ PIPELINE_CASES = [
         happy_case(data=_train_csv(_only(("negative", "neutral")))),
         ("train.csv has 0 positive tweets", "--sft.batch_size 16 batch for SFT"),
     ),
+    # happy: the default data cache under a HOME that cannot be written, before anything under --out
+    Case(
+        "happy_unwritable_home_cache",
+        _unwritable_home,
+        (
+            "cannot write the data cache",
+            "/.cache/jaxrlhf (the default ~/.cache/jaxrlhf)",
+            "set JAXRLHF_CACHE_DIR (or pass --data.cache_dir) to a directory you can write to",
+        ),
+    ),
+    # SST-2: train.tsv labels, file:line; one class only is refused before SFT trains
+    Case(
+        "sst2_label_outside_classes",
+        sst2_case(fault=lambda p: edit_line(p, 40, "so good\t2\n")),
+        ("train.tsv:40: label '2' is not 0 (negative) or 1 (positive)", "fix or drop the row"),
+    ),
+    Case(
+        "sst2_label_word",
+        sst2_case(fault=lambda p: edit_line(p, 41, "so good \tpos\n")),
+        ("train.tsv:41: label 'pos' is not 0 (negative) or 1 (positive)",),
+    ),
+    Case(
+        "sst2_only_positive",
+        sst2_case(fault=_sst2_only("1")),
+        (
+            "train.tsv: every label of its",
+            "sentences is 1 (positive), none is 0",
+            "the reward model needs both classes: add negative sentences",
+        ),
+    ),
+    Case(
+        "sst2_only_negative_in_max_rows",
+        sst2_case("--data.max_rows", "8", fault=_sst2_negative_first),
+        (
+            "train.tsv: every label of its first 8 sentences (--data.max_rows 8) is 0 (negative)",
+            "raise --data.max_rows or add positive sentences",
+        ),
+    ),
     # TL;DR: flags, exit 2
     Case("tldr_sft_steps", tldr_case("--sft.steps", "0"), ("--sft.steps 0", "it must be >= 1"), 2),
     Case(
@@ -500,8 +609,8 @@ PIPELINE_CASES = [
 
 @pytest.mark.parametrize("case", PIPELINE_CASES, ids=lambda c: c.name)
 def test_pipeline_refuses_in_one_line_and_writes_nothing(case, tmp_path, shared_data, tweets_dir, tldr_dir,
-                                                         capsys, monkeypatch):  # fmt: skip
-    inputs = Inputs(tmp_path, shared_data, tweets_dir, tldr_dir)
+                                                         sst2_dir, capsys, monkeypatch):  # fmt: skip
+    inputs = Inputs(tmp_path, shared_data, tweets_dir, tldr_dir, sst2_dir)
     main, argv, out = case.build(inputs, monkeypatch)
     before, everything_before = tree_hash(out), tree_hash(tmp_path, skip=("cache", "tmp"))
     capsys.readouterr()
@@ -586,6 +695,32 @@ def _corrupt_config(tmp, shared):
     return hf.load(folder)
 
 
+def _sharded_hf_dir(tmp: pathlib.Path, single_beside: bool) -> pathlib.Path:
+    """A tiny GPT-2 checkpoint in 12 shards + an index, the second shard gone; optionally with a whole
+    model.safetensors beside the index."""
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), _shapes(models.init_params))
+    hf.save(params, TINY, tmp / "hf", max_shard_bytes=2000)
+    (tmp / "hf" / "model-00002-of-00012.safetensors").unlink()
+    if single_beside:
+        shutil.copy(_hf_dir(tmp / "whole") / "model.safetensors", tmp / "hf")
+    return hf.load(tmp / "hf")
+
+
+def _nan_weight(tmp, shared):
+    """One NaN in a block's MLP weight, as a diverged run would save."""
+    import safetensors.numpy  # noqa: PLC0415
+
+    path = _hf_dir(tmp) / "model.safetensors"
+    tensors = safetensors.numpy.load_file(path)
+    tensors["transformer.h.1.mlp.c_fc.weight"][3, 5] = np.nan
+    safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+    return hf.load(path.parent)
+
+
+def _cache_under_file(tmp, shared):
+    return load_sst2("validation", shared / "sst2", cache_dir=_make_file(tmp / "a_file") / "cache")
+
+
 def _lib(fn):  # a library case's call taking only tmp_path
     return lambda tmp, shared: fn(tmp)
 
@@ -647,12 +782,48 @@ LIBRARY_CASES = [
         ("model.safetensors: not a readable safetensors file", "truncated or corrupt"),
     ),
     Case("hf_corrupt_config_json", _corrupt_config, ("config.json: not valid JSON", "truncated or corrupt")),
+    Case(
+        "hf_index_names_a_missing_shard",
+        _lib(lambda tmp: _sharded_hf_dir(tmp, single_beside=False)),
+        (
+            "model.safetensors.index.json names the shard model-00002-of-00012.safetensors, missing from",
+            "; copy the missing shard",
+        ),
+        error=FileNotFoundError,
+    ),  # fmt: skip
+    Case(
+        "hf_index_missing_shard_single_file_beside",
+        _lib(lambda tmp: _sharded_hf_dir(tmp, single_beside=True)),
+        (
+            "names the shard model-00002-of-00012.safetensors",
+            "model.safetensors lies beside it: remove the index to load that file instead",
+        ),
+        error=FileNotFoundError,
+    ),  # fmt: skip
+    Case(
+        "hf_nan_weight",
+        _nan_weight,
+        (
+            "model.safetensors: tensor 'transformer.h.1.mlp.c_fc.weight' holds NaN or inf",
+            "(1 of its 1024 values)",
+            "use another checkpoint",
+        ),
+    ),  # fmt: skip
+    Case(
+        "data_cache_dir_not_writable",
+        _cache_under_file,
+        (
+            "cannot write the data cache",
+            "a_file/cache (--data.cache_dir): Not a directory",
+            "pass a --data.cache_dir you can write to",
+        ),
+    ),  # fmt: skip
 ]
 
 
 @pytest.mark.parametrize("case", LIBRARY_CASES, ids=lambda c: c.name)
 def test_library_refuses_in_one_line(case, tmp_path, shared_data):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(case.error) as err:
         case.build(tmp_path, shared_data)
     message = str(err.value)
     assert "\n" not in message and all(s in message for s in case.expect), message

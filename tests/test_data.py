@@ -31,7 +31,6 @@ from jaxrlhf.data import (
     tweets,
     ultrafeedback,
 )
-
 from jaxrlhf.stages.batches import train_val_split  # noqa: E402
 from jaxrlhf.text import pad_batch  # noqa: E402
 

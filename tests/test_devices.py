@@ -19,8 +19,8 @@ TIMING = ("_s", "steps_per_s", "tokens_per_s")
 def _first_iteration(tmp_path, shared_data, name, devices, fsdp):
     r = happy.RECIPE
     argv = ["--quick", "--progress", "false", "--data.data_dir", str(shared_data / "tweets"), "--out",
-            str(tmp_path / name), "--rl.iterations", "1", "--rl.batch_size", "16", "--mesh-fsdp", str(fsdp),
-            "--compile-cache", ""]  # fmt: skip
+            str(tmp_path / name), "--rl.iterations", "1", "--rl.batch_size", "16", "--rl.eval_batches", "0",
+            "--mesh-fsdp", str(fsdp), "--compile-cache", ""]  # fmt: skip
     cfg, _ = flags.parse(r.defaults, argv, inactive=r.inactive, renamed=r.renamed, adjust=r.adjust)
     setup = happy.make_setup(cfg)
     mesh = parallel.make_mesh(fsdp=fsdp, devices=jax.devices()[:devices])

@@ -12,7 +12,6 @@ run that really trained). The damaged-checkpoint and SIGTERM cases use a tiny st
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from etils.epath import testing as epath_testing
 
 from experiments.tldr import recipe as tldr_recipe
 from jaxrlhf import happy
@@ -540,45 +538,16 @@ def test_steps_saved_before_checksums_resume_unverified(tiny_run, tmp_path, caps
     assert (out / "s" / "12" / "checksums.json").exists() and checkpoint.verify(out, "s") == 12
 
 
-@contextlib.contextmanager
-def fake_gcs(root: pathlib.Path):
-    """etils epath with gs://BUCKET/... mapped onto root/BUCKET/... (nothing leaves this machine)."""
-
-    def local(path):
-        text = os.fspath(path)
-        return str(root / text[len("gs://") :]) if text.startswith("gs://") else text
-
-    def one(fn, path, *args, **kwargs):
-        return fn(local(path), *args, **kwargs)
-
-    def two(fn, src, dst, *args, **kwargs):
-        return fn(local(src), local(dst), *args, **kwargs)
-
-    names = (
-        "exists",
-        "glob",
-        "isdir",
-        "listdir",
-        "makedirs",
-        "mkdir",
-        "open",
-        "remove",
-        "rmtree",
-        "stat",
-        "walk",
-    )
-    with epath_testing.mock_epath(**dict.fromkeys(names, one), copy=two, rename=two, replace=two):
-        yield
 
 
-def test_metrics_and_lock_reach_gs_through_epath(tmp_path, monkeypatch):
+def test_metrics_and_lock_reach_gs_through_epath(tmp_path, monkeypatch, gcs):
     """`<stage>.jsonl` and `run.lock` go through etils epath, so a gs:// --out gets them, not a local
     `./gs:/...` folder. On an object store the metrics file is rewritten whole (no appends): every record
     is there after flush() (the runner calls it before each checkpoint) and close(); a resume drops the
     records after the resumed step."""
     monkeypatch.chdir(tmp_path)
     bucket = tmp_path / "gcs"
-    with fake_gcs(bucket):
+    with gcs(bucket):
         writer = loop.MetricsWriter("gs://b/run/s.jsonl", flush_every_s=3600)
         for step in (1, 2, 3):
             writer.write({"step": step, "loss": 1.0 / step})

@@ -4,16 +4,10 @@ flags: `--config` files (YAML and JSON), flattened RL flags, choices, non-finite
 from a file), never one the parser computed."""
 
 import json
-import pathlib
 import re
-import sys
 import typing
 
 import pytest
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
-    sys.path.insert(0, str(REPO))
 
 from experiments.tldr import recipe as tldr  # noqa: E402
 from jaxrlhf import happy  # noqa: E402

@@ -103,11 +103,20 @@ def test_happy_quick_kill_resume(tmp_path, shared_data):
     # RL raises the VADER reward above where the SFT model started.
     assert sum(rewards[-5:]) / 5 > sum(rewards[:3]) / 3, rewards
     assert summary["val_loss"]["sft"] < 4.0  # the SFT stage's final validation loss
+    # TensorBoard (on by default): the events under <out>/tb/<stage>/ hold every JSONL record's scalars, for
+    # the stage the killed run finished and for the one the resumed run ran.
+    from _helpers import assert_series, read_events  # noqa: PLC0415  (tests/)
+
+    for name in ("pretrain", "rl"):
+        rows = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]
+        events = read_events(out / "tb" / name)
+        for key in {k for r in rows for k in r} - {"step"}:
+            assert_series(events[key], [(r["step"], r[key]) for r in rows if key in r])
 
     # The final policy under <out>/hf/policy, and the SFT model exported as docs/ shows it, load in
     # transformers with the same ids and the same logits.
-    exported = subprocess.run([sys.executable, "-m", "jaxrlhf.export", "runs/happy", "sft", "sft_hf"], cwd=cwd,
-                              env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    exported = subprocess.run([sys.executable, "-m", "jaxrlhf.export", "runs/happy", "sft", "sft_hf"],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert exported.returncode == 0, exported.stderr[-2000:]
     _same_in_transformers(out, "rl", out / "hf" / "policy")
     _same_in_transformers(out, "sft", cwd / "sft_hf")

@@ -16,9 +16,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from jaxrlhf.models import hf  # noqa: E402
-from jaxrlhf.models import ModelConfig  # noqa: E402
-from jaxrlhf.models import logits_fn  # noqa: E402
+from jaxrlhf.models import (
+    ModelConfig,  # noqa: E402
+    hf,  # noqa: E402
+    logits_fn,  # noqa: E402
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_CONFIG = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=101, n_positions=64)

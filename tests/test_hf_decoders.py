@@ -13,13 +13,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from jaxrlhf import ops  # noqa: E402
-from jaxrlhf.models import hf
-from jaxrlhf import models
-from jaxrlhf.rollout import scoring
-from jaxrlhf.rollout import sampler
-from jaxrlhf.models import ModelConfig  # noqa: E402
-from jaxrlhf.rollout import SampleConfig
+from jaxrlhf import (
+    models,
+    ops,  # noqa: E402
+)
+from jaxrlhf.models import (
+    ModelConfig,  # noqa: E402
+    hf,
+)
+from jaxrlhf.rollout import SampleConfig, sampler, scoring
 
 T, LENGTHS = 10, (10, 6, 1, 3)
 COMMON = dict(
@@ -295,7 +297,9 @@ def test_kv_cache_decode_equals_full_forward_with_rope_and_gqa():
     prompt_mask = mask[:2, :p] | (np.arange(p) >= 3)  # left-padded prompts
     full_mask = np.concatenate([prompt_mask, np.ones((2, T - p), bool)], axis=1)
     hidden_full = jax.jit(models.forward, static_argnums=3)(params, tokens[:2], full_mask, cfg)
-    hidden, cache = jax.jit(models.prefill, static_argnums=(3, 4))(params, tokens[:2, :p], prompt_mask, cfg, T)
+    hidden, cache = jax.jit(models.prefill, static_argnums=(3, 4))(
+        params, tokens[:2, :p], prompt_mask, cfg, T
+    )
     decode = jax.jit(models.decode_step, static_argnums=3)
     np.testing.assert_allclose(
         np.asarray(hidden)[prompt_mask], np.asarray(hidden_full)[:, :p][prompt_mask], rtol=1e-5, atol=1e-5
@@ -310,8 +314,7 @@ def test_kv_cache_decode_equals_full_forward_with_rope_and_gqa():
 def test_sampling_a_llama_style_model_matches_its_teacher_forced_forward():
     """The sampler runs the new architectures unchanged: with a left-padded prompt, the recorded
     logprobs at T = 0.7 are log_softmax(logits / T) of the full forward over prompt + response."""
-    from jaxrlhf.rollout import sampler
-    from jaxrlhf.rollout import SampleConfig
+    from jaxrlhf.rollout import SampleConfig, sampler
 
     cfg = ModelConfig.preset("qwen3-0.6b", vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
                              n_embd=32, head_size=16, intermediate_size=48)  # fmt: skip

@@ -16,8 +16,7 @@ import tokenizers as hf_tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from jaxrlhf.text import chat
-from jaxrlhf.text import CharTokenizer, GPT2Tokenizer, HFTokenizer, TokenizerFileError, load_tokenizer
+from jaxrlhf.text import CharTokenizer, GPT2Tokenizer, HFTokenizer, TokenizerFileError, chat, load_tokenizer
 
 TEMPLATES = pathlib.Path(__file__).parent / "fixtures" / "chat_templates"
 SHA256 = {

@@ -50,7 +50,9 @@ def _imports(path: pathlib.Path) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if base.startswith("jaxrlhf"):
                 for alias in node.names:  # `from jaxrlhf import losses` imports the subpackage
                     sub = f"{base}.{alias.name}"
@@ -70,7 +72,9 @@ MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 def test_every_top_level_name_has_a_layer():
     tops = {name.split(".")[1] for name in MODULES if name != "jaxrlhf"}
-    assert tops == set(RANK), "a module was added or removed: place it in LAYERS and in jaxrlhf/__init__.py's map"
+    assert tops == set(RANK), (
+        "a module was added or removed: place it in LAYERS and in jaxrlhf/__init__.py's map"
+    )
     doc = (PACKAGE / "__init__.py").read_text()
     for name in tops:
         assert name in doc, f"jaxrlhf/__init__.py's map does not name {name}"
@@ -91,7 +95,9 @@ def test_imports_point_down_the_arrow(module):
 def test_no_import_cycle_between_modules():
     graph = {m: {i for i in _imports(p) if i in MODULES and i != m} for m, p in MODULES.items()}
     # A package's __init__ importing its own modules is not a cycle through them.
-    graph = {m: {i for i in deps if not (m.endswith(i) or i == m.rpartition(".")[0])} for m, deps in graph.items()}
+    graph = {
+        m: {i for i in deps if not (m.endswith(i) or i == m.rpartition(".")[0])} for m, deps in graph.items()
+    }
     state = {}
 
     def visit(node, path):
@@ -117,13 +123,16 @@ def test_no_module_shadows_a_dependency():
     dependency_names -= {"jaxrlhf"}
     ours = {p.stem.lower() for p in PACKAGE.rglob("*.py") if p.stem != "__init__"}
     ours |= {p.name.lower() for p in PACKAGE.rglob("*") if p.is_dir() and (p / "__init__.py").exists()}
-    assert not ours & dependency_names, f"modules named like an installed package: {sorted(ours & dependency_names)}"
+    assert not ours & dependency_names, (
+        f"modules named like an installed package: {sorted(ours & dependency_names)}"
+    )
 
 
 def test_importing_the_losses_loads_no_model_or_engine():
     code = (
         "import sys, jaxrlhf.losses; "
-        "print(sorted(m for m in sys.modules if m.startswith('jaxrlhf.') and not m.startswith('jaxrlhf.losses')))"
+        "print(sorted(m for m in sys.modules if m.startswith('jaxrlhf.') "
+        "and not m.startswith('jaxrlhf.losses')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "['jaxrlhf.ops']", out.stdout

@@ -11,8 +11,7 @@ import jax
 import optax
 import pytest
 
-from jaxrlhf import parallel, train
-from jaxrlhf import models
+from jaxrlhf import models, parallel, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = [

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrlhf import ops
-from jaxrlhf import models
+from jaxrlhf import models, ops
 from jaxrlhf.models import ModelConfig
 
 

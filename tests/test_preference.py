@@ -1,5 +1,6 @@
 """jaxrlhf.preference: n answers per prompt -> pairs -> PrefBatch -> DPO / REBEL steps."""
 
+import _helpers  # noqa: E402  (tests/)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,28 +9,17 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrlhf import train
-from jaxrlhf import models
-from jaxrlhf.rollout import pairs as pairs_lib
-from jaxrlhf.rollout import sampler, scoring
+from jaxrlhf import models, train
 from jaxrlhf.models import ModelConfig
-from jaxrlhf.rollout import SampleConfig
+from jaxrlhf.rollout import SampleConfig, sampler, scoring
+from jaxrlhf.rollout import pairs as pairs_lib
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 N_ANSWERS = 4
 SAMPLE_CFG = SampleConfig(max_new_tokens=10, temperature=1.0, eos_id=3, pad_id=0)
 
 
-def random_params(cfg, seed, std=0.2):
-    """GPT params drawn with NumPy in the shapes of models.init_params (no PRNG compile: fast tests)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda key: models.init_params(key, cfg), jax.random.key(0))
-
-    def draw(path, leaf):
-        base = 1.0 if path[-1].key == "scale" else 0.0
-        return jnp.asarray(base + std * rng.standard_normal(leaf.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+random_params = _helpers.random_params
 
 
 def left_padded_prompts(cfg, batch, length=6, seed=0):

@@ -1,5 +1,6 @@
 """jaxrlhf.rewards: VADER on decoded responses, the learned reward, the no-EOS penalty."""
 
+import _helpers  # noqa: E402  (tests/)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,23 +8,13 @@ import pytest
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from jaxrlhf import models
-from jaxrlhf.rollout import scoring
-from jaxrlhf.rollout import Rollout
+from jaxrlhf.rollout import Rollout, scoring
 from jaxrlhf.text import CharTokenizer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def random_params(cfg, seed, std=0.2):
-    """GPT params drawn with NumPy in the shapes of models.init_params (no PRNG compile: fast tests)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda key: models.init_params(key, cfg), jax.random.key(0))
-
-    def draw(path, leaf):
-        base = 1.0 if path[-1].key == "scale" else 0.0
-        return jnp.asarray(base + std * rng.standard_normal(leaf.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+random_params = _helpers.random_params
 
 
 def test_vader_scores_known_strings():

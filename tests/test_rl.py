@@ -16,10 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrlhf import losses, train
-from jaxrlhf import models
-from jaxrlhf.rollout import sampler
-from jaxrlhf.rollout import SampleConfig
+from jaxrlhf import losses, models, train
+from jaxrlhf.rollout import SampleConfig, sampler
 
 THETA = np.array([1.0, 0.0, -1.0], np.float32)  # bandit logits
 REF = np.array([0.2, 0.3, 0.5], np.float32)  # reference policy
@@ -272,7 +270,9 @@ def test_options_that_would_do_nothing_are_refused(tiny_cfg):
 def test_sample_cfg_is_required_and_not_greedy(tiny_cfg):
     rlc = train.RLConfig(algo="pg")
     with pytest.raises(ValueError, match="greedy"):
-        train.make_learn(tiny_cfg, optax.sgd(0.0), rlc, sample_cfg=SampleConfig(max_new_tokens=2, temperature=0))
+        train.make_learn(
+            tiny_cfg, optax.sgd(0.0), rlc, sample_cfg=SampleConfig(max_new_tokens=2, temperature=0)
+        )
     with pytest.raises(TypeError, match="SampleConfig"):
         train.make_learn(tiny_cfg, optax.sgd(0.0), rlc, sample_cfg=None)
 
@@ -321,8 +321,8 @@ def test_every_algorithm_climbs_to_the_known_best_answer(algo):
     """From a random policy (reward ~1/8), 30 iterations of each algorithm must take the mean reward above
     0.5 (measured: ppo, pg, grpo, rloo, rebel, dpo reach ~1.0, ipo ~0.65 at beta 0.1, which holds the policy
     near the reference); an update with a wrong sign, a lost gradient or an ignored advantage would not."""
-    from jaxrlhf.rollout import pairs as pairs_lib
     from jaxrlhf.models import ModelConfig
+    from jaxrlhf.rollout import pairs as pairs_lib
 
     cfg = ModelConfig(**TASK_CFG)
     scfg = SampleConfig(max_new_tokens=6, temperature=1.0)
@@ -341,7 +341,9 @@ def test_every_algorithm_climbs_to_the_known_best_answer(algo):
             whiten_advantages=algo in ("ppo", "pg"),
         )  # fmt: skip
         value = (
-            {"gpt": policy, "head": models.init_scalar_head(jax.random.key(2), cfg)} if algo == "ppo" else None
+            {"gpt": policy, "head": models.init_scalar_head(jax.random.key(2), cfg)}
+            if algo == "ppo"
+            else None
         )
         optim = train.OptimConfig(lr=5e-3, b2=0.999, weight_decay=0.0)
         tx = train.make_per_model_optimizer({"policy": optim, "value": optim})
@@ -363,6 +365,7 @@ def test_every_algorithm_climbs_to_the_known_best_answer(algo):
         pprompt, pmask = jnp.ones((n_prompts, 1), jnp.int32), jnp.ones((n_prompts, 1), bool)
         gen = jax.jit(lambda p, k: pairs_lib.generate_answers(p, pprompt, pmask, cfg, scfg, n, key=k))
         jstep = jax.jit(lambda s, x, k: step(s, x, key=k))
+        logprobs = jax.jit(lambda p, r: pairs_lib.rollout_logprobs(p, r, cfg))
         for i in range(iters):
             rollout = gen(state.params, jax.random.fold_in(start_key, i))
             scores = np.asarray(_target_reward(rollout))
@@ -370,7 +373,7 @@ def test_every_algorithm_climbs_to_the_known_best_answer(algo):
             sel = pairs_lib.select_pairs(
                 np.asarray(rollout.response), np.asarray(rollout.response_mask), scores, n
             )
-            base = pairs_lib.rollout_logprobs(state.params if algo == "rebel" else policy, rollout, cfg)
+            base = logprobs(state.params if algo == "rebel" else policy, rollout)
             batch = pairs_lib.build_pref_batch(rollout, sel, np.asarray(base), num_pairs=n_prompts)
             state, metrics = jstep(state, batch, jax.random.fold_in(start_key, 1000 + i))
             assert float(metrics["finite"]) == 1.0
@@ -489,13 +492,17 @@ def test_ppo_update_is_the_policy_gradient_plus_the_critic_regression(tiny_cfg):
     for vf_coef in (0.1, 1.0):
         rlc = train.RLConfig(algo="ppo", kl_coef=0.05, vf_coef=vf_coef, epochs=1, minibatches=1)
         state = train.init_rl_state(train.init_rl_params(policy, value, rlc), tx, rlc)
-        exp, _ = train.make_experience(state, policy, rollout, scores, tiny_cfg, rlc, sample_cfg=scfg)
+        exp, _ = jax.jit(  # eager, a transformer runs op by op: slow
+            lambda s, rlc=rlc: train.make_experience(
+                s, policy, rollout, scores, tiny_cfg, rlc, sample_cfg=scfg
+            )
+        )(state)
         new, metrics = jax.jit(train.make_learn(tiny_cfg, tx, rlc, sample_cfg=scfg))(
             state, policy, rollout, scores, key=jax.random.key(5)
         )
         assert float(metrics["finite"]) == 1.0 and float(metrics["clipfrac"]) == 0.0
-        g_policy = jax.grad(policy_objective)(policy, exp.advantages)
-        g_value = jax.grad(critic_error)(value, exp.returns)
+        g_policy = jax.jit(jax.grad(policy_objective))(policy, exp.advantages)
+        g_value = jax.jit(jax.grad(critic_error))(value, exp.returns)
         want_policy = jax.tree.map(lambda g: -lr * g, g_policy)
         want_value = jax.tree.map(lambda g, c=vf_coef: -lr * c * g, g_value)
         assert _relative_error(moved(new.params["policy"], policy), want_policy) < 1e-4
@@ -541,7 +548,9 @@ def test_ppo_update_holds_one_models_activations_at_a_time(tiny_cfg):
 
     step = train.make_rl_step(cfg, tx, rlc, sample_cfg=scfg)
     both = temp_mb(lambda s: step(s, exp, key=jax.random.key(0)), state)
-    pol = temp_mb(jax.grad(lambda p: train.policy._policy_loss(p, exp, None, 0.05, cfg, rlc, scfg, None)[0]), policy)
+    pol = temp_mb(
+        jax.grad(lambda p: train.policy._policy_loss(p, exp, None, 0.05, cfg, rlc, scfg, None)[0]), policy
+    )
     val = temp_mb(jax.grad(lambda v: train.policy._value_loss(v, exp, cfg, rlc, None)[0]), value)
     assert both < 0.8 * (pol + val), (both, pol, val)
 

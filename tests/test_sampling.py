@@ -10,11 +10,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrlhf import ops, xla_cpu
-from jaxrlhf import models
-from jaxrlhf.rollout import sampler
+from jaxrlhf import models, ops, xla_cpu
 from jaxrlhf.models import ModelConfig
-from jaxrlhf.rollout import SampleConfig
+from jaxrlhf.rollout import SampleConfig, sampler
 
 CFG = ModelConfig(vocab_size=23, block_size=32, n_layer=2, n_head=2, n_embd=16)
 

@@ -3,21 +3,17 @@ as a user reads them: event files read back by TensorBoard's own EventAccumulato
 events (purge_step), a missing or fake `wandb`, and HappyGPT's pretrain stage with --tensorboard, its event
 file against its JSONL."""
 
-import contextlib
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import time
 import types
 
+import _helpers  # noqa: E402  (tests/)
 import jax
 import numpy as np
 import pytest
 import tensorboardX.event_file_writer
-from etils.epath import testing as epath_testing
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from jaxrlhf import happy
 from jaxrlhf.engine import flags, loop
@@ -26,16 +22,8 @@ from jaxrlhf.stages import recipe
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def read_events(logdir) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] as TensorBoard shows them (its purge rules applied)."""
-    acc = EventAccumulator(os.fspath(logdir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def assert_series(got: list[tuple[int, float]], want: list[tuple[int, float]]):
-    assert [s for s, _ in got] == [s for s, _ in want]
-    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6, atol=0)
+read_events = _helpers.read_events
+assert_series = _helpers.assert_series
 
 
 def next_second():
@@ -172,43 +160,14 @@ def test_run_stage_resume_matches_its_jsonl_in_tensorboard(tmp_path):
 # --------------------------------------------------------------------------------------------- gs://
 
 
-@contextlib.contextmanager
-def fake_gcs(root: pathlib.Path):
-    """etils epath with gs://BUCKET/... mapped onto root/BUCKET/... (nothing leaves this machine)."""
-
-    def local(path):
-        text = os.fspath(path)
-        return str(root / text[len("gs://") :]) if text.startswith("gs://") else text
-
-    def one(fn, path, *args, **kwargs):
-        return fn(local(path), *args, **kwargs)
-
-    def two(fn, src, dst, *args, **kwargs):
-        return fn(local(src), local(dst), *args, **kwargs)
-
-    names = (
-        "exists",
-        "glob",
-        "isdir",
-        "listdir",
-        "makedirs",
-        "mkdir",
-        "open",
-        "remove",
-        "rmtree",
-        "stat",
-        "walk",
-    )
-    with epath_testing.mock_epath(**dict.fromkeys(names, one), copy=two, rename=two, replace=two):
-        yield
 
 
-def test_events_reach_a_gs_run_directory(tmp_path, monkeypatch, slow_tb_worker):
+def test_events_reach_a_gs_run_directory(tmp_path, monkeypatch, slow_tb_worker, gcs):
     """On gs:// the events are written locally and copied up: after close(), every event is there (the
     copy waits for the writer thread), and no local `gs:` folder is made."""
     monkeypatch.chdir(tmp_path)
     bucket = tmp_path / "gcs"
-    with fake_gcs(bucket):
+    with gcs(bucket):
         sinks = loop.ScalarSinks("gs://b/run", "pretrain", None)
         for record in RECORDS[:2]:
             sinks.write(record)
@@ -299,38 +258,3 @@ def test_run_stage_sends_the_loop_metrics_to_wandb(tmp_path, fake_wandb):
                    root_key=jax.random.key(0), progress=False, tensorboard=False, wandb="proj")  # fmt: skip
     assert [(d["rl/step"], d["rl/reward"]) for d, _ in fake_wandb["log"]] == [(1, 0.0), (2, 2.0), (3, 4.0)]
     assert fake_wandb["init"][0]["name"] == "r/rl" and fake_wandb["finish"] == 1
-
-
-# ------------------------------------------------------------------------------- HappyGPT end to end
-
-
-def run_happy_pretrain(tmp: pathlib.Path, shared_data: pathlib.Path):
-    """`python -m jaxrlhf.happy --quick` with TensorBoard on, the pretrain stage alone (6 steps)."""
-    cwd = tmp / "work"
-    cwd.mkdir()
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env["JAXRLHF_CACHE_DIR"] = str(tmp / "cache")
-    env["HOME"] = str(tmp)
-    data_dir = os.path.relpath(shared_data / "tweets", cwd)
-    cmd = [sys.executable, "-m", "jaxrlhf.happy", "--quick", "--progress", "false", "--tensorboard", "true",
-           "--stages", "pretrain", "--pretrain.steps", "6", "--pretrain.log_every", "1",
-           "--pretrain.eval_rows", "64", "--data.data_dir", data_dir, "--out", "runs/happy"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    return proc, cwd / "runs" / "happy"
-
-
-def test_happy_pretrain_events_equal_its_jsonl(tmp_path, shared_data):
-    """The stage's TensorBoard events under <out>/tb/pretrain/ hold every JSONL record's scalars."""
-    proc, out = run_happy_pretrain(tmp_path, shared_data)
-    assert (out / "pretrain_summary.json").exists(), proc.stderr[-3000:]
-    rows = loop.read_metrics(out / "pretrain.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    events = read_events(out / "tb" / "pretrain")
-    assert_series(events["loss"], [(r["step"], r["loss"]) for r in rows])
-    for key in {k for r in rows for k in r} - {"step"}:
-        assert_series(events[key], [(r["step"], r[key]) for r in rows if key in r])
-    assert "eval/val_loss" in rows[-1] and "eval/val_loss" in events
-    assert not (out / "tb" / "sft").exists()
-    assert proc.returncode == 0, proc.stderr[-2000:]  # a --stages run of one stage ends well

@@ -15,8 +15,8 @@ import optax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
-    sys.path.insert(0, str(REPO))
+
+import _helpers  # noqa: E402  (tests/)
 
 from experiments.tldr import recipe as common  # noqa: E402
 from jaxrlhf import models, parallel, train  # noqa: E402
@@ -33,10 +33,7 @@ from jaxrlhf.text import GPT2Tokenizer  # noqa: E402
 
 def parse_args(argv):
     """The TldrConfig of `argv`, parsed and checked as `python -m experiments.tldr` does."""
-    r = common.RECIPE
-    return flags.parse_checked(
-        r.defaults, argv, check=r.check, inactive=r.inactive, renamed=r.renamed, adjust=r.adjust
-    )
+    return _helpers.parse_recipe(common.RECIPE, argv)
 
 
 def model_config(cfg):

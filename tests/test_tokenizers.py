@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiktoken.load import load_tiktoken_bpe
 
-from jaxrlhf.text.tokenizer import GPT2_EOS
 from jaxrlhf.text import (
     CharTokenizer,
     GPT2Tokenizer,
     load_tokenizer,
     pad_batch,
 )
+from jaxrlhf.text.tokenizer import GPT2_EOS
 
 # GPT-2's pre-tokenisation regex, as in openai/gpt-2 src/encoder.py.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

@@ -6,15 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from jaxrlhf import losses, parallel, train
-from jaxrlhf import models
+from jaxrlhf import losses, models, parallel, train
 from jaxrlhf.engine import loop
-from jaxrlhf.rollout import sampler
 from jaxrlhf.models import ModelConfig
-from jaxrlhf.rollout import SampleConfig
+from jaxrlhf.rollout import SampleConfig, sampler
 
 B, T = 8, 12
 
@@ -232,7 +230,9 @@ def test_mu_dtype_is_validated_and_is_a_flag(capsys):
         ValueError, match=r"^mu_dtype='float16'; use none \(the params' dtype\) or one of float32"
     ):
         train.OptimConfig(mu_dtype="float16")
-    from experiments.ultrafeedback.recipe import RECIPE  # every stage's optim is a flag: --<stage>.optim.mu_dtype
+    from experiments.ultrafeedback.recipe import (
+        RECIPE,  # every stage's optim is a flag: --<stage>.optim.mu_dtype
+    )
     from jaxrlhf.engine import flags
 
     def parse(*argv):

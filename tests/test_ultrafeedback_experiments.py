@@ -23,8 +23,6 @@ import pytest
 from etils import epath
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # experiments/ is not an installed package: import it from the checkout
-    sys.path.insert(0, str(REPO))
 
 from experiments.ultrafeedback import encoding, stages  # noqa: E402
 from experiments.ultrafeedback import recipe as common  # noqa: E402
@@ -200,7 +198,8 @@ def test_prompts_are_the_chat_template_left_padded_and_long_ones_are_counted(bas
                                    date_string=DATE)  # fmt: skip
             ids = tok.encode(text)
             too_long += sum(i not in tok.special_ids for i in ids) > 128
-        assert counts == {"train_prompts": 1000, "dropped_long_prompt": too_long} and 0 < too_long < 1000
+        assert counts == {"train_prompts": 1000, "dropped_empty_prompt": 0, "dropped_long_prompt": too_long}
+        assert 0 < too_long < 1000
         assert len(prompts.index) == 16
         for ids, mask, i, text in zip(
             prompts.prompt, prompts.prompt_mask, prompts.index, prompts.texts, strict=True
@@ -437,8 +436,18 @@ def test_pipeline_end_to_end_then_killed_in_every_stage_and_resumed(base_dir, sh
     shutil.copytree(b, c, ignore=shutil.ignore_patterns("filter*", "rebel_1*", "*.lock"))
     for k in range(2):
         np.savez(c / "iter_1" / "score" / f"shard_{k:05d}.npz", scores=np.zeros(32, np.float32))
-    proc = _run([*_args(base_dir, shared_data, c, tmp_path), "--resume", "--stages", "filter,rebel",
-                 "--iteration", "1"], cache, check=False)  # fmt: skip
+    c_args = [*_args(base_dir, shared_data, c, tmp_path), "--resume", "--stages", "filter,rebel",
+              "--iteration", "1"]  # fmt: skip
+    # The full command line's flags of stages this run does not train, that change none of its stages, are
+    # refused by name (they would be silently ignored) ...
+    proc = _run(c_args, cache, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--rm.eval_every, --rm.ckpt_every, --generate.batch_size act on stages" in proc.stderr, proc.stderr
+    # ... and without them the run goes on.
+    for flag in ("--rm.eval_every", "--rm.ckpt_every", "--generate.batch_size"):
+        i = c_args.index(flag)
+        del c_args[i : i + 2]
+    proc = _run(c_args, cache, check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "iteration 1: no pairs left after the filter" in proc.stderr and "skipped_tied" in proc.stderr
     assert not (c / "rebel_1").exists()

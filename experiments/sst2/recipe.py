@@ -22,6 +22,7 @@ import dataclasses
 import numpy as np
 
 from jaxrlhf import data
+from jaxrlhf.data import sst2 as sst2_data
 from jaxrlhf.stages import instructgpt, lm, policy, reward
 from jaxrlhf.stages.batches import PromptAnswers, encode_answers
 from jaxrlhf.stages.reward import Labelled
@@ -171,6 +172,26 @@ def _check_rows(n: int, need: tuple[int, str] | None, split: str, cfg: DataConfi
         )
 
 
+def _check_classes(rows: list[dict], split: str, cfg: DataConfig) -> None:
+    """Refuse training sentences of one class: the reward model would learn a constant (and exit 0)."""
+    labels = {r["label"] for r in rows}
+    if len(labels) != 1:
+        return
+    (label,) = labels
+    file = sst2_data.source_file(split, cfg.data_dir, cache_dir=cfg.cache_dir)
+    used = (
+        f"first {len(rows)} sentences (--data.max_rows {cfg.max_rows})"
+        if cfg.max_rows
+        else f"{len(rows)} sentences"
+    )
+    more = "raise --data.max_rows or add" if cfg.max_rows else "add"
+    other = 1 - label
+    raise data.DataFormatError(
+        f"{file}: every label of its {used} is {label} ({sst2_data.LABELS[label]}), none is {other}; the "
+        f"reward model needs both classes: {more} {sst2_data.LABELS[other]} sentences"
+    )
+
+
 def load_labelled(setup: Setup, need: tuple[int, str] | None = None) -> tuple[Labelled, Labelled]:
     """(train, held-out) sentences with their labels as token arrays.
 
@@ -179,16 +200,20 @@ def load_labelled(setup: Setup, need: tuple[int, str] | None = None) -> tuple[La
       need: (rows, flag): refuse fewer training sentences than one batch of this flag.
 
     Raises:
-      ValueError: a bad file or fewer sentences than `need`; one line naming the split and the flag.
+      ValueError: a bad file, fewer sentences than `need`, or (when this run trains the reward model) training
+        sentences of one class only; one line naming the split or file and the flag. Every stage reads
+        this, so the refusal comes before SFT trains.
     """
     cfg = setup.cfg.data
     out = []
-    for split, limit, check in (
-        (cfg.train_split, cfg.max_rows, need),
-        (cfg.val_split, cfg.max_val_rows, None),
+    for split, limit, check, train in (
+        (cfg.train_split, cfg.max_rows, need, True),
+        (cfg.val_split, cfg.max_val_rows, None, False),
     ):
         rows = _rows(split, cfg, limit)
         _check_rows(len(rows), check, split, cfg)
+        if train and "rm" in setup.cfg.stage_list:
+            _check_classes(rows, split, cfg)
         encoded = encode_sentences(setup.tokenizer, [r["sentence"] for r in rows], cfg)
         out.append(Labelled(*encoded, np.asarray([r["label"] for r in rows], np.int32)))
     return out[0], out[1]
@@ -213,7 +238,8 @@ def rl_data(setup: Setup, need):
 
 RECIPE = instructgpt.make_recipe(
     "sst2", Sst2Config(),
-    instructgpt.Data(sft=lambda setup, need: load_sentences(setup, need), rm=rm_data, rl=rl_data, length=length,
-                     response_len=lambda cfg: cfg.data.response_tokens, answer_key="continuation"),
+    instructgpt.Data(sft=lambda setup, need: load_sentences(setup, need), rm=rm_data, rl=rl_data,
+                     length=length, response_len=lambda cfg: cfg.data.response_tokens,
+                     answer_key="continuation"),
     description=__doc__,
 )  # fmt: skip

@@ -1,6 +1,7 @@
 """UltraFeedback as token arrays for the recipe: chat-templated prompts left-padded to P, answers as the
 model writes them (text tokens and the end-of-turn) right-padded, every length counted without the chat
-template's special tokens; over-long prompts and answers are dropped and counted, never cut."""
+template's special tokens; over-long prompts and answers are dropped and counted, never cut, as are empty or
+whitespace-only prompts (nothing to answer: their answers would be noise, yet still paired)."""
 
 from __future__ import annotations
 
@@ -30,14 +31,19 @@ def prompt_budget(setup: Setup) -> int:
     return setup.cfg.data.max_prompt_tokens + template_special_tokens(setup.tokenizer, setup.cfg.data)
 
 
-def encode_prompts(setup: Setup, texts: list[str], index: np.ndarray) -> tuple[Prompts, int]:
-    """Chat-templated prompts (the generation prompt added) left-padded to P; prompts of more than
-    --data.max_prompt_tokens tokens (special tokens not counted) are dropped. Returns (the kept prompts,
-    the number dropped)."""
+def encode_prompts(setup: Setup, texts: list[str], index: np.ndarray) -> tuple[Prompts, dict[str, int]]:
+    """Chat-templated prompts (the generation prompt added) left-padded to P; empty or whitespace-only
+    prompts and prompts of more than --data.max_prompt_tokens tokens (special tokens not counted) are
+    dropped. Returns (the kept prompts, {"dropped_empty_prompt", "dropped_long_prompt"}: the numbers
+    dropped)."""
     cfg, tok = setup.cfg.data, setup.tokenizer
     width = prompt_budget(setup)
     kept, kept_index, kept_texts = [], [], []
+    empty = 0
     for text, i in zip(texts, index, strict=True):
+        if not text.strip():
+            empty += 1
+            continue
         enc = tok.apply_chat_template(
             messages(text, cfg), add_generation_prompt=True, date_string=cfg.date_string
         )
@@ -49,9 +55,8 @@ def encode_prompts(setup: Setup, texts: list[str], index: np.ndarray) -> tuple[P
         kept_texts.append(text)
     ids, mask = pad_batch(kept, width, pad_id=tok.pad_id, side="left") if kept else (
         np.zeros((0, width), np.int32), np.zeros((0, width), bool))  # fmt: skip
-    return Prompts(ids.astype(np.int32), mask, np.asarray(kept_index, np.int64), kept_texts), len(
-        texts
-    ) - len(kept)
+    dropped = {"dropped_empty_prompt": empty, "dropped_long_prompt": len(texts) - len(kept) - empty}
+    return Prompts(ids.astype(np.int32), mask, np.asarray(kept_index, np.int64), kept_texts), dropped
 
 
 def encode_answer_texts(
@@ -75,10 +80,10 @@ def load_rows(setup: Setup, split: str, limit: int) -> list[dict]:
 
 def load_comparisons(setup: Setup, split: str, limit: int) -> tuple[Comparisons, dict]:
     """UltraFeedback's (chosen, rejected) pairs of `split` as token arrays, with the counts of pairs dropped
-    for an over-long prompt or answer: (Comparisons, {"rows", "pairs", "dropped_long_prompt",
-    "dropped_long_answer"})."""
+    for an empty or over-long prompt or an over-long answer: (Comparisons, {"rows", "pairs",
+    "dropped_empty_prompt", "dropped_long_prompt", "dropped_long_answer"})."""
     rows = load_rows(setup, split, limit)
-    prompts, _ = encode_prompts(setup, [r["prompt"] for r in rows], np.arange(len(rows)))
+    prompts, dropped = encode_prompts(setup, [r["prompt"] for r in rows], np.arange(len(rows)))
     kept = [rows[i] for i in prompts.index]
     budget = setup.cfg.rm_answer_len - 1
     chosen, chosen_mask, chosen_fits = encode_answer_texts(setup, [r["chosen"] for r in kept], budget)
@@ -90,7 +95,7 @@ def load_comparisons(setup: Setup, split: str, limit: int) -> tuple[Comparisons,
         np.stack([chosen, rejected], axis=1)[fits],
         np.stack([chosen_mask, rejected_mask], axis=1)[fits],
     )
-    counts = {"rows": len(rows), "pairs": int(fits.sum()), "dropped_long_prompt": len(rows) - len(kept),
+    counts = {"rows": len(rows), "pairs": int(fits.sum()), **dropped,
               "dropped_long_answer": int((~fits).sum())}  # fmt: skip
     return pairs, counts
 
@@ -102,7 +107,8 @@ def chosen_rows(pairs: Comparisons) -> PromptAnswers:
 
 def iteration_prompts(setup: Setup, t: int) -> tuple[Prompts, dict]:
     """Iteration t's prompts: the training prompts that fit --data.max_prompt_tokens (chat-templated; the
-    others dropped and counted), --generate.prompts of them per iteration in order (wrapping; 0: all)."""
+    others, and empty ones, dropped and counted), --generate.prompts of them per iteration in order
+    (wrapping; 0: all)."""
     cfg = setup.cfg
     rows = load_rows(setup, "train", 0)
     prompts, dropped = encode_prompts(setup, [r["prompt"] for r in rows], np.arange(len(rows)))
@@ -111,4 +117,4 @@ def iteration_prompts(setup: Setup, t: int) -> tuple[Prompts, dict]:
     pick = (np.arange(k) + (t - 1) * k) % max(n, 1) if n else np.zeros(0, np.int64)
     picked = Prompts(prompts.prompt[pick], prompts.prompt_mask[pick], prompts.index[pick],
                      [prompts.texts[i] for i in pick])  # fmt: skip
-    return picked, {"train_prompts": len(rows), "dropped_long_prompt": dropped}
+    return picked, {"train_prompts": len(rows), **dropped}

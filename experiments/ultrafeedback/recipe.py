@@ -13,7 +13,8 @@ the data as token arrays; stages.py: the stages).
 Lengths are counted in tokens without the chat template's special tokens: a prompt of more than
 --data.max_prompt_tokens tokens is dropped and counted (never cut); an answer has at most
 --data.max_answer_tokens tokens and its end-of-turn (the sampler's budget), one that does not end in time
-is dropped as unfinished (--filter.no_eos_penalty -4 keeps it with that reward, as the REBEL authors do). Iteration t takes the next --generate.prompts training prompts (wrapping).
+is dropped as unfinished (--filter.no_eos_penalty -4 keeps it with that reward, as the REBEL authors do).
+Iteration t takes the next --generate.prompts training prompts (wrapping).
 Data lies under <out>/iter_t/, checkpoints under <out>/rm/ and <out>/rebel_t/.
 """
 
@@ -403,7 +404,8 @@ def _guard(setup: Setup, names: list[str]) -> None:
 RECIPE = recipe.Recipe(
     name="ultrafeedback", defaults=UfConfig(), make_setup=make_setup, runners=_Runners(),
     steps=lambda cfg, name: cfg.rm.steps if name == "rm" else None, names=instance_names,
-    finished=stage_finished, meta=stage_meta, checkpointed=lambda name: split_instance(name)[0] in ("rm", "rebel"),
+    finished=stage_finished, meta=stage_meta,
+    checkpointed=lambda name: split_instance(name)[0] in ("rm", "rebel"),
     exports=lambda cfg: {"policy": f"rebel_{cfg.iteration or cfg.iterations}",
                          **({"reward_model": "rm"} if cfg.score.reward == "rm" else {})},
     guard=_guard, check=check, inactive=_inactive_message, renamed={"--mesh_fsdp": "--mesh-fsdp"},

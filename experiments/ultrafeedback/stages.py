@@ -5,6 +5,7 @@ a `.summary`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -85,8 +86,9 @@ def run_generate(setup: Setup, t: int) -> loop.StageResult:
     prompts, counts = encoding.iteration_prompts(setup, t)
     if len(prompts.index) == 0:
         raise ValueError(
-            f"all {counts['train_prompts']} training prompts are longer than --data.max_prompt_tokens "
-            f"{cfg.data.max_prompt_tokens}: raise it"
+            f"none of the {counts['train_prompts']} training prompts is left: "
+            f"{counts['dropped_empty_prompt']} are empty, {counts['dropped_long_prompt']} longer than "
+            f"--data.max_prompt_tokens {cfg.data.max_prompt_tokens} (raise it)"
         )
     params, source = policy_params(setup, t)
     reference = common.base_params(setup) if needs_reference(cfg) and t > 1 else None
@@ -259,6 +261,7 @@ def run_filter(setup: Setup, t: int) -> loop.StageResult:
     stats = {
         "iteration": t,
         "train_prompts": gen["train_prompts"],
+        "dropped_empty_prompt": gen["dropped_empty_prompt"],
         "dropped_long_prompt": gen["dropped_long_prompt"],
         "answers": int(len(scores)),
         **pairs.selection_stats(selection),
@@ -306,7 +309,7 @@ def run_rebel(setup: Setup, t: int) -> loop.StageResult:
         root / "filter.json", f"the filter of iteration {t}", f"run --stages filter --iteration {t}"
     )
     rows, _, _ = iteration_rows(cfg, t)
-    selected = online.read_npz(root / "filter" / "pairs.npz")
+    selected = online.read_npz(root / "filter" / "pairs.npz", root / "filter.json")
     batch = pairs.pref_pairs(rows, selected, cfg.rebel.algo)
     params, source = policy_params(setup, t)
     return pairs.run_pair_stage(
@@ -322,4 +325,4 @@ def runner_of(name: str):
     stage, t = common.split_instance(name)
     if stage == "rm":
         return run_rm
-    return lambda setup: RUNNERS[stage](setup, t)
+    return functools.partial(RUNNERS[stage], t=t)

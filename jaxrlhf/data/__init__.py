@@ -11,7 +11,7 @@ Where the files come from (data_dir > $JAXRLHF_DATA_DIR > cache > checked downlo
 file that does not parse is a `DataFormatError` (a ValueError) naming the file, the line and the field.
 """
 
-from jaxrlhf.data.common import ChecksumError, DataFormatError, DataNotFoundError
+from jaxrlhf.data.common import CacheDirError, ChecksumError, DataFormatError, DataNotFoundError
 from jaxrlhf.data.sst2 import load_sst2
 from jaxrlhf.data.tldr import load_comparisons, load_tldr
 from jaxrlhf.data.tldr_prompt import format_tldr_prompt
@@ -19,6 +19,7 @@ from jaxrlhf.data.tweets import load_tweets
 from jaxrlhf.data.ultrafeedback import load_ultrafeedback
 
 __all__ = [
+    "CacheDirError",
     "ChecksumError",
     "DataFormatError",
     "DataNotFoundError",

@@ -12,7 +12,8 @@ A data set's source folder (the raw csv/tsv/jsonl files) is found in this order:
    is pinned.
 
 `<cache>` is the `cache_dir` argument, else `JAXRLHF_CACHE_DIR`, else `~/.cache/jaxrlhf`. Offline
-with no data, the loaders raise `DataNotFoundError` with one line that says what to do.
+with no data, the loaders raise `DataNotFoundError` with one line that says what to do; a cache that
+cannot be created (a read-only HOME) is a `CacheDirError` naming the folder and the setting to change.
 
 A `tfds.core.GeneratorBasedBuilder` turns the source files into array_record files under
 `<cache>/tfds/<name>-<fingerprint>/`; the fingerprint covers the source files' names, sizes and
@@ -54,6 +55,11 @@ class ChecksumError(ValueError):
 
 class DataFormatError(ValueError):
     """A source file that does not read as its data set; the message names the file, line and field."""
+
+
+class CacheDirError(ValueError):
+    """The cache folder cannot be created or written (a read-only HOME); the message names it and the way
+    out. A ValueError, so that a pipeline prints it as one line, not as a fault under --out."""
 
 
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
@@ -161,6 +167,30 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     return pathlib.Path(root).expanduser()
 
 
+def make_cache_dir(folder: pathlib.Path, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Creates `folder`, a folder under `cache_root(cache_dir)`, before anything is written there.
+
+    Raises:
+      CacheDirError: one line naming the cache folder, where it was set, why it cannot be made, and the
+        setting that moves it: the `cache_dir` given (--data.cache_dir), else $JAXRLHF_CACHE_DIR.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        if cache_dir:
+            given, fix = "--data.cache_dir", "pass a --data.cache_dir you can write to"
+        elif os.environ.get(ENV_CACHE_DIR):
+            given, fix = f"${ENV_CACHE_DIR}", f"set {ENV_CACHE_DIR} to a directory you can write to"
+        else:
+            given = f"the default {DEFAULT_CACHE_DIR}"
+            fix = f"set {ENV_CACHE_DIR} (or pass --data.cache_dir) to a directory you can write to"
+        raise CacheDirError(
+            f"cannot write the data cache {cache_root(cache_dir)} ({given}): {why}; {fix}"
+        ) from None
+    return folder
+
+
 def canonical_split(split: str, aliases: Mapping[str, str] = SPLIT_ALIASES) -> str:
     """Maps a user's split name ("valid", "dev", ...) onto the builders' names."""
     split = str(split)
@@ -248,7 +278,7 @@ def resolve_source_dir(
     downloaded = cache_root(cache_dir) / "downloads" / spec.subdir
     if all((downloaded / rel_path).exists() for rel_path in spec.downloads) and spec.downloads:
         return downloaded
-    return download_files(spec, downloaded)
+    return download_files(spec, make_cache_dir(downloaded, cache_dir))
 
 
 def builder_source_dir(dl_manager: Any, spec: DataSpec) -> pathlib.Path:
@@ -283,6 +313,8 @@ def prepare_builder(
     """Prepares `builder_cls` from `source_dir` as array_record under `<cache>/tfds/`, once."""
     fingerprint = source_fingerprint(spec.find_files(source_dir), source_dir)
     tfds_dir = cache_root(cache_dir) / "tfds" / f"{spec.subdir}-{fingerprint}"
+    if not tfds_dir.is_dir():  # a prepared cache on a read-only disk is still read
+        make_cache_dir(tfds_dir, cache_dir)
     builder = builder_cls(data_dir=os.fspath(tfds_dir), file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(source_dir), try_download_gcs=False)

@@ -6,6 +6,10 @@ unlabeled rows). Splits: train, validation (dev.tsv) and, when test.tsv is prese
 label -1 (GLUE keeps the test labels private). Sentences are lower-cased and tokenised as in GLUE;
 the trailing space before the tab is stripped. Downloads come from a pinned GitHub commit and are
 checked against their sha256.
+
+The files are read strictly (`read_tsv`): a row without its two fields or a label other than 0 / 1 (SST-2
+is binary: "2" or "pos" is a mistake, not a third class) is a `common.DataFormatError` naming the file and
+the line, raised before TFDS writes any split.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ DOWNLOADS = {
 }
 
 
+FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}  # split -> its file
 SPEC = common.file_spec("sst2", ("train.tsv", "dev.tsv"), DOWNLOADS, optional=("test.tsv",))
 
 
@@ -58,24 +63,54 @@ class Sst2Builder(common.SourceBuilder):
 
     def _split_generators(self, dl_manager):
         source_dir = common.builder_source_dir(dl_manager, SPEC)
-        splits = {
-            "train": self._generate_examples(source_dir / "train.tsv", labeled=True),
-            "validation": self._generate_examples(source_dir / "dev.tsv", labeled=True),
-        }
-        if (source_dir / "test.tsv").is_file():
-            splits["test"] = self._generate_examples(source_dir / "test.tsv", labeled=False)
-        return splits
+        # Every file is read (and checked) before TFDS starts writing any split.
+        rows = {split: read_tsv(source_dir / name) for split, name in FILES.items() if split != "test"}
+        if (source_dir / FILES["test"]).is_file():
+            rows["test"] = read_tsv(source_dir / FILES["test"], labeled=False)
+        return {split: self._generate_examples(split_rows) for split, split_rows in rows.items()}
 
-    def _generate_examples(self, path: pathlib.Path, labeled: bool):
-        with open(path, encoding="utf-8") as f:
-            next(f)  # header
-            for index, line in enumerate(f):
-                fields = line.rstrip("\n").split("\t")
-                if labeled:  # sentence<TAB>label
-                    sentence, label = fields[0], int(fields[1])
-                else:  # index<TAB>sentence
-                    sentence, label = fields[1], -1
-                yield index, {"sentence": sentence.strip(), "label": label}
+    def _generate_examples(self, rows: list[dict]):
+        yield from enumerate(rows)
+
+
+def read_tsv(path: pathlib.Path, labeled: bool = True) -> list[dict[str, str | int]]:
+    """Every row of an SST-2 tsv as {"sentence" (stripped), "label"} in file order: sentence<TAB>label
+    (0 or 1) when `labeled`, else index<TAB>sentence with label -1. Blank lines are skipped.
+
+    Raises:
+      common.DataFormatError: one line naming the file and line of the first row that does not read: not
+        two tab-separated fields, a label other than 0 / 1, not UTF-8.
+    """
+    header = "sentence<TAB>label" if labeled else "index<TAB>sentence"
+    rows = []
+    for number, text in common.read_lines(path):
+        line = text.rstrip("\r\n")
+        if number == 1 or not line.strip():  # the header, a blank line
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise common.DataFormatError(
+                f"{path}:{number}: {len(fields)} tab-separated fields; expected 2 ({header})"
+            )
+        if not labeled:
+            rows.append({"sentence": fields[1].strip(), "label": -1})
+            continue
+        label = fields[1].strip()
+        if label not in ("0", "1"):
+            raise common.DataFormatError(
+                f"{path}:{number}: label {fields[1]!r} is not 0 (negative) or 1 (positive); SST-2 has two "
+                "classes: fix or drop the row"
+            )
+        rows.append({"sentence": fields[0].strip(), "label": int(label)})
+    return rows
+
+
+def source_file(
+    split: str, data_dir: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None
+) -> pathlib.Path:
+    """The tsv file `load_sst2(split, data_dir)` reads (after that call found or downloaded it)."""
+    folder = common.resolve_source_dir(SPEC, data_dir, cache_dir=cache_dir)
+    return folder / FILES.get(common.canonical_split(split), f"{split}.tsv")
 
 
 def load_sst2(

@@ -293,8 +293,8 @@ def make_parser(defaults: Any, *, description: str = "", prog: str | None = None
     )
     parser.add_argument(
         "--config", metavar="FILE", default=None,
-        help="a YAML or JSON file of these flags' values, nested as the flags are ({'rl': {'kl_coef': 0.1}}); "
-        "flags on the command line override it",
+        help="a YAML or JSON file of these flags' values, nested as the flags are "
+        "({'rl': {'kl_coef': 0.1}}); flags on the command line override it",
     )  # fmt: skip
     add_config_flags(parser, defaults)
     return parser

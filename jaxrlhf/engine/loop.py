@@ -13,6 +13,9 @@ Faults (the pipelines rely on these):
   - SIGTERM or SIGINT (Ctrl-C) during a stage saves a checkpoint at the next step boundary and raises
     `Preempted`
     (exit code 143, 130 for SIGINT) after one line on stderr; a resume then continues as after a SIGKILL.
+    Other loops that write whole pieces (the online data stages' shards) stop the same way
+    (`stop_requests`, `preempted`). Outside such loops (setup, data preparation) a pipeline's `interrupts`
+    turns Ctrl-C into a KeyboardInterrupt at once and remembers it (`interrupted`).
 """
 
 from __future__ import annotations
@@ -219,12 +222,60 @@ class Preempted(SystemExit):
         return self.message
 
 
-class _StopRequests:
-    """The first stopping signal (SIGTERM or SIGINT) that arrived while inside, or 0; a second SIGINT
-    raises KeyboardInterrupt at once (a user who does not want to wait for the step boundary)."""
+class _Interrupt:
+    """The SIGINT that `interrupts` raised as a KeyboardInterrupt (0: none), kept until it ends."""
+
+    signum = 0
+
+
+@contextlib.contextmanager
+def interrupts():
+    """While inside (a pipeline's whole run), Ctrl-C (SIGINT) outside a step loop raises KeyboardInterrupt at
+    once and is remembered (`interrupted`): Python drops a KeyboardInterrupt raised inside a garbage
+    collector callback or a __del__ (it only prints "Exception ignored"), so the run checks at its next
+    boundary (a stage, a shard, a step: `stop_requests` takes it as a stop request) and stops there. Those
+    dropped KeyboardInterrupts are not printed. Main thread only (signal handlers live there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        _Interrupt.signum = signum
+        raise KeyboardInterrupt
+
+    def unraisable(info):
+        if not (info.exc_type and issubclass(info.exc_type, KeyboardInterrupt)):
+            hook(info)
+
+    hook = sys.unraisablehook
+    previous = signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
+        _Interrupt.signum = 0
+
+
+def interrupted() -> bool:
+    """Whether a Ctrl-C arrived under `interrupts` (even one whose KeyboardInterrupt was dropped)."""
+    return bool(_Interrupt.signum)
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C arrived under `interrupts` (a boundary of the run)."""
+    if _Interrupt.signum:
+        raise KeyboardInterrupt
+
+
+class StopRequests:
+    """The first stopping signal (SIGTERM or SIGINT) that arrived while inside, or 0 (a Ctrl-C that arrived
+    before, under `interrupts`, counts); a second SIGINT raises KeyboardInterrupt at once (a user who does
+    not want to wait for the boundary)."""
 
     def __init__(self):
-        self.signum = 0
+        self.signum = _Interrupt.signum
 
     def _handler(self, signum, frame):
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
@@ -233,9 +284,10 @@ class _StopRequests:
 
 
 @contextlib.contextmanager
-def _stop_requests():
-    """Catch SIGTERM and SIGINT while inside (main thread only: signal handlers live there)."""
-    requests = _StopRequests()
+def stop_requests():
+    """Catch SIGTERM and SIGINT while inside (main thread only: signal handlers live there): a loop checks
+    `stop_requested` at each boundary and stops there (`preempted`)."""
+    requests = StopRequests()
     if threading.current_thread() is not threading.main_thread():
         yield requests
         return
@@ -247,13 +299,25 @@ def _stop_requests():
             signal.signal(s, handler)
 
 
-def _stop_requested(requests: _StopRequests) -> int:
+def stop_requested(requests: StopRequests) -> int:
     """The signal any process got (0: none); collective with several processes, so all stop at one step."""
     if jax.process_count() == 1:
         return requests.signum
     from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.int32(requests.signum))))
+
+
+def preempted(signum: int, what: str) -> Preempted:
+    """The `Preempted` of a loop stopped at a boundary by `signum`, its one line printed (process 0):
+    "<SIGNAL>: stopped <what>; rerun with --resume to continue (exit code N)"."""
+    message = (
+        f"{signal.Signals(signum).name}: stopped {what}; rerun with --resume to continue (exit code "
+        f"{128 + signum})"
+    )
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+    return Preempted(message, signum)
 
 
 @dataclasses.dataclass
@@ -384,7 +448,7 @@ def run_stage(
     end = n_steps if stop_after is None else min(n_steps, start + stop_after)
     stopped_at = None  # the step a SIGTERM stopped the stage at (saved there)
     try:
-        with _stop_requests() as requests:
+        with stop_requests() as requests:
             for step in range(start, end):
                 key = jax.random.fold_in(root_key, step)
                 t0 = time.perf_counter()
@@ -412,7 +476,7 @@ def run_stage(
                     bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:4]}, refresh=False)
                 bar.update(1)
                 trim()
-                stop = _stop_requested(requests)
+                stop = stop_requested(requests)
                 if ((ckpt_every and (step + 1) % ckpt_every == 0) or stop) and not last:
                     save(step + 1)
                 if stop:
@@ -420,7 +484,7 @@ def run_stage(
                     break
             if end == n_steps and (start < n_steps or not checkpoint.has_stage(run_dir, stage)):
                 save(n_steps)
-            if stopped_at is None and _stop_requested(requests):  # during the final save or evaluation
+            if stopped_at is None and stop_requested(requests):  # during the final save or evaluation
                 stopped_at = end
     finally:
         bar.close()
@@ -428,15 +492,11 @@ def run_stage(
         sinks.close()
         compile_time.close()
     if stopped_at is not None:
-        signum = _stop_requested(requests)
-        message = (
-            f"{signal.Signals(signum).name}: stopped {stage} at step {stopped_at} of {n_steps}, checkpoint "
-            f"saved under {checkpoint.resolve(run_dir) / stage}; rerun with --resume to continue (exit code "
-            f"{128 + signum})"
+        raise preempted(
+            stop_requested(requests),
+            f"{stage} at step {stopped_at} of {n_steps}, checkpoint saved under "
+            f"{checkpoint.resolve(run_dir) / stage}",
         )
-        if jax.process_index() == 0:
-            print(message, file=sys.stderr, flush=True)
-        raise Preempted(message, signum)
     jax.block_until_ready(state)
     t_end = time.perf_counter()
     wall = t_end - t_stage

@@ -14,12 +14,14 @@ hidden state, jittable and vmappable. Conventions:
 - What the formula treats as constant (advantages, returns, old logprobs and values, reference
   logprobs, reward targets) goes through `jax.lax.stop_gradient`.
 - String and None options (`kind`, `loss_type`, `clip_eps_high`, `dual_clip`, `logits`,
-  `aggregation`, `ratio_level`) are static Python values; an unknown option raises ValueError.
+  `aggregation`, `ratio_level`, `level`, `mode`) are static Python values; an unknown option raises
+  ValueError.
 - Computation runs in at least float32 (bf16 inputs are promoted).
 - Arguments are checked before anything is computed, with a one-line ValueError naming the function and
   the argument: every array's shape against the others (static, so also under `jax.jit`, `jax.vmap` and
   `jax.shard_map`, with the per-example / per-device shapes), and parameters (beta, eta, clip ranges > 0;
-  gamma, lam in [0, 1]; label_smoothing in [0, 0.5); finiteness) when they arrive as concrete numbers.
+  CISPO's clip ranges >= 0; gamma, lam in [0, 1]; label_smoothing in [0, 0.5); top_fraction in (0, 1]; an
+  importance-weight cap >= 1; finiteness) when they arrive as concrete numbers.
   A parameter passed as a traced value is checked for its rank only. The checks are Python code that
   runs at trace time: compiled programs contain none of them. An all-False mask where a mean is taken
   gives 0, never NaN (a fully padded micro-batch or shard is legal).
@@ -32,6 +34,8 @@ means and Dr. GRPO's normaliser count the global rows, ratio_max is a pmax. With
 result is what it always was (bit for bit). Per-row functions take no `axis_name`: `sequence_logprobs`,
 `kl_penalty`, `shaped_rewards`, `compute_gae`, and the group baselines `rloo_advantages` /
 `grpo_advantages`, whose groups must each live on one device (see `losses.advantages`).
+`mismatch_weights` computes its weights per token or row and takes `axis_name` for its metrics only;
+`entropy_mask` thresholds at the global batch's order statistic (an all_gather of the entropies).
 
 A data-parallel step then differentiates the global loss directly (measured on JAX 0.10 with
 shard_map's default `check_vma=True`): with params replicated (`P()`) and the batch split (`P('data')`),
@@ -43,12 +47,19 @@ The functions live in one module per family and are all re-exported here:
   lm          sequence_logprobs, sft_loss
   reward      pairwise_rm_loss, binary_rm_loss, kway_rm_loss, reward_gain_bias, reward_centring_loss
   kl          kl_penalty, shaped_rewards, kl_loss, KLControllerState, init/update_kl_controller
-  advantages  compute_gae, whiten_advantages, rloo_advantages, grpo_advantages
-  policy      AGGREGATIONS, RATIO_LEVELS, aggregate, pg_loss, ppo_policy_loss, value_loss, entropy_bonus
+  advantages  compute_gae, whiten_advantages, reinforce_pp_advantages, rloo_advantages, grpo_advantages
+  policy      AGGREGATIONS, RATIO_LEVELS, aggregate, pg_loss, ppo_policy_loss, cispo_loss, value_loss,
+              entropy_bonus, entropy_mask, MISMATCH_LEVELS, MISMATCH_MODES, mismatch_weights
   preference  rebel_loss, dpo_loss
 """
 
-from jaxrlhf.losses.advantages import compute_gae, grpo_advantages, rloo_advantages, whiten_advantages
+from jaxrlhf.losses.advantages import (
+    compute_gae,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    whiten_advantages,
+)
 from jaxrlhf.losses.kl import (
     KLControllerState,
     init_kl_controller,
@@ -60,9 +71,14 @@ from jaxrlhf.losses.kl import (
 from jaxrlhf.losses.lm import sequence_logprobs, sft_loss
 from jaxrlhf.losses.policy import (
     AGGREGATIONS,
+    MISMATCH_LEVELS,
+    MISMATCH_MODES,
     RATIO_LEVELS,
     aggregate,
+    cispo_loss,
     entropy_bonus,
+    entropy_mask,
+    mismatch_weights,
     pg_loss,
     ppo_policy_loss,
     value_loss,
@@ -78,22 +94,28 @@ from jaxrlhf.losses.reward import (
 
 __all__ = [
     "AGGREGATIONS",
+    "MISMATCH_LEVELS",
+    "MISMATCH_MODES",
     "RATIO_LEVELS",
     "KLControllerState",
     "aggregate",
+    "cispo_loss",
     "compute_gae",
     "dpo_loss",
     "entropy_bonus",
+    "entropy_mask",
     "grpo_advantages",
     "init_kl_controller",
     "kl_loss",
     "kl_penalty",
     "kway_rm_loss",
+    "mismatch_weights",
     "pairwise_rm_loss",
     "binary_rm_loss",
     "pg_loss",
     "ppo_policy_loss",
     "rebel_loss",
+    "reinforce_pp_advantages",
     "reward_centring_loss",
     "reward_gain_bias",
     "rloo_advantages",

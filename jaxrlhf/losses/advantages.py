@@ -1,10 +1,10 @@
-"""Advantage estimators: GAE, batch whitening, and the group baselines of RLOO and GRPO.
+"""Advantage estimators: GAE, batch whitening, REINFORCE++, and the group baselines of RLOO and GRPO.
 
-Under `jax.shard_map` only `whiten_advantages` reduces over the batch (it takes `axis_name`). GAE runs per
-row; RLOO and GRPO use per-group statistics and take no `axis_name`: a group is one row of their [B, K]
-input, and for a flat rollout batch reshaped to [B / K, K] the K answers of a prompt are K consecutive
-rows, so each device's share of the batch must hold whole groups (its row count a multiple of K, which a
-batch split on axis 0 into equal shards of whole groups gives).
+Under `jax.shard_map` only `whiten_advantages` and `reinforce_pp_advantages` reduce over the batch (they take
+`axis_name`). GAE runs per row; RLOO and GRPO use per-group statistics and take no `axis_name`: a group is one
+row of their [B, K] input, and for a flat rollout batch reshaped to [B / K, K] the K answers of a prompt are K
+consecutive rows, so each device's share of the batch must hold whole groups (its row count a multiple of K,
+which a batch split on axis 0 into equal shards of whole groups gives).
 """
 
 from __future__ import annotations
@@ -61,10 +61,12 @@ def compute_gae(
     _check_param(fn, "lam", lam, low=0.0, high=1.0)
     rewards = _float(rewards)
     values = _float(values).astype(rewards.dtype)
-    batch = rewards.shape[0]
-    next_value = jnp.zeros((batch,), rewards.dtype)
+    # A [B] zero derived from the inputs, so that inside `jax.shard_map` the scan's initial carry varies over
+    # the same mesh axes as its output (a fresh jnp.zeros would not, and the scan would be refused).
+    zero = jnp.zeros_like(jnp.where(response_mask[:, 0], rewards[:, 0], values[:, 0]))  # [B]
+    next_value = zero
     if last_value is not None:
-        next_value = jnp.broadcast_to(jnp.asarray(last_value, rewards.dtype), (batch,))
+        next_value = zero + jnp.asarray(last_value, rewards.dtype)
 
     def step(carry, inputs):
         next_value, next_advantage = carry  # [B], [B]
@@ -74,7 +76,7 @@ def compute_gae(
         carry = (jnp.where(mask, value, next_value), jnp.where(mask, advantage, next_advantage))
         return carry, jnp.where(mask, advantage, 0.0)
 
-    init = (next_value, jnp.zeros((batch,), rewards.dtype))
+    init = (next_value, zero)
     inputs = (rewards.T, values.T, response_mask.T)  # time-major [R, B]
     _, advantages = jax.lax.scan(step, init, inputs, reverse=True)
     advantages = advantages.T  # [B, R]
@@ -178,3 +180,65 @@ def grpo_advantages(
     # sqrt has an infinite derivative at 0: keep the gradient finite for groups of equal scores.
     std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
     return centred / (std + eps)
+
+
+def reinforce_pp_advantages(
+    scores: jax.Array,
+    kl: jax.Array,
+    response_mask: jax.Array,
+    *,
+    kl_coef: jax.Array | float,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+    axis_name: ops.AxisName = None,
+) -> jax.Array:
+    """REINFORCE++ advantages: KL-shaped returns, whitened over every real token of the global batch.
+
+    r_t = [t = last real token] * score - beta * KL_t,   G_t = sum_{u >= t} gamma^(u - t) r_u,
+    A_t = (G_t - mean(G)) / sqrt(max(var(G), eps)),
+    mean and (population) variance over all real tokens of the batch, no critic and no per-prompt group.
+    With gamma = 1, G_t = score - beta * sum_{u >= t} KL_u. Hu et al. 2025, "REINFORCE++: Stabilizing
+    Critic-Free Policy Optimization with Global Normalization", arXiv 2501.03262 (global advantage
+    normalisation); the reference implementation is OpenRLHF's advantage_estimator="reinforce"
+    (experience_maker.py: get_cumulative_returns, then the batch normalisation with
+    var.clamp(min=1e-8).rsqrt()), which this follows. "REINFORCE++ w/ baseline" (OpenRLHF
+    "reinforce_baseline") subtracts each prompt group's mean score first: pass
+    `grpo_advantages(scores.reshape(-1, K), scale_by_std=False).reshape(-1)` as `scores`. Feed the result
+    to `pg_loss` or `ppo_policy_loss` as constant per-token advantages.
+
+    Discounting runs over real tokens, skipping padding anywhere in a row (as `compute_gae` does); for
+    right-padded responses this is OpenRLHF's loop exactly.
+
+    Args:
+      scores: [B] sequence scores (reward model or verifier), added at each row's last real token.
+      kl: [B, R] per-token KL estimates, e.g. `kl_penalty(old_logprobs, ref_logprobs, "k1")` (the paper's
+        k1 of pi_old against the SFT reference; constant).
+      response_mask: [B, R] bool, True = real token. A fully masked row gets no score and no penalty.
+      kl_coef: beta >= 0 (a scalar; its value is checked when not traced).
+      gamma: discount in [0, 1] (1 in the paper).
+      eps: floor >= 0 of the variance (OpenRLHF's 1e-8), so a batch of equal returns gives finite zeros.
+      axis_name: mesh axis (or axes) the batch is split over inside `jax.shard_map`: the mean and the
+        variance are then those of every device's real tokens together (the returns are per row).
+
+    Returns:
+      [B, R] advantages under stop_gradient, 0 on padding.
+    """
+    fn = "reinforce_pp_advantages"
+    _check_rank(fn, "[B, R]", kl=kl)
+    _check_same_shape(fn, "kl", kl, response_mask=response_mask)
+    _check_rank(fn, "[B] (one score per sequence)", scores=scores)
+    _check_prefix(fn, "kl", kl, 1, scores=scores)
+    _check_param(fn, "kl_coef", kl_coef, low=0.0)
+    _check_param(fn, "gamma", gamma, low=0.0, high=1.0)
+    _check_param(fn, "eps", eps, low=0.0)
+    kl = _zero_padding(response_mask, jax.lax.stop_gradient(_float(kl)))
+    scores = jax.lax.stop_gradient(_float(scores)).astype(kl.dtype)
+    positions = jnp.arange(response_mask.shape[1])
+    is_last = (positions == ops.last_index(response_mask)[:, None]) & response_mask  # [B, R]
+    rewards = jnp.where(is_last, scores[:, None], 0.0) - kl_coef * kl  # [B, R]
+    # Returns = GAE with V = 0 and lambda = 1: G_t = r_t + gamma G_next over real tokens.
+    returns, _ = compute_gae(rewards, jnp.zeros_like(rewards), response_mask, gamma, 1.0)
+    mean = ops.masked_mean(returns, response_mask, axis_name=axis_name)
+    var = ops.masked_var(returns, response_mask, unbiased=False, axis_name=axis_name)
+    white = (returns - mean) * jax.lax.rsqrt(jnp.maximum(var, eps))
+    return jax.lax.stop_gradient(_zero_padding(response_mask, white))

@@ -1,18 +1,24 @@
-"""Policy-gradient losses: aggregation, REINFORCE, PPO (token or GSPO sequence ratio), value, entropy."""
+"""Policy-gradient losses: aggregation, REINFORCE, PPO (token or GSPO sequence ratio), CISPO, value,
+entropy; and the token selection and reweighting that feed them (high-entropy tokens, rollout-mismatch
+importance weights)."""
 
 from __future__ import annotations
+
+import fractions
 
 import jax
 import jax.numpy as jnp
 
 from jaxrlhf import ops
 from jaxrlhf.losses._common import (
+    _check_choice,
     _check_param,
     _check_positive,
     _check_prefix,
     _check_rank,
     _check_same_shape,
     _float,
+    _is_traced,
     _zero_padding,
 )
 
@@ -313,3 +319,218 @@ def entropy_bonus(
     _check_prefix("entropy_bonus", "logits", logits, 2, response_mask=response_mask)
     mean_entropy = ops.masked_mean(ops.entropy(logits), response_mask, axis_name=axis_name)
     return -mean_entropy, {"loss": -mean_entropy, "entropy": mean_entropy}
+
+
+def cispo_loss(
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    advantages: jax.Array,
+    response_mask: jax.Array,
+    clip_eps_low: float | None = None,
+    clip_eps_high: float = 4.0,
+    aggregation: str = "token_mean",
+    *,
+    axis_name: ops.AxisName = None,
+) -> tuple[jax.Array, dict]:
+    """CISPO: REINFORCE with a clipped, stop-gradient importance weight on every token's log-prob.
+
+    r_t = exp(log pi(y_t) - log pi_old(y_t)),  w_t = sg(clip(r_t, 1 - eps_low, 1 + eps_high)),
+    L = -sum_{b,t} m_bt w_bt A_bt log pi(y_bt) / sum m   (the default "token_mean"),
+    so grad L = -E_tokens[w A grad log pi]: unlike PPO's clip, which drops the gradient of a token whose
+    ratio left the trust region, every token keeps its gradient and only its weight is bounded.
+    MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention",
+    arXiv 2506.13585, the CISPO objective (the paper sets no lower bound in practice: eps_low large).
+    TRL implements it as GRPOConfig(loss_type="cispo"): clamp(r, max=epsilon_high) with no lower bound,
+    divided by the global count of real tokens; TRL's epsilon_high is the weight cap itself (ScaleRL's
+    eps_max, Khatri et al. 2025, arXiv 2510.13786; TRL recommends 5.0), which is 1 + clip_eps_high here:
+    the defaults (no lower bound, clip_eps_high 4.0, "token_mean") are TRL's CISPO with epsilon_high=5.0.
+    At r = 1 (on-policy) the value and the gradient equal `pg_loss`'s.
+
+    Args:
+      logprobs: [B, R] log pi of the sampled tokens under the current policy (differentiated).
+      old_logprobs: [B, R] log pi_old of the same tokens (the policy that sampled them; constant).
+      advantages: [B] sequence advantages (broadcast to every token) or [B, R] per-token ones (constant).
+      response_mask: [B, R] bool, True = real token.
+      clip_eps_low: eps_low >= 0 (the weight's floor is 1 - eps_low), or None for no floor (MiniMax-M1,
+        TRL).
+      clip_eps_high: eps_high >= 0, the weight's cap is 1 + eps_high. Values are checked when concrete.
+      aggregation: how per-token terms become the loss (`aggregate`); "token_mean" is MiniMax-M1's and
+        TRL's normaliser.
+      axis_name: mesh axis (or axes) the batch is split over inside `jax.shard_map`; the loss and every
+        metric are then the global ones (ratio_max through pmax).
+
+    Returns:
+      (loss, metrics) with "loss", "clipfrac" (fraction of real tokens whose weight was clipped, on either
+      side and for either sign of A), "ratio_mean" and "ratio_max" (of r over real tokens).
+    """
+    fn = "cispo_loss"
+    _check_aggregation(fn, aggregation)
+    _check_param(fn, "clip_eps_low", clip_eps_low, low=0.0)
+    _check_param(fn, "clip_eps_high", clip_eps_high, low=0.0)
+    _check_per_token(fn, "logprobs", logprobs, old_logprobs=old_logprobs, response_mask=response_mask)
+    _check_seq_or_token(fn, "advantages", advantages, logprobs)
+    logprobs = _zero_padding(response_mask, _float(logprobs))
+    old_logprobs = jax.lax.stop_gradient(_float(old_logprobs))
+    log_ratio = _zero_padding(response_mask, jax.lax.stop_gradient(logprobs) - old_logprobs)  # [B, R]
+    ratio = jnp.exp(log_ratio)  # [B, R], constant
+    weight = jnp.minimum(ratio, 1.0 + clip_eps_high)
+    if clip_eps_low is not None:
+        weight = jnp.maximum(weight, 1.0 - clip_eps_low)
+    advantages = _float(advantages)
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]
+    advantages = jax.lax.stop_gradient(jnp.broadcast_to(advantages, logprobs.shape))  # [B, R]
+    advantages = _zero_padding(response_mask, advantages)
+    loss = aggregate(-weight * advantages * logprobs, response_mask, aggregation, axis_name=axis_name)
+    clipped = (weight != ratio).astype(ratio.dtype)
+    return loss, {
+        "loss": loss,
+        "clipfrac": ops.masked_mean(clipped, response_mask, axis_name=axis_name),
+        "ratio_mean": ops.masked_mean(ratio, response_mask, axis_name=axis_name),
+        "ratio_max": ops.pmax(jnp.max(_zero_padding(response_mask, ratio)), axis_name),
+    }
+
+
+# ------------------------------------------------------------------ token selection and reweighting
+
+_EXACT_DENOMINATOR = 2**15  # top fractions with a decimal denominator up to this count in exact integers
+
+
+def _top_count(count: jax.Array, top_fraction) -> jax.Array:
+    """ceil(top_fraction * count) for an int32 `count`: exact integer arithmetic when `top_fraction` is a
+    concrete number with a short decimal form (0.2 = 1/5, 0.3 = 3/10, ...; float 0.3 * 10 would round to
+    3.0000000000000004 and keep 4), float32 otherwise (a traced fraction)."""
+    if not _is_traced(top_fraction):
+        frac = fractions.Fraction(repr(float(top_fraction)))
+        if frac.denominator <= _EXACT_DENOMINATOR:
+            p, d = frac.numerator, frac.denominator  # p <= d, so (count % d) * p < 2**30 fits int32
+            return (count // d) * p + ((count % d) * p + d - 1) // d
+    q = jnp.asarray(top_fraction, jnp.float32)
+    return jnp.ceil(q * count.astype(jnp.float32)).astype(jnp.int32)
+
+
+def entropy_mask(
+    entropy: jax.Array,
+    response_mask: jax.Array,
+    *,
+    top_fraction: float,
+    axis_name: ops.AxisName = None,
+) -> jax.Array:
+    """The real tokens whose entropy is among the top `top_fraction` of the batch's real tokens.
+
+    With n real tokens in the (global) batch and k = ceil(q n), the threshold tau is the k-th largest
+    entropy and the mask is m_bt & (H_bt >= tau): k tokens when no entropy ties tau (ties at tau are all
+    kept), every real token at q = 1, none for an empty batch. Wang et al. 2025, "Beyond the 80/20 Rule:
+    High-Entropy Minority Tokens Drive Effective Reinforcement Learning for LLM Reasoning",
+    arXiv 2506.01939: only the top 20% (q = 0.2) high-entropy "forking" tokens carry the policy gradient,
+    with the batch-level threshold (TRL: GRPOConfig(top_entropy_quantile=q), which thresholds at a
+    linearly interpolated quantile instead of the k-th value, so its count can differ by one).
+
+    Use: pass `response_mask & entropy_mask(...)` as the mask of a policy loss (`pg_loss`,
+    `ppo_policy_loss`, `cispo_loss`): the other tokens then carry exactly zero gradient. With
+    "token_mean" that loss averages over the kept tokens; the paper (and TRL) divide by every real token,
+    i.e. multiply that loss by kept / n (`ops.masked_sum` of the two masks, with the same `axis_name`).
+
+    Inside `jax.shard_map` with `axis_name`, the threshold is the global batch's: every device
+    `jax.lax.all_gather`s the [B, R] entropies (4 bytes per token of the global batch) and sorts them,
+    so the mask is bit for bit the unsharded one (an exact order statistic; no approximate psum quantile).
+
+    Args:
+      entropy: [B, R] per-token entropies of the policy, e.g. `ops.entropy(logits)` (no gradient flows).
+      response_mask: [B, R] bool, True = real token.
+      top_fraction: q in (0, 1], the fraction of real tokens to keep. A concrete q with at most a short
+        decimal denominator (<= 2**15: 0.2, 0.25, 0.123) gives k exactly; a traced q rounds in float32.
+      axis_name: mesh axis (or axes) the batch is split over inside `jax.shard_map`.
+
+    Returns:
+      [B, R] bool mask, False on padding.
+    """
+    fn = "entropy_mask"
+    _check_param(fn, "top_fraction", top_fraction, low=0.0, low_open=True, high=1.0)
+    _check_rank(fn, "[B, R]", entropy=entropy)
+    _check_same_shape(fn, "entropy", entropy, response_mask=response_mask)
+    entropy = jax.lax.stop_gradient(_float(entropy))
+    values = jnp.where(response_mask, entropy, -jnp.inf)  # [B, R]
+    if axis_name is not None:
+        values = jax.lax.all_gather(values, axis_name, tiled=True)  # [B_global, R]
+    ordered = jnp.sort(values.ravel())  # ascending; padding (-inf) first
+    count = ops.psum(jnp.sum(response_mask, dtype=jnp.int32), axis_name)
+    k = jnp.clip(_top_count(count, top_fraction), 0, count)
+    threshold = ordered[ordered.size - jnp.maximum(k, 1)]
+    return response_mask & (entropy >= threshold) & (k > 0)
+
+
+MISMATCH_LEVELS = ("token", "sequence")
+MISMATCH_MODES = ("truncate", "mask")
+
+
+def mismatch_weights(
+    learner_logprobs: jax.Array,
+    sampler_logprobs: jax.Array,
+    response_mask: jax.Array,
+    *,
+    level: str = "token",
+    mode: str = "truncate",
+    cap: float = 2.0,
+    axis_name: ops.AxisName = None,
+) -> tuple[jax.Array, dict]:
+    """Importance weights that correct the rollout engine / learner mismatch (truncated or masked IS).
+
+    The sampler (vLLM, SGLang, a quantised or differently-kerneled copy) samples from mu while the learner
+    computes pi_old for the same weights; the tokens are then off-policy for pi_old. With
+    rho = pi_old(y_t) / mu(y_t) per token ("token") or rho = prod_t pi_old / mu over a row's real tokens
+    ("sequence", every token of the row gets it):
+      truncate (TIS):  w = min(rho, C);
+      mask (MIS):      w = rho if rho <= C else 0 (the token or sequence is dropped).
+    Multiply the per-token policy loss by w, or, the same for every policy loss here (w >= 0 scales each
+    per-token term: REINFORCE, PPO's min / max, the dual clip, CISPO), pass `advantages * w` (broadcast
+    [B] advantages to [B, R] first). Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+    Off-Policy RL Training" (https://fengyao.notion.site/off-policy-rl), truncated IS; masked and
+    sequence-level variants as in TRL's GRPOConfig(vllm_importance_sampling_mode="token_truncate" |
+    "token_mask" | "sequence_truncate" | "sequence_mask", vllm_importance_sampling_clip_max=C) with no
+    lower bound (its C_min None); TRL's default is "sequence_mask" with C = 3.
+
+    Args:
+      learner_logprobs: [B, R] log pi_old of the sampled tokens, recomputed by the learner (constant).
+      sampler_logprobs: [B, R] log mu of the same tokens, as the sampler reported them (constant).
+      response_mask: [B, R] bool, True = real token.
+      level: "token" or "sequence" (static).
+      mode: "truncate" or "mask" (static).
+      cap: C >= 1 (checked when concrete).
+      axis_name: mesh axis (or axes) the batch is split over inside `jax.shard_map`, for the metrics; the
+        weights are per token or per row and need no collective.
+
+    Returns:
+      (weights [B, R] under stop_gradient, 0 on padding; metrics) with "mean_weight" and
+      "clipped_fraction" (truncate) or "masked_fraction" (mask): the mean of w and the fraction with
+      rho > C, over real tokens for "token", over non-empty rows for "sequence" (as TRL logs them).
+    """
+    fn = "mismatch_weights"
+    _check_choice(fn, "level", level, MISMATCH_LEVELS)
+    _check_choice(fn, "mode", mode, MISMATCH_MODES)
+    _check_param(fn, "cap", cap, low=1.0)
+    _check_per_token(
+        fn,
+        "learner_logprobs",
+        learner_logprobs,
+        sampler_logprobs=sampler_logprobs,
+        response_mask=response_mask,
+    )
+    learner = jax.lax.stop_gradient(_float(learner_logprobs))
+    sampler = jax.lax.stop_gradient(_float(sampler_logprobs)).astype(learner.dtype)
+    log_ratio = _zero_padding(response_mask, learner - sampler)  # [B, R]
+    unit_mask = response_mask
+    if level == "sequence":
+        log_ratio = jnp.sum(log_ratio, axis=-1)  # [B]
+        unit_mask = jnp.any(response_mask, axis=-1)  # [B]
+    ratio = jnp.exp(log_ratio)
+    beyond = ratio > cap
+    weights = jnp.minimum(ratio, cap) if mode == "truncate" else jnp.where(beyond, 0.0, ratio)
+    fraction = "clipped_fraction" if mode == "truncate" else "masked_fraction"
+    metrics = {
+        "mean_weight": ops.masked_mean(weights, unit_mask, axis_name=axis_name),
+        fraction: ops.masked_mean(beyond.astype(weights.dtype), unit_mask, axis_name=axis_name),
+    }
+    if level == "sequence":
+        weights = jnp.broadcast_to(weights[:, None], response_mask.shape)
+    return jax.lax.stop_gradient(_zero_padding(response_mask, weights)), metrics

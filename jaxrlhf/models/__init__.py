@@ -3,17 +3,19 @@
     config       ModelConfig (every architecture switch), PRESETS (the one table of named models)
     layers       dense, LayerNorm / RMSNorm, dropout, GELU, SwiGLU, RoPE
     transformer  init_params, forward (the trunk), lm_logits / lm_token_logprobs, scalar heads
+    armorm       ArmoRM's gated multi-objective reward head (OBJECTIVES; transformer.armorm_outputs)
     kv_cache     KVCache, prefill, decode_step (the sampler's path)
     hf           load / save / load_reward_model: transformers checkpoints of every family
 
 Imports only `jaxrlhf.ops` and `jaxrlhf.parallel` below it.
 """
 
-from jaxrlhf.models import kv_cache, layers, transformer
+from jaxrlhf.models import armorm, kv_cache, layers, transformer
 from jaxrlhf.models.config import HUB_PRESETS, PRESETS, ModelConfig
 
 # ----------------------------------------------------------------------------------------- the decoder
 from jaxrlhf.models.transformer import Params as Params
+from jaxrlhf.models.transformer import armorm_outputs as armorm_outputs
 from jaxrlhf.models.transformer import check_params as check_params
 from jaxrlhf.models.transformer import check_scalar_model as check_scalar_model
 from jaxrlhf.models.transformer import forward as forward
@@ -34,8 +36,8 @@ from jaxrlhf.models.kv_cache import init_cache as init_cache
 from jaxrlhf.models.kv_cache import prefill as prefill
 
 __all__ = [
-    "HUB_PRESETS", "PRESETS", "KVCache", "ModelConfig", "Params", "check_params", "check_scalar_model",
-    "decode_step", "forward", "init_cache", "init_params", "init_scalar_head", "init_scalar_model",
-    "kv_cache", "layers", "lm_logits", "lm_token_logprobs", "logits_fn", "prefill", "scalar_fn",
-    "scalar_head", "sequence_scores", "transformer",
+    "HUB_PRESETS", "PRESETS", "KVCache", "ModelConfig", "Params", "armorm", "armorm_outputs", "check_params",
+    "check_scalar_model", "decode_step", "forward", "init_cache", "init_params", "init_scalar_head",
+    "init_scalar_model", "kv_cache", "layers", "lm_logits", "lm_token_logprobs", "logits_fn", "prefill",
+    "scalar_fn", "scalar_head", "sequence_scores", "transformer",
 ]  # fmt: skip

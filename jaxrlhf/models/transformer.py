@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf import ops, xla_cpu
-from jaxrlhf.models import layers
+from jaxrlhf.models import armorm, layers
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.parallel import constrain_batch
 
@@ -389,8 +389,26 @@ def scalar_fn(params, tokens, mask, cfg: ModelConfig, *, key=None, unroll: bool 
 
 def sequence_scores(scalar_params, tokens, mask, cfg: ModelConfig, *, key=None) -> jax.Array:
     """A scalar model read at the last real token of each row: [B, T] -> [B] float32 (a reward model's
-    score, as its pairwise loss trains it and as transformers' *ForSequenceClassification reads it)."""
+    score, as its pairwise loss trains it and as transformers' *ForSequenceClassification reads it).
+
+    An ArmoRM reward model ({"gpt", "armorm"}, `hf.load_reward_model` of a LlamaForRewardModelWithGating)
+    gives its gated score (`armorm_outputs`), NaN for a row without the assistant header pattern."""
+    if armorm.is_armorm(scalar_params):
+        return armorm_outputs(scalar_params, tokens, mask, cfg, key=key).score
     return ops.gather_last(scalar_fn(scalar_params, tokens, mask, cfg, key=key), mask)
+
+
+def armorm_outputs(
+    params, tokens, mask, cfg: ModelConfig, *, key=None, unroll: bool | None = None
+) -> armorm.ArmoOutputs:
+    """An ArmoRM reward model {"gpt", "armorm"} on whole conversations [B, T]: (score [B], rewards [B, K],
+    gating [B, K]) float32, as RLHFlow's LlamaForRewardModelWithGating computes them (`models.armorm`).
+
+    Pure and jittable (cfg static). Under jit a row without the gating pattern has NaN score and gate;
+    called eagerly it is refused in one line (ValueError, `armorm.check_gating_pattern`)."""
+    armorm.check_if_concrete(params, tokens, mask)  # eagerly: refused before the trunk runs
+    hidden = forward(params["gpt"], tokens, mask, cfg, key=key, unroll=unroll)
+    return armorm.head_outputs(params[armorm.HEAD], hidden, tokens, mask)
 
 
 def check_scalar_model(scalar_params, cfg: ModelConfig, what: str = "reward model") -> None:
@@ -400,6 +418,11 @@ def check_scalar_model(scalar_params, cfg: ModelConfig, what: str = "reward mode
         raise ValueError(
             f"the {what} params are LM (GPT) params without a scalar head; a reward model is "
             '{"gpt": params, "head": init_scalar_head(...)} trained with train.make_rm_step'
+        )
+    if armorm.is_armorm(scalar_params):
+        raise ValueError(
+            f"the {what} is an ArmoRM (a gated multi-objective head, no scalar head): it gives sequence "
+            "scores only (models.sequence_scores, models.armorm_outputs)"
         )
     if not isinstance(scalar_params, Mapping) or not {"gpt", "head"} <= set(scalar_params):
         keys = sorted(scalar_params) if isinstance(scalar_params, Mapping) else type(scalar_params).__name__

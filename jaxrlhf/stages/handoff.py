@@ -159,10 +159,14 @@ def main_process() -> bool:
 
 
 def write_json(path: epath.Path, record: dict) -> None:
-    """`record` as indented JSON at `path` (local or gs://), from process 0 only."""
+    """`record` as indented JSON at `path` (local or gs://), from process 0 only; written whole (a .tmp file
+    renamed over it: a data stage counts as finished once its summary exists)."""
     if main_process():
+        path = epath.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        tmp = path.parent / (path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)
 
 
 # ------------------------------------------------------------------- rewards handed to an RL stage

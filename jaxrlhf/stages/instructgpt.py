@@ -114,8 +114,8 @@ def make_recipe(name: str, defaults: InstructConfig, data: Data, *, renamed: Map
         target = handoff.state_target(setup.mesh, sft_state_init(setup))
         return reward.run_reward_stage(
             setup, cfg.rm, stage_run(cfg, "rm"), kind=kind, rows=rows, val=val,
-            trunk=handoff.restore_finished(cfg.out, "sft", cfg.sft.steps, target)[0].params, reference=reference,
-            summary=summary,
+            trunk=handoff.restore_finished(cfg.out, "sft", cfg.sft.steps, target)[0].params,
+            reference=reference, summary=summary,
         )  # fmt: skip
 
     def run_rl(setup: Setup):
@@ -153,8 +153,9 @@ def make_recipe(name: str, defaults: InstructConfig, data: Data, *, renamed: Map
                 f"{cfg.rl.reward_norm}; drop {'it' if len(bad) == 1 else 'them'}")  # fmt: skip
 
     return recipe.Recipe(
-        name=name, defaults=defaults, make_setup=make_setup, runners={"sft": run_sft, "rm": run_rm, "rl": run_rl},
-        steps=steps, finished=finished, check=check, inactive=inactive, renamed={**RENAMED, **(renamed or {})},
+        name=name, defaults=defaults, make_setup=make_setup,
+        runners={"sft": run_sft, "rm": run_rm, "rl": run_rl}, steps=steps, finished=finished, check=check,
+        inactive=inactive, renamed={**RENAMED, **(renamed or {})},
         exports=lambda cfg: {"policy": "rl", "reward_model": "rm"},
         description=description,
     )  # fmt: skip

@@ -10,9 +10,11 @@ written as data, and their rewards; `pairs` has the pair selection and the updat
     update     `pairs.run_pair_stage`: REBEL's regression (several passes per batch of pairs), DPO or IPO.
 
 The data stages write through etils epath (local or gs://), each file at once (written under a .tmp name,
-then renamed), so a kill leaves whole shards only and `--resume` starts at the first missing one. A data
-stage is finished once its summary file is written; its meta (what must match to resume) lies in
-<dir>/meta.json.
+then renamed), so a kill leaves whole shards only and `--resume` starts at the first missing one; SIGTERM
+or Ctrl-C (SIGINT) stops them at the next shard boundary with one line (exit code 143 / 130), as a step
+loop (`loop.stop_requests`). A data stage is finished once its summary file is written; its meta (what
+must match to resume) lies in <dir>/meta.json. A damaged shard of a finished stage is one line naming it
+(`read_shards`): deleting it and the stage's summary makes `--resume` write that shard again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import io
 import json
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -53,10 +56,12 @@ def write_npz(path: epath.Path, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def _write_whole(path: epath.Path, content: bytes) -> None:
+    """`content` at `path` through a .tmp file renamed over it: a kill leaves the old file or the new one,
+    whole (a shard's .jsonl left by a kill before its .npz, or a damaged shard's, is replaced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_bytes(content)
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def write_jsonl(path: epath.Path, records: Sequence[dict]) -> None:
@@ -65,19 +70,37 @@ def write_jsonl(path: epath.Path, records: Sequence[dict]) -> None:
         _write_whole(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
-def read_npz(path: epath.Path) -> dict[str, np.ndarray]:
+def read_npz(
+    path: epath.Path, summary: epath.Path | None = None, again: str = "it again"
+) -> dict[str, np.ndarray]:
     """The arrays of an .npz file (local or gs://).
 
+    Args:
+      path: the file.
+      summary: the summary file of the finished stage that wrote it (named in the message: a --resume
+        skips that stage while its summary is there).
+      again: what that stage writes when it runs again (in the message).
+
     Raises:
-      ValueError: the file is not a readable .npz; one line naming it and the fix.
+      ValueError: the file is missing or not a readable .npz; one line naming it and the fix.
     """
     try:
         with np.load(io.BytesIO(path.read_bytes())) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as err:
-        raise ValueError(
-            f"{path} is not a readable .npz ({type(err).__name__}): delete it and rerun with --resume"
-        ) from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        if summary is None:
+            what = "is missing" if not path.exists() else f"is not a readable .npz ({type(err).__name__})"
+            raise ValueError(f"{path} {what}: delete it and rerun with --resume") from None
+        raise ValueError(_rewrite_message(path, "a readable .npz", summary, again)) from None
+
+
+def _rewrite_message(path: epath.Path, kind: str, summary: epath.Path, again: str) -> str:
+    """The one line for a missing or damaged file of a finished data stage: delete it and the stage's
+    summary, and --resume runs the stage again, which writes the file again."""
+    state = f"is not {kind}: delete it and" if path.exists() else "is missing: delete"
+    return (
+        f"{path} {state} {summary} (the stage's summary), then rerun with --resume: the stage writes {again}"
+    )
 
 
 def read_json(path: epath.Path) -> dict:
@@ -148,9 +171,34 @@ def shard_path(root: epath.Path, k: int, suffix: str = ".npz") -> epath.Path:
     return root / f"shard_{k:05d}{suffix}"
 
 
+SHARD_AGAIN = "that shard again from the same key and keeps the others"
+
+
+def read_shard(root: epath.Path, k: int) -> dict[str, np.ndarray]:
+    """Shard k of the data stage at `root`.
+
+    Raises:
+      ValueError: the shard is missing or damaged; one line naming it and the way out: delete it and the
+        stage's summary <root>.json, then --resume writes that shard again (from the same key: the same
+        rows) and keeps the others.
+    """
+    return read_npz(shard_path(root, k), root.parent / f"{root.name}.json", SHARD_AGAIN)
+
+
+def read_shard_texts(root: epath.Path, k: int) -> list[dict]:
+    """The records of shard k's .jsonl (`read_shard`'s one line for a missing or damaged file)."""
+    path = shard_path(root, k, ".jsonl")
+    try:
+        return [json.loads(x) for x in path.read_text().splitlines()]
+    except (OSError, ValueError):
+        raise ValueError(
+            _rewrite_message(path, "readable JSON lines", root.parent / f"{root.name}.json", SHARD_AGAIN)
+        ) from None
+
+
 def read_shards(root: epath.Path, n_shards: int) -> dict[str, np.ndarray]:
-    """The rows of shards 0 .. n_shards - 1 concatenated."""
-    parts = [read_npz(shard_path(root, k)) for k in range(n_shards)]
+    """The rows of shards 0 .. n_shards - 1 concatenated (`read_shard`'s one line for a bad shard)."""
+    parts = [read_shard(root, k) for k in range(n_shards)]
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
@@ -228,6 +276,41 @@ def _bar(total: int, done_: int, name: str, progress: bool) -> tqdm:
                 dynamic_ncols=True)  # fmt: skip
 
 
+def _stop_at_shard(requests: loop.StopRequests, root: epath.Path, k: int, n_shards: int, bar: tqdm) -> None:
+    """Before shard k (k = n_shards: before the summary): stop if SIGTERM or Ctrl-C arrived (one line,
+    `loop.Preempted`); the shards before k are whole on disk, so `--resume` goes on from k."""
+    signum = loop.stop_requested(requests)
+    if signum:
+        bar.close()
+        where = f"at shard {k} of {n_shards}" if k < n_shards else "after its last shard, before its summary"
+        raise loop.preempted(signum, f"{root} {where} (the shards written are whole)")
+
+
+def _write_shards(
+    root: epath.Path, n_shards: int, write_shard: Callable[[int], None], *, progress: bool,
+    stop_after: int | None,
+) -> int | None:  # fmt: skip
+    """`write_shard(k)` for every shard k not yet on disk, in order, with a bar; SIGTERM / Ctrl-C stop it at
+    the next shard boundary (`_stop_at_shard`). Returns how many were written, or None when `stop_after`
+    new shards stopped it first (tests of resume)."""
+    todo = [k for k in range(n_shards) if not shard_path(root, k).exists()]
+    bar = _bar(n_shards, n_shards - len(todo), root.name, progress)
+    written = 0
+    with loop.stop_requests() as requests:
+        for k in todo:
+            if stop_after is not None and written >= stop_after:
+                bar.close()
+                return None
+            _stop_at_shard(requests, root, k, n_shards, bar)
+            write_shard(k)
+            sync(f"{root}:{k}")
+            written += 1
+            bar.update(1)
+        _stop_at_shard(requests, root, n_shards, n_shards, bar)
+    bar.close()
+    return written
+
+
 def make_generate(setup: Setup, params, sample_cfg: SampleConfig, n: int, reference=None):
     """jit of (params, reference, prompt, prompt_mask, key) -> rollout of B * n rows, the policy's and the
     reference's teacher-forced answer logprobs [B * n] (the reference's only with `reference`), both at the
@@ -238,8 +321,9 @@ def make_generate(setup: Setup, params, sample_cfg: SampleConfig, n: int, refere
     def gen(params, reference, prompt, prompt_mask, key):
         rollout = pairs_lib.generate_answers(params, prompt, prompt_mask, mcfg, sample_cfg, n, key=key)
         policy_lp = pairs_lib.rollout_logprobs(params, rollout, mcfg, temperature=temperature)
-        ref_lp = policy_lp if reference is None else pairs_lib.rollout_logprobs(reference, rollout, mcfg,
-                                                                                temperature=temperature)  # fmt: skip
+        ref_lp = policy_lp
+        if reference is not None:
+            ref_lp = pairs_lib.rollout_logprobs(reference, rollout, mcfg, temperature=temperature)
         return rollout, policy_lp, ref_lp
 
     shardings = parallel.tree_shardings(params, mesh)
@@ -297,13 +381,9 @@ def run_generate(
     special = np.zeros(max(setup.model_cfg.vocab_size, tokenizer.vocab_size), bool)
     special[list(getattr(tokenizer, "special_ids", ()) or ())] = True
     position = {int(i): j for j, i in enumerate(prompts.index)}
-    todo = [k for k in range(n_shards) if not shard_path(root, k).exists()]
-    bar = _bar(n_shards, n_shards - len(todo), root.name, progress)
-    t0, written = time.perf_counter(), 0
-    for k in todo:
-        if stop_after is not None and written >= stop_after:
-            bar.close()
-            return None
+    t0 = time.perf_counter()
+
+    def write_shard(k: int) -> None:
         idx = np.arange(k * b, (k + 1) * b)
         valid = idx < n_prompts
         idx = np.where(valid, idx, 0)
@@ -337,10 +417,10 @@ def run_generate(
                           "answers": answers})  # fmt: skip
         write_jsonl(shard_path(root, k, ".jsonl"), texts)
         write_npz(shard_path(root, k), arrays)  # last: a shard counts once its arrays are written
-        sync(f"{root}:{k}")
-        written += 1
-        bar.update(1)
-    bar.close()
+
+    written = _write_shards(root, n_shards, write_shard, progress=progress, stop_after=stop_after)
+    if written is None:
+        return None
     rows = read_shards(root, n_shards)
     lengths = (rows["response_mask"] & ~special[rows["response"]]).sum(1)
     record = {
@@ -383,15 +463,10 @@ def run_score(
       loop.NonFiniteError: a NaN / inf score (nothing is written for that shard).
     """
     start_data_stage(root, meta)
-    todo = [k for k in range(n_shards) if not shard_path(root, k).exists()]
-    bar = _bar(n_shards, n_shards - len(todo), root.name, progress)
-    written = 0
-    for k in todo:
-        if stop_after is not None and written >= stop_after:
-            bar.close()
-            return None
-        arrays = read_npz(shard_path(answers_root, k))
-        texts = [json.loads(x) for x in shard_path(answers_root, k, ".jsonl").read_text().splitlines()]
+
+    def write_shard(k: int) -> None:
+        arrays = read_shard(answers_root, k)
+        texts = read_shard_texts(answers_root, k)
         scores = np.asarray(scorer(arrays, texts), np.float32)
         if scores.shape != (len(arrays["response"]),):
             raise ValueError(f"the scorer gave {scores.shape} scores for {len(arrays['response'])} answers")
@@ -402,11 +477,10 @@ def run_score(
                 "(nothing was written for this shard)"
             )
         write_npz(shard_path(root, k), {"scores": scores})
-        sync(f"{root}:{k}")
-        written += 1
-        bar.update(1)
-    bar.close()
-    scores = np.concatenate([read_npz(shard_path(root, k))["scores"] for k in range(n_shards)])
+
+    if _write_shards(root, n_shards, write_shard, progress=progress, stop_after=stop_after) is None:
+        return None
+    scores = read_shards(root, n_shards)["scores"]
     record = {**(summary or {}), "answers": int(len(scores)), "mean_score": float(scores.mean()),
               "std_score": float(scores.std())}  # fmt: skip
     handoff.write_json(root.parent / f"{root.name}.json", record)

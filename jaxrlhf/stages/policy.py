@@ -116,14 +116,14 @@ class RLStageConfig:
         rl = self.rl
         if rl.group_size and self.batch_size % rl.group_size:
             raise ValueError(
-                f"batch_size={self.batch_size} is not a whole number of groups of group_size {rl.group_size}; "
-                "make it a multiple"
+                f"batch_size={self.batch_size} is not a whole number of groups of group_size "
+                f"{rl.group_size}; make it a multiple"
             )
         if rl.pair_algo:
             if self.temperature == 0:
                 raise ValueError(
-                    f"temperature=0 (greedy) makes the group_size answers of a prompt identical, so {rl.algo} "
-                    "never has a pair: use a temperature > 0"
+                    "temperature=0 (greedy) makes the group_size answers of a prompt identical, so "
+                    f"{rl.algo} never has a pair: use a temperature > 0"
                 )
             pairs = self.batch_size // rl.group_size  # one pair per prompt at most
             if pairs % rl.minibatches:

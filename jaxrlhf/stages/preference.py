@@ -147,7 +147,8 @@ def make_pair_step(setup: Setup, pcfg: PairStageConfig, tx, temperature: float =
     """step(state, PrefBatch, *, key) of `pcfg.algo` (`train.make_pair_step`) at the pairs' sampling
     `temperature`."""
     return train.make_pair_step(setup.model_cfg, tx, algo=pcfg.algo, eta=pcfg.eta, beta=pcfg.beta,
-                                epochs=pcfg.epochs, minibatches=pcfg.minibatches, temperature=temperature)  # fmt: skip
+                                epochs=pcfg.epochs, minibatches=pcfg.minibatches,
+                                temperature=temperature)  # fmt: skip
 
 
 def pair_state_init(setup: Setup, pcfg: PairStageConfig, n_pairs: int):
@@ -217,7 +218,8 @@ def run_pair_stage(
 
     result = loop.run_stage(
         **handoff.loop_args(run, setup, pcfg),
-        state=state, step_fn=step_fn, n_steps=n_steps, tokens_per_step=2 * b * pairs.tokens.shape[-1] * pcfg.epochs,
+        state=state, step_fn=step_fn, n_steps=n_steps,
+        tokens_per_step=2 * b * pairs.tokens.shape[-1] * pcfg.epochs,
     )  # fmt: skip
     if not handoff.stage_finished(run.out, run.stage, n_steps) or not result.history:
         return result
@@ -268,7 +270,8 @@ def run_online_pairs(setup: Setup, pcfg, run: StageRun, *, prompts, policy, rewa
     sample_cfg = pcfg.sample_config(setup.tokenizer, response_len)
     temperature = 1.0 if sample_cfg.greedy else sample_cfg.temperature  # pi_t: the policy that samples
     tx = train.make_optimizer(dataclasses.replace(
-        pcfg.optim, total_steps=pcfg.optim.total_steps or pcfg.iterations * rl.epochs * rl.minibatches))  # fmt: skip
+        pcfg.optim,
+        total_steps=pcfg.optim.total_steps or pcfg.iterations * rl.epochs * rl.minibatches))  # fmt: skip
     ref = parallel.put(policy, mesh)
     state = handoff.place_state(train.init_train_state(policy, tx), mesh)
     step = parallel.jit_step(
@@ -279,11 +282,15 @@ def run_online_pairs(setup: Setup, pcfg, run: StageRun, *, prompts, policy, rewa
     )  # fmt: skip
     shard, rep, batch_sh = parallel.tree_shardings, parallel.replicated(mesh), parallel.batch_sharding(mesh)
     generate = jax.jit(
-        parallel.on_mesh(lambda p, prompt, mask, k: pairs_lib.generate_answers(p, prompt, mask, mcfg, sample_cfg, n, key=k), mesh),
+        parallel.on_mesh(
+            lambda p, prompt, mask, k: pairs_lib.generate_answers(p, prompt, mask, mcfg, sample_cfg, n,
+                                                                  key=k),
+            mesh),
         in_shardings=(shard(policy, mesh), batch_sh, batch_sh, rep), out_shardings=batch_sh,
     )  # fmt: skip
     logprobs = jax.jit(
-        parallel.on_mesh(lambda p, ro: pairs_lib.rollout_logprobs(p, ro, mcfg, temperature=temperature), mesh),
+        parallel.on_mesh(lambda p, ro: pairs_lib.rollout_logprobs(p, ro, mcfg, temperature=temperature),
+                         mesh),
         in_shardings=(shard(policy, mesh), batch_sh), out_shardings=batch_sh,
     )  # fmt: skip
     if isinstance(reward, handoff.LearnedReward):
@@ -346,8 +353,8 @@ def check_pairs(rl, result: loop.StageResult, metrics_path) -> None:
     if records and empty == len(records):
         tied = sum(r.get("skipped_tied", 0.0) for r in records)
         raise NoPairsError(
-            f"{metrics_path.stem}: none of the {len(records)} {rl.algo} iterations had a pair to learn from "
-            f"(every prompt's {rl.group_size} answers tied on the reward ({tied:.0f} times) or were identical; "
-            f"no_pairs in {metrics_path}), so the policy was not trained: raise --rl.group_size or "
-            "--rl.temperature, or use a reward that tells the answers apart"
+            f"{metrics_path.stem}: none of the {len(records)} {rl.algo} iterations had a pair to learn "
+            f"from (every prompt's {rl.group_size} answers tied on the reward ({tied:.0f} times) or were "
+            f"identical; no_pairs in {metrics_path}), so the policy was not trained: raise --rl.group_size "
+            "or --rl.temperature, or use a reward that tells the answers apart"
         )

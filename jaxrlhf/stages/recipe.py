@@ -8,7 +8,9 @@ The convention: the model flags (`setup.ModelSpec`), `out`, `resume`, `seed`, `m
 only those fields.
 
 Exit codes: 0 done (or stopped by --stop-after), 1 a refusal or fault (one line on stderr), 2 a bad flag,
-130 SIGINT and 143 SIGTERM (the stage saved at a step boundary; `--resume` continues).
+130 SIGINT and 143 SIGTERM (the stage saved at a step boundary; `--resume` continues). Ctrl-C (SIGINT)
+outside a step or shard loop (setup, data preparation, compiling) stops the run at once with one line and
+130 too: files are written whole (checkpoints, shards, prepared data), so `--resume` continues.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import dataclasses
 import errno
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -255,23 +259,35 @@ def run_stages(recipe: Recipe, setup_: Setup, names: Sequence[str]) -> bool:
     finished."""
     cfg = setup_.cfg
     for name in names:
-        if cfg.resume and recipe.is_finished(setup_, name):
-            say(f"[{recipe.name}] {name}: finished earlier, skipped")
-            continue
-        t0 = time.perf_counter()
-        if recipe.track_memory:
-            with memory.track() as mem:
+        try:
+            loop.check_interrupted()  # a Ctrl-C whose KeyboardInterrupt was dropped where it arrived
+            if cfg.resume and recipe.is_finished(setup_, name):
+                say(f"[{recipe.name}] {name}: finished earlier, skipped")
+                continue
+            t0 = time.perf_counter()
+            if recipe.track_memory:
+                with memory.track() as mem:
+                    result = recipe.runners[name](setup_)
+                    memory.drop_programs()
+                setup_.extras.setdefault("memory", {})[name] = mem.summary()
+            else:
                 result = recipe.runners[name](setup_)
-                memory.drop_programs()
-            setup_.extras.setdefault("memory", {})[name] = mem.summary()
-        else:
-            result = recipe.runners[name](setup_)
+        except KeyboardInterrupt:
+            raise Interrupted(f"in {name}") from None
         summary = getattr(result, "summary", result)
         say(f"[{recipe.name}] {name}: {summary} ({time.perf_counter() - t0:.1f} s)")
         if not recipe.is_finished(setup_, name):
             say(f"[{recipe.name}] {name} stopped before its last step; continue with --resume")
             return False
     return True
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C outside a step loop; `where` says where the run was ("in rm")."""
+
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
 
 
 # -------------------------------------------------------------------------------------------- --out
@@ -300,14 +316,15 @@ def guard_out(recipe: Recipe, cfg, metas: Mapping[str, dict]) -> None:
             written_by = None
         if written_by != recipe.name:
             raise ValueError(
-                f"--out {cfg.out} holds a {written_by or 'unknown'} run ({root / RUN_FILE}), not a {recipe.name} "
-                f"run: resume it with its own command, or use another --out"
+                f"--out {cfg.out} holds a {written_by or 'unknown'} run ({root / RUN_FILE}), not a "
+                f"{recipe.name} run: resume it with its own command, or use another --out"
             )
     outdir.check_resume(cfg.out, dict(metas), resume=cfg.resume)
 
 
 def _write_run_file(recipe: Recipe, cfg) -> bool:
-    """<out>/run.json: the pipeline and its flags (what `guard_out` reads on --resume); whether this wrote it."""
+    """<out>/run.json: the pipeline and its flags (what `guard_out` reads on --resume); whether this wrote
+    it."""
     root = checkpoint.resolve(cfg.out)
     if not handoff.main_process() or (root / RUN_FILE).exists():
         return False
@@ -395,6 +412,25 @@ def _os_error(err: OSError, cfg) -> str:
     return str(err)
 
 
+def _fault_line(err: Exception, cfg) -> str | None:
+    """The one line of a refusal or fault `main` reports (exit code 1); None: not one of those."""
+    if isinstance(err, OSError):
+        return _os_error(err, cfg)
+    if isinstance(err, (ValueError, StageError, loop.NonFiniteError, outdir.RunDirBusyError)):
+        return str(err)
+    return None
+
+
+def _interrupted(recipe: Recipe, where: str) -> int:
+    """One line for a Ctrl-C outside a step loop; exit code 130. Ctrl-C is ignored from here on (the
+    cleanup that follows runs whole)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # `loop.interrupts` puts the old handler back
+    print(f"SIGINT: stopped {recipe.name} {where}; rerun with --resume to continue (exit code 130)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return 130
+
+
 def main(recipe: Recipe, argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """The pipeline's command: parse, check, set up, hold --out, run the stages, `after`. Returns the exit
     code (see the module doc); every refusal or fault is one line on stderr."""
@@ -404,8 +440,10 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None, *, prog: str | None 
         adjust=recipe.adjust, description=recipe.description, prog=prog,
     )  # fmt: skip
     setup_ = None
+    where = "before its first stage (setup, data preparation)"
     held = contextlib.ExitStack()
     try:
+        held.enter_context(loop.interrupts())
         if recipe.prepare is not None:
             held.enter_context(recipe.prepare())
         if cfg.multihost:
@@ -421,6 +459,7 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None, *, prog: str | None 
                   f"{','.join(names)}): drop them", file=sys.stderr)  # fmt: skip
             return 2
         setup_ = recipe.make_setup(cfg)
+        loop.check_interrupted()  # a Ctrl-C whose KeyboardInterrupt was dropped where it arrived
         if recipe.checkpointed is not None:
             checkpointed = [n for n in names if recipe.checkpointed(n)]
         else:
@@ -431,8 +470,9 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None, *, prog: str | None 
                 recipe.guard(setup_, names)
             running = [n for n in names if not (cfg.resume and recipe.is_finished(setup_, n))]
             if not running and cfg.resume and (recipe.complete is None or recipe.complete(cfg)):
-                print(f"nothing to do: {cfg.out} holds a finished {recipe.name} run (every stage at its last "
-                      "step); it was left as it is. Use a fresh --out to run again.", file=sys.stderr)  # fmt: skip
+                print(f"nothing to do: {cfg.out} holds a finished {recipe.name} run (every stage at its "
+                      "last step); it was left as it is. Use a fresh --out to run again.",
+                      file=sys.stderr)  # fmt: skip
                 return 0
             wrote_run_file = _write_run_file(recipe, cfg)
             try:
@@ -441,22 +481,23 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None, *, prog: str | None 
                 if wrote_run_file:
                     _forget_run_file(cfg)
                 raise
+            where = "after its last stage (plots, exports)"
             if finished:
+                loop.check_interrupted()
                 if recipe.after is not None:
                     recipe.after(setup_, cfg)
                 export_final(recipe, cfg)
         return 0
     except loop.Preempted as err:
         return err.code
-    except KeyboardInterrupt:
-        print(f"error: interrupted (SIGINT) outside a stage's steps; rerun with --resume to continue from "
-              f"the last checkpoint under {cfg.out}", file=sys.stderr)  # fmt: skip
-        return 130
-    except OSError as err:
-        print(f"error: {_os_error(err, cfg)}", file=sys.stderr, flush=True)
-        return 1
-    except (ValueError, StageError, loop.NonFiniteError, outdir.RunDirBusyError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+    except (KeyboardInterrupt, Exception) as err:
+        # A Ctrl-C, also one that a library turned into another error where it arrived.
+        if isinstance(err, KeyboardInterrupt) or loop.interrupted():
+            return _interrupted(recipe, getattr(err, "where", where))
+        line = _fault_line(err, cfg)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
         return 1
     finally:
         if setup_ is not None:

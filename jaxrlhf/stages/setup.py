@@ -261,7 +261,8 @@ def make_setup(
     n_devices = len(jax.devices())
     if n_devices % cfg.mesh_fsdp:
         raise ValueError(
-            f"--mesh-fsdp {cfg.mesh_fsdp} does not divide the {n_devices} devices; use a divisor of {n_devices}"
+            f"--mesh-fsdp {cfg.mesh_fsdp} does not divide the {n_devices} devices; use a divisor of "
+            f"{n_devices}"
         )
     mesh = parallel.make_mesh(fsdp=cfg.mesh_fsdp)
     n = parallel.batch_size_multiple(mesh)

@@ -62,7 +62,8 @@ __all__ = [
     "Experience", "LMBatch", "LabelBatch", "OptimConfig", "PrefBatch", "RLConfig", "RankBatch", "TrainState",
     "apply_gradients", "experience", "init_rl_params", "init_rl_state", "init_train_state", "lm", "lm_loss",
     "make_binary_eval", "make_binary_step", "make_dpo_step", "make_experience", "make_fused_iteration",
-    "make_learn", "make_lm_eval", "make_lm_step", "make_optimizer", "make_pair_step", "make_per_model_optimizer",
-    "make_rebel_step", "make_rl_step", "make_rm_eval", "make_rm_step", "mean_metrics", "micro_batching", "optim_field",
+    "make_learn", "make_lm_eval", "make_lm_step", "make_optimizer", "make_pair_step",
+    "make_per_model_optimizer", "make_rebel_step", "make_rl_step", "make_rm_eval", "make_rm_step",
+    "mean_metrics", "micro_batching", "optim_field",
     "pair_logprobs", "pair_passes_step", "policy", "preference", "reward", "run_epochs", "state", "update",
 ]  # fmt: skip

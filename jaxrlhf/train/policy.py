@@ -241,13 +241,13 @@ class RLConfig:
         grouped = self.algo in FIELD_ALGOS["group_size"]
         if grouped and (self.group_size is None or not self.group_size >= 2):
             raise ValueError(
-                f"group_size={self.group_size}; {self.algo} needs >= 2 answers per prompt (a group or a pair needs "
-                "at least 2 answers per prompt)"
+                f"group_size={self.group_size}; {self.algo} needs >= 2 answers per prompt (a group or a pair "
+                "needs at least 2 answers per prompt)"
             )
         if not grouped and self.group_size is not None:
             raise ValueError(
-                f"group_size={self.group_size} does nothing with algo={self.algo} (group_size acts for grpo and "
-                "rloo only, and rebel, dpo, ipo: the answers a pair is chosen from); drop it"
+                f"group_size={self.group_size} does nothing with algo={self.algo} (group_size acts for grpo "
+                "and rloo only, and rebel, dpo, ipo: the answers a pair is chosen from); drop it"
             )
         if not self.grpo_scale_by_std and self.algo != "grpo":
             raise ValueError(f"grpo_scale_by_std=False acts for grpo only; drop it for algo {self.algo!r}.")
@@ -430,15 +430,15 @@ def make_rl_step(
     rl = _learnable(rl)
     _check_sample_cfg(sample_cfg, rl)
 
-    def update(state, mb, key, ptx):
+    def update(state, batch, key, ptx):
         grads_fn = functools.partial(_minibatch_grads, state.params, state.kl.kl_coef, cfg, rl, sample_cfg)
         if rl.micro_batches > 1:
             loss, metrics, grads = micro_batching.accumulate(
-                grads_fn, mb, ptx, micro_batches=rl.micro_batches, loss_agg=rl.loss_agg,
+                grads_fn, batch, ptx, micro_batches=rl.micro_batches, loss_agg=rl.loss_agg,
                 ratio_level=rl.ratio_level, key=key,
             )  # fmt: skip
         else:
-            loss, metrics, grads = grads_fn(mb, ptx, key)
+            loss, metrics, grads = grads_fn(batch, ptx, key)
         state, opt_metrics = apply_gradients(state, grads, loss, tx)
         return state, {**metrics, **opt_metrics}
 
@@ -449,8 +449,8 @@ def make_rl_step(
         if rl.algo == "pg":
             state, metrics = update(state, exp, jax.random.fold_in(key, 0), ptx)
         else:
-            state, metrics = run_epochs(functools.partial(update, ptx=ptx), state, exp, key=key, epochs=rl.epochs,
-                                        minibatches=rl.minibatches)  # fmt: skip
+            state, metrics = run_epochs(functools.partial(update, ptx=ptx), state, exp, key=key,
+                                        epochs=rl.epochs, minibatches=rl.minibatches)  # fmt: skip
             metrics = mean_metrics(metrics)
         seq_kl = jnp.mean(jnp.sum(exp.kl, axis=-1))
         state = state.replace(kl=losses.update_kl_controller(state.kl, seq_kl, b))

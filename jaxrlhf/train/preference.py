@@ -3,6 +3,7 @@ differences against the policy that sampled, and passes over a fixed pair set.""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -27,9 +28,8 @@ def pair_logprobs(
     return answer_logprobs(params, *flat, cfg, key=key, temperature=temperature).reshape(b, 2)
 
 
-def make_dpo_step(
+def dpo_loss_fn(
     cfg: ModelConfig,
-    tx: optax.GradientTransformation,
     *,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
@@ -37,8 +37,9 @@ def make_dpo_step(
     average_logprobs: bool = False,
     dropout: bool = False,
     temperature: float = 1.0,
-) -> StepFn:
-    """DPO (loss_type "sigmoid") or IPO ("ipo") against the reference logprobs in the batch.
+) -> Callable:
+    """loss_fn(params, PrefBatch, key) -> (loss, metrics): DPO (loss_type "sigmoid") or IPO ("ipo") against
+    the reference logprobs in the batch.
 
     `temperature`: the policy's logprobs are those of logits / temperature; the batch's reference logprobs
     must be at the same temperature (online DPO on answers sampled at T: the sampler's policy).
@@ -69,6 +70,13 @@ def make_dpo_step(
             label_smoothing=label_smoothing,
             mask=batch.pair_mask,
         )
+
+    return loss_fn
+
+
+def make_dpo_step(cfg: ModelConfig, tx: optax.GradientTransformation, **options) -> StepFn:
+    """step(state, PrefBatch, *, key) -> (state, metrics): one DPO / IPO update (`dpo_loss_fn`'s options)."""
+    loss_fn = dpo_loss_fn(cfg, **options)
 
     def step(state: TrainState, batch: PrefBatch, *, key=None):
         return update(state, tx, loss_fn, batch, key)
@@ -128,29 +136,20 @@ def make_rebel_step(
             pair_mask=batch.pair_mask,
         )
 
-    one_update = lambda state, mb, key: update(state, tx, loss_fn, mb, key)  # noqa: E731
-    return pair_passes_step(one_update, epochs=epochs, minibatches=minibatches)
+    return pair_passes_step(loss_fn, tx, epochs=epochs, minibatches=minibatches)
 
 
-def skip_without_pairs(one_update: Callable) -> Callable:
-    """`update(state, minibatch: PrefBatch, key) -> (state, metrics)` that leaves the state unchanged on a
-    minibatch without a real pair (`pair_mask` all False), so that Adam's momentum does not move the
-    policy on no data."""
+def pair_passes_step(
+    loss_fn: Callable, tx: optax.GradientTransformation, *, epochs: int, minibatches: int
+) -> StepFn:
+    """step(state, PrefBatch, *, key) making `epochs` passes of `minibatches` updates of
+    `loss_fn(params, minibatch, key) -> (loss, metrics)` over a fixed pair set (`run_epochs`). An update on a
+    minibatch without a real pair (`pair_mask` all False) leaves the state as it was, so that Adam's
+    momentum does not move the policy on no data. Metrics: the means over the updates, "finite" their
+    minimum, and "initial_loss" / "final_loss": the mean loss of the first / last pass (each minibatch's
+    loss before its update)."""
 
-    def guarded(state, mb: PrefBatch, key):
-        new_state, metrics = one_update(state, mb, key)
-        has_pairs = jnp.any(mb.pair_mask)
-        return jax.tree.map(lambda n, o: jnp.where(has_pairs, n, o), new_state, state), metrics
-
-    return guarded
-
-
-def pair_passes_step(one_update: Callable, *, epochs: int, minibatches: int) -> StepFn:
-    """step(state, PrefBatch, *, key) making `epochs` passes of `minibatches` updates over a fixed pair set
-    (`run_epochs`), an update skipped on a minibatch without a real pair (`skip_without_pairs`). Metrics:
-    the means over the updates, "finite" their minimum, and "initial_loss" / "final_loss": the mean loss
-    of the first / last pass (each minibatch's loss before its update)."""
-    one_update = skip_without_pairs(one_update)
+    one_update = functools.partial(update, tx=tx, loss_fn=loss_fn, applies=lambda mb: jnp.any(mb.pair_mask))
 
     def step(state: TrainState, batch: PrefBatch, *, key=None):
         state, metrics = run_epochs(one_update, state, batch, key=key, epochs=epochs, minibatches=minibatches)
@@ -183,8 +182,6 @@ def make_pair_step(
             cfg, tx, eta=eta, epochs=epochs, minibatches=minibatches, temperature=temperature
         )
     average = algo == "ipo" if average_logprobs is None else average_logprobs
-    dpo = make_dpo_step(cfg, tx, beta=beta, loss_type="sigmoid" if algo == "dpo" else "ipo",
-                        average_logprobs=average, temperature=temperature)  # fmt: skip
-    return pair_passes_step(
-        lambda state, mb, key: dpo(state, mb, key=key), epochs=epochs, minibatches=minibatches
-    )
+    loss_fn = dpo_loss_fn(cfg, beta=beta, loss_type="sigmoid" if algo == "dpo" else "ipo",
+                          average_logprobs=average, temperature=temperature)  # fmt: skip
+    return pair_passes_step(loss_fn, tx, epochs=epochs, minibatches=minibatches)

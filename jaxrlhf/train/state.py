@@ -1,7 +1,8 @@
 """What every train step shares: the train state, the optimizers, one update, passes over a fixed batch.
 
-Every `make_*_step` factory of this package returns an *un-jitted* `step(state, batch, *, key) -> (state, metrics)` written for the
-whole (global) batch; `parallel.jit_step` compiles it once for a mesh. Because the step sees the global
+Every `make_*_step` factory of this package returns an *un-jitted*
+`step(state, batch, *, key) -> (state, metrics)` written for the whole (global) batch; `parallel.jit_step`
+compiles it once for a mesh. Because the step sees the global
 batch, masked means are over every real token of the batch whatever the device count, and the same
 function runs on 1 CPU, 8 fake CPU devices or a TPU pod (see parallel.py for why this is jit with
 shardings; the losses also run inside a user's shard_map with `axis_name=`).
@@ -241,22 +242,30 @@ def apply_gradients(
 # ------------------------------------------------------------------------------------------ steps
 
 
-def update(state: TrainState, tx: optax.GradientTransformation, loss_fn, batch, key):
+def update(state: TrainState, tx: optax.GradientTransformation, loss_fn, batch, key, *, applies=None):
     """One step of `loss_fn(params, batch, key) -> (loss, metrics)`: its gradient, then `apply_gradients`.
-    The body of every supervised and preference step."""
+    The body of every supervised and preference step.
+
+    `applies(batch) -> bool scalar`, if given: where False the state is left as it was (a minibatch
+    without a real pair: Adam's momentum must not move the policy on no data)."""
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-    state, opt_metrics = apply_gradients(state, grads, loss, tx)
-    return state, {**metrics, **opt_metrics}
+    new_state, opt_metrics = apply_gradients(state, grads, loss, tx)
+    if applies is not None:
+        ok = applies(batch)
+        new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+    return new_state, {**metrics, **opt_metrics}
 
 
 def run_epochs(update: Callable, state, batch, *, key, epochs: int, minibatches: int):
-    """`epochs` passes over a fixed batch, each `minibatches` updates on a fresh shuffle, in one `lax.scan`.
+    """`epochs` passes over a fixed batch, each `minibatches` updates on a fresh shuffle, in one `lax.scan`
+    over the epochs x minibatches updates.
 
     The multi-pass loop of PPO (`rl.make_rl_step`) and REBEL (`make_rebel_step`): every leaf of `batch`
     has the batch on axis 0, which must be divisible by `minibatches`.
 
     Args:
-      update: update(state, minibatch, key) -> (state, metrics), the metrics a flat dict of scalars.
+      update: update(state, batch=minibatch, key=key) -> (state, metrics), the metrics a flat dict of
+        scalars (called by keyword: `functools.partial(state.update, tx=..., loss_fn=...)` is one).
       state: the train state at the start of the first pass.
       batch: a pytree of [B, ...] arrays.
       key: PRNG key of the shuffles (and of the updates' keys). None only with minibatches = 1: every pass
@@ -275,23 +284,25 @@ def run_epochs(update: Callable, state, batch, *, key, epochs: int, minibatches:
             raise ValueError(f"minibatches={minibatches} shuffles the batch every pass: pass a key.")
 
         def whole_batch(state, _):
-            state, metrics = update(state, batch, None)
+            state, metrics = update(state, batch=batch, key=None)
             return state, jax.tree.map(lambda x: x[None], metrics)  # [1] per pass
 
         return jax.lax.scan(whole_batch, state, None, length=epochs)
     mb_size = b // minibatches
+    epoch_keys = jax.random.split(key, epochs)  # each pass: a shuffle and its updates' keys
+    perms = jax.vmap(lambda k: jax.random.permutation(k, b).reshape(minibatches, mb_size))(epoch_keys)
+    mb_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, 1), minibatches))(epoch_keys)
 
-    def one_epoch(state, epoch_key):
-        perm = jax.random.permutation(epoch_key, b).reshape(minibatches, mb_size)
+    def one_minibatch(state, xs):  # the passes' updates in order, as one scan
+        idx, mb_key = xs
+        return update(state, batch=jax.tree.map(lambda x: x[idx], batch), key=mb_key)
 
-        def one_minibatch(state, xs):
-            idx, mb_key = xs
-            return update(state, jax.tree.map(lambda x: x[idx], batch), mb_key)
-
-        keys = jax.random.split(jax.random.fold_in(epoch_key, 1), minibatches)
-        return jax.lax.scan(one_minibatch, state, (perm, keys))
-
-    return jax.lax.scan(one_epoch, state, jax.random.split(key, epochs))
+    flat = (
+        perms.reshape(epochs * minibatches, mb_size),
+        mb_keys.reshape(epochs * minibatches, *mb_keys.shape[2:]),
+    )
+    state, metrics = jax.lax.scan(one_minibatch, state, flat)
+    return state, jax.tree.map(lambda x: x.reshape(epochs, minibatches, *x.shape[1:]), metrics)
 
 
 def mean_metrics(metrics: dict) -> dict:

@@ -1,7 +1,8 @@
 """Hugging Face `transformers` checkpoints (config.json + safetensors) in and out, for every family.
 
     load(dir_or_name, cfg=None)            a causal LM of any supported family -> (params, cfg)
-    load_reward_model(dir, cfg=None)       a one-label *ForSequenceClassification -> ({"gpt", "head"}, cfg)
+    load_reward_model(dir, cfg=None)       a one-label *ForSequenceClassification -> ({"gpt", "head"}, cfg),
+                                           ArmoRM's LlamaForRewardModelWithGating -> ({"gpt", "armorm"}, cfg)
     save(params, cfg, out_dir, **ids)      the family's *ForCausalLM (`cfg.hf_family`), safetensors sharded
     save_reward_model(params, cfg, out)    the family's *ForSequenceClassification
     read_config(dir), config_from_hf(d), config_to_hf(cfg), params_from_hf(state, cfg), hf_from_params(...)
@@ -26,7 +27,7 @@ import numpy as np
 
 from jaxrlhf.models import transformer
 from jaxrlhf.models.config import HUB_PRESETS, ModelConfig
-from jaxrlhf.models.hf import files, gpt2, llama
+from jaxrlhf.models.hf import armorm, files, gpt2, llama
 from jaxrlhf.models.hf.convert import architecture_differences, params_from_tensors, tensors_from_params
 from jaxrlhf.models.hf.files import read_json
 
@@ -163,7 +164,14 @@ def _read(views: Mapping, cfg: ModelConfig, where: str, *, extra=(), shardings=N
             raise ValueError(f"{where}: {err}") from None
 
     return params_from_tensors(
-        module.tensors(cfg), cfg, views, _leaf_shapes(cfg), where, cfg.hf_family, skip=skip, shardings=shardings
+        module.tensors(cfg),
+        cfg,
+        views,
+        _leaf_shapes(cfg),
+        where,
+        cfg.hf_family,
+        skip=skip,
+        shardings=shardings,
     )
 
 
@@ -207,7 +215,7 @@ def load(
     Raises:
       ValueError / FileNotFoundError: one line: an unsupported architecture (listing the supported ones),
         a reward model (use `load_reward_model`), a tensor missing, unexpected or of another shape than
-        config.json implies, files missing, cut short or corrupt.
+        config.json implies, a tensor holding NaN or inf, files missing, cut short or corrupt.
     """
     directory = files.local_dir(path_or_name, HUB_PRESETS)
     hf_config = read_json(os.path.join(directory, "config.json"), "a Hugging Face config.json")
@@ -223,13 +231,22 @@ def load(
 
 
 def load_reward_model(
-    path_or_name: str | os.PathLike, cfg: ModelConfig | None = None, *, shardings=None
+    path_or_name: str | os.PathLike,
+    cfg: ModelConfig | None = None,
+    *,
+    shardings=None,
+    gating_pattern: tuple[int, ...] | None = None,
 ) -> tuple[dict, ModelConfig]:
-    """A one-label `*ForSequenceClassification` checkpoint (REWARD_MODELS) as a scalar model.
+    """A one-label `*ForSequenceClassification` checkpoint (REWARD_MODELS) as a scalar model, or an ArmoRM.
 
     transformers scores a sequence with `score.weight` [1, D] (no bias) on the final hidden state of its
     last non-pad token; `models.sequence_scores` reads the same state at the last real token of the mask,
     so the scores agree whenever the mask marks the non-pad tokens.
+
+    An ArmoRM (RLHFlow's `LlamaForRewardModelWithGating`) loads as {"gpt": trunk, "armorm": head}
+    (`models.armorm`): `models.sequence_scores` gives its gated score, `models.armorm_outputs` the score,
+    the per-objective rewards and the gate. `gating_pattern` (ArmoRM only): the token ids the gate reads
+    the prompt at; default config.json's `gating_token_pattern`, else Llama 3's assistant header ids.
 
     Args:
       path_or_name: a local directory (see `load`).
@@ -249,10 +266,17 @@ def load_reward_model(
         )
     if arch not in REWARD_MODELS:
         raise _unsupported(arch, directory)
+    if arch == armorm.ARCHITECTURE:
+        return _load_armorm(directory, hf_config, cfg, shardings, gating_pattern)
+    if gating_pattern is not None:
+        raise ValueError(
+            f"gating_pattern is for ArmoRM ({armorm.ARCHITECTURE}) only; {directory} holds a {arch}"
+        )
     labels = len(hf_config.get("id2label") or {}) or int(hf_config.get("num_labels", 2))
     if labels != 1:
         raise ValueError(
-            f"{directory}/config.json: {arch} with {labels} labels; a reward model has one score (num_labels=1)"
+            f"{directory}/config.json: {arch} with {labels} labels; a reward model has one score "
+            "(num_labels=1)"
         )
     cfg = _resolve(directory, {**hf_config, "tie_word_embeddings": True}, cfg)
     views = files.tensor_views(directory)
@@ -263,7 +287,8 @@ def load_reward_model(
     score = views[SCORE]()
     if score.shape != (1, cfg.n_embd):
         raise ValueError(
-            f"{directory}: tensor 'score.weight' has shape {score.shape}; the config expects {(1, cfg.n_embd)}"
+            f"{directory}: tensor 'score.weight' has shape {score.shape}; the config expects "
+            f"{(1, cfg.n_embd)}"
         )
     params = _read(views, cfg, directory, extra={SCORE}, shardings=shardings)
     head = {
@@ -271,6 +296,15 @@ def load_reward_model(
         "bias": jnp.asarray(float(hf_config.get(SCORE_BIAS, 0.0)), jnp.float32),
     }
     return {"gpt": params, "head": head}, cfg
+
+
+def _load_armorm(directory: str, hf_config: dict, cfg, shardings, pattern) -> tuple[dict, ModelConfig]:
+    """An ArmoRM directory: the Llama trunk (`model.*`) and the gated head (`hf.armorm`), both checked."""
+    cfg = _resolve(directory, {**hf_config, "tie_word_embeddings": True}, cfg)
+    views = files.tensor_views(directory)
+    head = armorm.read_head(views, hf_config, directory, pattern)
+    extra = {name for name in views if armorm.is_head_tensor(name)}
+    return {"gpt": _read(views, cfg, directory, extra=extra, shardings=shardings), "armorm": head}, cfg
 
 
 def _write(tensors, cfg: ModelConfig, config: dict, out_dir, dtype, max_shard_bytes: int) -> None:

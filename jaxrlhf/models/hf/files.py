@@ -2,7 +2,8 @@
 and out (one writer, sharded), the legacy pytorch_model.bin, and the hub for GPT-2's names.
 
 Every fault is one line naming the file: a missing, cut-short or corrupt JSON or safetensors file, an
-index naming a shard that is not there (with the single-file checkpoint beside it, if there is one).
+index naming a shard that is not there (with the single-file checkpoint beside it, if there is one), a
+tensor holding NaN or inf (refused as it is read: it would otherwise load and fail at the first step).
 """
 
 from __future__ import annotations
@@ -23,6 +24,31 @@ _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }  # fmt: skip
+_FLOATS = (ml_dtypes.bfloat16,)  # float dtypes whose NumPy kind is not "f"
+_FINITE_CHUNK = 1 << 24  # values checked at a time: the check's bool mask stays small for any tensor
+
+
+def check_finite(array: np.ndarray, name: str, path: str) -> np.ndarray:
+    """`array` (tensor `name` of the file `path`) if every value is finite; cheap: one pass in chunks.
+
+    A checkpoint with NaN or inf (a diverged run's save, a corrupt copy) would load and fail only at the
+    first step, blaming the learning rate; refused here, naming the tensor and the file.
+
+    Raises:
+      ValueError: one line naming the tensor, the file and how many values are not finite.
+    """
+    if array.dtype.kind not in "fc" and array.dtype not in _FLOATS:
+        return array
+    flat = array.reshape(-1)
+    bad = 0
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        bad += int(np.count_nonzero(~np.isfinite(flat[start : start + _FINITE_CHUNK])))
+    if bad:
+        raise ValueError(
+            f"{path}: tensor {name!r} holds NaN or inf ({bad} of its {flat.size} values): the weights are "
+            "corrupt or were saved after training diverged; use another checkpoint"
+        )
+    return array
 
 
 def read_json(path: str | os.PathLike, what: str = "a JSON object") -> dict:
@@ -57,7 +83,8 @@ def safetensors_views(path: str) -> dict[str, Callable[[], np.ndarray]]:
     The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
     data_offsets}} and the raw bytes. Reading it here gives bfloat16 too (ml_dtypes), which the
     safetensors package's NumPy reader cannot, and reads only the tensor asked for, into memory freed
-    with the array (no memory map whose pages would stay resident).
+    with the array (no memory map whose pages would stay resident). A tensor read is checked finite
+    (`check_finite`); one never read (a skipped buffer) is not.
     """
     try:
         with open(path, "rb") as f:
@@ -83,18 +110,19 @@ def safetensors_views(path: str) -> dict[str, Callable[[], np.ndarray]]:
             f"{base + last} bytes, it has {end}); copy it again"
         )
 
-    def read(info):
+    def read(name, info):
         start, stop = info["data_offsets"]
         out = np.empty(info["shape"], _DTYPES[info["dtype"]])
         with open(path, "rb") as f:
             f.seek(base + start)
             if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != stop - start:
                 raise ValueError(
-                    f"{path}: not a readable safetensors file: it is truncated (tensor data ends early); copy it again"
+                    f"{path}: not a readable safetensors file: it is truncated (tensor data ends early); "
+                    "copy it again"
                 )
-        return out
+        return check_finite(out, name, path)
 
-    return {name: (lambda info=info: read(info)) for name, info in header.items()}
+    return {name: (lambda name=name, info=info: read(name, info)) for name, info in header.items()}
 
 
 def tensor_views(directory: str) -> dict[str, Callable[[], np.ndarray]]:
@@ -113,13 +141,12 @@ def tensor_views(directory: str) -> dict[str, Callable[[], np.ndarray]]:
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
         if missing:
-            beside = (
-                f" ({SINGLE} beside it is a whole checkpoint: remove the index to load that)"
-                if (os.path.isfile(single))
-                else ""
-            )
+            more = f" (and {len(missing) - 1} more of its {len(files)} shards)" if len(missing) > 1 else ""
+            fix = "copy the missing shard"
+            if os.path.isfile(single):
+                fix = f"{SINGLE} lies beside it: remove the index to load that file instead, or {fix}"
             raise FileNotFoundError(
-                f"{index} names {missing[0]}, which is not in {directory}{beside}; copy the missing shard"
+                f"{index} names the shard {missing[0]}, missing from {directory}{more}; {fix}"
             )
     elif os.path.isfile(single):
         files = [SINGLE]
@@ -150,7 +177,7 @@ def _torch_views(path: str) -> dict[str, Callable[[], np.ndarray]]:
             return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return tensor.numpy()
 
-    return {name: (lambda t=t: host(t)) for name, t in state.items()}
+    return {name: (lambda name=name, t=t: check_finite(host(t), name, path)) for name, t in state.items()}
 
 
 def write_safetensors(

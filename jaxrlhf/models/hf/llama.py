@@ -27,9 +27,11 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
-# The same trunks with a one-label score head instead of the LM head (reward models).
-REWARD_ARCHITECTURES = {name.replace("ForCausalLM", "ForSequenceClassification"): family
-                        for name, family in ARCHITECTURES.items()}  # fmt: skip
+# The same trunks with a one-label score head instead of the LM head (reward models), and ArmoRM's Llama
+# with its gated multi-objective head (`hf.armorm`).
+REWARD_ARCHITECTURES = {**{name.replace("ForCausalLM", "ForSequenceClassification"): family
+                           for name, family in ARCHITECTURES.items()},
+                        "LlamaForRewardModelWithGating": "llama"}  # fmt: skip
 SCORE = "score.weight"  # a *ForSequenceClassification's head: [num_labels, D], no bias
 
 
@@ -44,7 +46,8 @@ def tensors(cfg: ModelConfig) -> list[Tensor]:
         Tensor(("blocks", "ln_2", "scale"), ("layers.{i}.post_attention_layernorm.weight",)),
         Tensor(("blocks", "attn", "c_attn", "kernel"), tuple(f"{n}.weight" for n in qkv), transpose=True,
                split=lambda c: (N * H, K * H, K * H)),
-        Tensor(("blocks", "attn", "c_proj", "kernel"), ("layers.{i}.self_attn.o_proj.weight",), transpose=True),
+        Tensor(("blocks", "attn", "c_proj", "kernel"), ("layers.{i}.self_attn.o_proj.weight",),
+               transpose=True),
         Tensor(("blocks", "mlp", "c_fc", "kernel"),
                ("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"), transpose=True,
                split=lambda c: (F, F)),
@@ -56,7 +59,8 @@ def tensors(cfg: ModelConfig) -> list[Tensor]:
     if cfg.bias:
         table.append(Tensor(("blocks", "attn", "c_proj", "bias"), ("layers.{i}.self_attn.o_proj.bias",)))
     if cfg.qk_norm:
-        table += [Tensor(("blocks", "attn", f"{n}_norm", "scale"), (f"layers.{{i}}.self_attn.{n}_norm.weight",))
+        table += [Tensor(("blocks", "attn", f"{n}_norm", "scale"),
+                         (f"layers.{{i}}.self_attn.{n}_norm.weight",))
                   for n in "qk"]  # fmt: skip
     if not cfg.tie_embeddings:
         table.append(Tensor(("lm_head",), ("lm_head.weight",)))
