@@ -23,6 +23,14 @@ def _zero_padding(mask: jax.Array | None, x: jax.Array) -> jax.Array:
     return x if mask is None else jnp.where(mask, x, jnp.zeros_like(x))
 
 
+def _score_at_last_token(scores: jax.Array, response_mask: jax.Array) -> jax.Array:
+    """[B, R]: each row's score [B] on its last real token, 0 elsewhere (a fully masked row: 0 everywhere);
+    the sequence reward of `shaped_rewards` and `reinforce_pp_advantages`."""
+    positions = jnp.arange(response_mask.shape[1])
+    is_last = (positions == ops.last_index(response_mask)[:, None]) & response_mask  # [B, R]
+    return jnp.where(is_last, _float(scores)[:, None], 0.0)
+
+
 def _preference_metrics(
     chosen: jax.Array, rejected: jax.Array, mask: jax.Array | None, axis_name: ops.AxisName = None
 ) -> dict:

@@ -20,6 +20,7 @@ from jaxrlhf.losses._common import (
     _check_rank,
     _check_same_shape,
     _float,
+    _score_at_last_token,
     _zero_padding,
 )
 
@@ -233,9 +234,7 @@ def reinforce_pp_advantages(
     _check_param(fn, "eps", eps, low=0.0)
     kl = _zero_padding(response_mask, jax.lax.stop_gradient(_float(kl)))
     scores = jax.lax.stop_gradient(_float(scores)).astype(kl.dtype)
-    positions = jnp.arange(response_mask.shape[1])
-    is_last = (positions == ops.last_index(response_mask)[:, None]) & response_mask  # [B, R]
-    rewards = jnp.where(is_last, scores[:, None], 0.0) - kl_coef * kl  # [B, R]
+    rewards = _score_at_last_token(scores, response_mask) - kl_coef * kl  # [B, R]
     # Returns = GAE with V = 0 and lambda = 1: G_t = r_t + gamma G_next over real tokens.
     returns, _ = compute_gae(rewards, jnp.zeros_like(rewards), response_mask, gamma, 1.0)
     mean = ops.masked_mean(returns, response_mask, axis_name=axis_name)

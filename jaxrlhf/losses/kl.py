@@ -15,6 +15,7 @@ from jaxrlhf.losses._common import (
     _check_rank,
     _check_same_shape,
     _float,
+    _score_at_last_token,
     _zero_padding,
 )
 from jaxrlhf.losses.policy import _check_aggregation, aggregate
@@ -96,9 +97,7 @@ def shaped_rewards(
     logprobs = _zero_padding(response_mask, _float(logprobs))
     ref_logprobs = _zero_padding(response_mask, _float(ref_logprobs))
     kl = _zero_padding(response_mask, kl_penalty(logprobs, ref_logprobs, kind))  # [B, R]
-    positions = jnp.arange(response_mask.shape[1])
-    is_last = (positions == ops.last_index(response_mask)[:, None]) & response_mask  # [B, R]
-    rewards = -kl_coef * kl + jnp.where(is_last, _float(scores)[:, None], 0.0)
+    rewards = -kl_coef * kl + _score_at_last_token(scores, response_mask)
     return rewards, kl
 
 
