@@ -8,6 +8,7 @@ Nothing here trains or compiles a model step, so the file runs in seconds.
 """
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -432,6 +433,15 @@ PIPELINE_CASES = [
         ("--mesh-fsdp 3 does not divide the 8 devices", "divisor of 8"),
     ),
     # happy: --out, before the data is read
+    *(
+        Case(
+            f"happy_{flag[2:].replace('.', '_')}_inf",
+            happy_case(flag, "inf"),
+            (f"argument {flag}: 'inf' is not finite", "use a finite number"),
+            2,
+        )
+        for flag in ("--rl.optim.lr", "--rl.kl_target", "--rl.clip_eps")
+    ),
     Case("happy_out_is_file", _out_case("file", "happy"), ("--out", "out.txt is a file", "pass a directory")),
     Case("happy_out_under_file", _out_case("under_file", "happy"), ("a_file, which is a file", "outside it")),
     Case("happy_out_read_only", _out_case("read_only", "happy"), ("locked is read-only", "you can write to")),
@@ -865,6 +875,29 @@ def test_an_out_path_too_long_is_refused_in_one_line(pipeline, tmp_path, shared_
     assert err[0].startswith("error: --out ") and "too long for the file system" in err[0], err[0]
     assert "use a shorter --out" in err[0], err[0]
     assert tree_hash(tmp_path, skip=("cache", "tmp")) == everything_before
+
+
+def test_a_full_disk_during_a_save_is_one_line(tmp_path, shared_data, tweets_dir, tldr_dir, capsys,
+                                               monkeypatch):  # fmt: skip
+    """ENOSPC while a checkpoint is written: one line naming --out and what to do, exit code 1, no
+    traceback."""
+    from jaxrlhf.engine import checkpoint  # noqa: PLC0415
+
+    def full(run_dir, stage, step, *args, **kwargs):
+        where = pathlib.Path(run_dir) / stage / str(step)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+
+    monkeypatch.setattr(checkpoint, "save", full)
+    inputs = Inputs(tmp_path, shared_data, tweets_dir, tldr_dir)
+    args = happy_args(
+        inputs, "--pretrain.steps", "2", "--pretrain.ckpt_every", "1", "--pretrain.eval_rows", "16"
+    )
+    capsys.readouterr()
+    code = happy.main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: no space left on the device of --out {inputs.out} ("), err[0]
+    assert "free space and rerun with --resume" in err[0], err[0]
 
 
 def test_output_dir_check_creates_nothing(tmp_path):

@@ -299,6 +299,22 @@ def tldr_main(out, ctx, *extra, rc=None):
     return last_line(err)
 
 
+def only_line(main, argv, ctx, rc):
+    """Run `main(argv)`: exit code `rc` and exactly one stderr line, which it returns."""
+    code = main(argv)
+    err = ctx.capsys.readouterr().err
+    assert code == rc and len(err.strip().splitlines()) == 1, err[-2000:]
+    return err.strip()
+
+
+def drop_checkpoints(out):
+    """A finished happy run whose checkpoint folders were deleted: its outputs (summaries, metrics,
+    samples, plots, run.json) remain."""
+    for stage in ("pretrain", "sft", "rl", "rm"):
+        shutil.rmtree(out / stage, ignore_errors=True)
+    assert (out / "summary.json").exists() and not (out / "rl").exists()
+
+
 def stale_lock_then_noop(out, ctx):
     err = (happy.main(happy_args(out, ctx.tweets / "a", "--resume")), ctx.capsys.readouterr().err)[1]
     lines = [x for x in err.strip().splitlines() if x.strip()]
@@ -392,8 +408,26 @@ CASES: dict[str, Case] = {
     "happy_resume_other_config_refused": Case(
         "happy",
         lambda out, ctx: happy_main(out, ctx, "--resume", "--sft.optim.lr", "0.5", rc=1),
-        r"^error: checkpoint \S+/sft step 10 was written with config sft\.optim\.lr=0\.001, this run has "
-        r"config sft\.optim\.lr=0\.5: use a matching config or a fresh --out$",
+        r"^error: checkpoint \S+/sft step 10 was written with --sft\.optim\.lr 0\.001, this run has "
+        r"--sft\.optim\.lr 0\.5: use a matching config or a fresh --out$",
+    ),
+    # Outputs without checkpoints still hold a run: a fresh run there is refused before any write.
+    "happy_rerun_over_outputs_without_checkpoints_refused": Case(
+        "happy",
+        lambda out, ctx: only_line(happy.main, happy_args(out, ctx.tweets / "a"), ctx, rc=1),
+        NOT_EMPTY,
+        setup=drop_checkpoints,
+    ),
+    "tldr_resume_with_another_model_refused": Case(
+        "tldr",
+        lambda out, ctx: only_line(
+            lambda argv: stage_recipe.main(tldr_recipe.RECIPE, argv),
+            tldr_args(out, ctx.shared_data, "--resume", "--model", "tiny-llama"),
+            ctx,
+            rc=1,
+        ),
+        r'^error: checkpoint \S+/sft step 4 was written with --model "tiny", this run has --model '
+        r'"tiny-llama": use a matching config or a fresh --out$',
     ),
     "tldr_second_run_refused": Case(
         "tldr",
@@ -536,8 +570,6 @@ def test_steps_saved_before_checksums_resume_unverified(tiny_run, tmp_path, caps
     np.testing.assert_array_equal(run_tiny(out, resume=True), tiny_run[1])
     assert capsys.readouterr().err == ""
     assert (out / "s" / "12" / "checksums.json").exists() and checkpoint.verify(out, "s") == 12
-
-
 
 
 def test_metrics_and_lock_reach_gs_through_epath(tmp_path, monkeypatch, gcs):

@@ -50,7 +50,7 @@ import json
 import operator
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -545,8 +545,11 @@ def _differences(stored, expected, path: str = ""):
         yield path, stored, expected
 
 
-def _check_meta(meta: dict, meta_check: Mapping[str, Any], where: str) -> None:
-    """One-line ValueError naming every key of `meta_check` whose value differs from `meta`."""
+def _check_meta(
+    meta: dict, meta_check: Mapping[str, Any], where: str, label: Callable[[str], str | None] | None = None
+) -> None:
+    """One-line ValueError naming every key of `meta_check` whose value differs from `meta`; `label` maps
+    a differing key's dotted path ("config.model.model") to the flag that sets it ("--model"), or None."""
     groups = []  # (top-level key, [(subpath, stored, expected)])
     for top, expected in _json_text(dict(meta_check), "meta_check").items():
         diffs = list(_differences(meta.get(top, _UNSET), expected))
@@ -558,8 +561,14 @@ def _check_meta(meta: dict, meta_check: Mapping[str, Any], where: str) -> None:
     def describe(pick) -> str:
         parts = []
         for top, diffs in groups:
-            items = ", ".join(f"{p}={_render(pick(s, e))}" if p else _render(pick(s, e)) for p, s, e in diffs)
-            parts.append(f"{top} {items}" if diffs[0][0] else f"{top}={items}")
+            flagged = [(label(f"{top}.{p}" if p else top) if label else None, p, s, e) for p, s, e in diffs]
+            parts += [f"{flag} {_render(pick(s, e))}" for flag, p, s, e in flagged if flag]
+            plain = [(p, s, e) for flag, p, s, e in flagged if not flag]
+            if plain:
+                items = ", ".join(
+                    f"{p}={_render(pick(s, e))}" if p else _render(pick(s, e)) for p, s, e in plain
+                )
+                parts.append(f"{top} {items}" if plain[0][0] else f"{top}={items}")
         return " and ".join(parts)
 
     raise ValueError(
@@ -652,13 +661,19 @@ def restore_meta(run_dir: PathLike, stage: str, step: int | None = None) -> dict
 
 
 def check_meta(
-    run_dir: PathLike, stage: str, meta_check: Mapping[str, Any], *, step: int | None = None
+    run_dir: PathLike,
+    stage: str,
+    meta_check: Mapping[str, Any],
+    *,
+    step: int | None = None,
+    label: Callable[[str], str | None] | None = None,
 ) -> dict:
     """`restore`'s meta check alone: a one-line ValueError unless every key of `meta_check` equals the
-    meta saved with `step` (default: the latest). Reads only the meta; returns it."""
+    meta saved with `step` (default: the latest); `label` names a key's flag (see `_check_meta`). Reads
+    only the meta; returns it."""
     step = _resolve_step(run_dir, stage, step)
     meta = restore_meta(run_dir, stage, step)
-    _check_meta(meta, meta_check, f"{_stage_dir(run_dir, stage)} step {step}")
+    _check_meta(meta, meta_check, f"{_stage_dir(run_dir, stage)} step {step}", label)
     return meta
 
 

@@ -18,7 +18,7 @@ import os
 import pathlib
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -208,7 +208,11 @@ def exists_error(run_dir: PathLike, stage: str) -> FileExistsError:
 
 
 def check_resume(
-    run_dir: PathLike, stages: Mapping[str, Mapping[str, Any] | None], *, resume: bool
+    run_dir: PathLike,
+    stages: Mapping[str, Mapping[str, Any] | None],
+    *,
+    resume: bool,
+    label: Callable[[str], str | None] | None = None,
 ) -> dict[str, int | None]:
     """Every refusal a run over `run_dir` would meet in `stages`, before it writes anything.
 
@@ -216,6 +220,7 @@ def check_resume(
       run_dir: the run directory.
       stages: {stage: the meta `run_stage` will get (its "config" is checked), or None}.
       resume: whether the run resumes (`--resume`).
+      label: maps a meta key's dotted path to the flag that sets it, for the refusal's line (or None).
 
     Returns:
       {stage: the step its resume starts from (the newest good checkpoint), or None}.
@@ -234,6 +239,6 @@ def check_resume(
             continue
         step, _ = checkpoint.latest_good_step(run_dir, stage)
         if step is not None and meta and "config" in meta:
-            checkpoint.check_meta(run_dir, stage, {"config": meta["config"]}, step=step)
+            checkpoint.check_meta(run_dir, stage, {"config": meta["config"]}, step=step, label=label)
         steps[stage] = step
     return steps

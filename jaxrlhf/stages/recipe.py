@@ -319,7 +319,22 @@ def guard_out(recipe: Recipe, cfg, metas: Mapping[str, dict]) -> None:
                 f"--out {cfg.out} holds a {written_by or 'unknown'} run ({root / RUN_FILE}), not a "
                 f"{recipe.name} run: resume it with its own command, or use another --out"
             )
-    outdir.check_resume(cfg.out, dict(metas), resume=cfg.resume)
+    outdir.check_resume(cfg.out, dict(metas), resume=cfg.resume, label=_meta_flag(cfg))
+
+
+def _meta_flag(cfg) -> Callable[[str], str | None]:
+    """The flag of a `stage_meta` key ("config.model.model" -> "--model", "config.rl.rl.kl_coef" ->
+    "--rl.kl_coef"); None for a key no flag sets."""
+    by_path = {leaf.path: flags.flag_names(leaf.flag_path)[0] for leaf in flags.leaves(type(cfg))}
+
+    def label(dotted: str) -> str | None:
+        path = tuple(dotted.split("."))
+        if path[:1] != ("config",):
+            return None
+        path = path[2:] if path[1:2] == ("model",) and len(path) == 3 else path[1:]
+        return by_path.get(path)
+
+    return label
 
 
 def _write_run_file(recipe: Recipe, cfg) -> bool:
