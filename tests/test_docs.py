@@ -43,7 +43,7 @@ RECIPES = {
     "jaxrlhf.happy": ("jaxrlhf.happy", "RECIPE"),
     "experiments.tldr": ("experiments.tldr.recipe", "RECIPE"),
     "experiments.sst2": ("experiments.sst2.recipe", "RECIPE"),
-    "experiments.ultrafeedback": ("experiments.ultrafeedback.recipe", "RECIPE"),
+    "experiments.ultrafeedback": ("experiments.ultrafeedback.stages", "RECIPE"),
 }
 CI_TEST_COMMAND = "pip install -e '.[test]' -c constraints.txt && python -m pytest -n 2 tests"
 NOT_RUN = ("huggingface-cli", "gcloud")  # need an account or a cloud project

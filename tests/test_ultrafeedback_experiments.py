@@ -41,7 +41,7 @@ DATE = tiny_chat_model.DATE
 
 def parse_args(argv):
     """The UfConfig of `argv`, parsed and checked as `python -m experiments.ultrafeedback` does."""
-    r = common.RECIPE
+    r = stages.RECIPE
     return flags.parse_checked(
         r.defaults, argv, check=r.check, inactive=r.inactive, renamed=r.renamed, adjust=r.adjust
     )
@@ -89,7 +89,7 @@ def test_flags_list_every_field_and_refuse_what_does_nothing(shared_data, tmp_pa
     out = tmp_path / "out"
     argv = ["--model", "tiny-llama", "--out", str(out), "--compile-cache", "",
             "--data.tokenizer_dir", str(shared_data / "gpt2_tokenizer")]  # fmt: skip
-    code = stage_recipe.main(common.RECIPE, argv)
+    code = stage_recipe.main(stages.RECIPE, argv)
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "has no chat template" in err, err
     assert not out.exists()

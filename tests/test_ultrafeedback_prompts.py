@@ -14,7 +14,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 from experiments.ultrafeedback import encoding  # noqa: E402
-from experiments.ultrafeedback import recipe as common  # noqa: E402
+from experiments.ultrafeedback import stages as uf_stages  # noqa: E402
 from jaxrlhf.engine import flags  # noqa: E402
 from jaxrlhf.text import HFTokenizer  # noqa: E402
 
@@ -42,7 +42,7 @@ def uf_setup(shared_data, tmp_path_factory):
     argv = ["--model", "tiny-llama", "--data.tokenizer_dir", str(tmp / "tok"), "--data.data_dir", str(folder),
             "--data.cache_dir", str(tmp / "cache"), "--data.max_prompt_tokens", str(LIMIT),
             "--data.max_answer_tokens", "4096", "--generate.prompts", "0"]  # fmt: skip
-    r = common.RECIPE
+    r = uf_stages.RECIPE
     cfg = flags.parse_checked(r.defaults, argv, check=r.check, inactive=r.inactive, renamed=r.renamed,
                               adjust=r.adjust)  # fmt: skip
     return types.SimpleNamespace(cfg=cfg, tokenizer=HFTokenizer.from_dir(tmp / "tok"))

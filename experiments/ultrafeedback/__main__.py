@@ -1,8 +1,8 @@
-"""`python -m experiments.ultrafeedback`: the UltraFeedback REBEL pipeline (see recipe.py, README.md)."""
+"""`python -m experiments.ultrafeedback`: the UltraFeedback REBEL pipeline (see stages.py, README.md)."""
 
 import sys
 
-from experiments.ultrafeedback.recipe import RECIPE
+from experiments.ultrafeedback.stages import RECIPE
 from jaxrlhf.stages import recipe
 
 if __name__ == "__main__":

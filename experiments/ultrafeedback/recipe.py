@@ -21,7 +21,6 @@ Data lies under <out>/iter_t/, checkpoints under <out>/rm/ and <out>/rebel_t/.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import ClassVar
 
 import jax
@@ -232,7 +231,7 @@ def block_length(cfg: UfConfig, template_special: int = 16) -> int:
     return cfg.data.max_prompt_tokens + template_special + max(cfg.response_len, cfg.rm_answer_len)
 
 
-def _inactive_message(cfg: UfConfig, given) -> str:
+def inactive_message(cfg: UfConfig, given) -> str:
     r = cfg.rebel
     inactive = []
     if r.algo == "rebel" and ("rebel", "beta") in given:
@@ -379,35 +378,3 @@ def sample_config(setup: Setup) -> SampleConfig:
 def check(cfg: UfConfig) -> None:
     stage_setup.check_model(stage_setup.model_spec(cfg), block_length(cfg), length_flags(cfg))
 
-
-class _Runners(Mapping):
-    """stage instance name ("rm", "generate_2", ...) -> its runner (`stages.runner_of`)."""
-
-    def __getitem__(self, name):
-        from experiments.ultrafeedback import stages  # noqa: PLC0415  (it builds on this module)
-
-        return stages.runner_of(name)
-
-    def __iter__(self):
-        return iter(())
-
-    def __len__(self):
-        return 0
-
-
-def _guard(setup: Setup, names: list[str]) -> None:
-    from experiments.ultrafeedback import stages  # noqa: PLC0415
-
-    stages.check_data_stages(setup, names)
-
-
-RECIPE = recipe.Recipe(
-    name="ultrafeedback", defaults=UfConfig(), make_setup=make_setup, runners=_Runners(),
-    steps=lambda cfg, name: cfg.rm.steps if name == "rm" else None, names=instance_names,
-    finished=stage_finished, meta=stage_meta,
-    checkpointed=lambda name: split_instance(name)[0] in ("rm", "rebel"),
-    exports=lambda cfg: {"policy": f"rebel_{cfg.iteration or cfg.iterations}",
-                         **({"reward_model": "rm"} if cfg.score.reward == "rm" else {})},
-    guard=_guard, check=check, inactive=_inactive_message, renamed={"--mesh_fsdp": "--mesh-fsdp"},
-    description=__doc__,
-)  # fmt: skip

@@ -1,11 +1,12 @@
-"""The UltraFeedback stages on the stage layer (jaxrlhf.pipeline.online / reward); common.py has the config
-and the data. Each function runs one stage instance ("rm", "generate_2", ...) and returns a result with
-a `.summary`."""
+"""The UltraFeedback stages on the stage layer (jaxrlhf.stages.online / reward / preference), and RECIPE,
+the pipeline that runs them; recipe.py has the config and the data. Each function runs one stage instance
+("rm", "generate_2", ...) and returns a result with a `.summary`."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -326,3 +327,28 @@ def runner_of(name: str):
     if stage == "rm":
         return run_rm
     return functools.partial(RUNNERS[stage], t=t)
+
+
+class _Runners(Mapping):
+    """stage instance name ("rm", "generate_2", ...) -> its runner (`runner_of`)."""
+
+    def __getitem__(self, name):
+        return runner_of(name)
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self):
+        return 0
+
+
+RECIPE = recipe.Recipe(
+    name="ultrafeedback", defaults=common.UfConfig(), make_setup=common.make_setup, runners=_Runners(),
+    steps=lambda cfg, name: cfg.rm.steps if name == "rm" else None, names=common.instance_names,
+    finished=common.stage_finished, meta=common.stage_meta,
+    checkpointed=lambda name: common.split_instance(name)[0] in ("rm", "rebel"),
+    exports=lambda cfg: {"policy": f"rebel_{cfg.iteration or cfg.iterations}",
+                         **({"reward_model": "rm"} if cfg.score.reward == "rm" else {})},
+    guard=check_data_stages, check=common.check, inactive=common.inactive_message,
+    renamed={"--mesh_fsdp": "--mesh-fsdp"}, description=common.__doc__,
+)  # fmt: skip

@@ -35,7 +35,7 @@ from jaxrlhf.stages import batches, handoff, policy_programs
 from jaxrlhf.stages.batches import PromptAnswers
 from jaxrlhf.stages.handoff import HostReward, LearnedReward, StageError, StageRun
 from jaxrlhf.stages.setup import Setup
-from jaxrlhf.train.policy import RLConfig, inactive_fields
+from jaxrlhf.train.rl_config import RLConfig, inactive_fields
 from jaxrlhf.validate import check_at_least, check_range
 
 REWARD_NORMS = ("reference_mean", "policy_gain_bias", "none")

@@ -5,14 +5,15 @@ written for the whole (global) batch; `parallel.jit_step` compiles one per entry
     lm              LMBatch, lm_loss, make_lm_step / make_lm_eval (pretraining, SFT, PPO-ptx)
     reward          RankBatch, LabelBatch, make_rm_step (pairwise, K-way), make_binary_step, evals
     preference      pair_logprobs, make_dpo_step, make_rebel_step, make_pair_step
+    rl_config       RLConfig: every RL algorithm's settings and defaults, with their sources
     experience      Experience, make_experience (old / reference logprobs, values, rewards, advantages)
-    policy          RLConfig, make_rl_step, make_learn, make_fused_iteration (PPO, PG, GRPO, RLOO)
+    policy          make_rl_step, make_learn, make_fused_iteration (PPO, PG, GRPO, RLOO)
     micro_batching  gradient accumulation of the policy update
 
 Imports `jaxrlhf.losses`, `jaxrlhf.rollout` and `jaxrlhf.models` below it.
 """
 
-from jaxrlhf.train import experience, lm, micro_batching, policy, preference, reward, state
+from jaxrlhf.train import experience, lm, micro_batching, policy, preference, reward, rl_config, state
 
 # ----------------------------------------------------------------------------------------------- state
 from jaxrlhf.train.state import OptimConfig as OptimConfig
@@ -51,7 +52,7 @@ from jaxrlhf.train.preference import pair_passes_step as pair_passes_step
 # --------------------------------------------------------------------------------------------- policy
 from jaxrlhf.train.experience import Experience as Experience
 from jaxrlhf.train.experience import make_experience as make_experience
-from jaxrlhf.train.policy import RLConfig as RLConfig
+from jaxrlhf.train.rl_config import RLConfig as RLConfig
 from jaxrlhf.train.policy import init_rl_params as init_rl_params
 from jaxrlhf.train.policy import init_rl_state as init_rl_state
 from jaxrlhf.train.policy import make_fused_iteration as make_fused_iteration
@@ -65,5 +66,6 @@ __all__ = [
     "make_learn", "make_lm_eval", "make_lm_step", "make_optimizer", "make_pair_step",
     "make_per_model_optimizer", "make_rebel_step", "make_rl_step", "make_rm_eval", "make_rm_step",
     "mean_metrics", "micro_batching", "optim_field",
-    "pair_logprobs", "pair_passes_step", "policy", "preference", "reward", "run_epochs", "state", "update",
+    "pair_logprobs", "pair_passes_step", "policy", "preference", "reward", "rl_config", "run_epochs", "state",
+    "update",
 ]  # fmt: skip

@@ -8,8 +8,6 @@ and values are read from positions [P - 1, P + R - 1).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -18,10 +16,8 @@ from jaxrlhf import losses, ops
 from jaxrlhf.models import ModelConfig, transformer
 from jaxrlhf.rollout import sampler, scoring
 from jaxrlhf.rollout.sampler import Rollout, SampleConfig
+from jaxrlhf.train.rl_config import RLConfig
 from jaxrlhf.train.state import TrainState
-
-if TYPE_CHECKING:
-    from jaxrlhf.train.policy import RLConfig
 
 Params = dict
 

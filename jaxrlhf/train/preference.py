@@ -14,9 +14,10 @@ from jaxrlhf import losses
 from jaxrlhf.models import ModelConfig
 from jaxrlhf.models.transformer import answer_logprobs
 from jaxrlhf.rollout.pairs import PrefBatch
+from jaxrlhf.train.rl_config import PAIR_ALGOS
 from jaxrlhf.train.state import StepFn, TrainState, mean_metrics, run_epochs, update
 
-ALGOS = ("rebel", "dpo", "ipo")  # = policy.PAIR_ALGOS (the policy module builds on this one)
+ALGOS = PAIR_ALGOS  # the algorithms make_pair_step optimises (rl_config)
 
 
 def pair_logprobs(
