@@ -230,9 +230,8 @@ def test_mu_dtype_is_validated_and_is_a_flag(capsys):
         ValueError, match=r"^mu_dtype='float16'; use none \(the params' dtype\) or one of float32"
     ):
         train.OptimConfig(mu_dtype="float16")
-    from experiments.ultrafeedback.recipe import (
-        RECIPE,  # every stage's optim is a flag: --<stage>.optim.mu_dtype
-    )
+    # Every stage's optim is a flag: --<stage>.optim.mu_dtype.
+    from experiments.ultrafeedback.stages import RECIPE
     from jaxrlhf.engine import flags
 
     def parse(*argv):
