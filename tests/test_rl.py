@@ -333,7 +333,7 @@ def test_every_algorithm_climbs_to_the_known_best_answer(algo):
     rewards_seen = []
     ratio_level = "sequence" if algo == "gspo" else "token"  # GSPO: GRPO with a sequence ratio
     algo = "grpo" if algo == "gspo" else algo
-    if algo in train.policy.ALGOS:
+    if algo in train.rl_config.ALGOS:
         rlc = train.RLConfig(
             algo=algo, kl_coef=0.01, epochs=2, minibatches=2, vf_coef=0.5, ratio_level=ratio_level,
             group_size=4 if algo in ("grpo", "rloo") else None,

@@ -35,16 +35,7 @@ from jaxrlhf.train import micro_batching
 from jaxrlhf.train.experience import Experience, make_experience, response_logprobs, response_values
 from jaxrlhf.train.lm import LMBatch, lm_loss
 from jaxrlhf.train.micro_batching import UNIT
-from jaxrlhf.train.rl_config import (  # noqa: F401  (re-exported: train.policy.RLConfig, ...)
-    _RESOLVED,
-    AGGREGATIONS,
-    ALGO_DEFAULTS,
-    ALGOS,
-    FIELD_ALGOS,
-    PAIR_ALGOS,
-    RLConfig,
-    inactive_fields,
-)
+from jaxrlhf.train.rl_config import RLConfig
 from jaxrlhf.train.state import TrainState, apply_gradients, init_train_state, mean_metrics, run_epochs
 
 Params = Any
