@@ -1,6 +1,6 @@
 """HappyGPT: `python -m jaxrlhf.happy` pretrains a char-level GPT on tweets, fine-tunes it on the positive
-ones, then optimises it against VADER sentiment (PPO by default; --rl.algo pg, grpo, rloo, rebel, dpo or
-ipo) with a KL penalty to the SFT model.
+ones, then optimises it against VADER sentiment (PPO by default; --rl.algo pg, grpo, rloo, reinforce_pp,
+rebel, dpo or ipo) with a KL penalty to the SFT model.
 
 minRLHF's recipe (ttumiel/minRLHF, projects/happy_gpt) on the stage layer: every tweet is a row
 "⏎" + text + "⏎" cut to block_size + 1 characters (the "⏎" prompt, then the text); gpt-micro, block 32;
@@ -81,7 +81,7 @@ class HappyConfig(recipe.RecipeConfig):
       pretrain: language modelling of every tweet (Muon).
       sft: the same on the positive tweets.
       rm: the learned reward model (--reward learned only): Bradley-Terry on (positive, negative) tweets.
-      rl: the RL stage (--rl.algo ppo, pg, grpo, rloo, rebel, dpo, ipo).
+      rl: the RL stage (--rl.algo ppo, pg, grpo, rloo, reinforce_pp, rebel, dpo, ipo).
     """
 
     STAGES: ClassVar[tuple[str, ...]] = ("pretrain", "sft", "rm", "rl")

@@ -15,7 +15,8 @@ from jaxrlhf.engine import flags  # noqa: E402
 
 HAPPY = happy.RECIPE
 PROG = "happy"
-RL_ALGOS = "ppo, pg, grpo, rloo, rebel, dpo, ipo"  # RLConfig.algo's Literal, as written in the source
+# RLConfig.algo's Literal, as written in the source
+RL_ALGOS = "ppo, pg, grpo, rloo, reinforce_pp, rebel, dpo, ipo"
 
 
 def parse(argv, *, inactive=True):

@@ -21,6 +21,7 @@ from jaxrlhf.rollout.sampler import truncate_logits as truncate_logits
 # --------------------------------------------------------------------------------------------- scoring
 from jaxrlhf.rollout.scoring import make_learned_reward as make_learned_reward
 from jaxrlhf.rollout.scoring import make_text_reward as make_text_reward
+from jaxrlhf.rollout.scoring import overlong_penalty as overlong_penalty
 from jaxrlhf.rollout.scoring import penalise_unfinished as penalise_unfinished
 from jaxrlhf.rollout.scoring import rebel_rewards as rebel_rewards
 from jaxrlhf.rollout.scoring import vader_scores as vader_scores
@@ -35,7 +36,7 @@ from jaxrlhf.rollout.pairs import select_pairs as select_pairs
 
 __all__ = [
     "PairSelection", "PrefBatch", "Rollout", "SampleConfig", "build_pref_batch", "generate_answers",
-    "make_learned_reward", "make_text_reward", "pairs", "penalise_unfinished", "policy_logits",
-    "rebel_rewards", "rollout_logprobs", "sample", "sample_fn", "sampler", "scoring", "select_pairs",
-    "truncate_logits", "vader_scores",
+    "make_learned_reward", "make_text_reward", "overlong_penalty", "pairs", "penalise_unfinished",
+    "policy_logits", "rebel_rewards", "rollout_logprobs", "sample", "sample_fn", "sampler", "scoring",
+    "select_pairs", "truncate_logits", "vader_scores",
 ]  # fmt: skip

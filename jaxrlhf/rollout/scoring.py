@@ -10,7 +10,8 @@ Two kinds of reward, used the same way by the RL and preference stages:
 
 `penalise_unfinished` replaces the score of responses that never emitted end-of-text (InstructGPT-style
 "missing EOS" penalty): the one rule every stage applies (`train.RLConfig.no_eos_penalty`,
-`rebel_rewards`, the policy stage's evaluation).
+`rebel_rewards`, the policy stage's evaluation). `overlong_penalty` is DAPO's soft length penalty
+(`train.RLConfig.overlong_cache`).
 """
 
 from __future__ import annotations
@@ -118,6 +119,31 @@ def make_learned_reward(
         return scores
 
     return reward_fn
+
+
+def overlong_penalty(lengths: jax.Array, max_len: int, cache: int) -> jax.Array:
+    """DAPO's soft overlong punishment (Yu et al. 2025, "DAPO", eq. 13), added to a response's score:
+
+      0                              for |y| <= L_max - L_cache,
+      ((L_max - L_cache) - |y|) / L_cache   for L_max - L_cache < |y| <= L_max,
+      -1                             for |y| > L_max,
+
+    a linear ramp from 0 to -1 over the last `cache` tokens allowed (TRL's
+    get_soft_overlong_punishment(max_completion_len, soft_punish_cache) is the same function).
+
+    Args:
+      lengths: [B] response lengths |y| in tokens.
+      max_len: L_max, the most tokens a response may have (the sampler's max_new_tokens).
+      cache: L_cache, 1 <= cache <= max_len.
+
+    Returns:
+      [B] float32 in [-1, 0].
+    """
+    if not 1 <= cache <= max_len:
+        raise ValueError(f"overlong_penalty: cache={cache}; use 1 <= cache <= max_len={max_len}")
+    lengths = jnp.asarray(lengths, jnp.float32)
+    ramp = ((max_len - cache) - lengths) / cache
+    return jnp.where(lengths > max_len, -1.0, jnp.minimum(ramp, 0.0)).astype(jnp.float32)
 
 
 def penalise_unfinished(scores: jax.Array, finished: jax.Array, penalty: float) -> jax.Array:

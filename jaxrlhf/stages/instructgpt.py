@@ -33,7 +33,7 @@ class InstructConfig(recipe.RecipeConfig):
     Attributes:
       sft: the SFT stage.
       rm: the reward-model stage.
-      rl: the RL stage (--rl.algo ppo, pg, grpo, rloo, rebel, dpo, ipo).
+      rl: the RL stage (--rl.algo ppo, pg, grpo, rloo, reinforce_pp, rebel, dpo, ipo).
     """
 
     STAGES: ClassVar[tuple[str, ...]] = STAGES

@@ -75,6 +75,11 @@ class RLStageConfig:
         Preferences"), measured on norm_prompts training prompts at this stage's sampling settings;
         "none" keeps the raw scores (the only choice with a host reward).
       norm_prompts: training prompts sampled for "policy_gain_bias".
+      dynamic_sampling_rounds: DAPO's dynamic sampling (Yu et al. 2025, section 3.2) for the grouped
+        algorithms (grpo, rloo, reinforce_pp with a group) with a host reward: groups whose answers all
+        score the same carry no gradient, so they are dropped and up to this many extra rounds of
+        batch_size / group_size fresh prompts are sampled until the batch is full of groups that differ;
+        if it is still short, tied groups fill it (counted in "dynamic_filled_groups"). 0 = off.
       rl: the algorithm and its settings (`train.RLConfig`; its flags have this stage's prefix:
         --rl.algo, --rl.kl_coef, ...); rl.kl_target set = adaptive KL; rl.ptx_coef > 0 adds PPO-ptx's LM
         loss on a batch_size batch of the pipeline's ptx text.
@@ -98,6 +103,7 @@ class RLStageConfig:
     value_from: Literal["reward_model", "policy"] = "reward_model"
     reward_norm: Literal["reference_mean", "policy_gain_bias", "none"] = "reference_mean"
     norm_prompts: int = 256
+    dynamic_sampling_rounds: int = 0
     rl: RLConfig = dataclasses.field(
         default_factory=lambda: RLConfig(kl_coef=0.05, minibatches=4, no_eos_penalty=-1.0),
         metadata=flags.FLATTEN,
@@ -105,7 +111,8 @@ class RLStageConfig:
 
     def __post_init__(self):
         check_at_least(self, 1, "iterations", "batch_size", "norm_prompts", "log_every")
-        check_at_least(self, 0, "eval_every", "eval_batches", "sample_every", "samples_logged", "ckpt_every")
+        check_at_least(self, 0, "eval_every", "eval_batches", "sample_every", "samples_logged", "ckpt_every",
+                       "dynamic_sampling_rounds")  # fmt: skip
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature={self.temperature}; use a finite value >= 0 (0 = greedy)")
         if not self.top_k >= 0:
@@ -114,6 +121,11 @@ class RLStageConfig:
         if self.value_lr is not None and not self.value_lr > 0:
             raise ValueError(f"value_lr={self.value_lr}; use a positive learning rate, or none (optim.lr)")
         rl = self.rl
+        if self.dynamic_sampling_rounds and (rl.pair_algo or not rl.group_size):
+            raise ValueError(
+                f"dynamic_sampling_rounds={self.dynamic_sampling_rounds} drops groups of equal scores: it "
+                "acts for grpo, rloo and reinforce_pp with a group_size; drop it"
+            )
         if rl.group_size and self.batch_size % rl.group_size:
             raise ValueError(
                 f"batch_size={self.batch_size} is not a whole number of groups of group_size "
@@ -163,8 +175,10 @@ def inactive_flags(pcfg: RLStageConfig, given, prefix: str = "--rl") -> list[str
     algo = pcfg.rl.algo
     rl_given = [path[1] for path in given if path[:1] == ("rl",) and len(path) == 2]
     bad = [f"{prefix}.{name}" for name in inactive_fields(algo, rl_given)]
+    grouped = bool(pcfg.rl.group_size) and not pcfg.rl.pair_algo
     for name, acts in (("value_lr", algo == "ppo"), ("value_from", algo == "ppo"),
-                       ("norm_prompts", pcfg.reward_norm == "policy_gain_bias")):  # fmt: skip
+                       ("norm_prompts", pcfg.reward_norm == "policy_gain_bias"),
+                       ("dynamic_sampling_rounds", grouped)):  # fmt: skip
         if (name,) in given and not acts:
             bad.append(f"{prefix}.{name}")
     return bad
@@ -281,6 +295,11 @@ def run_rl_stage(
     learned = isinstance(reward, LearnedReward)
     if not learned and (pcfg.reward_norm != "none" or (pcfg.value_from != "policy" and rl_cfg.algo == "ppo")):
         raise ValueError("a host reward has no reward model: use reward_norm 'none' and value_from 'policy'")
+    if learned and pcfg.dynamic_sampling_rounds:
+        raise ValueError(
+            "dynamic_sampling_rounds needs a host reward (a verifier or a text score): a reward model's "
+            "iteration is one fused program; drop it"
+        )
     if rl_cfg.pair_algo:
         from jaxrlhf.stages import preference  # noqa: PLC0415  (it builds on this module's configs)
 
@@ -374,6 +393,45 @@ def run_rl_stage(
         )
         return batches.put_batch(batch._replace(loss_mask=batch.mask), mesh)
 
+    def sample_scored(state, prompt, prompt_mask, key):
+        """Sample a batch and score it on the host: (rollout, [B] float32 scores, {"reward_host_s"})."""
+        # Blocks on the sampler (and the update before it) first: the time is the host reward's alone.
+        rollout = jax.block_until_ready(sample(state.params["policy"], prompt, prompt_mask, key))
+        t0 = time.perf_counter()
+        scores = np.asarray(reward.score(parallel.to_host(rollout)), np.float32)
+        return rollout, scores, {"reward_host_s": time.perf_counter() - t0}
+
+    def dynamic_sampling(state, i, key, rollout, scores, extra):
+        """DAPO's dynamic sampling: the groups of the first round whose scores differ, then those of up to
+        dynamic_sampling_rounds more rounds of fresh prompts, until batch_size / group_size groups; tied
+        groups of the first round fill what is still missing. With no tie it returns its input."""
+        need = batch_size // group
+        rounds, picked, tied, sampled = [], [], [], []
+        for r in range(pcfg.dynamic_sampling_rounds + 1):
+            if r:
+                idx = np.repeat(batches.train_rows(n_prompts, need, i, run.data_seed + 7919 * r), group)
+                prompt, prompt_mask = batches.put_batch((prompts.prompt[idx], prompts.prompt_mask[idx]), mesh)
+                rollout, scores, more = sample_scored(state, prompt, prompt_mask, jax.random.fold_in(key, r))
+                extra["reward_host_s"] += more["reward_host_s"]
+            rounds.append(parallel.to_host(rollout))
+            sampled.append(scores)
+            differs = np.ptp(scores.reshape(-1, group), axis=1) > 0
+            picked += [(r, g) for g in np.flatnonzero(differs)]
+            tied += [(r, g) for g in np.flatnonzero(~differs)] if r == 0 else []
+            if len(picked) >= need:
+                break
+        chosen = (picked + tied)[:need]
+        rows = np.concatenate([np.arange(g * group, (g + 1) * group) + r * batch_size for r, g in chosen])
+        host = jax.tree.map(lambda *xs: np.concatenate(xs)[rows], *rounds)
+        all_scores = np.concatenate(sampled)
+        extra.update(
+            dynamic_rounds=float(len(rounds) - 1),
+            dynamic_kept_fraction=float(len(picked) / (len(rounds) * need)),
+            dynamic_filled_groups=float(max(need - len(picked), 0)),
+            reward_sampled=float(np.mean(all_scores)),
+        )
+        return batches.put_batch(host, mesh), all_scores[rows], extra
+
     def step_fn(state, i, key):
         # Groups: batch_size / K prompts, each K times in a row (the group baselines' layout).
         idx = np.repeat(batches.train_rows(n_prompts, batch_size // group, i, run.data_seed), group)
@@ -384,15 +442,13 @@ def run_rl_stage(
             )
         else:
             k_sample, k_learn = jax.random.split(key)
-            # Blocks on the sampler (and the update before it) first: the time is the host reward's alone.
-            rollout = jax.block_until_ready(sample(state.params["policy"], prompt, prompt_mask, k_sample))
-            t0 = time.perf_counter()
-            scores = np.asarray(reward.score(parallel.to_host(rollout)), np.float32)
-            reward_s = time.perf_counter() - t0
+            rollout, scores, extra = sample_scored(state, prompt, prompt_mask, k_sample)
+            if pcfg.dynamic_sampling_rounds:
+                rollout, scores, extra = dynamic_sampling(state, i, k_sample, rollout, scores, extra)
             state, metrics = learn(
                 state, ref_params, rollout, batches.put_batch(scores, mesh), k_learn, ptx_at(i)
             )
-            metrics = {**metrics, "reward_host_s": reward_s}
+            metrics = {**metrics, **extra}
         position["iteration"] = i + 1
         if pcfg.sample_every and (i + 1) % pcfg.sample_every == 0:
             host_rollout, host_scores = parallel.to_host((rollout, scores))

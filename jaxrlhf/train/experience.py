@@ -1,6 +1,8 @@
 """Experience: what one rollout becomes before an update. Old and reference logprobs at the sampling
 temperature, the critic's values, the KL-shaped per-token rewards and the advantages (GAE for PPO /
-PG, group baselines for GRPO / RLOO), all aligned to response tokens.
+PG, group baselines for GRPO / RLOO, REINFORCE++'s batch-normalised returns), all aligned to response
+tokens; then the token selections and weights of `RLConfig` (entropy mask, rollout-mismatch weights,
+truncated answers masked).
 
 Shift convention (ops): the logits at position P - 1 + t predict response token t, so response logprobs
 and values are read from positions [P - 1, P + R - 1).
@@ -28,12 +30,14 @@ class Experience:
 
     Attributes:
       tokens: [B, P + R] prompt + response ids.   mask: [B, P + R] bool.
-      response_mask: [B, R] bool.
+      response_mask: [B, R] bool: the tokens that carry the loss (the response's real tokens; with
+        `rl.mask_truncated`, only those of answers that emitted a stop id).
       old_logprobs: [B, R] policy logprobs at rollout time (training forward, not the sampler's).
       ref_logprobs: [B, R] frozen-reference logprobs.
       old_values: [B, R] critic values at rollout time (0 for PG).
-      advantages: [B, R].  returns: [B, R] value targets.
-      scores: [B] sequence rewards (after the no-EOS penalty).
+      advantages: [B, R] (times the mismatch weights, 0 outside the entropy mask, when those are on).
+      returns: [B, R] value targets.
+      scores: [B] sequence rewards (after the no-EOS penalty and the overlong punishment).
       kl: [B, R] per-token KL estimate (0 on padding).
     """
 
@@ -127,6 +131,7 @@ def make_experience(
     old_logprobs, tempered = response_logprobs(
         params["policy"], tokens, mask, r, cfg, sample_cfg=sample_cfg, unroll=False
     )
+    learner_logprobs = old_logprobs  # the function the sampler reports (tempered, unfiltered)
     filtering = bool(sample_cfg.top_k or sample_cfg.top_p < 1.0)
     if filtering and rl.filtered_logprobs:
         old_logprobs = ops.token_logprobs(sampler.truncate_logits(tempered, sample_cfg), rollout.response)
@@ -139,6 +144,14 @@ def make_experience(
         scores = scoring.penalise_unfinished(raw_scores, rollout.finished, rl.no_eos_penalty)
     else:
         scores = raw_scores
+    if rl.overlong_cache is not None:
+        if rl.overlong_cache > r:
+            raise ValueError(
+                f"overlong_cache={rl.overlong_cache} is longer than the {r} tokens a response may have; use "
+                f"at most {r}"
+            )
+        overlong = scoring.overlong_penalty(rollout.response_length, r, rl.overlong_cache)
+        scores = scores + overlong
     # k1 in the reward (kl_penalty "reward"), or the score alone when the KL is a loss term; the k1
     # estimate is what the metrics and the adaptive controller read in both cases.
     in_reward = state.kl.kl_coef if rl.kl_penalty == "reward" else 0.0
@@ -151,6 +164,18 @@ def make_experience(
         advantages, returns = losses.compute_gae(token_rewards, old_values, rmask, rl.gamma, rl.lam)
     elif rl.algo == "pg":
         advantages, returns = losses.compute_gae(token_rewards, old_values, rmask, rl.gamma, 1.0)
+    elif rl.algo == "reinforce_pp":
+        baseline_scores = scores
+        if rl.group_size:  # REINFORCE++-baseline: each group's mean score subtracted first
+            b, k = scores.shape[0], rl.group_size
+            if b % k:
+                raise ValueError(f"rollout batch {b} is not a whole number of groups of group_size={k}")
+            centred = losses.grpo_advantages(scores.reshape(b // k, k), scale_by_std=False)
+            baseline_scores = centred.reshape(b)
+        advantages = losses.reinforce_pp_advantages(
+            baseline_scores, kl, rmask, kl_coef=in_reward, gamma=rl.gamma
+        )
+        returns = jnp.zeros_like(old_logprobs)
     else:  # grpo / rloo: one advantage per answer, from its group's sequence rewards
         b, k = scores.shape[0], rl.group_size
         if b % k:
@@ -166,10 +191,25 @@ def make_experience(
     if rl.whiten_advantages:
         advantages = losses.whiten_advantages(advantages, rmask)
     advantages = jnp.where(rmask, advantages, 0.0)
+    metrics = {}
+    if rl.entropy_top_fraction is not None:  # only the high-entropy tokens carry the policy gradient
+        keep = losses.entropy_mask(ops.entropy(tempered), rmask, top_fraction=rl.entropy_top_fraction)
+        advantages = jnp.where(keep, advantages, 0.0)
+        metrics["entropy_kept_fraction"] = ops.masked_mean(keep.astype(jnp.float32), rmask)
+    if rl.mismatch is not None:  # the sampler's logprobs against the learner's, as importance weights
+        level, mode = rl.mismatch.split("_")
+        weights, w_metrics = losses.mismatch_weights(
+            learner_logprobs, rollout.logprobs, rmask, level=level, mode=mode, cap=rl.mismatch_cap
+        )
+        advantages = advantages * weights
+        metrics.update({f"mismatch_{k}": v for k, v in w_metrics.items()})
+    loss_mask = rmask
+    if rl.mask_truncated:  # answers without a stop id carry no loss (nor count in its normalisers)
+        loss_mask = rmask & rollout.finished[:, None]
     exp = Experience(
         tokens=tokens,
         mask=mask,
-        response_mask=rmask,
+        response_mask=loss_mask,
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
         old_values=old_values,
@@ -180,6 +220,7 @@ def make_experience(
     )
     seq_kl = jnp.sum(kl, axis=-1)
     metrics = {
+        **metrics,
         "reward": jnp.mean(raw_scores),
         "reward_std": jnp.std(raw_scores),
         "kl_per_token": ops.masked_mean(kl, rmask),
@@ -188,6 +229,8 @@ def make_experience(
         "response_length": jnp.mean(rollout.response_length.astype(jnp.float32)),
         "finished_fraction": jnp.mean(rollout.finished.astype(jnp.float32)),
     }
+    if rl.overlong_cache is not None:
+        metrics["overlong_penalty"] = jnp.mean(overlong)
     if filtering:
         metrics["filter_kl"] = _filter_kl(tempered, sample_cfg, rmask)
     if rl.algo == "ppo":

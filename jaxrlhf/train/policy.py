@@ -1,4 +1,4 @@
-"""Policy optimisation (PPO, PG, GRPO, RLOO): rollout -> experience -> update.
+"""Policy optimisation (PPO, PG, GRPO, RLOO, REINFORCE++; CISPO's objective): rollout -> experience -> update.
 
 One RL iteration is three pure functions, each jittable on its own or composed into one program:
 
@@ -39,6 +39,7 @@ from jaxrlhf.train.rl_config import RLConfig
 from jaxrlhf.train.state import TrainState, apply_gradients, init_train_state, mean_metrics, run_epochs
 
 Params = Any
+CISPO_EPS_HIGH = 4.0  # CISPO's weight cap 1 + 4 = 5: TRL's recommended epsilon_high (losses.cispo_loss)
 
 
 def _learnable(rl: RLConfig) -> RLConfig:
@@ -122,10 +123,19 @@ def _policy_loss(
     if rl.algo == "pg":
         loss, metrics = losses.pg_loss(logprobs, mb.advantages, mb.response_mask, aggregation=rl.loss_agg)
         metrics = {"policy_loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}
+    elif rl.objective == "cispo":
+        pol, pol_m = losses.cispo_loss(
+            logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
+            clip_eps_high=CISPO_EPS_HIGH if rl.clip_eps_high is None else rl.clip_eps_high,
+            aggregation=rl.loss_agg,
+        )  # fmt: skip
+        loss = pol
+        metrics = {k: pol_m[k] for k in ("clipfrac", "ratio_max", "ratio_mean")}
+        metrics["policy_loss"] = pol
     else:
         pol, pol_m = losses.ppo_policy_loss(
             logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip_eps=rl.clip_eps,
-            aggregation=rl.loss_agg, ratio_level=rl.ratio_level,
+            clip_eps_high=rl.clip_eps_high, aggregation=rl.loss_agg, ratio_level=rl.ratio_level,
         )  # fmt: skip
         loss = pol
         metrics = {k: pol_m[k] for k in ("clipfrac", "approx_kl", "ratio_max", "ratio_mean")}

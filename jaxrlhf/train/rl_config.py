@@ -11,7 +11,9 @@ from typing import Literal
 from jaxrlhf import losses
 from jaxrlhf.validate import check_at_least, check_choice, check_finite, check_positive, check_range
 
-ALGOS = ("ppo", "pg", "grpo", "rloo")  # optimised with make_learn
+ALGOS = ("ppo", "pg", "grpo", "rloo", "reinforce_pp")  # optimised with make_learn
+CLIPPED = ("ppo", "grpo", "rloo", "reinforce_pp")  # the algorithms with a ratio (PPO's clip or CISPO's)
+MISMATCH = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 PAIR_ALGOS = ("rebel", "dpo", "ipo")  # online preference optimisation on best / worst pairs (make_pair_step)
 AGGREGATIONS = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "constant"]
 
@@ -32,6 +34,12 @@ ALGO_DEFAULTS = {
     # baseline and no further normalisation, REINFORCE on each answer's summed logprob, one update.
     "rloo": dict(kl_coef=0.05, kl_penalty="reward", kl_kind="k1", loss_agg="seq_mean_token_sum",
                  whiten_advantages=False, epochs=1),
+    # REINFORCE++ (Hu et al. 2025) as OpenRLHF runs it (--advantage_estimator reinforce, its defaults:
+    # init_kl_coef 0.01, kl_estimator k1 in the reward, one epoch, PolicyLoss's token_level_loss): the
+    # KL-shaped returns normalised over the global batch (`losses.reinforce_pp_advantages`), not whitened
+    # again; PPO's clipped token loss.
+    "reinforce_pp": dict(kl_coef=0.01, kl_penalty="reward", kl_kind="k1", loss_agg="token_mean",
+                         whiten_advantages=False, epochs=1),
     # The REBEL authors' code (ZhaolinGao/REBEL src/tldr/rebel.py): eta 1, kl_coef 0.05, 4 passes.
     "rebel": dict(kl_coef=0.05, epochs=4),
     # DPO (Rafailov et al. 2023) / IPO (Azar et al. 2023) as TRL's DPOTrainer: one pass; IPO on the
@@ -51,19 +59,26 @@ _RESOLVED = (
 # RLConfig fields that act only for some algorithms: a pipeline refuses one given for another algorithm
 # (`inactive_fields`) instead of ignoring it.
 FIELD_ALGOS = {
-    "group_size": ("grpo", "rloo", *PAIR_ALGOS),
+    "group_size": ("grpo", "rloo", "reinforce_pp", *PAIR_ALGOS),
     "grpo_scale_by_std": ("grpo",),
-    "gamma": ("ppo", "pg"),
+    "gamma": ("ppo", "pg", "reinforce_pp"),
     "lam": ("ppo",),
-    "clip_eps": ("ppo", "grpo", "rloo"),
+    "clip_eps": CLIPPED,
+    "clip_eps_high": CLIPPED,
+    "objective": CLIPPED,
     "value_clip_eps": ("ppo",),
     "vf_coef": ("ppo",),
-    "epochs": ("ppo", "grpo", "rloo", *PAIR_ALGOS),
-    "minibatches": ("ppo", "grpo", "rloo", *PAIR_ALGOS),
+    "epochs": (*CLIPPED, *PAIR_ALGOS),
+    "minibatches": (*CLIPPED, *PAIR_ALGOS),
     "micro_batches": ALGOS,
     "whiten_rewards": ("ppo", "pg"),
     "whiten_advantages": ALGOS,
-    "ratio_level": ("ppo", "grpo", "rloo"),
+    "ratio_level": CLIPPED,
+    "entropy_top_fraction": ALGOS,
+    "overlong_cache": ALGOS,
+    "mask_truncated": ALGOS,
+    "mismatch": ALGOS,
+    "mismatch_cap": ALGOS,
     "loss_agg": ALGOS,
     "kl_coef": (*ALGOS, "rebel"),
     "kl_target": ALGOS,
@@ -103,10 +118,13 @@ class RLConfig:
       algo: "ppo" (clipped surrogate + value head + GAE), "pg" (vanilla policy gradient on reward-to-go),
         "grpo" (clipped surrogate, no value model, each answer's sequence reward standardised within
         its group of `group_size` answers to one prompt: Shao et al. 2024), "rloo" (REINFORCE's
-        leave-one-out baseline, r_i - mean_{j != i} r_j: Ahmadian et al. 2024), or the online preference
-        algorithms on the best / worst of `group_size` answers: "rebel" (Gao et al. 2024), "dpo", "ipo".
-      group_size: K, answers per prompt (grpo, rloo, rebel, dpo, ipo: required there, refused elsewhere);
-        rows [iK, (i + 1)K) of a batch share a prompt.
+        leave-one-out baseline, r_i - mean_{j != i} r_j: Ahmadian et al. 2024), "reinforce_pp"
+        (REINFORCE++, Hu et al. 2025: per-token k1 KL in the reward, returns normalised over the global
+        batch, no critic; with group_size, "REINFORCE++-baseline" subtracts each group's mean score
+        first), or the online preference algorithms on the best / worst of `group_size` answers: "rebel"
+        (Gao et al. 2024), "dpo", "ipo".
+      group_size: K, answers per prompt (grpo, rloo, rebel, dpo, ipo: required there; reinforce_pp:
+        optional; refused elsewhere); rows [iK, (i + 1)K) of a batch share a prompt.
       grpo_scale_by_std: grpo divides by the group's std; False keeps the mean shift only (Dr. GRPO,
         Liu et al. 2025, with loss_agg "constant").
       ratio_level: "token" (PPO's per-token ratio) or "sequence" (GSPO, Zheng et al. 2025: one
@@ -126,7 +144,13 @@ class RLConfig:
         "k3" (GRPO) or "k2" with "loss". None: the algorithm's.
       gamma: GAE discount.
       lam: GAE lambda (PG uses lambda = 1: reward-to-go).
-      clip_eps: PPO ratio clip.
+      clip_eps: PPO ratio clip (eps_low, and eps_high unless clip_eps_high is set).
+      clip_eps_high: the upper clip eps of the token ratio ("clip-higher": DAPO, Yu et al. 2025, uses 0.28
+        with clip_eps 0.2); with objective "cispo" the importance weight's cap is 1 + clip_eps_high (None:
+        4.0, TRL's recommended CISPO epsilon_high 5.0). None: clip_eps.
+      objective: the clipped algorithms' policy term: "clip" (PPO's clipped surrogate) or "cispo"
+        (MiniMax-M1's CISPO, `losses.cispo_loss`: REINFORCE with a clipped stop-gradient importance weight
+        on every token, no lower bound; token ratios only).
       value_clip_eps: PPO value clip (None = unclipped value loss).
       vf_coef: weight of the value loss in the joint loss.
       ent_coef: weight of the entropy bonus.
@@ -142,6 +166,22 @@ class RLConfig:
         shift_mean=False; ppo / pg, before GAE).
       no_eos_penalty: score given to a response that never emits a stop id (`Rollout.finished`: the
         sampler's eos_id or stop_ids; None = keep the score).
+      overlong_cache: DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): with R the most tokens
+        sampled and L this cache, an answer of |y| > R - L tokens adds (R - L - |y|) / L to its score
+        (down to -1 at |y| = R); None = off. At most R.
+      mask_truncated: answers that never emitted a stop id carry no loss (DAPO's overlong filtering,
+        TRL's mask_truncated_completions): they drop out of the policy, KL and value terms and of their
+        normalisers, but still count in their group's baseline.
+      entropy_top_fraction: only the top q fraction of the batch's response tokens by the sampling
+        policy's entropy carry the policy gradient (Wang et al. 2025, "Beyond the 80/20 Rule": q 0.2;
+        TRL's top_entropy_quantile); the others get advantage 0, so the loss's normalisers still count
+        every real token, as in the paper and TRL. None = every token.
+      mismatch: importance-weight the advantages by pi_learner / pi_sampler when the rollouts' sampler
+        reports other logprobs than the learner computes (a bfloat16 or quantised sampler, stale weights):
+        "token_truncate" (TIS), "token_mask", "sequence_truncate" or "sequence_mask"
+        (`losses.mismatch_weights`; TRL's vllm_importance_sampling_mode). None = off.
+      mismatch_cap: C >= 1 of the mismatch weights: truncated at C, or masked above it (2.0: the
+        truncation level of Yao et al. 2025's TIS).
       dropout: run the policy and value with the model config's dropout in the update. Off by default:
         old and reference logprobs are computed without dropout, so with it the ratio differs from 1
         before any update (lm-human-preferences, TRL and the REBEL code all update without dropout).
@@ -157,7 +197,7 @@ class RLConfig:
         algorithm's (IPO averages, as TRL does).
     """
 
-    algo: Literal["ppo", "pg", "grpo", "rloo", "rebel", "dpo", "ipo"] = "ppo"
+    algo: Literal["ppo", "pg", "grpo", "rloo", "reinforce_pp", "rebel", "dpo", "ipo"] = "ppo"
     group_size: int | None = None
     grpo_scale_by_std: bool = True
     loss_agg: AGGREGATIONS | None = None
@@ -170,6 +210,8 @@ class RLConfig:
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    objective: Literal["clip", "cispo"] = "clip"
     value_clip_eps: float | None = 0.2
     vf_coef: float = 0.1
     ent_coef: float = 0.0
@@ -179,6 +221,11 @@ class RLConfig:
     whiten_advantages: bool | None = None
     whiten_rewards: bool = False
     no_eos_penalty: float | None = None
+    overlong_cache: int | None = None
+    mask_truncated: bool = False
+    entropy_top_fraction: float | None = None
+    mismatch: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] | None = None
+    mismatch_cap: float = 2.0
     dropout: bool = False
     ptx_coef: float = 0.0
     filtered_logprobs: bool = False
@@ -202,20 +249,37 @@ class RLConfig:
         check_choice(self, "ratio_level", losses.RATIO_LEVELS)
         if self.loss_agg is not None:
             check_choice(self, "loss_agg", losses.AGGREGATIONS)
-        if self.ratio_level != "token" and self.algo not in ("ppo", "grpo", "rloo"):
+        if self.ratio_level != "token" and self.algo not in CLIPPED:
             raise ValueError(
-                f"ratio_level acts for the clipped algorithms (ppo, grpo, rloo); {self.algo} has no ratio."
+                f"ratio_level acts for the clipped algorithms ({', '.join(CLIPPED)}); {self.algo} has no "
+                "ratio."
             )
-        grouped = self.algo in FIELD_ALGOS["group_size"]
+        check_choice(self, "objective", ("clip", "cispo"))
+        if self.objective == "cispo" and self.ratio_level != "token":
+            raise ValueError("objective 'cispo' weighs token ratios; drop ratio_level 'sequence' (GSPO)")
+        if self.mismatch is not None:
+            check_choice(self, "mismatch", MISMATCH)
+        if not (math.isfinite(self.mismatch_cap) and self.mismatch_cap >= 1):
+            raise ValueError(f"mismatch_cap={self.mismatch_cap}; use a finite C >= 1")
+        if self.entropy_top_fraction is not None:
+            check_range(self, "entropy_top_fraction", 0.0, 1.0, low_open=True)
+        if self.overlong_cache is not None:
+            check_at_least(self, 1, "overlong_cache")
+        grouped = self.algo in FIELD_ALGOS["group_size"] and self.algo != "reinforce_pp"
+        if self.algo == "reinforce_pp" and self.group_size is not None and not self.group_size >= 2:
+            raise ValueError(
+                f"group_size={self.group_size}; REINFORCE++-baseline needs >= 2 answers per prompt (or none: "
+                "plain REINFORCE++)"
+            )
         if grouped and (self.group_size is None or not self.group_size >= 2):
             raise ValueError(
                 f"group_size={self.group_size}; {self.algo} needs >= 2 answers per prompt (a group or a pair "
                 "needs at least 2 answers per prompt)"
             )
-        if not grouped and self.group_size is not None:
+        if not grouped and self.group_size is not None and self.algo != "reinforce_pp":
             raise ValueError(
-                f"group_size={self.group_size} does nothing with algo={self.algo} (group_size acts for grpo "
-                "and rloo only, and rebel, dpo, ipo: the answers a pair is chosen from); drop it"
+                f"group_size={self.group_size} does nothing with algo={self.algo} (group_size acts for grpo, "
+                "rloo and reinforce_pp only, and rebel, dpo, ipo: the answers a pair is chosen from); drop it"
             )
         if not self.grpo_scale_by_std and self.algo != "grpo":
             raise ValueError(f"grpo_scale_by_std=False acts for grpo only; drop it for algo {self.algo!r}.")
@@ -223,7 +287,7 @@ class RLConfig:
         if self.whiten_rewards and self.algo not in ("ppo", "pg"):
             raise ValueError(f"whiten_rewards acts for ppo and pg; {self.algo} uses its group baseline.")
         check_at_least(self, 0, "ptx_coef", "kl_coef", "vf_coef", "ent_coef", "kl_horizon")
-        check_positive(self, "clip_eps", "value_clip_eps", "eta", "beta")
+        check_positive(self, "clip_eps", "clip_eps_high", "value_clip_eps", "eta", "beta")
         if self.kl_target is not None and not (math.isfinite(self.kl_target) and self.kl_target > 0):
             raise ValueError(
                 f"kl_target={self.kl_target}; use a positive KL per sequence, or none (fixed beta)"
