@@ -13,6 +13,7 @@ import pytest
 
 from jaxrlhf import happy, models, parallel
 from jaxrlhf.engine import flags
+from jaxrlhf.rollout import pairs
 from jaxrlhf.stages import policy, recipe
 
 GROUP, BATCH = 4, 16  # 4 groups of 4 answers per round
@@ -87,6 +88,19 @@ def test_with_no_tie_dynamic_sampling_is_an_identity(tmp_path, shared_data):
     values = sorted(k for k, v in off.items() if isinstance(v, float) and not k.endswith(TIMING))
     assert {"policy_loss", "approx_kl", "grad_norm", "reward"} <= set(values)
     assert {k: on[k] for k in values} == {k: off[k] for k in values}
+
+
+def test_differing_groups_in_order_then_the_first_rounds_ties():
+    r0 = np.array([1, 1, 0, 2, 2, 2, 3, 3])  # groups of 2: differs, ties, ties, ties
+    r1 = np.array([5, 5, 0, 1, 4, 4, 7, 8])  # ties, differs, ties, differs
+    rows, stats = pairs.differing_groups([r0], 2, 4)
+    np.testing.assert_array_equal(rows, [2, 3, 0, 1, 4, 5, 6, 7])  # the differing group, then the tied ones
+    assert stats == {"kept_fraction": 0.25, "filled_groups": 3}
+    rows, stats = pairs.differing_groups([r0, r1], 2, 3)
+    np.testing.assert_array_equal(rows, [2, 3, 10, 11, 14, 15])
+    assert stats == {"kept_fraction": 3 / 8, "filled_groups": 0}
+    with pytest.raises(ValueError, match="each needs 4 groups of 2"):
+        pairs.differing_groups([r0[:6]], 2, 4)
 
 
 def test_dynamic_sampling_is_refused_where_it_cannot_act():

@@ -256,7 +256,7 @@ def test_ratio_is_one_at_learning_rate_zero(tiny_cfg, filtered):
 
 
 def test_options_that_would_do_nothing_are_refused(tiny_cfg):
-    with pytest.raises(ValueError, match="group_size acts for grpo and rloo only"):
+    with pytest.raises(ValueError, match="group_size acts for grpo, rloo and reinforce_pp only"):
         train.RLConfig(algo="ppo", group_size=4)
     with pytest.raises(ValueError, match="needs >= 2 answers"):
         train.RLConfig(algo="rloo")

@@ -193,10 +193,9 @@ def test_entropy_masking_keeps_the_top_fraction_and_q_one_is_off(tiny_cfg):
 # ------------------------------------------------------------------------ rollout-mismatch weights
 
 
-@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
-def test_mismatch_weights_are_an_identity_when_the_sampler_is_the_learner(tiny_cfg, mode):
+def test_mismatch_weights_are_an_identity_when_the_sampler_is_the_learner(tiny_cfg):
     """Rollouts from the library's own sampler (KV-cache decoding, its own logprobs) and a learner of the
-    same weights: weights 1 (to float rounding), nothing clipped or masked, the same update."""
+    same weights: in every mode, weights 1 (to float rounding), nothing clipped or masked, the same update."""
     scfg = SampleConfig(max_new_tokens=6, temperature=0.7, top_k=5, eos_id=0)
     policy = models.init_params(jax.random.key(0), tiny_cfg)
     policy["wte"] = policy["wte"] * 20
@@ -204,18 +203,20 @@ def test_mismatch_weights_are_an_identity_when_the_sampler_is_the_learner(tiny_c
     rollout = sampler.sample(policy, prompt, jnp.ones((8, 3), bool), tiny_cfg, scfg, key=jax.random.key(5))
     scores = jax.random.normal(jax.random.key(6), (8,))
     out = {}
-    for mismatch in (None, mode):
+    for mismatch in (None, *train.rl_config.MISMATCH):
         rl = train.RLConfig(algo="grpo", group_size=4, mismatch=mismatch)
         state = train.init_rl_state(train.init_rl_params(policy, None, rl), optax.sgd(0.5), rl)
         learn = jax.jit(train.make_learn(tiny_cfg, optax.sgd(0.5), rl, sample_cfg=scfg))
         out[mismatch] = learn(state, policy, rollout, scores, key=jax.random.key(0))
-    (base, _), (weighted, metrics) = out[None], out[mode]
-    assert float(metrics["mismatch_mean_weight"]) == pytest.approx(1.0, abs=1e-5)
-    dropped = "mismatch_masked_fraction" if mode.endswith("mask") else "mismatch_clipped_fraction"
-    assert float(metrics[dropped]) == 0.0
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), base.params, weighted.params
-    )
+    base = out.pop(None)[0]
+    assert len(out) == 4
+    for mode, (weighted, metrics) in out.items():
+        assert float(metrics["mismatch_mean_weight"]) == pytest.approx(1.0, abs=1e-5), mode
+        dropped = "mismatch_masked_fraction" if mode.endswith("mask") else "mismatch_clipped_fraction"
+        assert float(metrics[dropped]) == 0.0, mode
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), base.params, weighted.params
+        )
 
 
 def test_mismatch_weights_recover_the_learner_gradient_on_a_bandit(tiny_cfg):

@@ -156,7 +156,7 @@ def test_flags_set_nested_fields_and_refuse_bad_values(capsys):
     assert "error" in capsys.readouterr().err
     # Options this stage would ignore, or a KL estimator with the wrong gradient in the reward: refused.
     for bad, why in (
-        (["--rl.group_size", "4"], "group_size acts for grpo and rloo only"),
+        (["--rl.group_size", "4"], "group_size acts for grpo, rloo and reinforce_pp only"),
         (["--rl.kl_kind", "k3"], "only k1"),
         (["--rl.algo", "grpo", "--rl.group_size", "3"], "not a whole number of groups"),
         (

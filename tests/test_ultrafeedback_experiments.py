@@ -451,3 +451,26 @@ def test_pipeline_end_to_end_then_killed_in_every_stage_and_resumed(base_dir, sh
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "iteration 1: no pairs left after the filter" in proc.stderr and "skipped_tied" in proc.stderr
     assert not (c / "rebel_1").exists()
+
+
+def test_params_fingerprint_is_exact_on_any_mesh():
+    """The digest generate.json records (which weights sampled the answers) is the same for params on one
+    device and split over 8 (a float sum would round by the split), and moves with a one-ulp change or a
+    reordering of one leaf."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    from jax.sharding import NamedSharding  # noqa: PLC0415
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(7,)), jnp.bfloat16),
+        "s": jnp.float32(3.0),
+    }
+    mesh = jax.make_mesh((8,), ("data",))
+    split = {**params, "w": jax.device_put(params["w"], NamedSharding(mesh, P("data")))}
+    digest = online.params_fingerprint(params)
+    assert online.params_fingerprint(split) == digest
+    one_ulp = np.nextafter(np.float32(params["w"][3, 5]), np.float32(np.inf))
+    assert online.params_fingerprint({**params, "w": params["w"].at[3, 5].set(one_ulp)}) != digest
+    assert online.params_fingerprint({**params, "w": params["w"][::-1]}) != digest

@@ -300,6 +300,40 @@ class Pairs(NamedTuple):
     rejected_reward: np.ndarray
 
 
+def differing_groups(round_scores, group_size: int, groups: int) -> tuple[np.ndarray, dict]:
+    """DAPO's dynamic-sampling selection (Yu et al. 2025, section 3.2), on the host: from rounds of sampled
+    groups, the rows of `groups` groups whose answers do not all score the same (a tie carries no
+    gradient under a group baseline), first round first; tied groups of the first round fill what is
+    missing.
+
+    Args:
+      round_scores: one [B] score array per sampling round, each B a multiple of `group_size` (rows
+        [iK, (i + 1)K) of a round are group i).
+      group_size: K.
+      groups: how many groups the batch holds.
+
+    Returns:
+      (rows [groups * K] into the rounds' concatenated rows, stats) with "kept_fraction" (differing groups
+      / all groups sampled) and "filled_groups" (tied groups used to fill; 0 once the rounds have enough).
+    """
+    sizes = [len(s) for s in round_scores]
+    if any(n % group_size or n < groups * group_size for n in sizes):
+        raise ValueError(
+            f"differing_groups: rounds of {sizes} rows; each needs {groups} groups of {group_size}"
+        )
+    differing, tied, start = [], [], 0
+    for r, scores in enumerate(round_scores):
+        spread = np.ptp(np.asarray(scores, np.float64).reshape(-1, group_size), axis=1)
+        firsts = start + group_size * np.arange(len(spread))
+        differing += list(firsts[spread > 0])
+        tied += list(firsts[spread == 0]) if r == 0 else []
+        start += len(scores)
+    chosen = (differing + tied)[:groups]
+    rows = (np.asarray(chosen, np.int64)[:, None] + np.arange(group_size)).reshape(-1)
+    total = sum(sizes) // group_size
+    return rows, {"kept_fraction": len(differing) / total, "filled_groups": max(groups - len(differing), 0)}
+
+
 def rows_as_rollout(rows) -> Rollout:
     """A host Rollout of written rows ({"prompt", "prompt_mask", "response", "response_mask", "finished",
     ...} NumPy arrays, e.g. an online generate stage's shards)."""

@@ -253,13 +253,40 @@ class Prompts:
 
 
 def params_fingerprint(params) -> str:
-    """Which weights sampled a shard: sha256 over every leaf's sum and sum of squares (float32, in tree
-    order), computed where the params lie (sharded or not), so two policies that differ anywhere differ
-    here but for a vanishing chance."""
-    stats = [jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
-             for x in jax.tree.leaves(params)]  # fmt: skip
-    values = np.asarray(jax.device_get(jnp.stack(stats)), np.float32)
+    """Which weights sampled a shard: sha256 over two integer sums per leaf, computed where the params lie
+    (sharded or not, no copy to the host): the sum of the values' bit patterns and their sum weighted by
+    2 x (flat position) + 1, both in uint32 arithmetic. Integer sums wrap exactly and do not depend on the
+    order of the additions, so the digest is the same on any mesh, device count or thread schedule (a
+    float sum is not: its rounding follows the reduction's split); a change of one value always changes
+    the first sum, a reordering the second."""
+
+    def sums(x):
+        bits = _uint32_bits(x)
+        position = jnp.zeros(bits.shape, jnp.uint32)
+        strides = np.cumprod((1, *bits.shape[::-1]))[-2::-1] if bits.ndim else ()
+        for axis, stride in enumerate(strides):
+            position = position + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
+        weighted = bits * (2 * position + 1)
+        return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)])
+
+    values = np.asarray(jax.device_get(jnp.stack([sums(x) for x in jax.tree.leaves(params)])), np.uint32)
     return hashlib.sha256(values.tobytes()).hexdigest()
+
+
+def _uint32_bits(x: jax.Array) -> jax.Array:
+    """The values' bit patterns as uint32 (float32 as is; 16-bit types widened; 64-bit types folded)."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = x.dtype.itemsize
+    if width == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if width == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    if width == 1:
+        return jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    return halves[..., 0] ^ (halves[..., 1] * jnp.uint32(0x9E3779B1))
 
 
 def sync(tag: str) -> None:

@@ -1,6 +1,6 @@
 """The RL stage: the policy (from an SFT model) against a reward, with a KL penalty to the frozen reference;
-any online algorithm of `train.RLConfig` (ppo, pg, grpo, rloo; rebel, dpo, ipo on best / worst pairs:
-`preference.run_online_pairs`).
+any online algorithm of `train.RLConfig` (ppo, pg, grpo, rloo, reinforce_pp; rebel, dpo, ipo on best /
+worst pairs: `preference.run_online_pairs`), with DAPO's dynamic sampling for the grouped ones.
 
 The reward is a learned reward model (`LearnedReward`: scored inside one jitted program per iteration,
 `policy_programs.make_iteration`, normalised by `reward_norm`) or a host function of the rollout
@@ -30,7 +30,7 @@ from etils import epath
 
 from jaxrlhf import losses, models, parallel, train
 from jaxrlhf.engine import checkpoint, flags, loop
-from jaxrlhf.rollout import SampleConfig, scoring
+from jaxrlhf.rollout import SampleConfig, pairs, scoring
 from jaxrlhf.stages import batches, handoff, policy_programs
 from jaxrlhf.stages.batches import PromptAnswers
 from jaxrlhf.stages.handoff import HostReward, LearnedReward, StageError, StageRun
@@ -137,10 +137,10 @@ class RLStageConfig:
                     "temperature=0 (greedy) makes the group_size answers of a prompt identical, so "
                     f"{rl.algo} never has a pair: use a temperature > 0"
                 )
-            pairs = self.batch_size // rl.group_size  # one pair per prompt at most
-            if pairs % rl.minibatches:
+            n_pairs = self.batch_size // rl.group_size  # one pair per prompt at most
+            if n_pairs % rl.minibatches:
                 raise ValueError(
-                    f"minibatches={rl.minibatches} must divide the {pairs} pairs of an iteration "
+                    f"minibatches={rl.minibatches} must divide the {n_pairs} pairs of an iteration "
                     f"(batch_size={self.batch_size} / group_size={rl.group_size}, one pair per prompt)"
                 )
             return
@@ -402,32 +402,27 @@ def run_rl_stage(
         return rollout, scores, {"reward_host_s": time.perf_counter() - t0}
 
     def dynamic_sampling(state, i, key, rollout, scores, extra):
-        """DAPO's dynamic sampling: the groups of the first round whose scores differ, then those of up to
-        dynamic_sampling_rounds more rounds of fresh prompts, until batch_size / group_size groups; tied
-        groups of the first round fill what is still missing. With no tie it returns its input."""
+        """DAPO's dynamic sampling: rounds of batch_size / group_size fresh prompts (up to
+        dynamic_sampling_rounds more) until the batch can be filled with groups whose scores differ
+        (`rollout.pairs.differing_groups`). With no tie it returns its input."""
         need = batch_size // group
-        rounds, picked, tied, sampled = [], [], [], []
-        for r in range(pcfg.dynamic_sampling_rounds + 1):
-            if r:
-                idx = np.repeat(batches.train_rows(n_prompts, need, i, run.data_seed + 7919 * r), group)
-                prompt, prompt_mask = batches.put_batch((prompts.prompt[idx], prompts.prompt_mask[idx]), mesh)
-                rollout, scores, more = sample_scored(state, prompt, prompt_mask, jax.random.fold_in(key, r))
-                extra["reward_host_s"] += more["reward_host_s"]
+        rounds, sampled = [parallel.to_host(rollout)], [scores]
+        rows, stats = pairs.differing_groups(sampled, group, need)
+        while stats["filled_groups"] and len(rounds) <= pcfg.dynamic_sampling_rounds:
+            r = len(rounds)
+            idx = np.repeat(batches.train_rows(n_prompts, need, i, run.data_seed + 7919 * r), group)
+            prompt, prompt_mask = batches.put_batch((prompts.prompt[idx], prompts.prompt_mask[idx]), mesh)
+            rollout, scores, more = sample_scored(state, prompt, prompt_mask, jax.random.fold_in(key, r))
+            extra["reward_host_s"] += more["reward_host_s"]
             rounds.append(parallel.to_host(rollout))
             sampled.append(scores)
-            differs = np.ptp(scores.reshape(-1, group), axis=1) > 0
-            picked += [(r, g) for g in np.flatnonzero(differs)]
-            tied += [(r, g) for g in np.flatnonzero(~differs)] if r == 0 else []
-            if len(picked) >= need:
-                break
-        chosen = (picked + tied)[:need]
-        rows = np.concatenate([np.arange(g * group, (g + 1) * group) + r * batch_size for r, g in chosen])
+            rows, stats = pairs.differing_groups(sampled, group, need)
         host = jax.tree.map(lambda *xs: np.concatenate(xs)[rows], *rounds)
         all_scores = np.concatenate(sampled)
         extra.update(
             dynamic_rounds=float(len(rounds) - 1),
-            dynamic_kept_fraction=float(len(picked) / (len(rounds) * need)),
-            dynamic_filled_groups=float(max(need - len(picked), 0)),
+            dynamic_kept_fraction=float(stats["kept_fraction"]),
+            dynamic_filled_groups=float(stats["filled_groups"]),
             reward_sampled=float(np.mean(all_scores)),
         )
         return batches.put_batch(host, mesh), all_scores[rows], extra
