@@ -393,28 +393,35 @@ def run_rl_stage(
         )
         return batches.put_batch(batch._replace(loss_mask=batch.mask), mesh)
 
+    def group_prompts(i: int, seed: int):
+        """batch_size / K prompts of iteration i, each K times in a row (the group baselines' layout),
+        placed on the mesh."""
+        idx = np.repeat(batches.train_rows(n_prompts, batch_size // group, i, seed), group)
+        return batches.put_batch((prompts.prompt[idx], prompts.prompt_mask[idx]), mesh)
+
     def sample_scored(state, prompt, prompt_mask, key):
-        """Sample a batch and score it on the host: (rollout, [B] float32 scores, {"reward_host_s"})."""
+        """Sample a batch and score it on the host: (rollout, its host copy, [B] float32 scores,
+        {"reward_host_s"})."""
         # Blocks on the sampler (and the update before it) first: the time is the host reward's alone.
         rollout = jax.block_until_ready(sample(state.params["policy"], prompt, prompt_mask, key))
         t0 = time.perf_counter()
-        scores = np.asarray(reward.score(parallel.to_host(rollout)), np.float32)
-        return rollout, scores, {"reward_host_s": time.perf_counter() - t0}
+        host = parallel.to_host(rollout)
+        scores = np.asarray(reward.score(host), np.float32)
+        return rollout, host, scores, {"reward_host_s": time.perf_counter() - t0}
 
-    def dynamic_sampling(state, i, key, rollout, scores, extra):
+    def dynamic_sampling(state, i, key, host, scores, extra):
         """DAPO's dynamic sampling: rounds of batch_size / group_size fresh prompts (up to
         dynamic_sampling_rounds more) until the batch can be filled with groups whose scores differ
         (`rollout.pairs.differing_groups`). With no tie it returns its input."""
         need = batch_size // group
-        rounds, sampled = [parallel.to_host(rollout)], [scores]
+        rounds, sampled = [host], [scores]
         rows, stats = pairs.differing_groups(sampled, group, need)
         while stats["filled_groups"] and len(rounds) <= pcfg.dynamic_sampling_rounds:
             r = len(rounds)
-            idx = np.repeat(batches.train_rows(n_prompts, need, i, run.data_seed + 7919 * r), group)
-            prompt, prompt_mask = batches.put_batch((prompts.prompt[idx], prompts.prompt_mask[idx]), mesh)
-            rollout, scores, more = sample_scored(state, prompt, prompt_mask, jax.random.fold_in(key, r))
+            prompt, prompt_mask = group_prompts(i, run.data_seed + 7919 * r)
+            _, host, scores, more = sample_scored(state, prompt, prompt_mask, jax.random.fold_in(key, r))
             extra["reward_host_s"] += more["reward_host_s"]
-            rounds.append(parallel.to_host(rollout))
+            rounds.append(host)
             sampled.append(scores)
             rows, stats = pairs.differing_groups(sampled, group, need)
         host = jax.tree.map(lambda *xs: np.concatenate(xs)[rows], *rounds)
@@ -428,18 +435,16 @@ def run_rl_stage(
         return batches.put_batch(host, mesh), all_scores[rows], extra
 
     def step_fn(state, i, key):
-        # Groups: batch_size / K prompts, each K times in a row (the group baselines' layout).
-        idx = np.repeat(batches.train_rows(n_prompts, batch_size // group, i, run.data_seed), group)
-        prompt, prompt_mask = batches.put_batch((prompts.prompt[idx], prompts.prompt_mask[idx]), mesh)
+        prompt, prompt_mask = group_prompts(i, run.data_seed)
         if learned:
             state, metrics, (rollout, scores) = iteration(
                 state, ref_params, rm_frozen, prompt, prompt_mask, key, ptx_at(i)
             )
         else:
             k_sample, k_learn = jax.random.split(key)
-            rollout, scores, extra = sample_scored(state, prompt, prompt_mask, k_sample)
+            rollout, host, scores, extra = sample_scored(state, prompt, prompt_mask, k_sample)
             if pcfg.dynamic_sampling_rounds:
-                rollout, scores, extra = dynamic_sampling(state, i, k_sample, rollout, scores, extra)
+                rollout, scores, extra = dynamic_sampling(state, i, k_sample, host, scores, extra)
             state, metrics = learn(
                 state, ref_params, rollout, batches.put_batch(scores, mesh), k_learn, ptx_at(i)
             )

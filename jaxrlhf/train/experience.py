@@ -159,6 +159,9 @@ def make_experience(
     if rl.whiten_rewards:
         token_rewards = losses.whiten_advantages(token_rewards, rmask, shift_mean=False)  # whiten_rewards
     old_values = jnp.zeros_like(old_logprobs)
+    b, k = scores.shape[0], rl.group_size
+    if k and b % k:
+        raise ValueError(f"rollout batch {b} is not a whole number of groups of group_size={k}")
     if rl.algo == "ppo":
         old_values = response_values(params["value"], tokens, mask, r, cfg, unroll=False)
         advantages, returns = losses.compute_gae(token_rewards, old_values, rmask, rl.gamma, rl.lam)
@@ -166,10 +169,7 @@ def make_experience(
         advantages, returns = losses.compute_gae(token_rewards, old_values, rmask, rl.gamma, 1.0)
     elif rl.algo == "reinforce_pp":
         baseline_scores = scores
-        if rl.group_size:  # REINFORCE++-baseline: each group's mean score subtracted first
-            b, k = scores.shape[0], rl.group_size
-            if b % k:
-                raise ValueError(f"rollout batch {b} is not a whole number of groups of group_size={k}")
+        if k:  # REINFORCE++-baseline: each group's mean score subtracted first
             centred = losses.grpo_advantages(scores.reshape(b // k, k), scale_by_std=False)
             baseline_scores = centred.reshape(b)
         advantages = losses.reinforce_pp_advantages(
@@ -177,9 +177,6 @@ def make_experience(
         )
         returns = jnp.zeros_like(old_logprobs)
     else:  # grpo / rloo: one advantage per answer, from its group's sequence rewards
-        b, k = scores.shape[0], rl.group_size
-        if b % k:
-            raise ValueError(f"rollout batch {b} is not a whole number of groups of group_size={k}")
         # The sequence reward: score - beta * sum_t k1 with the KL in the reward, else the score.
         seq_rewards = jnp.sum(token_rewards, axis=-1).reshape(b // k, k)
         if rl.algo == "grpo":

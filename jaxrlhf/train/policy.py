@@ -39,7 +39,6 @@ from jaxrlhf.train.rl_config import RLConfig
 from jaxrlhf.train.state import TrainState, apply_gradients, init_train_state, mean_metrics, run_epochs
 
 Params = Any
-CISPO_EPS_HIGH = 4.0  # CISPO's weight cap 1 + 4 = 5: TRL's recommended epsilon_high (losses.cispo_loss)
 
 
 def _learnable(rl: RLConfig) -> RLConfig:
@@ -124,11 +123,10 @@ def _policy_loss(
         loss, metrics = losses.pg_loss(logprobs, mb.advantages, mb.response_mask, aggregation=rl.loss_agg)
         metrics = {"policy_loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}
     elif rl.objective == "cispo":
+        cap = {} if rl.clip_eps_high is None else {"clip_eps_high": rl.clip_eps_high}  # else the loss's 4.0
         pol, pol_m = losses.cispo_loss(
-            logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
-            clip_eps_high=CISPO_EPS_HIGH if rl.clip_eps_high is None else rl.clip_eps_high,
-            aggregation=rl.loss_agg,
-        )  # fmt: skip
+            logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, aggregation=rl.loss_agg, **cap
+        )
         loss = pol
         metrics = {k: pol_m[k] for k in ("clipfrac", "ratio_max", "ratio_mean")}
         metrics["policy_loss"] = pol
