@@ -32,7 +32,8 @@ class Experience:
       tokens: [B, P + R] prompt + response ids.   mask: [B, P + R] bool.
       response_mask: [B, R] bool: the tokens that carry the loss (the response's real tokens; with
         `rl.mask_truncated`, only those of answers that emitted a stop id).
-      old_logprobs: [B, R] policy logprobs at rollout time (training forward, not the sampler's).
+      old_logprobs: [B, R] policy logprobs at rollout time (the sampler's where `sampler_logprobs_reusable`,
+        else a training forward).
       ref_logprobs: [B, R] frozen-reference logprobs.
       old_values: [B, R] critic values at rollout time (0 for PG).
       advantages: [B, R] (times the mismatch weights, 0 outside the entropy mask, when those are on).
@@ -95,6 +96,16 @@ def response_values(
     ]
 
 
+def sampler_logprobs_reusable(cfg: ModelConfig, rl: RLConfig, sample_cfg: SampleConfig) -> bool:
+    """Whether the rollout's own logprobs are the old logprobs (`RLConfig.reuse_sampler_logprobs`): the
+    learner's tempered, unfiltered policy in float32, with nothing else that needs its logits."""
+    filtering = bool(sample_cfg.top_k or sample_cfg.top_p < 1.0)
+    return (
+        rl.reuse_sampler_logprobs and cfg.compute_dtype == "float32" and not filtering
+        and rl.entropy_top_fraction is None and rl.mismatch is None
+    )  # fmt: skip
+
+
 def make_experience(
     state: TrainState,
     ref_params: Params,
@@ -126,13 +137,17 @@ def make_experience(
     r = rollout.response.shape[1]
     tokens, mask, rmask = rollout.tokens, rollout.mask, rollout.response_mask
     params = jax.lax.stop_gradient(state.params)
-    # No gradient flows here: the forwards run as rolled layer scans, as fast as unrolled ones without a
-    # backward and a quarter of the compiled code at 4 layers (transformer.forward's `unroll`).
-    old_logprobs, tempered = response_logprobs(
-        params["policy"], tokens, mask, r, cfg, sample_cfg=sample_cfg, unroll=False
-    )
-    learner_logprobs = old_logprobs  # the function the sampler reports (tempered, unfiltered)
     filtering = bool(sample_cfg.top_k or sample_cfg.top_p < 1.0)
+    reused = sampler_logprobs_reusable(cfg, rl, sample_cfg)
+    if reused:  # the sampler computed this very function: no forward
+        old_logprobs, tempered = jnp.where(rmask, rollout.logprobs.astype(jnp.float32), 0.0), None
+    else:
+        # No gradient flows here: the forwards run as rolled layer scans, as fast as unrolled ones without
+        # a backward and a quarter of the compiled code at 4 layers (transformer.forward's `unroll`).
+        old_logprobs, tempered = response_logprobs(
+            params["policy"], tokens, mask, r, cfg, sample_cfg=sample_cfg, unroll=False
+        )
+    learner_logprobs = old_logprobs  # the function the sampler reports (tempered, unfiltered)
     if filtering and rl.filtered_logprobs:
         old_logprobs = ops.token_logprobs(sampler.truncate_logits(tempered, sample_cfg), rollout.response)
     # The reference is tempered but never filtered: its own top-k could exclude a sampled token (KL = inf).
@@ -218,6 +233,7 @@ def make_experience(
     seq_kl = jnp.sum(kl, axis=-1)
     metrics = {
         **metrics,
+        "old_logprobs_reused": jnp.float32(reused),
         "reward": jnp.mean(raw_scores),
         "reward_std": jnp.std(raw_scores),
         "kl_per_token": ops.masked_mean(kl, rmask),

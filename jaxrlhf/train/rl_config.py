@@ -89,6 +89,7 @@ FIELD_ALGOS = {
     "dropout": ALGOS,
     "ptx_coef": ALGOS,
     "filtered_logprobs": ALGOS,
+    "reuse_sampler_logprobs": ALGOS,
     "eta": ("rebel",),
     "beta": ("dpo", "ipo"),
     "average_logprobs": ("dpo", "ipo"),
@@ -191,6 +192,14 @@ class RLConfig:
       filtered_logprobs: score and optimise the top-k / top-p filtered policy (the distribution tokens are
         drawn from) instead of the tempered, unfiltered one. Off by default, as in lm-human-preferences and
         TRL: the update is then slightly off-policy under top-k / top-p, by the "filter_kl" metric.
+      reuse_sampler_logprobs: take the old logprobs (the ratio's denominator, k1's policy term) from the
+        rollout, as the sampler computed them, instead of a forward of the policy over the rollout, where
+        the two are the same function of the same weights: the model's compute dtype float32 (the
+        sampler's KV-cache decode and a full forward agree to ~1e-6 there, not in bfloat16), no top-k /
+        top-p filter, no entropy mask or mismatch correction (they need the learner's logits). Holds for an
+        on-policy rollout of the current params, as the RL stage samples; a rollout from other weights or
+        another sampler (a quantised one, vLLM's) needs False. The "old_logprobs_reused" metric says which.
+        TRL's and tunix's GRPO skip that forward too.
       eta: REBEL's scale: the optimum moves log pi/pi_t (y) - log pi/pi_t (y') to eta (r(y) - r(y')).
       beta: DPO's / IPO's beta.
       average_logprobs: DPO / IPO on each answer's per-token mean logprob instead of its sum. None: the
@@ -229,6 +238,7 @@ class RLConfig:
     dropout: bool = False
     ptx_coef: float = 0.0
     filtered_logprobs: bool = False
+    reuse_sampler_logprobs: bool = True
     eta: float = 1.0
     beta: float = 0.1
     average_logprobs: bool | None = None
