@@ -4,7 +4,7 @@ above its own (tests/test_layout.py holds the arrow), so each concept reads as o
 
     ops, parallel, validate, xla_cpu   masked reductions and logprobs; meshes and batch sharding; argument
                                        checks; the XLA:CPU tunings (named, each with its why)
-    data/      the datasets: tweets, TL;DR, SST-2, UltraFeedback (local files or a pinned download)
+    data/      the datasets: tweets, TL;DR, SST-2, UltraFeedback, GSM8K (local files or a pinned download)
     models/    the decoder as pure functions: config (one preset table), layers, transformer, kv_cache,
                hf/ (one name table per family, used for import and export; one safetensors reader)
     text/      tokenizers (characters, GPT-2 BPE, any Hugging Face tokenizer), chat templates
@@ -17,7 +17,9 @@ above its own (tests/test_layout.py holds the arrow), so each concept reads as o
     stages/    a pipeline's stages (lm, reward, policy, preference, online), their hand-off through
                checkpoints, and `recipe.main`: one command line, lock, resume and exit codes for every
                pipeline
-    happy      HappyGPT, the laptop pipeline (`python -m jaxrlhf.happy`); experiments/ holds the others
+    happy      HappyGPT, the laptop pipeline (`python -m jaxrlhf.happy`)
+    arith      arithmetic with a verifiable reward, the laptop RLVR pipeline (`python -m jaxrlhf.arith`);
+               experiments/ holds the others
 
 Import what you use from its subpackage (`from jaxrlhf import losses`); this file imports nothing, so
 `import jaxrlhf.losses` does not load the models or the engine.

@@ -16,7 +16,6 @@ it is. Refusals and faults: docs/faults.md.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -40,7 +39,6 @@ from jaxrlhf.train import OptimConfig, RLConfig
 from jaxrlhf.validate import check_at_least
 
 EOS = "⏎"
-SMALL_GPTS = ("gpt-nano", "gpt-micro", "gpt-mini", "tiny")  # random inits of a char vocabulary
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -112,9 +110,9 @@ class HappyConfig(recipe.RecipeConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.model not in SMALL_GPTS:
+        if self.model not in models.SMALL_GPTS:
             raise ValueError(
-                f"model={self.model!r}; HappyGPT trains a random {', '.join(SMALL_GPTS)} from scratch"
+                f"model={self.model!r}; HappyGPT trains a random {', '.join(models.SMALL_GPTS)} from scratch"
             )
 
 
@@ -411,20 +409,10 @@ def after(setup_: stage_setup.Setup, cfg: HappyConfig) -> None:
           f"outputs in {cfg.out}", flush=True)  # fmt: skip
 
 
-@contextlib.contextmanager
-def lean_host_memory():
-    """XLA:CPU host-memory levers for a laptop run (`engine.memory`): glibc's malloc arenas capped at 2,
-    XLA:CPU's classic fusion emitters, freed heap returned after every compile. None changes a result."""
-    memory.limit_malloc_arenas()
-    memory.lean_cpu_compiles()
-    with memory.trim_after_compiles():
-        yield
-
-
 RECIPE = recipe.Recipe(
     name="happy", defaults=HappyConfig(), make_setup=make_setup, steps=steps, names=stage_names,
     runners={"pretrain": run_pretrain, "sft": run_sft, "rm": run_rm, "rl": run_rl}, inactive=inactive,
-    renamed=RENAMED, adjust=adjust, prepare=lean_host_memory, after=after, track_memory=True,
+    renamed=RENAMED, adjust=adjust, prepare=memory.lean_host_memory, after=after, track_memory=True,
     complete=lambda cfg: (checkpoint.resolve(cfg.out) / "summary.json").exists(),
     exports=lambda cfg: {"policy": "rl", **({"reward_model": "rm"} if cfg.reward == "learned" else {})},
     description="HappyGPT: pretrain -> SFT -> RL against VADER sentiment, on a laptop CPU.",

@@ -53,6 +53,7 @@ HARDWARE = {
     "v4-8": (4, 32.0, "TPU v4-8: 4 chips x 32 GiB HBM"),
     "v4-16": (8, 32.0, "TPU v4-16: 8 chips x 32 GiB HBM"),
     "gpu-8x80": (8, 79.6, "8 x H100 / A100 80 GB (79.6 GiB each as nvidia-smi reports)"),
+    "gpu-1x80": (1, 79.6, "1 x H100 / A100 80 GB (79.6 GiB as nvidia-smi reports)"),
 }
 
 

@@ -41,9 +41,11 @@ DOCS = sorted(
 )
 RECIPES = {
     "jaxrlhf.happy": ("jaxrlhf.happy", "RECIPE"),
+    "jaxrlhf.arith": ("jaxrlhf.arith", "RECIPE"),
     "experiments.tldr": ("experiments.tldr.recipe", "RECIPE"),
     "experiments.sst2": ("experiments.sst2.recipe", "RECIPE"),
     "experiments.ultrafeedback": ("experiments.ultrafeedback.stages", "RECIPE"),
+    "experiments.gsm8k": ("experiments.gsm8k.recipe", "RECIPE"),
 }
 CI_TEST_COMMAND = "pip install -e '.[test]' -c constraints.txt && python -m pytest -n 2 tests"
 NOT_RUN = ("huggingface-cli", "gcloud")  # need an account or a cloud project

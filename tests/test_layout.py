@@ -24,7 +24,7 @@ LAYERS = [
     {"engine"},
     {"export"},
     {"stages"},
-    {"happy"},
+    {"happy", "arith"},
 ]
 RANK = {name: i for i, row in enumerate(LAYERS) for name in row}
 

@@ -11,7 +11,7 @@ Imports only `jaxrlhf.ops` and `jaxrlhf.parallel` below it.
 """
 
 from jaxrlhf.models import armorm, kv_cache, layers, transformer
-from jaxrlhf.models.config import HUB_PRESETS, PRESETS, ModelConfig
+from jaxrlhf.models.config import HUB_PRESETS, PRESETS, SMALL_GPTS, ModelConfig
 
 # ----------------------------------------------------------------------------------------- the decoder
 from jaxrlhf.models.transformer import Params as Params
@@ -36,7 +36,8 @@ from jaxrlhf.models.kv_cache import init_cache as init_cache
 from jaxrlhf.models.kv_cache import prefill as prefill
 
 __all__ = [
-    "HUB_PRESETS", "PRESETS", "KVCache", "ModelConfig", "Params", "armorm", "armorm_outputs", "check_params",
+    "HUB_PRESETS", "PRESETS", "SMALL_GPTS", "KVCache", "ModelConfig", "Params", "armorm", "armorm_outputs",
+    "check_params",
     "check_scalar_model", "decode_step", "forward", "init_cache", "init_params", "init_scalar_head",
     "init_scalar_model", "kv_cache", "layers", "lm_logits", "lm_token_logprobs", "logits_fn", "prefill",
     "scalar_fn", "scalar_head", "sequence_scores", "transformer",

@@ -51,6 +51,8 @@ PRESETS = {
     "tiny-llama": dict(_LLAMA, vocab_size=512, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                        intermediate_size=160),
 }  # fmt: skip
+# minGPT's small GPTs: random inits sized to a pipeline's own (character) vocabulary (HappyGPT, arithmetic).
+SMALL_GPTS = ("gpt-nano", "gpt-micro", "gpt-mini", "tiny")
 # The presets whose weights a pipeline can download by name (the hub's GPT-2 checkpoints).
 HUB_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
