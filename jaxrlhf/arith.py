@@ -139,21 +139,6 @@ ALGO_SETTINGS = {
 }
 
 
-def adjust(overrides: dict) -> dict:
-    """--quick's settings, then --rl.algo's, for the fields the command line and --config left unset."""
-    out = dict(overrides)
-    if out.get(("quick",)):
-        for path, value in QUICK.items():
-            out.setdefault(path, value)
-    for path, value in ALGO_SETTINGS.get(out.get(("rl", "rl", "algo"), "grpo"), {}).items():
-        out.setdefault(path, value)
-    return out
-
-
-def inactive(cfg: ArithConfig, given) -> str:
-    bad = policy.inactive_flags(cfg.rl, [path[1:] for path in given if path[:1] == ("rl",)])
-    return f"{', '.join(bad)} does nothing under --rl.algo {cfg.rl.rl.algo}: drop it" if bad else ""
-
 
 def steps(cfg: ArithConfig, stage: str) -> int:
     return {"sft": cfg.sft.steps, "rl": cfg.rl.iterations}[stage]
@@ -344,7 +329,8 @@ def after(setup_: stage_setup.Setup, cfg: ArithConfig) -> None:
 
 RECIPE = recipe.Recipe(
     name="arith", defaults=ArithConfig(), make_setup=make_setup, steps=steps,
-    runners={"sft": run_sft, "rl": run_rl}, inactive=inactive, adjust=adjust, prepare=memory.lean_host_memory,
+    runners={"sft": run_sft, "rl": run_rl}, inactive=policy.inactive_line,
+    adjust=recipe.preset_adjust(QUICK, ALGO_SETTINGS, "grpo"), prepare=memory.lean_host_memory,
     after=after,
     complete=lambda cfg: (checkpoint.resolve(cfg.out) / "summary.json").exists(),
     exports=lambda cfg: {"policy": "rl"}, track_memory=True,

@@ -147,21 +147,6 @@ RENAMED = {
 }  # fmt: skip
 
 
-def adjust(overrides: dict) -> dict:
-    """--quick's settings, then --rl.algo's, for the fields the command line and --config left unset."""
-    out = dict(overrides)
-    if out.get(("quick",)):
-        for path, value in QUICK.items():
-            out.setdefault(path, value)
-    for path, value in ALGO_SETTINGS.get(out.get(("rl", "rl", "algo"), "ppo"), {}).items():
-        out.setdefault(path, value)
-    return out
-
-
-def inactive(cfg: HappyConfig, given) -> str:
-    bad = policy.inactive_flags(cfg.rl, [path[1:] for path in given if path[:1] == ("rl",)])
-    return f"{', '.join(bad)} does nothing under --rl.algo {cfg.rl.rl.algo}: drop it" if bad else ""
-
 
 def stage_names(cfg: HappyConfig) -> list[str]:
     return [s for s in cfg.stage_list if s != "rm" or cfg.reward == "learned"]
@@ -411,8 +396,9 @@ def after(setup_: stage_setup.Setup, cfg: HappyConfig) -> None:
 
 RECIPE = recipe.Recipe(
     name="happy", defaults=HappyConfig(), make_setup=make_setup, steps=steps, names=stage_names,
-    runners={"pretrain": run_pretrain, "sft": run_sft, "rm": run_rm, "rl": run_rl}, inactive=inactive,
-    renamed=RENAMED, adjust=adjust, prepare=memory.lean_host_memory, after=after, track_memory=True,
+    runners={"pretrain": run_pretrain, "sft": run_sft, "rm": run_rm, "rl": run_rl},
+    inactive=policy.inactive_line, renamed=RENAMED, adjust=recipe.preset_adjust(QUICK, ALGO_SETTINGS, "ppo"),
+    prepare=memory.lean_host_memory, after=after, track_memory=True,
     complete=lambda cfg: (checkpoint.resolve(cfg.out) / "summary.json").exists(),
     exports=lambda cfg: {"policy": "rl", **({"reward_model": "rm"} if cfg.reward == "learned" else {})},
     description="HappyGPT: pretrain -> SFT -> RL against VADER sentiment, on a laptop CPU.",

@@ -205,21 +205,8 @@ def make_reward(tokenizer, prompt_sets: list[tuple[PromptAnswers, list[str]]]) -
 
 
 def chat_tokenizer(cfg: GsmConfig) -> HFTokenizer:
-    """The policy's tokenizer, refused unless it has a chat template.
-
-    Raises:
-      ValueError: no chat template; one line naming the flag.
-    """
-    tok = stage_setup.load_tokenizer(
-        cfg.data.tokenizer_dir, stage_setup.init_source(stage_setup.model_spec(cfg))
-    )
-    if not isinstance(tok, HFTokenizer) or tok.chat_template is None:
-        raise ValueError(
-            f"the tokenizer ({tok!r}) has no chat template, and GSM8K prompts are chat-templated: pass "
-            "--init-from (or --data.tokenizer_dir) an instruct model's directory with tokenizer.json and a "
-            "tokenizer_config.json holding chat_template"
-        )
-    return tok
+    """The policy's tokenizer, refused unless it has a chat template (`stages.setup.chat_tokenizer`)."""
+    return stage_setup.chat_tokenizer(cfg, "GSM8K")
 
 
 def make_setup(cfg: GsmConfig) -> Setup:
@@ -264,16 +251,8 @@ def check(cfg: GsmConfig) -> None:
         )
 
 
-def inactive(cfg: GsmConfig, given) -> str:
-    bad = policy.inactive_flags(cfg.rl, [path[1:] for path in given if path[:1] == ("rl",)])
-    if not bad:
-        return ""
-    verb, pronoun = ("does", "it") if len(bad) == 1 else ("do", "them")
-    return f"{', '.join(bad)} {verb} nothing with --rl.algo {cfg.rl.rl.algo}; drop {pronoun}"
-
-
 RECIPE = recipe.Recipe(
     name="gsm8k", defaults=GsmConfig(), make_setup=make_setup, runners={"rl": run_rl},
-    steps=lambda cfg, stage: cfg.rl.iterations, check=check, inactive=inactive,
+    steps=lambda cfg, stage: cfg.rl.iterations, check=check, inactive=policy.inactive_line,
     exports=lambda cfg: {"policy": "rl"}, description=__doc__,
 )  # fmt: skip

@@ -323,21 +323,8 @@ def stage_finished(setup: Setup, name: str) -> bool:
 
 
 def chat_tokenizer(cfg: UfConfig) -> HFTokenizer:
-    """The policy's tokenizer, refused unless it has a chat template.
-
-    Raises:
-      ValueError: no chat template; one line naming the flag.
-    """
-    tok = stage_setup.load_tokenizer(
-        cfg.data.tokenizer_dir, stage_setup.init_source(stage_setup.model_spec(cfg))
-    )
-    if not isinstance(tok, HFTokenizer) or tok.chat_template is None:
-        raise ValueError(
-            f"the tokenizer ({tok!r}) has no chat template, and UltraFeedback prompts are chat-templated: "
-            "pass --init-from (or --data.tokenizer_dir) an instruct model's directory with tokenizer.json "
-            "and a tokenizer_config.json holding chat_template"
-        )
-    return tok
+    """The policy's tokenizer, refused unless it has a chat template (`stages.setup.chat_tokenizer`)."""
+    return stage_setup.chat_tokenizer(cfg, "UltraFeedback")
 
 
 def make_setup(cfg: UfConfig) -> Setup:

@@ -144,18 +144,10 @@ def make_recipe(name: str, defaults: InstructConfig, data: Data, *, renamed: Map
     def check(cfg):
         stage_setup.check_model(stage_setup.model_spec(cfg), *data.length(cfg))
 
-    def inactive(cfg, given) -> str:
-        bad = policy.inactive_flags(cfg.rl, [path[1:] for path in given if path[:1] == ("rl",)])
-        if not bad:
-            return ""
-        verb = "does" if len(bad) == 1 else "do"
-        return (f"{', '.join(bad)} {verb} nothing with --rl.algo {cfg.rl.rl.algo} and --rl.reward_norm "
-                f"{cfg.rl.reward_norm}; drop {'it' if len(bad) == 1 else 'them'}")  # fmt: skip
-
     return recipe.Recipe(
         name=name, defaults=defaults, make_setup=make_setup,
         runners={"sft": run_sft, "rm": run_rm, "rl": run_rl}, steps=steps, finished=finished, check=check,
-        inactive=inactive, renamed={**RENAMED, **(renamed or {})},
+        inactive=policy.inactive_line, renamed={**RENAMED, **(renamed or {})},
         exports=lambda cfg: {"policy": "rl", "reward_model": "rm"},
         description=description,
     )  # fmt: skip

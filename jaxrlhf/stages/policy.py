@@ -184,6 +184,17 @@ def inactive_flags(pcfg: RLStageConfig, given, prefix: str = "--rl") -> list[str
     return bad
 
 
+def inactive_line(cfg, given) -> str:
+    """A pipeline's `recipe.Recipe.inactive` for its RL stage (the config's `rl` field): "" or one line
+    naming the --rl.* flags among `given` (field paths) that would do nothing."""
+    bad = inactive_flags(cfg.rl, [path[1:] for path in given if path[:1] == ("rl",)])
+    if not bad:
+        return ""
+    verb, pronoun = ("does", "it") if len(bad) == 1 else ("do", "them")
+    norm = f" and --rl.reward_norm {cfg.rl.reward_norm}" if "--rl.norm_prompts" in bad else ""
+    return f"{', '.join(bad)} {verb} nothing under --rl.algo {cfg.rl.rl.algo}{norm}: drop {pronoun}"
+
+
 def make_rl_optimizer(pcfg: RLStageConfig, n_updates: int) -> optax.GradientTransformation:
     """Separate AdamW (and gradient clipping) for the policy and the value model, as in InstructGPT:
     one global-norm clip over both would let the value loss's large early gradients scale the policy's

@@ -180,6 +180,22 @@ class Recipe:
         return steps is not None and handoff.stage_finished(setup_.cfg.out, name, steps)
 
 
+def preset_adjust(quick: Mapping, algo_settings: Mapping, default_algo: str) -> Callable[[dict], dict]:
+    """A `Recipe.adjust`: `quick`'s settings when --quick is given, then those of --rl.algo (or
+    `default_algo`) from `algo_settings`, each for the fields the command line and --config left unset."""
+
+    def adjust(overrides: dict) -> dict:
+        out = dict(overrides)
+        if out.get(("quick",)):
+            for path, value in quick.items():
+                out.setdefault(path, value)
+        for path, value in algo_settings.get(out.get(("rl", "rl", "algo"), default_algo), {}).items():
+            out.setdefault(path, value)
+        return out
+
+    return adjust
+
+
 # ------------------------------------------------------------------------------------------ stages
 
 

@@ -233,6 +233,23 @@ class Setup:
         shutil.rmtree(self.tokenizer_path, ignore_errors=True)
 
 
+def chat_tokenizer(cfg: Any, dataset: str):
+    """The policy's tokenizer (--data.tokenizer_dir, else --init-from's), refused unless it has a chat
+    template: `dataset`'s prompts are chat-templated.
+
+    Raises:
+      ValueError: no chat template; one line naming the flags.
+    """
+    tok = load_tokenizer(cfg.data.tokenizer_dir, init_source(model_spec(cfg)))
+    if not isinstance(tok, text.HFTokenizer) or tok.chat_template is None:
+        raise ValueError(
+            f"the tokenizer ({tok!r}) has no chat template, and {dataset} prompts are chat-templated: pass "
+            "--init-from (or --data.tokenizer_dir) an instruct model's directory with tokenizer.json and a "
+            "tokenizer_config.json holding chat_template"
+        )
+    return tok
+
+
 def make_setup(
     cfg: Any,
     *,
