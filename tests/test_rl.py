@@ -21,6 +21,8 @@ from jaxrlhf.rollout import SampleConfig, sampler
 
 THETA = np.array([1.0, 0.0, -1.0], np.float32)  # bandit logits
 REF = np.array([0.2, 0.3, 0.5], np.float32)  # reference policy
+# Rollouts built by hand carry placeholder sampler logprobs: their old logprobs must be the learner's forward.
+PLACEHOLDER_LOGPROBS = {"reuse_sampler_logprobs": False}
 
 
 def _softmax(x):
@@ -158,7 +160,10 @@ def test_make_learn_kl_gradient_at_temperature(tiny_cfg, penalty, kind, directio
     *tempered* policies (T = 0.7): scoring at T = 1 while sampling at 0.7 would miss it."""
     temperature = 0.7
     policy, ref, rollout, scfg = _one_token_case(tiny_cfg, temperature)
-    rlc = train.RLConfig(algo="pg", kl_coef=1.0, kl_penalty=penalty, kl_kind=kind, whiten_advantages=False)
+    rlc = train.RLConfig(
+        algo="pg", kl_coef=1.0, kl_penalty=penalty, kl_kind=kind, whiten_advantages=False,
+        **PLACEHOLDER_LOGPROBS,
+    )
     tx = optax.sgd(1.0)
     state = train.init_rl_state(train.init_rl_params(policy, None, rlc), tx, rlc)
     learn = jax.jit(train.make_learn(tiny_cfg, tx, rlc, sample_cfg=scfg))
@@ -502,7 +507,10 @@ def test_ppo_update_is_the_policy_gradient_plus_the_critic_regression(tiny_cfg):
 
     policies = []
     for vf_coef in (0.1, 1.0):
-        rlc = train.RLConfig(algo="ppo", kl_coef=0.05, vf_coef=vf_coef, epochs=1, minibatches=1)
+        rlc = train.RLConfig(
+            algo="ppo", kl_coef=0.05, vf_coef=vf_coef, epochs=1, minibatches=1,
+            **PLACEHOLDER_LOGPROBS,
+        )
         state = train.init_rl_state(train.init_rl_params(policy, value, rlc), tx, rlc)
         exp, _ = jax.jit(  # eager, a transformer runs op by op: slow
             lambda s, rlc=rlc: train.make_experience(
@@ -686,7 +694,7 @@ def test_default_grpo_loss_is_trls_written_out(tiny_cfg):
     conventions written out here in NumPy (trl/trainer/grpo_trainer.py, loss_type "grpo", epsilon 0.2):
     per token -min(ratio A, clip(ratio, 0.8, 1.2) A) + beta k3, k3 = exp(ref - logp) - (ref - logp) - 1,
     averaged over each sequence's tokens, then over sequences; A the group-standardised score."""
-    rl = train.RLConfig(algo="grpo", group_size=4)
+    rl = train.RLConfig(algo="grpo", group_size=4, **PLACEHOLDER_LOGPROBS)
     beta = rl.resolved().kl_coef
     assert beta == 0.04  # DeepSeekMath section 4.2
     scfg = SampleConfig(max_new_tokens=6, temperature=1.0, eos_id=0)

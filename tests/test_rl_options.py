@@ -16,6 +16,8 @@ from jaxrlhf import models, train
 from jaxrlhf.rollout import SampleConfig, overlong_penalty, sampler
 
 SCFG = SampleConfig(max_new_tokens=6, temperature=1.0, eos_id=0)
+# Rollouts built by hand carry placeholder sampler logprobs: their old logprobs must be the learner's forward.
+PLACEHOLDER_LOGPROBS = {"reuse_sampler_logprobs": False}
 
 
 def _rollout(cfg, lengths, seed=0, finished=None):
@@ -77,7 +79,7 @@ def test_reinforce_pp_advantages_are_openrlhfs_written_out(tiny_cfg, group_size)
     -beta k1(pi_old, ref) plus the score at the last real token, returns the reversed cumulative sum
     (gamma 1), whitened over every real token of the batch with var.clamp(min=1e-8).rsqrt(); with a group
     ("reinforce_baseline") each group's mean score subtracted first. The defaults are OpenRLHF's."""
-    rl = train.RLConfig(algo="reinforce_pp", group_size=group_size)
+    rl = train.RLConfig(algo="reinforce_pp", group_size=group_size, **PLACEHOLDER_LOGPROBS)
     r = rl.resolved()
     assert (r.kl_coef, r.kl_penalty, r.kl_kind, r.epochs, r.whiten_advantages) == (
         0.01,
@@ -114,7 +116,10 @@ def test_cispo_objective_is_trls_written_out(tiny_cfg):
     """TRL's GRPOTrainer loss_type "cispo", written out: per token -min(ratio, epsilon_high).detach() * A *
     log pi (epsilon_high 5.0, no lower bound), over the batch's real tokens; A the group-standardised
     score. A PPO surrogate would give another number (it multiplies A by the ratio's value, not log pi)."""
-    rl = train.RLConfig(algo="grpo", group_size=4, objective="cispo", kl_coef=0.0, loss_agg="token_mean")
+    rl = train.RLConfig(
+        algo="grpo", group_size=4, objective="cispo", kl_coef=0.0, loss_agg="token_mean",
+        **PLACEHOLDER_LOGPROBS,
+    )
     rollout = _rollout(tiny_cfg, [6, 1, 3, 2, 6, 5, 2, 4], seed=1)
     scores = np.array([0.3, -1.0, 2.0, 0.5, 1.0, 1.5, 0.0, -0.2])
     old, ref, new = _models(tiny_cfg)
@@ -137,7 +142,10 @@ def test_cispo_objective_is_trls_written_out(tiny_cfg):
 def test_clip_higher_is_dapos_written_out(tiny_cfg):
     """DAPO's decoupled clip (eps_low 0.2, eps_high 0.28) with its token-level mean, written out; the
     symmetric clip gives another loss on the same batch."""
-    rl = train.RLConfig(algo="grpo", group_size=4, clip_eps_high=0.28, kl_coef=0.0, loss_agg="token_mean")
+    rl = train.RLConfig(
+        algo="grpo", group_size=4, clip_eps_high=0.28, kl_coef=0.0, loss_agg="token_mean",
+        **PLACEHOLDER_LOGPROBS,
+    )
     rollout = _rollout(tiny_cfg, [6, 1, 3, 2, 6, 5, 2, 4], seed=2)
     scores = np.array([0.3, -1.0, 2.0, 0.5, 1.0, 1.5, 0.0, -0.2])
     old, ref, new = _models(tiny_cfg)
@@ -169,7 +177,7 @@ def test_entropy_masking_keeps_the_top_fraction_and_q_one_is_off(tiny_cfg):
     rollout = _rollout(tiny_cfg, lengths, seed=3)
     scores = np.array([0.3, -1.0, 2.0, 0.5, 1.0, 1.5, 0.0, -0.2])
     old, ref, _ = _models(tiny_cfg)
-    rl = train.RLConfig(algo="grpo", group_size=4, entropy_top_fraction=0.2)
+    rl = train.RLConfig(algo="grpo", group_size=4, entropy_top_fraction=0.2, **PLACEHOLDER_LOGPROBS)
     exp, metrics = _experience(tiny_cfg, rl, rollout, scores, old, ref)
     mask = np.asarray(rollout.response_mask)
     logp_all = _np_logprobs(old, rollout, tiny_cfg)[1]
@@ -183,7 +191,7 @@ def test_entropy_masking_keeps_the_top_fraction_and_q_one_is_off(tiny_cfg):
 
     learned = {}
     for q in (None, 1.0):
-        rlq = train.RLConfig(algo="grpo", group_size=4, entropy_top_fraction=q)
+        rlq = train.RLConfig(algo="grpo", group_size=4, entropy_top_fraction=q, **PLACEHOLDER_LOGPROBS)
         state = train.init_rl_state(train.init_rl_params(old, None, rlq), optax.sgd(0.5), rlq)
         learn = jax.jit(train.make_learn(tiny_cfg, optax.sgd(0.5), rlq, sample_cfg=SCFG))
         learned[q] = learn(state, ref, rollout, jnp.asarray(scores, jnp.float32), key=jax.random.key(0))[0]
@@ -303,7 +311,10 @@ def test_truncated_answers_carry_no_loss_but_count_in_their_group(tiny_cfg):
     rollout = _rollout(tiny_cfg, lengths, seed=4, finished=finished)
     scores = np.array([0.3, -1.0, 2.0, 0.5, 1.0, 1.5, 0.0, -0.2])
     old, ref, _ = _models(tiny_cfg)
-    rl = train.RLConfig(algo="grpo", group_size=4, mask_truncated=True, kl_coef=0.0, loss_agg="token_mean")
+    rl = train.RLConfig(
+        algo="grpo", group_size=4, mask_truncated=True, kl_coef=0.0, loss_agg="token_mean",
+        **PLACEHOLDER_LOGPROBS,
+    )
     exp, _ = _experience(tiny_cfg, rl, rollout, scores, old, ref)
     g = scores.reshape(2, 4)
     adv = ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
