@@ -72,6 +72,11 @@ class SampleConfig:
             raise ValueError(f"top_p={self.top_p}; use a value in (0, 1] (1 = off).")
 
     @property
+    def filters(self) -> bool:
+        """Whether top-k or top-p truncates the distribution tokens are drawn from."""
+        return bool(self.top_k or self.top_p < 1.0)
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 

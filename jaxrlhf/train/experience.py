@@ -99,9 +99,8 @@ def response_values(
 def sampler_logprobs_reusable(cfg: ModelConfig, rl: RLConfig, sample_cfg: SampleConfig) -> bool:
     """Whether the rollout's own logprobs are the old logprobs (`RLConfig.reuse_sampler_logprobs`): the
     learner's tempered, unfiltered policy in float32, with nothing else that needs its logits."""
-    filtering = bool(sample_cfg.top_k or sample_cfg.top_p < 1.0)
     return (
-        rl.reuse_sampler_logprobs and cfg.compute_dtype == "float32" and not filtering
+        rl.reuse_sampler_logprobs and cfg.compute_dtype == "float32" and not sample_cfg.filters
         and rl.entropy_top_fraction is None and rl.mismatch is None
     )  # fmt: skip
 
@@ -137,7 +136,7 @@ def make_experience(
     r = rollout.response.shape[1]
     tokens, mask, rmask = rollout.tokens, rollout.mask, rollout.response_mask
     params = jax.lax.stop_gradient(state.params)
-    filtering = bool(sample_cfg.top_k or sample_cfg.top_p < 1.0)
+    filtering = sample_cfg.filters
     reused = sampler_logprobs_reusable(cfg, rl, sample_cfg)
     if reused:  # the sampler computed this very function: no forward
         old_logprobs, tempered = jnp.where(rmask, rollout.logprobs.astype(jnp.float32), 0.0), None

@@ -71,7 +71,7 @@ def _check_sample_cfg(sample_cfg: SampleConfig, rl: RLConfig) -> None:
         )
     if sample_cfg.greedy:
         raise ValueError("temperature 0 (greedy) has no stochastic policy to optimise; sample at T > 0")
-    if rl.filtered_logprobs and not (sample_cfg.top_k or sample_cfg.top_p < 1.0):
+    if rl.filtered_logprobs and not sample_cfg.filters:
         raise ValueError("filtered_logprobs does nothing without top_k or top_p in the SampleConfig; drop it")
 
 
